@@ -1,0 +1,230 @@
+"""The hook, the daemon and the CLI as separate processes, the way libvirt and a user use them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, write_profile
+from vfio_hookd.sim import faults
+
+HOOK = os.path.join(REPO, "hooks", "vfio-hookd")
+OPS = [("prepare", "begin"), ("start", "begin"), ("started", "begin"), ("stopped", "end"),
+       ("release", "end"), ("migrate", "begin"), ("restore", "begin"), ("reconnect", "begin"),
+       ("attach", "begin")]
+
+
+def run_hook(*args, stdin="<domain/>", env=None, timeout=60):
+    return subprocess.run([HOOK, *args], input=stdin, capture_output=True, text=True,
+                          env=env or os.environ.copy(), timeout=timeout)
+
+
+class DaemonProc:
+    """`vfio-hookd daemon` in a subprocess; ready when it sends READY=1 to $NOTIFY_SOCKET."""
+
+    def __init__(self, world, tmp_path):
+        notify_path = str(tmp_path / "notify")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(notify_path)
+        self.notify.settimeout(20)
+        env = os.environ.copy()
+        env.update(NOTIFY_SOCKET=notify_path, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address)
+        self.log = open(tmp_path / "daemon.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vfio_hookd.cli", "daemon"],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            msg = self.notify.recv(4096).decode()
+        except socket.timeout:
+            self.stop()
+            raise AssertionError("daemon not ready: " + self.read_log())
+        assert "READY=1" in msg
+
+    def read_log(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        rc = self.proc.wait(timeout=30)
+        self.notify.close()
+        return rc
+
+
+@pytest.fixture
+def daemon(world, tmp_path):
+    d = DaemonProc(world, tmp_path)
+    yield d
+    if d.proc.poll() is None:
+        d.stop()
+
+
+@pytest.mark.parametrize("op,sub", OPS)
+def test_hook_ignores_unmanaged_vm_without_a_daemon(dirs, op, sub):
+    r = run_hook("nothere", op, sub, "-")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("op,sub", [p for p in OPS if p not in (("prepare", "begin"), ("release", "end"))])
+def test_hook_ignores_unhandled_operations_of_a_managed_vm(dirs, op, sub):
+    write_profile(dirs, "win11", "devices: ['0000:01:00.0']\n")
+    r = run_hook("win11", op, sub, "-")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", ".", ".."])
+def test_hook_ignores_names_that_cannot_be_profiles(dirs, name):
+    r = run_hook(name, "prepare", "begin", "-")
+    assert (r.returncode, r.stderr) == (0, "")
+
+
+def test_hook_reports_daemon_down_on_prepare(dirs):
+    write_profile(dirs, "win11", "devices: ['0000:01:00.0']\n")
+    r = run_hook("win11", "prepare", "begin", "-")
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("DAEMON_UNREACHABLE: ")
+    assert "systemctl enable --now vfio-hookd.service" in lines[0]
+
+
+def test_hook_prepare_and_release_through_the_daemon(world, daemon):
+    world.profile()
+    r = run_hook("win11", "prepare", "begin", "-")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    st = json.loads(subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "status", "--json"],
+                                   capture_output=True, text=True, check=True).stdout)
+    vm = st["vms"]["win11"]
+    assert vm["phase"] == "prepared"
+    assert {d["driver"] for d in vm["devices"]} == {"vfio-pci"}
+    assert set(vm) >= {"phase", "steps", "devices"}
+    assert set(vm["steps"][0]) >= {"name", "status", "duration_ms", "error"}
+    r = run_hook("win11", "release", "end", "destroyed")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert world.systemd.list_units()["gdm.service"] == "active"
+    log = daemon.read_log()
+    assert "VM=win11" in log and "STEP=bind_vfio" in log and "DURATION_MS=" in log
+
+
+def test_hook_turns_a_daemon_error_into_one_code_line(world, daemon):
+    world.profile()
+    faults.inject(world.root, "write", "/sys/bus/pci/drivers_probe", "fail", errno=19)
+    r = run_hook("win11", "prepare", "begin", "-")
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("BIND_FAILED: step bind_vfio: ")
+    faults.clear(world.root)
+    r = run_hook("win11", "release", "end", "failed")
+    assert r.returncode == 0
+
+
+def test_hook_reports_a_bad_profile(world, daemon):
+    write_profile(world.dirs, "win11", "on_bsy: fail\n")
+    r = run_hook("win11", "prepare", "begin", "-")
+    assert r.returncode == 1
+    assert r.stderr.startswith("PROFILE_INVALID: ") and "win11.yaml:1" in r.stderr
+    assert "did you mean 'on_busy'" in r.stderr
+
+
+def test_hook_uses_devices_from_the_domain_xml(world, daemon):
+    write_profile(world.dirs, "win11", "devices: auto\nstop_units: [nvidia-persistenced.service]\n")
+    xml = """<domain type='kvm'><name>win11</name><devices>
+      <hostdev mode='subsystem' type='pci' managed='yes'><source>
+        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>
+      <hostdev mode='subsystem' type='pci' managed='yes'><source>
+        <address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source></hostdev>
+      </devices></domain>"""
+    r = run_hook("win11", "prepare", "begin", "-", stdin=xml)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.1/driver") == "vfio-pci"
+    assert run_hook("win11", "release", "end", "destroyed").returncode == 0
+
+
+def _raw(path, data: bytes) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    reply = s.makefile().readline()
+    s.close()
+    return json.loads(reply)
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b"not json\n", "not JSON"),
+    (b"[1,2]\n", "JSON object"),
+    (b'{"op": "explode"}\n', "unknown op"),
+    (b'{"op": "prepare"}\n', "'vm'"),
+    (b'{"op": "prepare", "vm": "a/b"}\n', "VM name"),
+    (b'{"op": "prepare", "vm": "win11", "xml": 5}\n', "'xml'"),
+])
+def test_daemon_rejects_bad_requests_and_changes_nothing(world, daemon, data, needle):
+    world.profile()
+    before = world.snapshot()
+    reply = _raw(os.path.join(world.dirs["run"], "vfio-hookd.sock"), data)
+    assert reply["ok"] is False and needle in reply["error"]["message"]
+    assert world.snapshot() == before
+    assert daemon.proc.poll() is None
+
+
+def test_socket_is_root_only(world, daemon):
+    sock = os.path.join(world.dirs["run"], "vfio-hookd.sock")
+    assert os.stat(sock).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(sock)).st_mode & 0o777 == 0o700
+
+
+def test_daemon_logs_records_it_finds_at_start(world, tmp_path):
+    world.profile()
+    world.machine.prepare("win11")
+    d = DaemonProc(world, tmp_path)
+    try:
+        assert "record found: phase prepared" in d.read_log()
+    finally:
+        assert d.stop() == 0
+    world.machine.release("win11")
+
+
+def test_cli_status_works_without_the_daemon(world):
+    world.profile()
+    world.machine.prepare("win11")
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "status", "win11"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "win11: prepared" in r.stdout and "vfio-pci" in r.stdout
+    assert "daemon not running" in r.stdout
+    world.machine.release("win11")
+
+
+def test_cli_prepare_release_without_daemon(world):
+    world.profile()
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address)
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "win11"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "vfio-pci"
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "win11"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
+
+
+def test_cli_errors_are_one_code_line(dirs):
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "ghost"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("NOT_MANAGED: ")
+
+
+def test_install_into_a_root(tmp_path, dirs):
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "install", "--root", str(tmp_path / "r")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hook = tmp_path / "r/etc/libvirt/hooks/qemu.d/vfio-hookd"
+    assert os.access(hook, os.X_OK) and hook.read_text().startswith("#!/usr/bin/python3")
+    unit = (tmp_path / "r/etc/systemd/system/vfio-hookd.service").read_text()
+    assert "Type=notify" in unit and "@VFIO_HOOKD@" not in unit

@@ -1,0 +1,347 @@
+"""The state machine and its steps on the simulated host: prepare, release, rollback, faults."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import diff, write_profile
+from vfio_hookd import errors, record
+from vfio_hookd.errors import HookdError
+from vfio_hookd.sim import faults
+from vfio_hookd.steps import STEP_NAMES, STEPS, Context, current_driver
+
+# What the kernel itself removes when a driver takes the boot VGA function: the firmware
+# framebuffer device, its /proc/fb line, and fbcon's vtconsole with the last framebuffer.
+FB_PATHS = ("efi-framebuffer", "/proc/fb", "vtconsole/vtcon1")
+# vfio-pci is loaded by prepare and never unloaded (another VM may use it).
+VFIO_PATHS = ("/sys/bus/pci/drivers/vfio-pci", "/sys/module/vfio", "/dev/vfio/")
+
+
+def evicted_only(d: dict, vfio_loaded: bool = True) -> bool:
+    """True when every difference is one the kernel makes on its own (the firmware framebuffer
+    removed), or vfio-pci left loaded; and the framebuffer did go."""
+    allowed = FB_PATHS + (VFIO_PATHS if vfio_loaded else ())
+    return all(any(p in k for p in allowed) for k in d) and any("efi-framebuffer" in k for k in d)
+
+
+def vfio_only(d: dict) -> bool:
+    """True when the only differences are vfio-pci and its modules, loaded and left loaded."""
+    return all(any(k.startswith(p) for p in VFIO_PATHS) or "/holders/vfio" in k for k in d)
+
+
+@pytest.fixture
+def holder(world):
+    """Start a process holding a node of the simulated host; killed by PID afterwards."""
+    procs = []
+
+    def start(node: str) -> subprocess.Popen:
+        f = open(world.host.path(node))
+        p = subprocess.Popen(["sleep", "300"], stdin=f)
+        f.close()
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_prepare_then_release_restores_the_host(world):
+    world.profile()
+    before = world.snapshot()
+    rec = world.machine.prepare("win11")
+    assert rec["phase"] == "prepared"
+    assert [s["status"] for s in rec["steps"]] == ["done"] * len(STEPS)
+    for addr in world.devices:
+        assert current_driver(world.host, addr) == "vfio-pci"
+    assert world.host.exists("/dev/vfio/1")
+    assert not world.host.module_loaded("nvidia")
+    assert world.host.module_loaded("snd_hda_intel")
+    # fbcon was unbound, then the last framebuffer went away: the kernel drops vtcon1
+    assert not world.host.exists("/sys/class/vtconsole/vtcon1")
+    units = world.systemd.list_units()
+    assert units["gdm.service"] == "inactive" and units["nvidia-persistenced.service"] == "inactive"
+    assert units["sshd.service"] == "active"
+    assert record.load("win11")["phase"] == "prepared"
+
+    rec = world.machine.release("win11", "destroyed")
+    assert rec["phase"] == "idle"
+    assert [s["status"] for s in rec["steps"]] == ["undone"] * len(STEPS)
+    after = world.snapshot()
+    assert after["units"] == before["units"]
+    d = diff(before["tree"], after["tree"])
+    assert evicted_only(d), d
+    fb = next(s for s in rec["steps"] if s["name"] == "framebuffer")
+    assert any("removed by the kernel" in n for n in fb["notes"])
+    for addr, drv in zip(world.devices, ("nvidia", "snd_hda_intel")):
+        assert current_driver(world.host, addr) == drv
+
+
+def test_amd_host_round_trip_is_identical(amd_world):
+    amd_world.profile()
+    before = amd_world.snapshot()
+    amd_world.machine.prepare("win11")
+    assert not amd_world.host.module_loaded("amdgpu")
+    amd_world.machine.release("win11")
+    after = amd_world.snapshot()
+    assert after["units"] == before["units"]
+    assert vfio_only(diff(before["tree"], after["tree"]))
+
+
+def _ctx(world, vm="win11"):
+    prof, devices, drivers = world.machine.plan(vm, None)
+    return Context(vm=vm, host=world.host, profile=prof, devices=devices, drivers=drivers,
+                   systemd=lambda: world.systemd)
+
+
+# What must be true before a step can run alone: the display manager and
+# nvidia-persistenced hold the GPU, so steps that unbind it need the units stopped first.
+PREREQS = {"units": [], "holders": ["units"], "vtconsoles": [], "framebuffer": [],
+           "bind_vfio": ["units"], "modules": ["units"]}
+
+
+@pytest.mark.parametrize("k", range(len(STEPS)), ids=STEP_NAMES)
+def test_each_step_undo_restores_exactly(world, holder, k):
+    """Step k's observe -> apply -> undo leaves the whole host as it was (with vfio-pci
+    already loaded, as on most passthrough hosts)."""
+    world.profile(extra="on_busy: terminate\n")
+    world.host.modprobe("vfio-pci", 5)
+    ctx = _ctx(world)
+    earlier = []
+    for step in STEPS:
+        if step.name in PREREQS[STEPS[k].name]:
+            facts = step.observe(ctx)
+            step.apply(ctx, facts)
+            earlier.append((step, facts))
+    foreign = holder("/dev/dri/card0") if STEPS[k].name == "holders" else None
+    before = world.snapshot()
+    facts = STEPS[k].observe(ctx)
+    assert facts["plan"], f"step {STEPS[k].name} has nothing to do on the default host"
+    STEPS[k].apply(ctx, facts)
+    if foreign:  # the holders step changes processes, not the tree
+        assert foreign.wait(timeout=5) is not None
+        assert facts["terminated"][0]["pid"] == foreign.pid
+    else:
+        assert world.snapshot() != before, "apply changed nothing"
+    STEPS[k].undo(ctx, facts)
+    after = world.snapshot()
+    d = diff(before["tree"], after["tree"])
+    if STEPS[k].name == "bind_vfio":  # the kernel removes the firmware framebuffer for good
+        assert evicted_only(d, vfio_loaded=False), d
+    elif foreign:  # the terminated holder no longer counts in the module's refcnt
+        assert set(d) == {"/sys/module/nvidia_drm/refcnt"}, d
+    else:
+        assert d == {}
+    assert after["units"] == before["units"]
+    for step, f in reversed(earlier):
+        step.undo(ctx, f)
+
+
+# One fault per step position: (step, fault rule args) making that step fail half-way.
+# Each fires once; where a step changes several things, the fault hits a later one, so the
+# step fails half-way and its own partial change must be undone too.
+FAULTS = {
+    "units": ("stop", "nvidia-persistenced.service"),   # after gdm was stopped
+    "holders": None,  # a foreign holder process (fixture)
+    "vtconsoles": ("write", "/sys/class/vtconsole/vtcon1/bind"),
+    "framebuffer": ("write", "/sys/bus/platform/drivers/efi-framebuffer/unbind"),
+    "bind_vfio": ("write", "/sys/bus/pci/devices/0000:01:00.1/driver_override"),  # 2nd function
+    "modules": ("rmmod", "nvidia"),                       # after nvidia_drm... were unloaded
+}
+
+
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
+    world.profile()
+    before = world.snapshot()
+    if FAULTS[name] is None:
+        holder("/dev/dri/card0")
+        before = world.snapshot()
+    else:
+        op, target = FAULTS[name]
+        faults.inject(world.root, op, target, "fail", errno=5, count=1)
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert f"step {name}" in str(exc.value)
+    faults.clear(world.root)
+    rec = record.load("win11")
+    assert rec["phase"] == "failed"
+    assert rec["error"]["step"] == name
+    statuses = {s["name"]: s["status"] for s in rec["steps"]}
+    k = STEP_NAMES.index(name)
+    assert statuses[name] == "failed"
+    assert all(statuses[n] == "undone" for n in STEP_NAMES[:k])
+    assert all(statuses[n] == "pending" for n in STEP_NAMES[k + 1:])
+    after = world.snapshot()
+    assert after["units"] == before["units"]
+    d = diff(before["tree"], after["tree"])
+    if k >= STEP_NAMES.index("bind_vfio"):
+        assert evicted_only(d), d
+    else:
+        assert d == {}, d
+    if name == "bind_vfio":  # the first function went over and came back
+        assert current_driver(world.host, "0000:01:00.0") == "nvidia"
+    assert not record.holds_host(rec)
+    # libvirt calls release end after a failed start: a quiet success that changes nothing
+    assert world.machine.release("win11", "failed")["phase"] == "failed"
+    assert world.snapshot() == after
+
+
+def test_prepare_failure_in_bind_vfio_gives_back_the_half_done_function(world):
+    world.profile()
+    faults.inject(world.root, "write", "/sys/bus/pci/drivers_probe", "fail", errno=19, count=1)
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.BIND_FAILED
+    assert "0000:01:00.0" in exc.value.message
+    assert current_driver(world.host, "0000:01:00.0") == "nvidia"
+    assert world.host.read("/sys/bus/pci/devices/0000:01:00.0/driver_override") == "(null)"
+
+
+# Faults that make each step's undo fail during release.
+# (vtconsoles, framebuffer: on this host the kernel removed what they would give back, so
+# their undo writes nothing; test_each_step_undo_restores_exactly covers their undo.)
+UNDO_FAULTS = {
+    "units": ("start", "gdm.service"),
+    "bind_vfio": ("write", "/sys/bus/pci/drivers/vfio-pci/unbind"),
+    "modules": ("modprobe", "nvidia_uvm"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNDO_FAULTS))
+def test_release_carries_on_past_a_failed_undo(world, name):
+    world.profile()
+    world.machine.prepare("win11")
+    op, target = UNDO_FAULTS[name]
+    faults.inject(world.root, op, target, "fail", errno=5)
+    with pytest.raises(HookdError) as exc:
+        world.machine.release("win11")
+    assert exc.value.code == errors.RELEASE_INCOMPLETE
+    assert f"step {name}" in exc.value.message
+    rec = record.load("win11")
+    assert rec["phase"] == "failed"
+    by_name = {s["name"]: s for s in rec["steps"]}
+    assert by_name[name]["status"] == "undo_failed"
+    # every undo ran (each has an undo time), not only those before the failure
+    assert all(s["undo_ms"] is not None for s in rec["steps"])
+    assert [e["step"] for e in rec["release_errors"]][0] == name
+    # once the cause is gone, a second release finishes the job
+    faults.clear(world.root)
+    rec = world.machine.release("win11")
+    assert rec["phase"] == "idle"
+    assert world.systemd.list_units()["gdm.service"] == "active"
+    assert current_driver(world.host, "0000:01:00.0") == "nvidia"
+
+
+def test_holder_fails_prepare_with_its_pid(world, holder):
+    world.profile()
+    p = holder("/dev/dri/card0")
+    before = world.snapshot()
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.DEVICE_BUSY
+    assert f"PID {p.pid}" in exc.value.message and "/dev/dri/card0" in exc.value.message
+    assert exc.value.details["holders"][0]["pid"] == p.pid
+    assert p.poll() is None
+    assert world.snapshot() == before
+
+
+def test_holder_is_terminated_with_on_busy_terminate(world, holder):
+    world.profile(extra="on_busy: terminate\n")
+    p = holder("/dev/nvidia0")
+    rec = world.machine.prepare("win11")
+    assert rec["phase"] == "prepared"
+    assert p.wait(timeout=5) is not None
+    facts = next(s for s in rec["steps"] if s["name"] == "holders")["facts"]
+    assert [h["pid"] for h in facts["terminated"]] == [p.pid]
+
+
+def test_incomplete_iommu_group_is_refused_before_touching_the_host(world):
+    write_profile(world.dirs, "win11", 'devices: ["0000:01:00.0"]\n')
+    before = world.snapshot()
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.IOMMU_GROUP_INCOMPLETE
+    assert "0000:01:00.1" in exc.value.message
+    assert world.snapshot() == before
+    assert record.load("win11") is None
+
+
+def test_missing_device_is_refused(world):
+    write_profile(world.dirs, "win11", 'devices: ["0000:09:00.0"]\n')
+    before = world.snapshot()
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.DEVICE_NOT_FOUND and "0000:09:00.0" in exc.value.message
+    assert world.snapshot() == before
+
+
+def test_device_held_by_another_vm_is_refused(world):
+    world.profile("win11")
+    world.profile("linux")
+    world.machine.prepare("win11")
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("linux")
+    assert exc.value.code == errors.DEVICE_CLAIMED and "win11" in exc.value.message
+    world.machine.release("win11")
+    assert world.machine.prepare("linux")["phase"] == "prepared"
+    world.machine.release("linux")
+
+
+def test_second_prepare_is_a_checked_no_op(world):
+    world.profile()
+    first = world.machine.prepare("win11")
+    snap = world.snapshot()
+    again = world.machine.prepare("win11")
+    assert again["steps"] == first["steps"]
+    assert world.snapshot() == snap
+    # drift: someone gave a function back behind our back
+    world.host.write("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:01:00.1", 1)
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.STATE_DRIFT
+
+
+def test_release_without_record_is_quiet(world):
+    world.profile()
+    before = world.snapshot()
+    assert world.machine.release("win11", "failed") is None
+    assert world.snapshot() == before
+
+
+def test_release_follows_the_record_not_todays_profile(world):
+    world.profile()
+    world.machine.prepare("win11")
+    # the user edits the profile while the VM runs
+    write_profile(world.dirs, "win11", "display_manager: none\nmodules: none\n"
+                  "devices: ['0000:01:00.0', '0000:01:00.1']\n")
+    world.machine.release("win11")
+    units = world.systemd.list_units()
+    assert units["gdm.service"] == "active" and units["nvidia-persistenced.service"] == "active"
+    assert world.host.module_loaded("nvidia_drm")
+
+
+def test_hung_unbind_fails_the_step_at_its_deadline(world):
+    world.profile(extra="deadlines: {unbind: 0.3}\n")
+    faults.inject(world.root, "write", "/sys/bus/pci/drivers/nvidia/unbind", "hang", count=1)
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.TIMEOUT and "step bind_vfio" in str(exc.value)
+    assert record.load("win11")["error"]["step"] == "bind_vfio"
+
+
+def test_status_reports_phase_steps_and_drivers(world):
+    world.profile()
+    world.machine.prepare("win11")
+    st = world.machine.status()["vms"]["win11"]
+    assert st["phase"] == "prepared"
+    assert [s["name"] for s in st["steps"]] == list(STEP_NAMES)
+    assert all(isinstance(s["duration_ms"], float) for s in st["steps"])
+    assert {d["address"]: d["driver"] for d in st["devices"]} == {a: "vfio-pci" for a in world.devices}
+    world.machine.release("win11")
+    st = world.machine.status("win11")["vms"]["win11"]
+    assert st["phase"] == "idle"
+    assert st["devices"][0]["driver"] == "nvidia"

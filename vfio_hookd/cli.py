@@ -1,0 +1,216 @@
+"""``vfio-hookd``: the command line.
+
+- ``vfio-hookd daemon [--host-root DIR]``: run the daemon (systemd/vfio-hookd.service).
+- ``vfio-hookd status [VM] [--json]``: each VM's phase, steps (status, duration) and devices
+  with their current driver; from the daemon, or from the records when it is down.
+- ``vfio-hookd prepare VM [--xml FILE]`` / ``release VM``: the same state machine as the hook,
+  for plain-QEMU users and for recovery; through the daemon, or in this process (with the same
+  per-device locks) when the daemon is not running.
+- ``vfio-hookd install``: the hook into libvirt's ``hooks/qemu.d/``, the unit into systemd, and
+  libvirtd told to re-read its hooks.
+
+Exit status: 0 on success; otherwise ``CODE: message`` on stderr and the code's status
+(:attr:`vfio_hookd.errors.HookdError.exit_status`; 1 for an unexpected bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from . import errors, paths
+from .errors import HookdError
+
+
+def _daemon_request(payload: dict) -> dict | None:
+    """The daemon's result, or None when no daemon listens. Daemon errors raise HookdError."""
+    from .qemu_hook import HookFailure, request
+    if not os.path.exists(paths.socket_path()):
+        return None
+    try:
+        return request(payload, path=paths.socket_path())
+    except HookFailure as exc:
+        if exc.code == "DAEMON_UNREACHABLE":
+            return None
+        raise HookdError.from_dict({"code": exc.code, "message": exc.message})
+
+
+def _local_machine():
+    from . import log
+    from .host import open_host
+    from .machine import Machine
+    log.setup()
+    return Machine(open_host())
+
+
+def cmd_status(args) -> int:
+    result = _daemon_request({"op": "status", "vm": args.vm})
+    if result is None:
+        from .host import open_host
+        from .machine import status_from_records
+        result = status_from_records(open_host(), args.vm)
+        source = "records (daemon not running)"
+    else:
+        source = "daemon"
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    vms = result["vms"]
+    if not vms:
+        print(f"no VM records in {paths.run_dir()} (source: {source})")
+        return 0
+    for name, vm in sorted(vms.items()):
+        print(f"{name}: {vm['phase']}")
+        for dev in vm["devices"]:
+            before = dev.get("driver_before")
+            print(f"  device {dev['address']}: driver {dev['driver'] or 'none'}"
+                  + (f" (before: {before or 'none'})" if "driver_before" in dev else ""))
+        for s in vm["steps"]:
+            times = []
+            if s["duration_ms"] is not None:
+                times.append(f"{s['duration_ms']:.0f} ms")
+            if s.get("undo_ms") is not None:
+                times.append(f"undo {s['undo_ms']:.0f} ms")
+            line = f"  step {s['name']:<12} {s['status']:<12} {', '.join(times)}"
+            print(line.rstrip())
+            if s["error"]:
+                print(f"    error: {s['error']}")
+            for note in s.get("notes") or []:
+                print(f"    note: {note}")
+        if vm.get("error"):
+            e = vm["error"]
+            print(f"  last prepare failed at step {e.get('step')}: {e['code']}: {e['message']}")
+        for e in vm.get("release_errors") or []:
+            print(f"  release failed at step {e.get('step')}: {e['code']}: {e['message']}")
+    print(f"(source: {source})")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    paths.check_vm_name(args.vm)
+    xml = None
+    if args.xml:
+        try:
+            with open(args.xml) as f:
+                xml = f.read()
+        except OSError as exc:
+            raise HookdError(errors.DOMAIN_XML_INVALID, f"{args.xml}: {exc.strerror}") from None
+    result = _daemon_request({"op": "prepare", "vm": args.vm, "xml": xml})
+    if result is None:
+        rec = _local_machine().prepare(args.vm, xml)
+        result = {"vm": args.vm, "phase": rec["phase"]}
+    print(f"{result['vm']}: {result['phase']}")
+    return 0
+
+
+def cmd_release(args) -> int:
+    paths.check_vm_name(args.vm)
+    result = _daemon_request({"op": "release", "vm": args.vm, "reason": "cli"})
+    if result is None:
+        rec = _local_machine().release(args.vm, "cli")
+        result = {"vm": args.vm, "phase": rec["phase"] if rec else "idle"}
+    print(f"{result['vm']}: {result['phase']}")
+    return 0
+
+
+def cmd_daemon(args) -> int:
+    from .daemon import run
+    return run(args.host_root)
+
+
+UNIT_TEMPLATE = "vfio-hookd.service"
+
+
+def cmd_install(args) -> int:
+    """Install the hook and the unit under ``--root`` (default ``/``) and reload libvirtd."""
+    root = os.path.abspath(args.root)
+    here = os.path.dirname(os.path.abspath(__file__))
+    hook_dir = os.path.join(root, args.hooks_dir.lstrip("/"), "qemu.d")
+    unit_dir = os.path.join(root, args.unit_dir.lstrip("/"))
+    try:
+        os.makedirs(hook_dir, exist_ok=True)
+        with open(os.path.join(here, "qemu_hook.py")) as f:
+            hook = f.read()
+        dest = os.path.join(hook_dir, "vfio-hookd")
+        tmp = dest + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(hook)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+        print(f"hook: {dest}")
+        os.makedirs(unit_dir, exist_ok=True)
+        with open(os.path.join(here, "data", UNIT_TEMPLATE)) as f:
+            unit = f.read().replace("@VFIO_HOOKD@", shutil.which("vfio-hookd") or
+                                    os.path.join(os.path.dirname(sys.executable), "vfio-hookd"))
+        with open(os.path.join(unit_dir, UNIT_TEMPLATE), "w") as f:
+            f.write(unit)
+        print(f"unit: {os.path.join(unit_dir, UNIT_TEMPLATE)}")
+        os.makedirs(os.path.join(root, paths.config_dir().lstrip("/"), "vms"), exist_ok=True)
+    except OSError as exc:
+        raise HookdError(errors.INSTALL_FAILED, f"{exc.filename}: {exc.strerror}") from None
+    if root != "/" or args.no_reload:
+        print("not reloading systemd or libvirtd (--root or --no-reload)")
+        return 0
+    if os.path.isdir("/run/systemd/system"):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        for unit in ("libvirtd.service", "virtqemud.service"):
+            if subprocess.run(["systemctl", "-q", "is-active", unit]).returncode == 0:
+                subprocess.run(["systemctl", "reload", unit], check=False)
+                print(f"{unit} reloaded: it now runs the hook")
+        print("start the daemon with: systemctl enable --now vfio-hookd.service")
+    else:
+        try:
+            with open("/run/libvirtd.pid") as f:
+                os.kill(int(f.read().strip()), signal.SIGHUP)
+            print("libvirtd sent SIGHUP: it now runs the hook")
+        except (OSError, ValueError):
+            print("libvirtd not running: it will find the hook when it starts")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vfio-hookd", description="Safe single-GPU passthrough "
+                                "for libvirt: hook dispatcher and per-VM state machine.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", help="show each VM's phase, steps and devices")
+    s.add_argument("vm", nargs="?")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("prepare", help="take the host into passthrough state for VM")
+    s.add_argument("vm")
+    s.add_argument("--xml", help="domain XML file (for devices: auto)")
+    s.set_defaults(func=cmd_prepare)
+    s = sub.add_parser("release", help="give the host back after VM")
+    s.add_argument("vm")
+    s.set_defaults(func=cmd_release)
+    s = sub.add_parser("daemon", help="run the daemon (normally from systemd)")
+    s.add_argument("--host-root", help="act on this directory instead of / (simulated host)")
+    s.set_defaults(func=cmd_daemon)
+    s = sub.add_parser("install", help="install the libvirt hook and the systemd unit")
+    s.add_argument("--root", default="/", help="install below this directory (packaging)")
+    s.add_argument("--hooks-dir", default="/etc/libvirt/hooks")
+    s.add_argument("--unit-dir", default="/etc/systemd/system")
+    s.add_argument("--no-reload", action="store_true", help="do not reload systemd/libvirtd")
+    s.set_defaults(func=cmd_install)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HookdError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

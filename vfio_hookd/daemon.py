@@ -1,0 +1,256 @@
+"""The daemon: runs the state machines and answers on a Unix socket only root can use.
+
+Protocol (one connection per request; UTF-8 JSON, one object per line):
+
+- request: ``{"op": "prepare", "vm": NAME, "xml": DOMAIN_XML}``,
+  ``{"op": "release", "vm": NAME, "reason": "destroyed"}``, ``{"op": "status", "vm": NAME|null}``,
+  ``{"op": "ping"}``. At most 4 MiB.
+- for prepare/release, at once: ``{"accepted": true, "deadline_s": S}``: the daemon answers
+  within S seconds (the sum of the profile's deadlines a run may spend, rollback included).
+- then: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code", "message", "details"}}``.
+
+The socket is ``<run>/vfio-hookd.sock``, mode 0600 in a 0700 directory; peers are checked with
+``SO_PEERCRED`` and only root (or the daemon's own user, for tests) is served. The accept loop
+blocks in ``accept(2)``: an idle daemon has no periodic wake-ups. Heavy imports (yaml, gi,
+psutil) happen on the first request that needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+
+from . import errors, paths, record
+from .errors import HookdError
+from .host import Host, open_host
+
+log = logging.getLogger("vfio_hookd")
+MAX_REQUEST = 4 * 1024 * 1024
+REQUEST_READ_TIMEOUT_S = 10.0
+
+
+def request_deadline_s(prof, n_devices: int) -> float:
+    """Upper bound (s) on one prepare or release of ``prof``: every wait a run may make, twice
+    (a prepare that fails late spends about as long again rolling back), plus 5 s."""
+    d = prof.deadlines
+    units = (1 if prof.display_manager is not None else 0) + len(prof.stop_units)
+    one_way = (units * max(d.unit_stop, d.unit_start) + 2 * d.terminate
+               + (6 + 4 * n_devices) * d.unbind + d.module_load + 8 * max(d.module_unload,
+                                                                            d.module_load))
+    return round(2 * one_way + 5, 1)
+
+
+class Daemon:
+    """The control-socket server.
+
+    :param host: the host to act on (default: :func:`vfio_hookd.host.open_host`).
+    :param socket_path: default :func:`vfio_hookd.paths.socket_path`.
+    """
+
+    def __init__(self, host: Host | None = None, socket_path: str | None = None, machine=None):
+        from .machine import Machine
+        self.host = host or open_host()
+        self.socket_path = socket_path or paths.socket_path()
+        self.machine = machine or Machine(self.host)
+        self._sock: socket.socket | None = None
+        self._busy = 0
+        self._busy_cv = threading.Condition()
+        self._stopping = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Create the run directory (0700) and the listening socket (0600)."""
+        run = os.path.dirname(self.socket_path)
+        os.makedirs(run, mode=0o700, exist_ok=True)
+        os.chmod(run, 0o700)
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.socket_path)
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        self._sock = sock
+
+    def log_records(self) -> None:
+        """Log every record found at start (journal fields VM=, PHASE=)."""
+        for name in record.all_names():
+            try:
+                rec = record.load(name)
+            except ValueError as exc:
+                log.error("%s", exc, extra={"VM": name})
+                continue
+            held = [s["name"] for s in rec["steps"] if s["status"] in record.HELD]
+            log.info("record found: phase %s%s", rec["phase"],
+                     f", holding {', '.join(held)}" if held else "",
+                     extra={"VM": name, "PHASE": rec["phase"]})
+
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`stop`; each request runs in its own thread."""
+        assert self._sock is not None
+        while not self._stopping:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._stopping:
+                    break
+                raise
+            threading.Thread(target=self._handle, args=(conn,), daemon=True,
+                             name="request").start()
+
+    def stop(self, wait_s: float = 600.0) -> None:
+        """Stop accepting, then wait up to ``wait_s`` for requests in flight to finish (a
+        prepare is never cut in half by a daemon stop)."""
+        self._stopping = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        with self._busy_cv:
+            self._busy_cv.wait_for(lambda: self._busy == 0, timeout=wait_s)
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    # ---- requests ---------------------------------------------------------------------------
+    def _handle(self, conn: socket.socket) -> None:
+        with self._busy_cv:
+            self._busy += 1
+        try:
+            with conn:
+                try:
+                    self._check_peer(conn)
+                    req = self._read_request(conn)
+                    reply = {"ok": True, "result": self.dispatch(req, lambda m: _send(conn, m))}
+                except HookdError as exc:
+                    reply = {"ok": False, "error": exc.to_dict()}
+                except Exception as exc:  # a bug: log the traceback, answer INTERNAL
+                    log.exception("request failed")
+                    reply = {"ok": False, "error": HookdError(
+                        errors.INTERNAL, f"{type(exc).__name__}: {exc}").to_dict()}
+                try:
+                    _send(conn, reply)
+                except OSError:
+                    log.warning("client went away before the answer")
+        finally:
+            with self._busy_cv:
+                self._busy -= 1
+                self._busy_cv.notify_all()
+
+    @staticmethod
+    def _check_peer(conn: socket.socket) -> None:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in (0, os.getuid()):
+            raise HookdError(errors.PERMISSION_DENIED, f"uid {uid} may not use vfio-hookd (root only)")
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> dict:
+        conn.settimeout(REQUEST_READ_TIMEOUT_S)
+        data = b""
+        try:
+            while b"\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_REQUEST:
+                    raise HookdError(errors.BAD_REQUEST, f"request larger than {MAX_REQUEST} bytes")
+        except socket.timeout:
+            raise HookdError(errors.BAD_REQUEST, "request not received within "
+                                                 f"{REQUEST_READ_TIMEOUT_S:g} s") from None
+        conn.settimeout(None)
+        try:
+            req = json.loads(data.split(b"\n", 1)[0])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HookdError(errors.BAD_REQUEST, f"request is not JSON: {exc}") from None
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            raise HookdError(errors.BAD_REQUEST, "request must be a JSON object with a string 'op'")
+        return req
+
+    def dispatch(self, req: dict, send=lambda m: None) -> dict:
+        """Run one request (shape in the module docstring) and return its result (dict).
+
+        :param send: called with the ``accepted`` message before a long operation.
+        :raises HookdError: the operation's error, or ``BAD_REQUEST`` naming the bad field.
+        """
+        op = req["op"]
+        if op == "ping":
+            return {"pid": os.getpid(), "host_root": self.host.root}
+        if op == "status":
+            vm = req.get("vm")
+            if vm is not None and not isinstance(vm, str):
+                raise HookdError(errors.BAD_REQUEST, "field 'vm' must be a string or null")
+            return self.machine.status(vm)
+        if op not in ("prepare", "release"):
+            raise HookdError(errors.BAD_REQUEST, f"unknown op {op!r} (prepare, release, status, ping)")
+        vm = req.get("vm")
+        if not isinstance(vm, str):
+            raise HookdError(errors.BAD_REQUEST, "field 'vm' must be a string")
+        paths.check_vm_name(vm)
+        if op == "prepare":
+            xml = req.get("xml")
+            if xml is not None and not isinstance(xml, str):
+                raise HookdError(errors.BAD_REQUEST, "field 'xml' must be a string")
+            from .profile import load_profile
+            prof = load_profile(vm)
+            send({"accepted": True, "deadline_s": request_deadline_s(prof, max(2, len(prof.devices or ())))})
+            rec = self.machine.prepare(vm, xml)
+            return {"vm": vm, "phase": rec["phase"]}
+        reason = req.get("reason")
+        rec = self._safe_load(vm)
+        if record.holds_host(rec):
+            from .profile import Profile
+            prof = Profile.from_dict(rec["profile"])
+            send({"accepted": True, "deadline_s": request_deadline_s(prof, len(rec["devices"]))})
+        rec = self.machine.release(vm, reason if isinstance(reason, str) else None)
+        return {"vm": vm, "phase": rec["phase"] if rec else "idle"}
+
+    @staticmethod
+    def _safe_load(vm: str):
+        try:
+            return record.load(vm)
+        except ValueError:
+            return None
+
+
+def _send(conn: socket.socket, message: dict) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def run(host_root: str | None = None) -> int:
+    """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status."""
+    from . import log as logmod
+    logmod.setup()
+    host = open_host(host_root)
+    daemon = Daemon(host)
+    daemon.bind()
+    log.info("vfio-hookd daemon listening on %s (host root %s%s)", daemon.socket_path,
+             host.root, ", simulated" if host.simulated else "")
+    daemon.log_records()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: stopping after requests in flight", signum)
+        threading.Thread(target=daemon.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logmod.notify("READY=1")
+    daemon.serve_forever()
+    with daemon._busy_cv:
+        daemon._busy_cv.wait_for(lambda: daemon._busy == 0, timeout=600)
+    logmod.notify("STOPPING=1")
+    log.info("stopped")
+    return 0

@@ -1,0 +1,83 @@
+"""One error type with a named code, in the manner of firewalld's ``FirewallError``.
+
+Every failure a user can act on is a :class:`HookdError`. It prints as ``CODE: message``,
+crosses the daemon socket as ``{"code": ..., "message": ...}`` and becomes the CLI's and the
+hook's one-line stderr message (libvirt shows the hook's stderr to the user, see libvirt
+``docs/hooks.rst``). Anything else that escapes is a bug and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+# Codes. Each has one meaning; the exit status of the CLI is the code's index + 1 (stable order).
+PROFILE_INVALID = "PROFILE_INVALID"          # YAML profile: syntax, unknown key, wrong type/value
+VM_NAME_INVALID = "VM_NAME_INVALID"          # a domain name with '/', NUL, or empty
+NOT_MANAGED = "NOT_MANAGED"                  # CLI prepare/release for a VM without a profile
+DOMAIN_XML_INVALID = "DOMAIN_XML_INVALID"    # the domain XML libvirt passed could not be used
+DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"        # a PCI address that is not on the host
+IOMMU_GROUP_INCOMPLETE = "IOMMU_GROUP_INCOMPLETE"  # an endpoint of a group is not in the profile
+DEVICE_CLAIMED = "DEVICE_CLAIMED"            # another VM's record holds the device
+DEVICE_BUSY = "DEVICE_BUSY"                  # processes still hold the GPU's device nodes
+UNIT_FAILED = "UNIT_FAILED"                  # a systemd job did not end in "done"
+MODULE_FAILED = "MODULE_FAILED"              # modprobe / module unload failed
+BIND_FAILED = "BIND_FAILED"                  # a driver (un)bind did not give the expected link
+VTCONSOLE_FAILED = "VTCONSOLE_FAILED"        # a vtconsole bind did not read back as written
+FRAMEBUFFER_FAILED = "FRAMEBUFFER_FAILED"    # firmware framebuffer unbind/rebind failed
+TIMEOUT = "TIMEOUT"                          # a wait ran past its deadline
+HOST_IO = "HOST_IO"                          # an unexpected error from sysfs//dev//proc
+STATE_DRIFT = "STATE_DRIFT"                  # the host no longer matches the VM's record
+RELEASE_INCOMPLETE = "RELEASE_INCOMPLETE"    # one or more undos failed during release
+DAEMON_UNREACHABLE = "DAEMON_UNREACHABLE"    # the hook/CLI could not talk to the daemon
+BAD_REQUEST = "BAD_REQUEST"                  # a malformed request on the control socket
+PERMISSION_DENIED = "PERMISSION_DENIED"      # a non-root peer on the control socket
+SYSTEMD_UNAVAILABLE = "SYSTEMD_UNAVAILABLE"  # systemd's D-Bus API could not be reached
+INSTALL_FAILED = "INSTALL_FAILED"            # vfio-hookd install could not finish
+INTERNAL = "INTERNAL"                        # a bug: see the daemon's log for the traceback
+
+CODES = (
+    PROFILE_INVALID, VM_NAME_INVALID, NOT_MANAGED, DOMAIN_XML_INVALID, DEVICE_NOT_FOUND,
+    IOMMU_GROUP_INCOMPLETE, DEVICE_CLAIMED, DEVICE_BUSY, UNIT_FAILED, MODULE_FAILED, BIND_FAILED,
+    VTCONSOLE_FAILED, FRAMEBUFFER_FAILED, TIMEOUT, HOST_IO, STATE_DRIFT, RELEASE_INCOMPLETE,
+    DAEMON_UNREACHABLE, BAD_REQUEST, PERMISSION_DENIED, SYSTEMD_UNAVAILABLE, INSTALL_FAILED,
+    INTERNAL,
+)
+
+
+class HookdError(Exception):
+    """A failure the user can act on.
+
+    :param code: one of the module-level code strings (e.g. ``DEVICE_BUSY``).
+    :param message: one line saying what happened and, where possible, what to do next.
+    :param details: optional JSON-serialisable facts (e.g. the holders' PIDs) for ``--json``.
+
+    ``str(err)`` is ``"CODE: message"``; :meth:`to_dict` / :meth:`from_dict` carry it over the
+    daemon socket unchanged.
+    """
+
+    def __init__(self, code: str, message: str, details: dict | None = None):
+        if code not in CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = " ".join(str(message).split())  # always one line
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    @property
+    def exit_status(self) -> int:
+        """Process exit status for this code: 1 + the code's position in :data:`CODES` (2..)."""
+        return CODES.index(self.code) + 2
+
+    def to_dict(self) -> dict:
+        """``{"code": str, "message": str, "details": dict}``."""
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HookdError":
+        """Rebuild an error sent by :meth:`to_dict`; an unknown code becomes ``INTERNAL``."""
+        code = data.get("code")
+        msg = str(data.get("message", ""))
+        if code not in CODES:
+            code, msg = INTERNAL, f"{data.get('code')}: {msg}"
+        return cls(code, msg, data.get("details") or {})

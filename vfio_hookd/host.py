@@ -1,0 +1,194 @@
+"""The one layer through which vfio-hookd reads and writes the host.
+
+Every access to sysfs, ``/dev``, ``/proc/driver``, ``/proc/fb``, kernel modules and the process
+table goes through a :class:`Host`. Paths are always given as absolute host paths
+(``"/sys/bus/pci/drivers_probe"``) and resolved under :attr:`Host.root`, so the same code runs on
+the real host (root ``/``) and on the embedded simulated host (:class:`vfio_hookd.sim.kernel.SimHost`,
+a directory whose writes are answered the way the kernel answers them).
+
+Kernel behaviour relied on: ``Documentation/ABI/testing/sysfs-bus-pci`` (driver_override, bind,
+unbind, drivers_probe), ``Documentation/ABI/stable/sysfs-module`` (refcnt, holders). A sysfs
+write that the kernel blocks (e.g. unbinding an NVIDIA GPU someone holds, see FIELD-NOTES §2) is
+run in a helper thread and abandoned at its deadline: the step fails with ``TIMEOUT`` instead of
+hanging libvirt.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+
+from . import errors
+
+
+class Host:
+    """Access to a host rooted at ``root``.
+
+    :param root: directory that stands for ``/`` (str). ``"/"`` is the real machine.
+    :param proc: the process table to scan for device-node holders (str, default ``"/proc"``;
+        on the simulated host too, since its holders are real processes).
+    """
+
+    #: True for the simulated host (tests and the demo check it before writing anything).
+    simulated = False
+
+    def __init__(self, root: str = "/", proc: str = "/proc"):
+        self.root = os.path.abspath(root)
+        self.proc = proc
+
+    # ---- paths and plain reads -------------------------------------------------------------
+    def path(self, p: str) -> str:
+        """The real filesystem path (str) of host path ``p`` (absolute, e.g. ``/sys/...``)."""
+        if not p.startswith("/"):
+            raise ValueError(f"host paths are absolute: {p!r}")
+        return p if self.root == "/" else self.root + p
+
+    def exists(self, p: str) -> bool:
+        """True if ``p`` exists (a dangling link counts as absent)."""
+        return os.path.exists(self.path(p))
+
+    def read(self, p: str) -> str:
+        """Text of ``p`` with the trailing newline removed.
+
+        :raises FileNotFoundError: absent; other ``OSError`` as the kernel reports it.
+        """
+        with open(self.path(p), encoding="utf-8", errors="replace") as f:
+            return f.read().rstrip("\n")
+
+    def read_or(self, p: str, default: str | None = None) -> str | None:
+        """Like :meth:`read` but ``default`` when ``p`` is absent or unreadable."""
+        try:
+            return self.read(p)
+        except OSError:
+            return default
+
+    def listdir(self, p: str) -> list[str]:
+        """Sorted entries of directory ``p``; ``[]`` when it is absent."""
+        try:
+            return sorted(os.listdir(self.path(p)))
+        except FileNotFoundError:
+            return []
+
+    def link_name(self, p: str) -> str | None:
+        """Last path component of the target of symlink ``p`` (e.g. the driver name of
+        ``/sys/bus/pci/devices/ADDR/driver``), or None when ``p`` is not a link."""
+        try:
+            return os.path.basename(os.readlink(self.path(p)))
+        except OSError:
+            return None
+
+    def resolve(self, p: str) -> str:
+        """Host path (str) of ``p`` with symlinks resolved, kept inside :attr:`root`."""
+        real = os.path.realpath(self.path(p))
+        if self.root == "/":
+            return real
+        if real != self.root and not real.startswith(self.root + "/"):
+            raise errors.HookdError(errors.HOST_IO, f"{p} resolves outside the host root")
+        return real[len(self.root):] or "/"
+
+    # ---- writes ----------------------------------------------------------------------------
+    def write(self, p: str, data: str, timeout_s: float) -> None:
+        """Write ``data`` to sysfs attribute ``p`` in one ``write(2)``, within ``timeout_s`` (s).
+
+        :raises HookdError: ``TIMEOUT`` when the write has not returned by the deadline (the
+            writing thread is abandoned; the kernel may still complete it).
+        :raises OSError: the kernel's answer (``ENODEV``, ``EBUSY``, ...), unchanged.
+        """
+        result: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                self._write_now(p, data)
+                result.append(None)
+            except BaseException as exc:  # handed to the caller's thread
+                result.append(exc)
+
+        worker = threading.Thread(target=run, name=f"write {p}", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if not result:
+            raise errors.HookdError(
+                errors.TIMEOUT,
+                f"writing {data.strip() or repr(data)!s} to {p} did not return within {timeout_s:g} s")
+        if result[0] is not None:
+            raise result[0]
+
+    def _write_now(self, p: str, data: str) -> None:
+        fd = os.open(self.path(p), os.O_WRONLY)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+
+    # ---- kernel modules ---------------------------------------------------------------------
+    def module_loaded(self, name: str) -> bool:
+        """True if module ``name`` (underscored) is in the kernel, built-in or loadable."""
+        return self.exists(f"/sys/module/{name}")
+
+    def module_builtin(self, name: str) -> bool:
+        """True if ``name`` is built into the kernel: present without ``refcnt`` (sysfs-module)."""
+        return self.exists(f"/sys/module/{name}") and not self.exists(f"/sys/module/{name}/refcnt")
+
+    def modprobe(self, name: str, timeout_s: float) -> None:
+        """Load module ``name`` and its dependencies (``modprobe NAME``).
+
+        :raises HookdError: ``MODULE_FAILED`` with modprobe's message, ``TIMEOUT``.
+        """
+        self._run(["modprobe", name], timeout_s, f"loading module {name}")
+
+    def rmmod(self, name: str, timeout_s: float) -> None:
+        """Unload module ``name`` only, not its dependencies (``rmmod NAME``).
+
+        :raises HookdError: ``MODULE_FAILED`` (e.g. "Module nvidia is in use"), ``TIMEOUT``.
+        """
+        self._run(["rmmod", name], timeout_s, f"unloading module {name}")
+
+    def _run(self, argv: list[str], timeout_s: float, what: str) -> None:
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise errors.HookdError(errors.TIMEOUT, f"{what} did not finish within {timeout_s:g} s")
+        except OSError as exc:
+            raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {exc}")
+        if proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            raise errors.HookdError(errors.MODULE_FAILED,
+                                    f"{what}: {msg[-1] if msg else 'exit %d' % proc.returncode}")
+
+    # ---- device nodes and the processes that hold them ---------------------------------------
+    def node_identity(self, p: str) -> tuple | None:
+        """Identity of device node ``p``: ``("c", st_rdev)`` for a character device,
+        ``("f", st_dev, st_ino)`` for a regular file (the simulated host's nodes); None if absent."""
+        try:
+            st = os.stat(self.path(p))
+        except OSError:
+            return None
+        return identity_of(st)
+
+
+def identity_of(st: os.stat_result) -> tuple:
+    """Identity tuple of a stat result (see :meth:`Host.node_identity`)."""
+    if stat.S_ISCHR(st.st_mode):
+        return ("c", st.st_rdev)
+    return ("f", st.st_dev, st.st_ino)
+
+
+def open_host(root: str | None = None) -> Host:
+    """The :class:`Host` for ``root`` (default :func:`vfio_hookd.paths.host_root`): the simulated
+    host when ``root/.sim`` exists, else the real one."""
+    from . import paths
+    root = root or paths.host_root()
+    if os.path.isdir(os.path.join(root, ".sim")):
+        from .sim.kernel import SimHost
+        return SimHost(root)
+    return Host(root)
+
+
+def oserror_text(exc: OSError) -> str:
+    """Short text for an ``OSError`` from sysfs: ``"No such device (ENODEV)"``."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc} ({name})" if name else str(exc)

@@ -1,0 +1,124 @@
+"""Processes that hold a GPU's device nodes, and ending them. The only module using psutil.
+
+Holders are found the way ``fuser`` does it: every ``/proc/PID/fd/*`` is ``stat``-ed and compared
+with the node (``st_rdev`` for a character device, ``st_dev``/``st_ino`` for the simulated host's
+regular files), and ``/proc/PID/maps`` is read for mappings of the node (a mapped device holds
+it too; FIELD-NOTES §2). Waiting for a process to end uses a pidfd (Linux >= 5.3,
+``pidfd_open(2)``) polled with a deadline: no sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+from dataclasses import asdict, dataclass
+
+from .host import Host, identity_of
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One process holding one node: ``pid`` (int), ``command`` (str, the process name),
+    ``node`` (str, host path such as ``/dev/dri/card0``)."""
+    pid: int
+    command: str
+    node: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"PID {self.pid} ({self.command}) holds {self.node}"
+
+
+def _command(pid: int) -> str:
+    import psutil
+    try:
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return "?"
+
+
+def find_holders(host: Host, nodes: list[str], exclude: set[int] | None = None) -> list[Holder]:
+    """Every process holding one of ``nodes`` (host paths), sorted by PID then node.
+
+    :param exclude: PIDs to leave out (default: this process).
+    Nodes that do not exist are skipped. Processes that vanish while scanned are skipped.
+    """
+    exclude = exclude if exclude is not None else {os.getpid()}
+    wanted: dict[tuple, str] = {}
+    map_paths: dict[str, str] = {}
+    for node in nodes:
+        ident = host.node_identity(node)
+        if ident is not None:
+            wanted[ident] = node
+            map_paths[host.path(node)] = node
+    if not wanted:
+        return []
+    found: set[tuple[int, str]] = set()
+    for entry in os.listdir(host.proc):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        pid = int(entry)
+        fd_dir = f"{host.proc}/{entry}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                ident = identity_of(os.stat(f"{fd_dir}/{fd}"))
+            except OSError:
+                continue
+            if ident in wanted:
+                found.add((pid, wanted[ident]))
+        try:
+            with open(f"{host.proc}/{entry}/maps") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
+                    if path in map_paths:
+                        found.add((pid, map_paths[path]))
+        except OSError:
+            pass
+    return [Holder(pid, _command(pid), node) for pid, node in sorted(found)]
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` has ended, at most ``timeout_s`` seconds.
+
+    :returns: True when it is gone, False at the deadline.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if poller.poll(max(0, int(timeout_s * 1000))):
+            # Readable pidfd: the process exited (it may still be a zombie of its parent).
+            return True
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def terminate(pids: list[int], timeout_s: float) -> list[int]:
+    """SIGTERM each PID, wait up to ``timeout_s`` (s) for it; SIGKILL the ones left and wait
+    ``timeout_s`` again.
+
+    :returns: the PIDs still alive after that (empty on success).
+    """
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    left = [pid for pid in pids if not wait_gone(pid, timeout_s)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return [pid for pid in left if not wait_gone(pid, timeout_s)]

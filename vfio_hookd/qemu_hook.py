@@ -1,0 +1,118 @@
+#!/usr/bin/python3 -IS
+"""vfio-hookd's libvirt qemu hook: install as ``/etc/libvirt/hooks/qemu.d/vfio-hookd``.
+
+libvirt runs it as ``vfio-hookd NAME OPERATION SUB-OPERATION EXTRA`` with the domain XML on
+stdin (libvirt ``docs/hooks.rst``). Standard library only, absolute interpreter path, ``-I -S``
+so that nothing from the environment or site-packages is loaded (fast, and the same interpreter
+whatever libvirtd's PATH is).
+
+- ``prepare begin`` and ``release end`` of a VM with a profile
+  (``$VFIO_HOOKD_CONFIG/vms/NAME.yaml``, default ``/etc/vfio-hookd``) are sent to the daemon
+  (``$VFIO_HOOKD_RUN/vfio-hookd.sock``, default ``/run/vfio-hookd``), and the hook waits for the
+  answer within the deadline the daemon states when it accepts the request.
+- Everything else exits 0 at once, prints nothing and contacts nothing.
+- On failure: one line ``CODE: message`` on stderr and exit status 1; libvirt then aborts the
+  start and shows the line to the user.
+- It never calls libvirt (the domain is locked while a hook runs: a call back deadlocks) and
+  starts no child, so nothing can keep libvirt waiting on its stdout/stderr.
+"""
+
+import os
+import sys
+
+HANDLED = {("prepare", "begin"): "prepare", ("release", "end"): "release"}
+ACCEPT_TIMEOUT_S = 15.0   # the daemon accepts a request at once; this covers a loaded machine
+ANSWER_MARGIN_S = 10.0    # added to the deadline the daemon states
+
+
+class HookFailure(Exception):
+    """``CODE: message`` to print; ``code`` and ``message`` as the daemon sent them."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def socket_path():
+    """The daemon's socket (see vfio_hookd.paths)."""
+    return os.path.join(os.environ.get("VFIO_HOOKD_RUN") or "/run/vfio-hookd", "vfio-hookd.sock")
+
+
+def request(payload, on_accept=None, path=None):
+    """Send ``payload`` (dict) to the daemon and return its ``result`` (dict).
+
+    Waits ``ACCEPT_TIMEOUT_S`` for the first answer; after an ``accepted`` message, waits the
+    daemon's ``deadline_s`` plus ``ANSWER_MARGIN_S``.
+
+    :raises HookFailure: ``DAEMON_UNREACHABLE`` (no daemon), ``TIMEOUT``, or the daemon's error.
+    """
+    import json
+    import socket
+    path = path or socket_path()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(ACCEPT_TIMEOUT_S)
+        try:
+            sock.connect(path)
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+        except OSError as exc:
+            raise HookFailure("DAEMON_UNREACHABLE",
+                              f"cannot reach the vfio-hookd daemon at {path} ({exc.strerror or exc});"
+                              f" start it with: systemctl enable --now vfio-hookd.service") from None
+        reader = sock.makefile("rb")
+        while True:
+            try:
+                line = reader.readline()
+            except socket.timeout:
+                raise HookFailure("TIMEOUT", f"the vfio-hookd daemon did not answer within "
+                                             f"{sock.gettimeout():g} s; see: journalctl -u "
+                                             f"vfio-hookd") from None
+            except OSError as exc:
+                raise HookFailure("DAEMON_UNREACHABLE", f"connection to the daemon failed: {exc}") from None
+            if not line:
+                raise HookFailure("DAEMON_UNREACHABLE", "the daemon closed the connection without "
+                                                        "an answer; see: journalctl -u vfio-hookd")
+            msg = json.loads(line)
+            if msg.get("accepted"):
+                sock.settimeout(float(msg.get("deadline_s", 600)) + ANSWER_MARGIN_S)
+                if on_accept:
+                    on_accept(msg)
+                continue
+            if msg.get("ok"):
+                return msg.get("result") or {}
+            err = msg.get("error") or {}
+            raise HookFailure(err.get("code", "INTERNAL"), err.get("message", "unknown error"))
+    finally:
+        sock.close()
+
+
+def main(argv):
+    """Entry point; returns the exit status (0, or 1 after printing ``CODE: message``)."""
+    if len(argv) < 4:
+        return 0
+    name, op, sub = argv[1], argv[2], argv[3]
+    what = HANDLED.get((op, sub))
+    if what is None or not name or name in (".", "..") or "/" in name or "\0" in name:
+        return 0
+    config = os.environ.get("VFIO_HOOKD_CONFIG") or "/etc/vfio-hookd"
+    if not os.path.exists(os.path.join(config, "vms", name + ".yaml")):
+        return 0
+    payload = {"op": what, "vm": name}
+    if what == "prepare":
+        payload["xml"] = sys.stdin.read()
+    else:
+        payload["reason"] = argv[4] if len(argv) > 4 and argv[4] != "-" else None
+    try:
+        request(payload)
+    except HookFailure as exc:
+        sys.stderr.write(" ".join(f"{exc.code}: {exc.message}".split()) + "\n")
+        return 1
+    except Exception as exc:  # never a traceback in libvirt's error line
+        sys.stderr.write(f"INTERNAL: vfio-hookd hook: {type(exc).__name__}: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

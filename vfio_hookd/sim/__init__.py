@@ -1,0 +1,48 @@
+"""The embedded simulated host: a fake kernel rooted in a directory (:mod:`.kernel`, built by
+:mod:`.hosts`), a fake systemd on a private D-Bus bus (:mod:`.systemd`, :mod:`.bus`), and fault
+injection / latencies shared by both (:mod:`.faults`). Used by the demo, the tests and the
+benchmarks; the product's code runs against it unchanged through :class:`vfio_hookd.host.Host`
+and :class:`vfio_hookd.systemd.Systemd`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+#: Units of each simulated host variant (``<root>/.sim/units.json``): the display manager is a
+#: real process holding the GPU's nodes; nvidia-persistenced holds the NVIDIA control nodes.
+UNITS = {
+    "nvidia": {
+        "gdm.service": {"aliases": ["display-manager.service"], "active": True,
+                        "holds": ["/dev/dri/card0", "/dev/nvidia0", "/dev/nvidiactl",
+                                  "/dev/nvidia-modeset"]},
+        "nvidia-persistenced.service": {"active": True, "holds": ["/dev/nvidiactl", "/dev/nvidia0"]},
+        "sshd.service": {"active": True, "holds": []},
+    },
+    "amd": {
+        "sddm.service": {"aliases": ["display-manager.service"], "active": True,
+                         "holds": ["/dev/dri/card0", "/dev/dri/renderD128"]},
+        "sshd.service": {"active": True, "holds": []},
+    },
+}
+
+#: The GPU functions of each variant (for profiles in the demo and tests).
+DEVICES = {"nvidia": ("0000:01:00.0", "0000:01:00.1"), "amd": ("0000:03:00.0", "0000:03:00.1")}
+
+
+def make_host(root: str, variant: str = "nvidia", latency: dict[str, float] | None = None) -> str:
+    """Build a simulated host of ``variant`` ("nvidia" or "amd") in directory ``root`` with its
+    systemd units; set per-operation ``latency`` (s, keys in :mod:`.faults`). Returns ``root``.
+
+    :raises ValueError: unknown variant.
+    """
+    from . import faults, hosts
+    if variant not in UNITS:
+        raise ValueError(f"variant must be one of {sorted(UNITS)}")
+    hosts.build_host(root, variant)
+    with open(os.path.join(root, ".sim", "units.json"), "w") as f:
+        json.dump(UNITS[variant], f, indent=1)
+    if latency:
+        faults.set_latency(root, latency)
+    return root

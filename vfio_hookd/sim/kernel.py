@@ -1,0 +1,832 @@
+"""The simulated kernel: a directory tree that answers writes the way Linux does.
+
+:class:`SimHost` is the :class:`~vfio_hookd.host.Host` of the embedded simulated host (a directory
+holding ``.sim/``, built by :mod:`vfio_hookd.sim.hosts`). The state lives in the tree itself --
+real directories, regular files, relative symlinks that stay inside the root, exactly where sysfs
+has them -- plus ``<root>/.sim/state.json`` for what a tree cannot hold (see :data:`STATE_DOC`).
+Every operation takes an ``flock`` on ``<root>/.sim/kernel.lock`` so the daemon, the fake
+systemd and the tests can share one host.
+
+Behaviour modelled, with its source:
+
+- PCI ``driver_override``, ``bind``, ``unbind``, ``drivers_probe`` (``Documentation/ABI/testing/
+  sysfs-bus-pci``; ``drivers/base/bus.c`` ``bind_store``/``unbind_store``/``drivers_probe_store``,
+  ``drivers/pci/pci-driver.c`` ``pci_match_device``): unbind of a device not bound to that driver
+  is ``ENODEV``; bind is ``ENODEV`` when the driver does not match (override set to another
+  driver, or not in its id table -- vfio-pci matches nothing without an override) and ``EBUSY``
+  when the device already has a driver.
+- Unbinding tears down what the driver created for the function (DRM, sound, ``/dev/nvidia0``,
+  ``/proc/driver/nvidia/gpus/ADDR``, the framebuffer it registered). NVIDIA's unbind blocks
+  forever while a process holds one of the GPU's nodes (FIELD-NOTES §2, ``nv_pci_remove``);
+  so does vfio-pci's while the IOMMU group node is open (``vfio_unregister_group_dev``). A DRM
+  driver's unbind succeeds with ``card0`` open, but the stale file keeps the module pinned.
+- Binding vfio-pci or an evicting DRM driver to the boot VGA function removes the firmware
+  framebuffer platform device (``drivers/video/aperture.c``). When the last framebuffer goes
+  and the fbcon vtconsole is unbound, fbcon unregisters its console driver and the vtconsole
+  disappears; the next framebuffer brings it back bound (``drivers/video/fbdev/core/fbcon.c``
+  ``fbcon_fb_unregistered`` / ``fbcon_fb_registered``).
+- ``modprobe`` loads dependencies, creates ``/sys/module/M`` (``refcnt``, ``holders/``), the PCI
+  driver directory, and probes matching unbound functions. ``rmmod`` refuses built-ins, modules
+  with holders or open files (kmod's messages), else unbinds the driver's functions and unloads
+  (``Documentation/ABI/stable/sysfs-module``). ``refcnt`` = holders + open files on the module's
+  nodes, recomputed at each driver or module operation.
+
+Holders of nodes are real processes: the kernel scans ``/proc/*/fd`` and compares
+:func:`~vfio_hookd.host.identity_of` with the identities of the node files it created (kept
+in the state even after the file is removed, so stale descriptors still count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import threading
+import time
+
+from .. import errors
+from ..host import Host, identity_of
+from . import faults
+
+#: The schema of ``<root>/.sim/state.json`` (documentation only).
+STATE_DOC = """
+{"kernel": "6.1.0-sim",                       # uname -r shown in modprobe's messages
+ "devices": {ADDR: {"native": DRV|null,       # driver whose id table matches the function
+                    "group": "1"}},            # IOMMU group number (str)
+ "modules": {M: {"builtin": bool,             # built-in: /sys/module/M without refcnt
+                 "deps": [M, ...],            # loaded first, each gets holders/M
+                 "pci_driver": DRV|null,      # PCI driver the module registers
+                 "nodes": [SPEC, ...]}},      # nodes the module creates at load (/dev/nvidiactl)
+ "drivers": {DRV: {"module": M|null,          # null: built-in driver (pcieport)
+                   "evicts_firmware_fb": bool,    # aperture eviction on the boot VGA function
+                   "unbind_waits_for_holders": bool,  # unbind blocks while nodes are held
+                   "hold_nodes": [PATH, ...]}},   # extra nodes counted for that (nvidiactl)
+ "driver_nodes": {DRV: {ADDR: [SPEC, ...]}},  # what DRV creates when it binds ADDR
+ "boot_vga": ADDR|null,
+ "platform": {NAME: {"driver": PDRV, "fb": "EFI VGA", "firmware_fb": bool}},
+ "fbs": {"0": "EFI VGA"},                     # registered framebuffers (/proc/fb)
+ "live": {PATH: {"id": ID, "module": M|null}},    # node files that exist
+ "stale": [{"path": PATH, "id": ID, "module": M|null}]}  # removed but maybe still open
+SPEC: {"kind": "dev", "path": "/dev/nvidia0", "module": M}
+    | {"kind": "proc", "path": "/proc/driver/nvidia/gpus/ADDR/information", "text": str}
+    | {"kind": "class", "class": "drm"|"sound", "name": "card0", "parent": "card1"|null,
+       "dev": "dri/card0"|null, "devnum": "226:0"|null, "module": M, "requires": M|null}
+    | {"kind": "fb", "name": "amdgpudrmfb"}
+ID: ["f", st_dev, st_ino] (see vfio_hookd.host.identity_of)
+"""
+
+_PCI_ADDR = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+class _Hang(Exception):
+    """Raised inside the locked section for an operation that blocks in the kernel: the lock is
+    released first, then the calling thread blocks forever."""
+
+
+def _hang() -> None:
+    threading.Event().wait()
+
+
+def _with_deadline(fn, timeout_s: float, what: str) -> None:
+    """Run ``fn()`` in a daemon thread; raise HookdError TIMEOUT if it has not returned in
+    ``timeout_s`` seconds (the thread is abandoned, like :meth:`Host.write`)."""
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            result.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            result.append(exc)
+
+    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not result:
+        raise errors.HookdError(errors.TIMEOUT, f"{what} did not finish within {timeout_s:g} s")
+    if result[0] is not None:
+        raise result[0]
+
+
+# ---- tree primitives (shared with vfio_hookd.sim.hosts) -------------------------------------
+def real(root: str, p: str) -> str:
+    """Filesystem path of host path ``p`` under ``root``."""
+    return root + p
+
+
+def mkdir(root: str, p: str) -> None:
+    """Create directory ``p`` (host path) and its parents."""
+    os.makedirs(real(root, p), exist_ok=True)
+
+
+def mkfile(root: str, p: str, text: str = "", mode: int = 0o644) -> None:
+    """Create or replace regular file ``p`` with ``text``; ``mode`` like the sysfs attribute
+    (0o444 read-only, 0o200 write-only, 0o644 read-write)."""
+    path = real(root, p)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):  # replace, also when read-only to us (refcnt, /proc/fb)
+        os.unlink(path)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def mklink(root: str, link: str, target: str) -> None:
+    """Create symlink ``link`` -> ``target`` (host paths) as a relative link that goes up to the
+    common ancestor and down again, the way sysfs writes them (``../../../bus/pci/drivers/X``)."""
+    rel = os.path.relpath(os.path.dirname(target), os.path.dirname(link))
+    value = os.path.normpath(os.path.join(rel, os.path.basename(target)))
+    path = real(root, link)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    os.symlink(value, path)
+
+
+def remove(root: str, p: str) -> None:
+    """Remove ``p`` (file, link or directory tree); absent is fine."""
+    path = real(root, p)
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def load_state(root: str) -> dict:
+    """The simulated kernel's state of host ``root`` (see :data:`STATE_DOC`); read-only use."""
+    with open(os.path.join(root, ".sim", "state.json")) as f:
+        return json.load(f)
+
+
+def save_state(root: str, state: dict) -> None:
+    """Write ``state`` atomically to ``<root>/.sim/state.json``."""
+    path = os.path.join(root, ".sim", "state.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def module_name(name: str) -> str:
+    """kmod's canonical module name: ``-`` and ``_`` are the same (``vfio-pci`` -> ``vfio_pci``)."""
+    return name.replace("-", "_")
+
+
+@contextlib.contextmanager
+def locked_kernel(root: str, proc: str = "/proc"):
+    """Context manager yielding a :class:`Kernel` for ``root`` under the kernel lock; the state
+    is saved on exit, also when the operation raised (a half-done operation stays half done,
+    as in the kernel); when the operation scanned the holders, every ``refcnt`` is rewritten."""
+    lock_path = os.path.join(root, ".sim", "kernel.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        k = Kernel(root, load_state(root), proc)
+        try:
+            yield k
+        finally:
+            if k._open is not None:  # holders were scanned: refcnt reflects them, also on error
+                k.refresh_refcnts()
+            save_state(root, k.st)
+
+
+class Kernel:
+    """The kernel logic on one loaded state; use through :func:`locked_kernel`.
+
+    Every method works on host paths and raises ``OSError`` with the errno the kernel returns,
+    :class:`HookdError` (``MODULE_FAILED``) for module operations, or :class:`_Hang` when the
+    kernel would block.
+    """
+
+    def __init__(self, root: str, state: dict, proc: str = "/proc"):
+        self.root = root
+        self.st = state
+        self.proc = proc
+        self._open: dict[tuple, int] | None = None
+
+    # ---- small helpers -------------------------------------------------------------------
+    def r(self, p: str) -> str:
+        """Filesystem path of host path ``p``."""
+        return real(self.root, p)
+
+    def read(self, p: str) -> str | None:
+        """Text of ``p`` without the trailing newline; None when absent."""
+        try:
+            with open(self.r(p)) as f:
+                return f.read().rstrip("\n")
+        except OSError:
+            return None
+
+    def link_name(self, p: str) -> str | None:
+        """Last component of symlink ``p``'s target; None when ``p`` is no link."""
+        try:
+            return os.path.basename(os.readlink(self.r(p)))
+        except OSError:
+            return None
+
+    def resolve(self, p: str) -> str:
+        """Host path of ``p`` with links resolved.
+
+        :raises OSError: ``ENOENT`` when it leaves the root."""
+        realp = os.path.realpath(self.r(p))
+        root = os.path.realpath(self.root)
+        if realp == root:
+            return "/"
+        if not realp.startswith(root + "/"):
+            raise OSError(errno.ENOENT, "outside the simulated host", p)
+        return realp[len(root):]
+
+    def dev_dir(self, addr: str) -> str:
+        """Host path of the sysfs directory of PCI function ``addr``."""
+        return self.resolve(f"/sys/bus/pci/devices/{addr}")
+
+    def driver_of(self, addr: str) -> str | None:
+        """Name of the driver bound to ``addr`` (its ``driver`` link), or None."""
+        return self.link_name(f"/sys/bus/pci/devices/{addr}/driver")
+
+    def override_of(self, addr: str) -> str | None:
+        """``driver_override`` of ``addr``; None when unset (reads ``(null)``)."""
+        value = self.read(f"/sys/bus/pci/devices/{addr}/driver_override")
+        return None if value in (None, "(null)") else value
+
+    def loaded(self, module: str) -> bool:
+        """True when ``/sys/module/<module>`` exists (loaded or built in)."""
+        return os.path.isdir(self.r(f"/sys/module/{module}"))
+
+    def driver_registered(self, drv: str) -> bool:
+        """True when PCI driver ``drv`` is registered (its directory exists)."""
+        return os.path.isdir(self.r(f"/sys/bus/pci/drivers/{drv}"))
+
+    # ---- holders of nodes ----------------------------------------------------------------
+    def open_files(self) -> dict[tuple, int]:
+        """Identity -> number of open descriptors, over every readable ``/proc/*/fd`` entry
+        that points into the simulated root (scanned once per operation)."""
+        if self._open is not None:
+            return self._open
+        prefixes = tuple({self.root + "/", os.path.realpath(self.root) + "/"})
+        found: dict[tuple, int] = {}
+        try:
+            pids = [p for p in os.listdir(self.proc) if p.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            fd_dir = f"{self.proc}/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if not os.readlink(f"{fd_dir}/{fd}").startswith(prefixes):
+                        continue
+                    ident = identity_of(os.stat(f"{fd_dir}/{fd}"))
+                except OSError:
+                    continue
+                found[ident] = found.get(ident, 0) + 1
+        self._open = found
+        return found
+
+    def held(self, idents) -> bool:
+        """True when some process has one of the identities ``idents`` open."""
+        opened = self.open_files()
+        return any(tuple(i) in opened for i in idents)
+
+    def node_ids(self, paths) -> list[tuple]:
+        """Identities of the live node files among ``paths``."""
+        live = self.st.setdefault("live", {})
+        return [tuple(live[p]["id"]) for p in paths if p in live]
+
+    def pinned_count(self, module: str) -> int:
+        """Open descriptors on nodes (live or removed) that pin ``module``."""
+        opened = self.open_files()
+        ids = [tuple(v["id"]) for v in self.st.get("live", {}).values() if v["module"] == module]
+        ids += [tuple(v["id"]) for v in self.st.get("stale", []) if v["module"] == module]
+        return sum(opened.get(i, 0) for i in ids)
+
+    def refresh_refcnts(self) -> None:
+        """Rewrite every loadable module's ``refcnt``; forget removed nodes nobody holds."""
+        opened = self.open_files()
+        self.st["stale"] = [s for s in self.st.get("stale", []) if tuple(s["id"]) in opened]
+        for m, info in self.st["modules"].items():
+            if info.get("builtin") or not self.loaded(m):
+                continue
+            holders = len(os.listdir(self.r(f"/sys/module/{m}/holders")))
+            mkfile(self.root, f"/sys/module/{m}/refcnt", f"{holders + self.pinned_count(m)}\n", 0o444)
+
+    # ---- node files ----------------------------------------------------------------------
+    def _make_dev(self, p: str, module: str | None) -> None:
+        mkfile(self.root, p, "", 0o666)
+        st = os.stat(self.r(p))
+        self.st.setdefault("live", {})[p] = {"id": list(identity_of(st)), "module": module}
+
+    def _drop_dev(self, p: str) -> None:
+        entry = self.st.setdefault("live", {}).pop(p, None)
+        if entry is not None:
+            self.st.setdefault("stale", []).append({"path": p, **entry})
+        remove(self.root, p)
+
+    def _class_dir(self, addr: str, spec: dict) -> str:
+        parts = [self.dev_dir(addr), spec["class"]]
+        if spec.get("parent"):
+            parts.append(spec["parent"])
+        parts.append(spec["name"])
+        return "/".join(parts)
+
+    def create_node(self, addr: str, spec: dict) -> None:
+        """Create one node of ``spec`` (see :data:`STATE_DOC`) for function ``addr``."""
+        kind = spec["kind"]
+        if kind == "dev":
+            self._make_dev(spec["path"], spec.get("module"))
+        elif kind == "proc":
+            mkfile(self.root, spec["path"], spec["text"], 0o444)
+        elif kind == "class":
+            d = self._class_dir(addr, spec)
+            mkdir(self.root, d)
+            mklink(self.root, f"{d}/device", os.path.dirname(d) if spec.get("parent")
+                   else self.dev_dir(addr))
+            mklink(self.root, f"{d}/subsystem", f"/sys/class/{spec['class']}")
+            uevent = ""
+            if spec.get("devnum"):
+                major, minor = spec["devnum"].split(":")
+                uevent = f"MAJOR={major}\nMINOR={minor}\n"
+                mkfile(self.root, f"{d}/dev", spec["devnum"] + "\n", 0o444)
+            if spec.get("dev"):
+                uevent += f"DEVNAME={spec['dev']}\n"
+            mkfile(self.root, f"{d}/uevent", uevent, 0o644)
+            mklink(self.root, f"/sys/class/{spec['class']}/{spec['name']}", d)
+            if spec.get("dev"):
+                self._make_dev(f"/dev/{spec['dev']}", spec.get("module"))
+        elif kind == "fb":
+            self.register_fb(spec["name"])
+        elif kind == "dir":
+            mkdir(self.root, spec["path"])
+
+    def remove_node(self, addr: str, spec: dict) -> None:
+        """Tear down one node created by :meth:`create_node` (absent parts are skipped)."""
+        kind = spec["kind"]
+        if kind == "dev":
+            self._drop_dev(spec["path"])
+        elif kind == "proc":
+            remove(self.root, spec["path"])
+            parent = os.path.dirname(spec["path"])
+            with contextlib.suppress(OSError):
+                os.rmdir(self.r(parent))
+        elif kind == "class":
+            d = self._class_dir(addr, spec)
+            if spec.get("dev"):
+                self._drop_dev(f"/dev/{spec['dev']}")
+            remove(self.root, f"/sys/class/{spec['class']}/{spec['name']}")
+            remove(self.root, d)
+            glue = f"{self.dev_dir(addr)}/{spec['class']}"  # kernel drops the empty glue dir
+            with contextlib.suppress(OSError):
+                os.rmdir(self.r(glue))
+        elif kind == "fb":
+            self.unregister_fb(spec["name"])
+        elif kind == "dir":
+            remove(self.root, spec["path"])
+
+    def _node_present(self, addr: str, spec: dict) -> bool:
+        kind = spec["kind"]
+        if kind in ("dev", "proc", "dir"):
+            return os.path.lexists(self.r(spec["path"]))
+        if kind == "class":
+            return os.path.lexists(self.r(f"/sys/class/{spec['class']}/{spec['name']}"))
+        return spec["name"] in self.st.setdefault("fbs", {}).values()
+
+    def binding_nodes(self, drv: str, addr: str) -> list[dict]:
+        """Node specs ``drv`` creates when it binds ``addr`` (see :data:`STATE_DOC`)."""
+        return self.st.get("driver_nodes", {}).get(drv, {}).get(addr, [])
+
+    # ---- framebuffers and fbcon ----------------------------------------------------------
+    def _write_proc_fb(self) -> None:
+        fbs = self.st.setdefault("fbs", {})
+        text = "".join(f"{i} {fbs[i]}\n" for i in sorted(fbs, key=int))
+        mkfile(self.root, "/proc/fb", text, 0o444)
+
+    def _fbcon_vtcons(self) -> list[str]:
+        base = "/sys/devices/virtual/vtconsole"
+        return [v for v in sorted(os.listdir(self.r(base)))
+                if "frame buffer" in (self.read(f"{base}/{v}/name") or "")] \
+            if os.path.isdir(self.r(base)) else []
+
+    def add_vtcon(self, name: str, bind: str) -> str:
+        """Register a console driver: the next free ``vtconN`` with ``name``; returns vtconN."""
+        base = "/sys/devices/virtual/vtconsole"
+        mkdir(self.root, base)
+        n = 0
+        while os.path.lexists(self.r(f"{base}/vtcon{n}")):
+            n += 1
+        v = f"vtcon{n}"
+        mkfile(self.root, f"{base}/{v}/name", name + "\n", 0o444)
+        mkfile(self.root, f"{base}/{v}/bind", bind + "\n", 0o644)
+        mkfile(self.root, f"{base}/{v}/uevent", "", 0o644)
+        mklink(self.root, f"{base}/{v}/subsystem", "/sys/class/vtconsole")
+        mklink(self.root, f"/sys/class/vtconsole/{v}", f"{base}/{v}")
+        return v
+
+    def register_fb(self, name: str) -> None:
+        """register_framebuffer(): lowest free index, /proc/fb; fbcon takes over the console
+        (its vtconsole appears bound) if it had no framebuffer."""
+        fbs = self.st.setdefault("fbs", {})
+        i = 0
+        while str(i) in fbs:
+            i += 1
+        fbs[str(i)] = name
+        self._write_proc_fb()
+        if not self._fbcon_vtcons():
+            self.add_vtcon("(M) frame buffer device", "1")
+
+    def unregister_fb(self, name: str) -> None:
+        """unregister_framebuffer(); with no framebuffer left fbcon unregisters its console
+        driver, which only succeeds when its vtconsole is unbound (fbcon.c)."""
+        fbs = self.st.setdefault("fbs", {})
+        for i, n in list(fbs.items()):
+            if n == name:
+                del fbs[i]
+        self._write_proc_fb()
+        if not fbs:
+            for v in self._fbcon_vtcons():
+                if self.read(f"/sys/devices/virtual/vtconsole/{v}/bind") == "0":
+                    remove(self.root, f"/sys/class/vtconsole/{v}")
+                    remove(self.root, f"/sys/devices/virtual/vtconsole/{v}")
+
+    # ---- platform devices (firmware framebuffer) -----------------------------------------
+    def platform_bind(self, pdrv: str, name: str) -> None:
+        """``bind`` of platform driver ``pdrv`` (bus.c bind_store).
+
+        :raises OSError: ``ENODEV`` absent or wrong driver, ``EBUSY`` already bound."""
+        info = self.st.get("platform", {}).get(name)
+        dev = f"/sys/devices/platform/{name}"
+        if info is None or not os.path.isdir(self.r(dev)) or info["driver"] != pdrv:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        if os.path.lexists(self.r(f"{dev}/driver")):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        mklink(self.root, f"{dev}/driver", f"/sys/bus/platform/drivers/{pdrv}")
+        mklink(self.root, f"/sys/bus/platform/drivers/{pdrv}/{name}", dev)
+        if info.get("fb"):
+            self.register_fb(info["fb"])
+
+    def platform_unbind(self, pdrv: str, name: str) -> None:
+        """``unbind`` of platform driver ``pdrv``.
+
+        :raises OSError: ``ENODEV`` when ``name`` is not bound to ``pdrv``."""
+        dev = f"/sys/devices/platform/{name}"
+        if self.link_name(f"{dev}/driver") != pdrv:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        remove(self.root, f"{dev}/driver")
+        remove(self.root, f"/sys/bus/platform/drivers/{pdrv}/{name}")
+        info = self.st.get("platform", {}).get(name, {})
+        if info.get("fb"):
+            self.unregister_fb(info["fb"])
+
+    def evict_firmware_fb(self) -> None:
+        """aperture_remove_conflicting_pci_devices() -> sysfb_disable(): the firmware
+        framebuffer platform devices are unregistered (removed, not just unbound)."""
+        for name, info in self.st.get("platform", {}).items():
+            dev = f"/sys/devices/platform/{name}"
+            if not info.get("firmware_fb") or not os.path.isdir(self.r(dev)):
+                continue
+            drv = self.link_name(f"{dev}/driver")
+            if drv:
+                self.platform_unbind(drv, name)
+            remove(self.root, f"/sys/bus/platform/devices/{name}")
+            remove(self.root, dev)
+
+    # ---- PCI driver core -----------------------------------------------------------------
+    def matches(self, drv: str, addr: str) -> bool:
+        """pci_match_device(): the override decides when set, else the id table (native)."""
+        override = self.override_of(addr)
+        if override is not None:
+            return override == drv
+        return self.st["devices"][addr].get("native") == drv
+
+    def _group_node(self, addr: str) -> str:
+        return f"/dev/vfio/{self.st['devices'][addr]['group']}"
+
+    def attach(self, drv: str, addr: str) -> None:
+        """really_probe(): link device and driver, run the driver's probe side effects."""
+        info = self.st["drivers"].get(drv, {})
+        d = self.dev_dir(addr)
+        if self.st.get("boot_vga") == addr and info.get("evicts_firmware_fb"):
+            self.evict_firmware_fb()
+        mklink(self.root, f"{d}/driver", f"/sys/bus/pci/drivers/{drv}")
+        mklink(self.root, f"/sys/bus/pci/drivers/{drv}/{addr}", d)
+        if drv == "vfio-pci" and not os.path.lexists(self.r(self._group_node(addr))):
+            self._make_dev(self._group_node(addr), None)
+        for spec in self.binding_nodes(drv, addr):
+            if not spec.get("requires") or self.loaded(spec["requires"]):
+                self.create_node(addr, spec)
+
+    def unbind_blocks(self, drv: str, addr: str) -> bool:
+        """True when ``drv``'s remove() would wait for the holders of the function's nodes."""
+        info = self.st["drivers"].get(drv, {})
+        if not info.get("unbind_waits_for_holders"):
+            return False
+        paths = [s["path"] if s["kind"] == "dev" else f"/dev/{s['dev']}"
+                 for s in self.binding_nodes(drv, addr)
+                 if s["kind"] == "dev" or (s["kind"] == "class" and s.get("dev"))]
+        paths += info.get("hold_nodes", [])
+        if drv == "vfio-pci":
+            paths.append(self._group_node(addr))
+        return self.held(self.node_ids(paths))
+
+    def detach(self, drv: str, addr: str) -> None:
+        """device_release_driver(): the driver's remove() tears down its nodes, then the links.
+        Raises :class:`_Hang` when remove() would block."""
+        if self.unbind_blocks(drv, addr):
+            raise _Hang()
+        for spec in reversed(self.binding_nodes(drv, addr)):
+            if self._node_present(addr, spec):
+                self.remove_node(addr, spec)
+        d = self.dev_dir(addr)
+        remove(self.root, f"{d}/driver")
+        remove(self.root, f"/sys/bus/pci/drivers/{drv}/{addr}")
+        if drv == "vfio-pci":
+            group = self.st["devices"][addr]["group"]
+            if not any(self.driver_of(a) == "vfio-pci" for a, i in self.st["devices"].items()
+                       if i["group"] == group):
+                self._drop_dev(self._group_node(addr))
+
+    def probe(self, addr: str) -> None:
+        """device_attach(): bind the first registered driver that matches; none is fine."""
+        if self.driver_of(addr):
+            return
+        override = self.override_of(addr)
+        drv = override if override is not None else self.st["devices"][addr].get("native")
+        if drv and self.driver_registered(drv) and self.matches(drv, addr):
+            self.attach(drv, addr)
+
+    def pci_bind(self, drv: str, addr: str) -> None:
+        """Write to ``drivers/DRV/bind``.
+
+        :raises OSError: ``ENODEV`` (absent, no match), ``EBUSY`` (has a driver)."""
+        if addr not in self.st["devices"] or not self.matches(drv, addr):
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        if self.driver_of(addr):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        self.attach(drv, addr)
+
+    def pci_unbind(self, drv: str, addr: str) -> None:
+        """Write to ``drivers/DRV/unbind``.
+
+        :raises OSError: ``ENODEV`` when ``addr`` is not bound to ``drv``; :class:`_Hang`."""
+        if addr not in self.st["devices"] or self.driver_of(addr) != drv:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        self.detach(drv, addr)
+
+    def register_pci_driver(self, drv: str, module: str | None) -> None:
+        """pci_register_driver(): the driver directory, then probe every unbound function."""
+        base = f"/sys/bus/pci/drivers/{drv}"
+        mkdir(self.root, base)
+        for attr in ("bind", "unbind", "new_id", "remove_id"):
+            mkfile(self.root, f"{base}/{attr}", "", 0o200)
+        mkfile(self.root, f"{base}/uevent", "", 0o200)
+        if module:
+            mklink(self.root, f"{base}/module", f"/sys/module/{module}")
+            mklink(self.root, f"/sys/module/{module}/drivers/pci:{drv}", base)
+        for addr in sorted(self.st["devices"]):
+            if not self.driver_of(addr) and self.matches(drv, addr):
+                self.attach(drv, addr)
+
+    # ---- modules ---------------------------------------------------------------------------
+    def modprobe(self, name: str) -> None:
+        """Load module ``name`` (``-`` or ``_``) with its deps; no-op when loaded.
+
+        :raises HookdError: ``MODULE_FAILED`` for an unknown module."""
+        m = module_name(name)
+        info = self.st["modules"].get(m)
+        if info is None:
+            raise errors.HookdError(
+                errors.MODULE_FAILED,
+                f"loading module {name}: modprobe: FATAL: Module {name} not found in directory "
+                f"/lib/modules/{self.st.get('kernel', '6.1.0-sim')}")
+        if self.loaded(m):
+            return
+        for dep in info.get("deps", []):
+            self.modprobe(dep)
+        base = f"/sys/module/{m}"
+        mkdir(self.root, f"{base}/holders")
+        mkfile(self.root, f"{base}/initstate", "live\n", 0o444)
+        mkfile(self.root, f"{base}/refcnt", "0\n", 0o444)
+        for dep in info.get("deps", []):
+            mklink(self.root, f"/sys/module/{dep}/holders/{m}", base)
+        for spec in info.get("nodes", []):
+            self.create_node("", spec)
+        # nodes of drivers already bound that this module provides (nvidia_drm -> card0)
+        for drv, per in self.st.get("driver_nodes", {}).items():
+            for addr, specs in per.items():
+                if self.driver_of(addr) == drv:
+                    for spec in specs:
+                        if spec.get("requires") == m and not self._node_present(addr, spec):
+                            self.create_node(addr, spec)
+        if info.get("pci_driver"):
+            self.register_pci_driver(info["pci_driver"], m)
+
+    def rmmod(self, name: str) -> None:
+        """Unload module ``name`` only.
+
+        :raises HookdError: ``MODULE_FAILED`` with kmod's message; :class:`_Hang`."""
+        m = module_name(name)
+        info = self.st["modules"].get(m)
+        what = f"unloading module {name}"
+        if info is None or not self.loaded(m):
+            raise errors.HookdError(errors.MODULE_FAILED,
+                                    f"{what}: rmmod: ERROR: Module {m} is not currently loaded")
+        if info.get("builtin"):
+            raise errors.HookdError(errors.MODULE_FAILED,
+                                    f"{what}: rmmod: ERROR: Module {m} is builtin.")
+        holders = sorted(os.listdir(self.r(f"/sys/module/{m}/holders")))
+        if holders:
+            raise errors.HookdError(
+                errors.MODULE_FAILED,
+                f"{what}: rmmod: ERROR: Module {m} is in use by: {' '.join(holders)}")
+        if self.pinned_count(m):
+            raise errors.HookdError(errors.MODULE_FAILED,
+                                    f"{what}: rmmod: ERROR: Module {m} is in use")
+        drv = info.get("pci_driver")
+        if drv:
+            bound = [a for a in sorted(self.st["devices"]) if self.driver_of(a) == drv]
+            if any(self.unbind_blocks(drv, a) for a in bound):
+                raise _Hang()
+            for addr in bound:
+                self.detach(drv, addr)
+            remove(self.root, f"/sys/bus/pci/drivers/{drv}")
+        for d, per in self.st.get("driver_nodes", {}).items():
+            for addr, specs in per.items():
+                for spec in reversed(specs):
+                    if spec.get("requires") == m and self._node_present(addr, spec):
+                        self.remove_node(addr, spec)
+        for spec in reversed(info.get("nodes", [])):
+            self.remove_node("", spec)
+        for dep in info.get("deps", []):
+            remove(self.root, f"/sys/module/{dep}/holders/{m}")
+        remove(self.root, f"/sys/module/{m}")
+
+    # ---- the write dispatcher ------------------------------------------------------------
+    @staticmethod
+    def classify(rp: str) -> tuple[str, tuple]:
+        """Kind of the sysfs attribute at resolved host path ``rp`` and its parameters; the
+        kind names the latency key in :mod:`vfio_hookd.sim.faults` (``plain`` has none)."""
+        if rp == "/sys/bus/pci/drivers_probe":
+            return "drivers_probe", ()
+        m = re.fullmatch(r"/sys/bus/pci/drivers/([^/]+)/(bind|unbind)", rp)
+        if m:
+            return m.group(2), (m.group(1),)
+        m = re.fullmatch(r"/sys/devices/pci[^/]+/(?:[^/]+/)*([^/]+)/driver_override", rp)
+        if m and _PCI_ADDR.match(m.group(1)):
+            return "driver_override", (m.group(1),)
+        m = re.fullmatch(r"/sys/devices/virtual/vtconsole/(vtcon\d+)/bind", rp)
+        if m:
+            return "vtcon_bind", (m.group(1),)
+        m = re.fullmatch(r"/sys/bus/platform/drivers/([^/]+)/(bind|unbind)", rp)
+        if m:
+            return f"fb_{m.group(2)}", (m.group(1),)
+        return "plain", ()
+
+    def write(self, rp: str, data: str) -> None:
+        """Apply a write of ``data`` to the resolved host path ``rp``."""
+        path = self.r(rp)
+        if not os.path.lexists(path):
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), rp)
+        kind, args = self.classify(rp)
+        name = data[:-1] if data.endswith("\n") else data  # sysfs_streq(): one newline
+        if kind == "driver_override":
+            value = data.split("\n", 1)[0]  # driver_set_override() cuts at the newline
+            mkfile(self.root, rp, (value or "(null)") + "\n", 0o644)
+        elif kind == "bind":
+            self.pci_bind(args[0], name)
+            self.refresh_refcnts()
+        elif kind == "unbind":
+            self.pci_unbind(args[0], name)
+            self.refresh_refcnts()
+        elif kind == "drivers_probe":
+            if name not in self.st["devices"]:
+                raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+            self.probe(name)
+            self.refresh_refcnts()
+        elif kind == "vtcon_bind":
+            try:
+                value = int(name.strip() or "0", 0)
+            except ValueError:
+                value = 0
+            mkfile(self.root, rp, ("1" if value else "0") + "\n", 0o644)
+        elif kind == "fb_bind":
+            self.platform_bind(args[0], name)
+        elif kind == "fb_unbind":
+            self.platform_unbind(args[0], name)
+        else:
+            st = os.stat(path)
+            if not st.st_mode & 0o222:
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES), rp)
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, data.encode())
+            finally:
+                os.close(fd)
+
+
+class SimHost(Host):
+    """The :class:`Host` of a simulated host directory (one holding ``.sim/state.json``).
+
+    Writes, ``modprobe`` and ``rmmod`` are answered by :class:`Kernel` under the kernel lock.
+    Before each operation the fault rules of :mod:`vfio_hookd.sim.faults` are consulted (op
+    ``write`` with the host path as given and as resolved, ``modprobe``/``rmmod`` with the module
+    name as given and canonical): ``fail`` raises ``OSError(errno)`` for a write and
+    ``HookdError(MODULE_FAILED)`` for a module, ``hang`` blocks so the caller's deadline fires.
+    Then the configured latency (s) for the operation is slept: the only sleep, modelling the
+    kernel's time.
+
+    :param root: the simulated host directory (str).
+    :param proc: process table scanned for holders of the simulated nodes (real processes).
+    :raises HookdError: ``HOST_IO`` when ``root`` holds no ``.sim/state.json``.
+    """
+
+    simulated = True
+
+    def __init__(self, root: str, proc: str = "/proc"):
+        super().__init__(root, proc)
+        if not os.path.isfile(os.path.join(self.root, ".sim", "state.json")):
+            raise errors.HookdError(errors.HOST_IO,
+                                    f"{root} is not a simulated host (no .sim/state.json)")
+
+    def _fault(self, op: str, targets: list[str]) -> dict | None:
+        for t in dict.fromkeys(targets):
+            rule = faults.match(self.root, op, t)
+            if rule:
+                return rule
+        return None
+
+    def _latency(self, key: str) -> None:
+        delay = faults.latency(self.root, key)
+        if delay > 0:
+            time.sleep(delay)  # the kernel's time for this operation (the one allowed sleep)
+
+    def _write_now(self, p: str, data: str) -> None:
+        try:
+            rp = Kernel(self.root, {}, self.proc).resolve(p)
+        except OSError:
+            rp = p
+        rule = self._fault("write", [p, rp])
+        if rule:
+            if rule["action"] == "hang":
+                _hang()
+            code = int(rule.get("errno") or errno.EIO)
+            raise OSError(code, os.strerror(code), p)
+        kind, _ = Kernel.classify(rp)
+        if kind != "plain":
+            self._latency(kind)
+        try:
+            with locked_kernel(self.root, self.proc) as k:
+                k.write(rp, data)
+        except _Hang:
+            _hang()
+
+    def modprobe(self, name: str, timeout_s: float) -> None:
+        """Load module ``name`` and its dependencies, then probe its PCI driver's functions.
+
+        :raises HookdError: ``MODULE_FAILED`` ("modprobe: FATAL: Module X not found ..."),
+            ``TIMEOUT`` after ``timeout_s`` (s).
+        """
+        def run() -> None:
+            rule = self._fault("modprobe", [name, module_name(name)])
+            if rule:
+                if rule["action"] == "hang":
+                    _hang()
+                raise errors.HookdError(
+                    errors.MODULE_FAILED,
+                    f"loading module {name}: modprobe: ERROR: could not insert "
+                    f"'{module_name(name)}': {os.strerror(int(rule.get('errno') or errno.EIO))}")
+            self._latency("modprobe")
+            with locked_kernel(self.root, self.proc) as k:
+                k.modprobe(name)
+                k.refresh_refcnts()
+
+        _with_deadline(run, timeout_s, f"loading module {name}")
+
+    def rmmod(self, name: str, timeout_s: float) -> None:
+        """Unload module ``name`` (not its dependencies); its PCI driver's functions are unbound.
+
+        :raises HookdError: ``MODULE_FAILED`` with kmod's message ("rmmod: ERROR: Module nvidia
+            is in use by: nvidia_modeset ..."), ``TIMEOUT`` after ``timeout_s`` (s).
+        """
+        def run() -> None:
+            rule = self._fault("rmmod", [name, module_name(name)])
+            if rule:
+                if rule["action"] == "hang":
+                    _hang()
+                raise errors.HookdError(
+                    errors.MODULE_FAILED,
+                    f"unloading module {name}: rmmod: ERROR: could not remove module "
+                    f"{module_name(name)}: {os.strerror(int(rule.get('errno') or errno.EIO))}")
+            self._latency("rmmod")
+            try:
+                with locked_kernel(self.root, self.proc) as k:
+                    k.rmmod(name)
+                    k.refresh_refcnts()
+            except _Hang:
+                _hang()
+
+        _with_deadline(run, timeout_s, f"unloading module {name}")

@@ -1,0 +1,609 @@
+"""A simulated systemd for the simulated host: ``org.freedesktop.systemd1`` on a private bus.
+
+Run as ``python -m vfio_hookd.sim.systemd --root SIMROOT --address ADDR`` (normally through
+:class:`vfio_hookd.sim.bus.SimBus`). It owns ``org.freedesktop.systemd1`` on the bus at ``ADDR``
+and answers the part of ``org.freedesktop.systemd1(5)`` that vfio-hookd uses, with systemd's own
+object paths and D-Bus error names:
+
+- ``/org/freedesktop/systemd1``, ``org.freedesktop.systemd1.Manager``: ``Subscribe()``,
+  ``Unsubscribe()``, ``GetUnit(s) -> o``, ``LoadUnit(s) -> o``, ``StartUnit(ss) -> o``,
+  ``StopUnit(ss) -> o``, ``RestartUnit(ss) -> o``, ``ListUnits() -> a(ssssssouso)``; signals
+  ``JobNew(uos)`` and ``JobRemoved(uoss)``; property ``SystemState`` (``"running"``). The private
+  interface ``org.vfiohookd.Sim`` on the same object has ``SetSystemState(s)`` for tests
+  (e.g. ``"stopping"`` to model a shutdown).
+- ``/org/freedesktop/systemd1/unit/<label>`` (systemd's bus label escaping:
+  ``gdm.service`` -> ``gdm_2eservice``, ``getty@tty1.service`` -> ``getty_40tty1_2eservice``),
+  ``org.freedesktop.systemd1.Unit``: ``Id``, ``Names``, ``Description``, ``LoadState``,
+  ``ActiveState``, ``SubState``, ``Job`` (``PropertiesChanged`` for ``ActiveState`` and
+  ``SubState``); ``.service`` units also have
+  ``org.freedesktop.systemd1.Service.MainPID``. An alias (``display-manager.service``) resolves
+  to the object of its unit, whose ``Id`` is the real name, as in systemd.
+- ``/org/freedesktop/systemd1/job/<id>``, ``org.freedesktop.systemd1.Job``: ``Id``, ``Unit``,
+  ``JobType``, ``State``, ``Cancel()``.
+
+Units come from ``<root>/.sim/units.json``::
+
+    {"gdm.service": {"aliases": ["display-manager.service"],
+                     "holds": ["/dev/dri/card0", "/dev/snd/controlC1"], "active": true},
+     "nvidia-persistenced.service": {"holds": ["/dev/nvidiactl", "/dev/nvidia0"], "active": true}}
+
+``holds`` are host paths under the simulated root. An active unit with ``holds`` runs a real
+process (``sleep infinity`` executed through a symlink named after the unit, so its ``comm`` is
+e.g. ``gdm``) in its own session, with those files open on fds 3, 4, ... -- the holder a
+display manager is on a real host. Its state is written to ``<root>/.sim/units-state.json``
+(``{"gdm.service": {"active_state": "active", "sub_state": "running", "pid": 4242}}``) on every
+change.
+
+Jobs follow systemd's job model (``systemd.job`` in ``org.freedesktop.systemd1(5)``): a start or
+stop returns a job path at once; ``JobRemoved(id, job, unit, result)`` reports the end, with
+``result`` ``done``, ``failed`` or ``canceled``. A stop sends SIGTERM to the unit's process and
+ends when the process has exited (GLib child watch) and the ``unit_stop`` latency of
+:mod:`vfio_hookd.sim.faults` has passed; a start waits ``unit_start`` and then opens the unit's
+holds; if none of them exists (the GPU is on vfio-pci, ``/dev/dri/card0`` is gone) the job fails
+and the unit is ``failed``, like a display manager without a GPU. Fault rules ``stop`` / ``start``:
+``fail`` ends the job ``failed`` (a failed stop leaves the process running and the unit
+``active``); ``hang`` never ends the job. A second job for a unit with a job of the other type
+replaces it (the old one ends ``canceled``; mode ``fail`` refuses with
+``org.freedesktop.systemd1.TransactionIsDestructive``); a job of the same type is merged.
+
+Deliberate differences from systemd, to make clients prove they are correct:
+
+- Signals are emitted only while at least one client is subscribed (``Subscribe()``); systemd
+  also emits them for the client that queued the job.
+- A job with nothing to do (stop of an inactive unit, start of an active one) emits
+  ``JobRemoved`` *before* the method reply, so a client that subscribes after calling
+  ``StopUnit`` (or ignores signals that arrive before the reply) misses it.
+- ``LoadUnit`` of an unknown name returns an object with ``LoadState`` ``not-found`` that is
+  never listed; ``GetUnit`` keeps answering ``NoSuchUnit`` for it (systemd garbage-collects such
+  a unit soon after).
+
+Readiness: once the name is owned the process prints ``READY`` on stdout. SIGTERM or SIGINT
+(or, with ``--exit-on-stdin-eof``, the parent going away) stops the unit processes and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+
+from gi.repository import Gio, GLib
+
+from . import faults
+
+BUS_NAME = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
+JOB_PREFIX = "/org/freedesktop/systemd1/job/"
+MANAGER = "org.freedesktop.systemd1.Manager"
+ERR_NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+ERR_NO_SUCH_JOB = "org.freedesktop.systemd1.NoSuchJob"
+ERR_ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
+ERR_NOT_SUBSCRIBED = "org.freedesktop.systemd1.NotSubscribed"
+ERR_DESTRUCTIVE = "org.freedesktop.systemd1.TransactionIsDestructive"
+ERR_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+JOB_MODES = ("replace", "fail", "isolate", "ignore-dependencies", "ignore-requirements",
+             "replace-irreversibly", "flush")
+#: Exit signals systemd counts as a clean service exit (``SuccessExitStatus=`` default,
+#: ``systemd.service(5)``): such an exit leaves the unit ``inactive``, anything else ``failed``.
+CLEAN_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
+
+INTROSPECTION = """
+<node>
+ <interface name="org.freedesktop.systemd1.Manager">
+  <method name="Subscribe"/>
+  <method name="Unsubscribe"/>
+  <method name="GetUnit"><arg name="name" type="s" direction="in"/>
+   <arg name="unit" type="o" direction="out"/></method>
+  <method name="LoadUnit"><arg name="name" type="s" direction="in"/>
+   <arg name="unit" type="o" direction="out"/></method>
+  <method name="StartUnit"><arg name="name" type="s" direction="in"/>
+   <arg name="mode" type="s" direction="in"/><arg name="job" type="o" direction="out"/></method>
+  <method name="StopUnit"><arg name="name" type="s" direction="in"/>
+   <arg name="mode" type="s" direction="in"/><arg name="job" type="o" direction="out"/></method>
+  <method name="RestartUnit"><arg name="name" type="s" direction="in"/>
+   <arg name="mode" type="s" direction="in"/><arg name="job" type="o" direction="out"/></method>
+  <method name="ListUnits"><arg name="units" type="a(ssssssouso)" direction="out"/></method>
+  <signal name="JobNew"><arg name="id" type="u"/><arg name="job" type="o"/>
+   <arg name="unit" type="s"/></signal>
+  <signal name="JobRemoved"><arg name="id" type="u"/><arg name="job" type="o"/>
+   <arg name="unit" type="s"/><arg name="result" type="s"/></signal>
+  <property name="SystemState" type="s" access="read"/>
+ </interface>
+ <interface name="org.vfiohookd.Sim">
+  <method name="SetSystemState"><arg name="state" type="s" direction="in"/></method>
+ </interface>
+ <interface name="org.freedesktop.systemd1.Unit">
+  <property name="Id" type="s" access="read"/>
+  <property name="Names" type="as" access="read"/>
+  <property name="Description" type="s" access="read"/>
+  <property name="LoadState" type="s" access="read"/>
+  <property name="ActiveState" type="s" access="read"/>
+  <property name="SubState" type="s" access="read"/>
+  <property name="Job" type="(uo)" access="read"/>
+ </interface>
+ <interface name="org.freedesktop.systemd1.Service">
+  <property name="MainPID" type="u" access="read"/>
+ </interface>
+ <interface name="org.freedesktop.systemd1.Job">
+  <method name="Cancel"/>
+  <property name="Id" type="u" access="read"/>
+  <property name="Unit" type="(so)" access="read"/>
+  <property name="JobType" type="s" access="read"/>
+  <property name="State" type="s" access="read"/>
+ </interface>
+</node>
+"""
+
+
+def bus_label(name: str) -> str:
+    """systemd's bus label escaping (``bus_label_escape()`` in systemd's ``bus-label.c``).
+
+    ASCII letters stay, digits stay except in first position, every other byte becomes ``_xx``
+    (lower-case hex); the empty string is ``_``. ``gdm.service`` -> ``gdm_2eservice``.
+    """
+    if not name:
+        return "_"
+    out = []
+    for i, b in enumerate(name.encode()):
+        c = chr(b)
+        if (c.isascii() and c.isalpha()) or (i > 0 and c.isascii() and c.isdigit()):
+            out.append(c)
+        else:
+            out.append(f"_{b:02x}")
+    return "".join(out)
+
+
+def unit_path(name: str) -> str:
+    """The object path systemd gives unit ``name`` (str)."""
+    return UNIT_PREFIX + bus_label(name)
+
+
+class _Unit:
+    def __init__(self, uid: str, spec: dict):
+        self.id = uid
+        self.aliases = list(spec.get("aliases", []))
+        self.holds = list(spec.get("holds", []))
+        self.description = str(spec.get("description", uid))
+        self.load_state = "loaded"
+        self.active_state = "inactive"
+        self.sub_state = "dead"
+        self.pid = 0
+        self.job: _Job | None = None
+        self.reg_ids: list[int] = []
+
+
+class _Job:
+    def __init__(self, jid: int, unit: _Unit, jtype: str):
+        self.id = jid
+        self.path = f"{JOB_PREFIX}{jid}"
+        self.unit = unit
+        self.type = jtype          # "start" | "stop" | "restart"
+        self.state = "waiting"     # "waiting" | "running"
+        self.sources: list[int] = []   # GLib sources to remove if the job is canceled
+        self.waiting: set[str] = set()  # what a running stop still waits for: "exit", "latency"
+        self.reg_id = 0
+        self.finished = False
+
+
+class SimSystemd:
+    """The fake manager: unit table, jobs, unit processes, D-Bus objects.
+
+    :param root: the simulated host root (str); units from ``<root>/.sim/units.json``.
+    :param con: a ``Gio.DBusConnection`` to the private bus (not yet owning the name).
+    """
+
+    def __init__(self, root: str, con: Gio.DBusConnection):
+        self.root = os.path.abspath(root)
+        self.con = con
+        self.node = Gio.DBusNodeInfo.new_for_xml(INTROSPECTION)
+        self.units: dict[str, _Unit] = {}
+        self.names: dict[str, _Unit] = {}        # id and aliases -> unit
+        self.not_found: dict[str, int] = {}      # LoadUnit of unknown names -> registration id
+        self.jobs: dict[str, _Job] = {}
+        self.next_job = 1
+        self.subscribers: set[str] = set()
+        self.system_state = "running"
+        self.procs: dict[int, _Unit] = {}        # live unit processes (pid -> unit)
+        self.bindir = os.path.join(self.root, ".sim", "bin")
+        self._load()
+        self._register()
+        self.con.signal_subscribe("org.freedesktop.DBus", "org.freedesktop.DBus",
+                                  "NameOwnerChanged", "/org/freedesktop/DBus", None,
+                                  Gio.DBusSignalFlags.NONE, self._on_name_owner_changed)
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _load(self) -> None:
+        path = os.path.join(self.root, ".sim", "units.json")
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except FileNotFoundError:
+            table = {}
+        for uid, spec in table.items():
+            unit = _Unit(uid, spec or {})
+            self.units[uid] = unit
+            for n in [uid, *unit.aliases]:
+                self.names[n] = unit
+        for unit in self.units.values():
+            if (table[unit.id] or {}).get("active"):
+                self._activate(unit)
+        self._persist()
+
+    def _register(self) -> None:
+        iface = self.node.lookup_interface
+        for name in (MANAGER, "org.vfiohookd.Sim"):
+            self.con.register_object(MANAGER_PATH, iface(name), self._on_manager_call,
+                                     self._on_manager_property, None)
+        for unit in self.units.values():
+            self._register_unit(unit, unit_path(unit.id))
+
+    def _register_unit(self, unit: _Unit, path: str) -> None:
+        names = ["org.freedesktop.systemd1.Unit"]
+        if unit.id.endswith(".service"):
+            names.append("org.freedesktop.systemd1.Service")
+        for name in names:
+            unit.reg_ids.append(self.con.register_object(
+                path, self.node.lookup_interface(name), None,
+                lambda *a, u=unit: self._unit_property(u, a[4]), None))
+
+    # ---- signals and state file --------------------------------------------------------------
+    def _emit(self, member: str, args: GLib.Variant) -> None:
+        if self.subscribers:
+            self.con.emit_signal(None, MANAGER_PATH, MANAGER, member, args)
+
+    def _on_name_owner_changed(self, con, sender, path, iface, member, params) -> None:
+        name, _old, new = params.unpack()
+        if not new:
+            self.subscribers.discard(name)
+
+    def _persist(self) -> None:
+        state = {u.id: {"active_state": u.active_state, "sub_state": u.sub_state,
+                        "pid": u.pid or None} for u in self.units.values()}
+        path = os.path.join(self.root, ".sim", "units-state.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
+
+    def _set_state(self, unit: _Unit, active: str, sub: str) -> None:
+        unit.active_state, unit.sub_state = active, sub
+        self._persist()
+        if self.subscribers and unit.id in self.units:
+            changed = {"ActiveState": GLib.Variant("s", active), "SubState": GLib.Variant("s", sub)}
+            self.con.emit_signal(None, unit_path(unit.id), "org.freedesktop.DBus.Properties",
+                                 "PropertiesChanged", GLib.Variant(
+                                     "(sa{sv}as)", ("org.freedesktop.systemd1.Unit", changed, [])))
+
+    # ---- unit processes ----------------------------------------------------------------------
+    def _host(self, p: str) -> str:
+        return self.root + "/" + p.lstrip("/")
+
+    def _executable(self, unit: _Unit) -> str:
+        """A symlink to sleep(1) named after the unit: the kernel takes ``comm`` from it."""
+        name = unit.id.rsplit(".", 1)[0] or "unit"
+        link = os.path.join(self.bindir, name)
+        if not os.path.islink(link):
+            os.makedirs(self.bindir, exist_ok=True)
+            os.symlink(shutil.which("sleep") or "/bin/sleep", link)
+        return link
+
+    def _activate(self, unit: _Unit) -> bool:
+        """Open the unit's holds in a new process; False (unit ``failed``) if none exists."""
+        if unit.pid:   # still running (a stop job was canceled before it sent SIGTERM)
+            self._set_state(unit, "active", "running")
+            return True
+        if not unit.holds:
+            self._set_state(unit, "active", "exited")
+            return True
+        present = [h for h in unit.holds if os.path.exists(self._host(h))]
+        if not present:
+            self._set_state(unit, "failed", "failed")
+            return False
+        exe = self._executable(unit)
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
+        for fd, h in enumerate(present, start=3):
+            actions.append((os.POSIX_SPAWN_OPEN, fd, self._host(h), os.O_RDONLY, 0))
+        try:
+            pid = os.posix_spawn(exe, [os.path.basename(exe), "infinity"], os.environ,
+                                 file_actions=actions, setsid=True)
+        except OSError as e:
+            print(f"sim-systemd: cannot start {unit.id}: {e}", file=sys.stderr)
+            self._set_state(unit, "failed", "failed")
+            return False
+        unit.pid = pid
+        self.procs[pid] = unit
+        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, pid, self._on_exit, unit)
+        self._set_state(unit, "active", "running")
+        return True
+
+    def _on_exit(self, pid: int, status: int, unit: _Unit) -> None:
+        self.procs.pop(pid, None)
+        if unit.pid != pid:
+            return
+        unit.pid = 0
+        job = unit.job
+        if job and job.type in ("stop", "restart") and "exit" in job.waiting:
+            job.waiting.discard("exit")
+            self._persist()
+            self._stop_progress(job)
+            return
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 or (
+            os.WIFSIGNALED(status) and os.WTERMSIG(status) in CLEAN_SIGNALS)
+        if clean:
+            self._set_state(unit, "inactive", "dead")
+        else:
+            self._set_state(unit, "failed", "failed")
+
+    def kill_all(self) -> None:
+        """SIGKILL every unit process still running and reap it."""
+        for pid in list(self.procs):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.procs.pop(pid, None)
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def _new_job(self, unit: _Unit, jtype: str) -> _Job:
+        job = _Job(self.next_job, unit, jtype)
+        self.next_job += 1
+        job.reg_id = self.con.register_object(
+            job.path, self.node.lookup_interface("org.freedesktop.systemd1.Job"),
+            lambda *a, j=job: self._on_job_call(j, a[4], a[6]),
+            lambda *a, j=job: self._job_property(j, a[4]), None)
+        self.jobs[job.path] = job
+        unit.job = job
+        self._emit("JobNew", GLib.Variant("(uos)", (job.id, job.path, unit.id)))
+        return job
+
+    def _finish(self, job: _Job, result: str) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        for src in job.sources:
+            GLib.source_remove(src)
+        job.sources.clear()
+        self.con.unregister_object(job.reg_id)
+        self.jobs.pop(job.path, None)
+        if job.unit.job is job:
+            job.unit.job = None
+        self._persist()
+        self._emit("JobRemoved", GLib.Variant("(uoss)", (job.id, job.path, job.unit.id, result)))
+
+    def _after(self, job: _Job, seconds: float, then) -> None:
+        """Run ``then()`` after ``seconds`` (the simulated operation latency) unless canceled."""
+        def fire():
+            if src in job.sources:
+                job.sources.remove(src)
+            if not job.finished:
+                then()
+            return GLib.SOURCE_REMOVE
+        src = GLib.timeout_add(max(0, int(seconds * 1000)), fire)
+        job.sources.append(src)
+
+    def _enqueue(self, unit: _Unit, jtype: str, mode: str, invocation) -> None:
+        if mode not in JOB_MODES:
+            invocation.return_dbus_error(ERR_INVALID_ARGS, f"Job mode {mode} invalid.")
+            return
+        old = unit.job
+        if old is not None:
+            if old.type == jtype:   # merged into the pending job, as systemd does
+                invocation.return_value(GLib.Variant("(o)", (old.path,)))
+                return
+            if mode == "fail":
+                invocation.return_dbus_error(
+                    ERR_DESTRUCTIVE, f"Transaction for {unit.id}/{jtype} is destructive "
+                    f"({unit.id} has '{old.type}' job queued, but '{jtype}' is included "
+                    "in transaction).")
+                return
+            self._finish(old, "canceled")
+        job = self._new_job(unit, jtype)
+        rule = faults.match(self.root, "stop" if jtype != "start" else "start", unit.id)
+        if rule is None and jtype == "restart":
+            rule = faults.match(self.root, "start", unit.id)
+        op = rule["op"] if rule else jtype
+        noop = rule is None and (
+            (jtype == "stop" and unit.active_state in ("inactive", "failed")) or
+            (jtype == "start" and unit.active_state == "active"))
+        if noop:
+            # Ends before the reply on purpose (see the module docstring).
+            self._finish(job, "done")
+            invocation.return_value(GLib.Variant("(o)", (job.path,)))
+            return
+        invocation.return_value(GLib.Variant("(o)", (job.path,)))
+        job.state = "running"
+        if rule and rule["action"] == "hang":
+            if op == "stop":
+                self._set_state(unit, "deactivating", "stop-sigterm")
+            else:
+                self._set_state(unit, "activating", "start")
+            return
+        if rule and rule["action"] == "fail":
+            if op == "start":
+                self._set_state(unit, "failed", "failed")
+            job.sources.append(GLib.idle_add(lambda: self._finish(job, "failed")))
+            return
+        if jtype == "start":
+            self._start_job(job)
+        else:
+            self._stop_job(job)
+
+    def _stop_job(self, job: _Job) -> None:
+        unit = job.unit
+        if unit.active_state in ("inactive", "failed"):
+            self._stop_progress(job)
+            return
+        self._set_state(unit, "deactivating", "stop-sigterm")
+        job.waiting = {"latency"}
+        if unit.pid:
+            job.waiting.add("exit")
+            try:
+                os.kill(unit.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # the child watch reports the exit
+        self._after(job, faults.latency(self.root, "unit_stop"),
+                    lambda: (job.waiting.discard("latency"), self._stop_progress(job)))
+
+    def _stop_progress(self, job: _Job) -> None:
+        if job.waiting:
+            return
+        self._set_state(job.unit, "inactive", "dead")
+        if job.type == "restart":
+            self._start_job(job)
+        else:
+            self._finish(job, "done")
+
+    def _start_job(self, job: _Job) -> None:
+        self._set_state(job.unit, "activating", "start")
+        self._after(job, faults.latency(self.root, "unit_start"),
+                    lambda: self._finish(job, "done" if self._activate(job.unit) else "failed"))
+
+    # ---- D-Bus handlers ------------------------------------------------------------------------
+    def _on_manager_call(self, con, sender, path, iface, method, params, invocation) -> None:
+        args = params.unpack()
+        if iface == "org.vfiohookd.Sim":
+            self.system_state = args[0]
+            invocation.return_value(None)
+        elif method == "Subscribe":
+            if sender in self.subscribers:
+                invocation.return_dbus_error(ERR_ALREADY_SUBSCRIBED,
+                                             "Client is already subscribed.")
+            else:
+                self.subscribers.add(sender)
+                invocation.return_value(None)
+        elif method == "Unsubscribe":
+            if sender not in self.subscribers:
+                invocation.return_dbus_error(ERR_NOT_SUBSCRIBED, "Client is not subscribed.")
+            else:
+                self.subscribers.discard(sender)
+                invocation.return_value(None)
+        elif method == "GetUnit":
+            unit = self.names.get(args[0])
+            if unit is None:
+                invocation.return_dbus_error(ERR_NO_SUCH_UNIT, f"Unit {args[0]} not loaded.")
+            else:
+                invocation.return_value(GLib.Variant("(o)", (unit_path(unit.id),)))
+        elif method == "LoadUnit":
+            unit = self.names.get(args[0])
+            if unit is None:
+                invocation.return_value(GLib.Variant("(o)", (self._load_not_found(args[0]),)))
+            else:
+                invocation.return_value(GLib.Variant("(o)", (unit_path(unit.id),)))
+        elif method in ("StartUnit", "StopUnit", "RestartUnit"):
+            unit = self.names.get(args[0])
+            if unit is None:
+                verb = "not found" if method != "StopUnit" else "not loaded"
+                invocation.return_dbus_error(ERR_NO_SUCH_UNIT, f"Unit {args[0]} {verb}.")
+                return
+            jtype = {"StartUnit": "start", "StopUnit": "stop", "RestartUnit": "restart"}[method]
+            self._enqueue(unit, jtype, args[1], invocation)
+        elif method == "ListUnits":
+            rows = []
+            for u in self.units.values():
+                job = u.job
+                rows.append((u.id, u.description, u.load_state, u.active_state, u.sub_state, "",
+                             unit_path(u.id), job.id if job else 0, job.type if job else "",
+                             job.path if job else "/"))
+            invocation.return_value(GLib.Variant("(a(ssssssouso))", (rows,)))
+
+    def _on_manager_property(self, con, sender, path, iface, prop):
+        if prop == "SystemState":
+            return GLib.Variant("s", self.system_state)
+        return None
+
+    def _load_not_found(self, name: str) -> str:
+        path = unit_path(name)
+        if name not in self.not_found:
+            ghost = _Unit(name, {})
+            ghost.load_state = "not-found"
+            self._register_unit(ghost, path)
+            self.not_found[name] = 1
+        return path
+
+    def _unit_property(self, unit: _Unit, prop: str):
+        job = unit.job
+        values = {
+            "Id": GLib.Variant("s", unit.id),
+            "Names": GLib.Variant("as", [unit.id, *unit.aliases]),
+            "Description": GLib.Variant("s", unit.description),
+            "LoadState": GLib.Variant("s", unit.load_state),
+            "ActiveState": GLib.Variant("s", unit.active_state),
+            "SubState": GLib.Variant("s", unit.sub_state),
+            "Job": GLib.Variant("(uo)", (job.id, job.path) if job else (0, "/")),
+            "MainPID": GLib.Variant("u", unit.pid),
+        }
+        return values.get(prop)
+
+    def _job_property(self, job: _Job, prop: str):
+        values = {
+            "Id": GLib.Variant("u", job.id),
+            "Unit": GLib.Variant("(so)", (job.unit.id, unit_path(job.unit.id))),
+            "JobType": GLib.Variant("s", job.type),
+            "State": GLib.Variant("s", job.state),
+        }
+        return values.get(prop)
+
+    def _on_job_call(self, job: _Job, method: str, invocation) -> None:
+        if job.finished:
+            invocation.return_dbus_error(ERR_NO_SUCH_JOB, f"Job {job.id} does not exist.")
+            return
+        invocation.return_value(None)
+        self._finish(job, "canceled")
+
+
+def _own_name(con: Gio.DBusConnection) -> None:
+    reply = con.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                          "RequestName", GLib.Variant("(su)", (BUS_NAME, 4)),  # DO_NOT_QUEUE
+                          GLib.VariantType("(u)"), Gio.DBusCallFlags.NONE, 5000, None)
+    if reply.unpack()[0] != 1:  # DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER
+        raise SystemExit(f"sim-systemd: {BUS_NAME} is already owned on this bus")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: ``--root SIMROOT --address ADDR [--exit-on-stdin-eof]``; exit 0."""
+    ap = argparse.ArgumentParser(prog="python -m vfio_hookd.sim.systemd")
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--exit-on-stdin-eof", action="store_true",
+                    help="exit when stdin reaches end of file (the parent went away)")
+    opts = ap.parse_args(argv)
+    flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+             | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
+    con = Gio.DBusConnection.new_for_address_sync(opts.address, flags, None, None)
+    con.set_exit_on_close(False)
+    loop = GLib.MainLoop()
+    sim = SimSystemd(opts.root, con)
+
+    def quit_(*_args):
+        loop.quit()
+        return GLib.SOURCE_REMOVE
+
+    GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGTERM, quit_)
+    GLib.unix_signal_add(GLib.PRIORITY_HIGH, signal.SIGINT, quit_)
+    con.connect("closed", quit_)
+    if opts.exit_on_stdin_eof:
+        def on_stdin(fd, cond):
+            if cond & (GLib.IO_HUP | GLib.IO_ERR) or not os.read(fd, 4096):
+                loop.quit()
+                return GLib.SOURCE_REMOVE
+            return GLib.SOURCE_CONTINUE
+        GLib.unix_fd_add_full(GLib.PRIORITY_DEFAULT, 0, GLib.IO_IN | GLib.IO_HUP | GLib.IO_ERR,
+                              on_stdin)
+    try:
+        _own_name(con)
+        print("READY", flush=True)
+        loop.run()
+    finally:
+        sim.kill_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
