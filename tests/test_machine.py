@@ -345,3 +345,73 @@ def test_status_reports_phase_steps_and_drivers(world):
     st = world.machine.status("win11")["vms"]["win11"]
     assert st["phase"] == "idle"
     assert st["devices"][0]["driver"] == "nvidia"
+
+
+@pytest.mark.parametrize("k", range(len(STEPS)), ids=STEP_NAMES)
+def test_release_runs_every_other_undo_when_one_raises(world, monkeypatch, k):
+    """Whatever step's undo fails, the undos of all the others still run, in reverse order."""
+    world.profile()
+    world.machine.prepare("win11")
+    ran = []
+    for i, step in enumerate(STEPS):
+        real = step.undo
+
+        def undo(ctx, facts, _i=i, _real=real):
+            ran.append(STEP_NAMES[_i])
+            if _i == k:
+                raise HookdError(errors.HOST_IO, f"injected in {STEP_NAMES[_i]}")
+            return _real(ctx, facts)
+        monkeypatch.setattr(step, "undo", undo)
+    with pytest.raises(HookdError) as exc:
+        world.machine.release("win11")
+    assert exc.value.code == errors.RELEASE_INCOMPLETE
+    assert f"injected in {STEP_NAMES[k]}" in exc.value.message
+    assert ran == list(reversed(STEP_NAMES))
+    statuses = {s["name"]: s["status"] for s in record.load("win11")["steps"]}
+    if STEP_NAMES[k] == "modules":
+        # without the nvidia module, the GPU cannot go back to nvidia, and the display manager
+        # cannot start without its GPU: those undos ran and failed in their own right
+        assert statuses == {**{n: "undone" for n in STEP_NAMES}, "modules": "undo_failed",
+                            "bind_vfio": "undo_failed", "units": "undo_failed"}
+    else:
+        assert statuses == {n: ("undo_failed" if i == k else "undone")
+                            for i, n in enumerate(STEP_NAMES)}
+
+
+def test_units_are_not_started_while_the_system_shuts_down(world):
+    world.profile()
+    world.machine.prepare("win11")
+    subprocess.run(["busctl", f"--address={world.bus.address}", "call", "org.freedesktop.systemd1",
+                    "/org/freedesktop/systemd1", "org.vfiohookd.Sim", "SetSystemState", "s",
+                    "stopping"], check=True, capture_output=True)
+    rec = world.machine.release("win11", "shutdown")
+    assert rec["phase"] == "idle"
+    units = world.systemd.list_units()
+    assert units["gdm.service"] == "inactive" and units["nvidia-persistenced.service"] == "inactive"
+    notes = next(s for s in rec["steps"] if s["name"] == "units")["notes"]
+    assert notes and "shutting down" in notes[0]
+    assert current_driver(world.host, "0000:01:00.0") == "nvidia"
+
+
+def test_concurrent_prepares_of_one_device_run_one_at_a_time(world):
+    """Two VMs racing for the same GPU: one wins, the other is refused; never both."""
+    import threading
+    world.profile("a")
+    world.profile("b")
+    results = {}
+
+    def run(vm):
+        try:
+            results[vm] = world.machine.prepare(vm)["phase"]
+        except HookdError as exc:
+            results[vm] = exc.code
+
+    threads = [threading.Thread(target=run, args=(vm,)) for vm in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results.values()) == [errors.DEVICE_CLAIMED, "prepared"], results
+    winner = next(vm for vm, r in results.items() if r == "prepared")
+    world.machine.release(winner)
+    assert current_driver(world.host, "0000:01:00.0") == "nvidia"

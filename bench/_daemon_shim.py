@@ -1,0 +1,98 @@
+"""Run ``vfio-hookd daemon`` with measuring wrappers (benchmarks only; never installed).
+
+``python bench/_daemon_shim.py daemon [--host-root DIR]`` is ``vfio-hookd daemon`` whose
+process also appends one JSON line per event to ``$VFIO_HOOKD_BENCH_SHIM_LOG``:
+
+- ``{"ev": "latency", "key": K, "configured_s": S, "slept_ms": MS}``: each simulated kernel
+  latency the fake kernel actually slept (:meth:`vfio_hookd.sim.kernel.SimHost._latency`);
+  ``slept_ms`` is measured around the original method (so it includes reading faults.json).
+- ``{"ev": "unit", "verb": "stop"|"start", "unit": U, "configured_s": S, "ms": MS}``: each
+  systemd job the daemon waited for (:meth:`vfio_hookd.systemd.Systemd.stop` / ``start``);
+  ``configured_s`` is the fake systemd's ``unit_stop``/``unit_start`` latency, which such a job
+  always incurs (the units step only stops active units and starts inactive ones).
+- ``{"ev": "request", "op": OP, "ms": MS, "ok": bool}``: time of one request inside the daemon
+  (:meth:`vfio_hookd.daemon.Daemon.dispatch`, from the parsed request to the result).
+
+The wrappers add one small ``write(2)`` per event; nothing else in the daemon changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+_LOG = os.environ["VFIO_HOOKD_BENCH_SHIM_LOG"]
+_lock = threading.Lock()
+
+
+def _emit(event: dict) -> None:
+    line = (json.dumps(event) + "\n").encode()
+    with _lock:
+        fd = os.open(_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def _install() -> None:
+    from vfio_hookd import daemon, systemd
+    from vfio_hookd.sim import faults, kernel
+
+    orig_latency = kernel.SimHost._latency
+
+    @functools.wraps(orig_latency)
+    def latency(self, key):
+        configured = faults.latency(self.root, key)
+        t0 = time.perf_counter()
+        orig_latency(self, key)
+        if configured > 0:
+            _emit({"ev": "latency", "key": key, "configured_s": configured,
+                   "slept_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    kernel.SimHost._latency = latency
+
+    def unit_wrapper(verb, orig):
+        @functools.wraps(orig)
+        def wrapped(self, unit, timeout_s):
+            root = os.environ.get("VFIO_HOOKD_HOST_ROOT", "/")
+            configured = faults.latency(root, "unit_" + verb)
+            t0 = time.perf_counter()
+            try:
+                return orig(self, unit, timeout_s)
+            finally:
+                _emit({"ev": "unit", "verb": verb, "unit": unit, "configured_s": configured,
+                       "ms": round((time.perf_counter() - t0) * 1000, 3)})
+        return wrapped
+
+    systemd.Systemd.stop = unit_wrapper("stop", systemd.Systemd.stop)
+    systemd.Systemd.start = unit_wrapper("start", systemd.Systemd.start)
+
+    orig_dispatch = daemon.Daemon.dispatch
+
+    @functools.wraps(orig_dispatch)
+    def dispatch(self, req, send=lambda m: None):
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            result = orig_dispatch(self, req, send)
+            ok = True
+            return result
+        finally:
+            _emit({"ev": "request", "op": req.get("op"), "ok": ok,
+                   "ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    daemon.Daemon.dispatch = dispatch
+
+
+if __name__ == "__main__":
+    _install()
+    from vfio_hookd.cli import main
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,304 @@
+"""Shared helpers of the benchmark scripts in ``bench/`` (not a test module, not product code).
+
+Everything here works on a simulated host in a temporary directory (``vfio_hookd.sim``): the
+environment variables ``VFIO_HOOKD_CONFIG`` / ``VFIO_HOOKD_RUN`` / ``VFIO_HOOKD_HOST_ROOT`` of
+this process and of every child point into it, so nothing touches the real ``/sys``, ``/dev`` or
+``/etc``. Every process started here is stopped by its PID.
+
+- :class:`SimEnv`: temp dirs + simulated host (+ its private bus and fake systemd) + profile.
+- :class:`DaemonProc`: ``vfio-hookd daemon`` in a subprocess, ready when it sends ``READY=1``
+  to ``$NOTIFY_SOCKET`` (no sleeping), optionally through ``bench/_daemon_shim.py``.
+- :func:`spawn_time_ms`: wall time (ms) of one fork+exec+wait of a command, stdin from a pipe.
+- :func:`stats`, :func:`table`, :func:`write_json`: summaries, text tables, result files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+HOOK = os.path.join(REPO, "hooks", "vfio-hookd")
+#: Interpreter for the daemon and the CLI: the repo's venv (the team's rule), else this one.
+VENV_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+PYTHON = VENV_PYTHON if os.path.exists(VENV_PYTHON) else sys.executable
+#: Default directory for result files (outside the repo: no junk in the work tree).
+RESULTS_DIR = os.environ.get("VFIO_HOOKD_BENCH_OUT") or "/tmp/vfio-hookd-bench"
+
+DOMAIN_XML = """<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='KiB'>8388608</memory>
+  <vcpu>4</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source>
+    </hostdev>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source>
+    </hostdev>
+  </devices>
+</domain>
+"""
+
+
+# ---- numbers ------------------------------------------------------------------------------------
+def percentile(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (0..100) of ``values``, linear interpolation between ranks."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def stats(values: list[float]) -> dict:
+    """``{"n", "min", "median", "p90", "max", "mean"}`` of ``values`` (same unit), rounded."""
+    return {"n": len(values), "min": round(min(values), 2),
+            "median": round(statistics.median(values), 2), "p90": round(percentile(values, 90), 2),
+            "max": round(max(values), 2), "mean": round(statistics.fmean(values), 2)}
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain text table (str) with right-aligned columns except the first."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for n, r in enumerate(cells):
+        out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                             for i, c in enumerate(r)))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_json(name: str, data: dict, out: str | None = None) -> str:
+    """Write ``data`` to ``out`` or ``RESULTS_DIR/<name>.json``; return the path."""
+    path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---- processes ----------------------------------------------------------------------------------
+def spawn_time_ms(argv: list[str], stdin_data: bytes, env: dict) -> tuple[float, int]:
+    """Run ``argv`` once the way libvirt runs a hook (fork+exec, stdin a pipe holding
+    ``stdin_data``, stdout/stderr to /dev/null) and return ``(wall ms, exit status)``.
+
+    The clock runs from just before ``posix_spawn`` to the return of ``waitpid``.
+    """
+    r, w = os.pipe()
+    os.write(w, stdin_data)   # below the pipe buffer (64 KiB): never blocks
+    os.close(w)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        t0 = time.perf_counter()
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+            (os.POSIX_SPAWN_DUP2, r, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+            (os.POSIX_SPAWN_DUP2, devnull, 2)])
+        _, status = os.waitpid(pid, 0)
+        t1 = time.perf_counter()
+    finally:
+        os.close(r)
+        os.close(devnull)
+    return (t1 - t0) * 1000.0, os.waitstatus_to_exitcode(status)
+
+
+class SimEnv:
+    """A temporary config/run/host tree with a simulated host of ``variant``.
+
+    :param variant: ``"nvidia"`` (default) or ``"amd"``.
+    :param latency: per-operation latencies (s) for :func:`vfio_hookd.sim.make_host`.
+    :param bus: also start the private D-Bus bus with the fake systemd (needed for prepare).
+
+    Attributes: ``tmp``, ``config``, ``run``, ``root`` (str paths), ``bus`` (SimBus or None),
+    ``env`` (dict: the environment for children). :meth:`close` stops the bus and removes the
+    tree. Also sets the ``VFIO_HOOKD_*`` variables in this process's ``os.environ``.
+    """
+
+    def __init__(self, variant: str = "nvidia", latency: dict | None = None, bus: bool = True):
+        from vfio_hookd import sim
+        self.tmp = tempfile.mkdtemp(prefix="vfio-hookd-bench-")
+        self.config = os.path.join(self.tmp, "etc")
+        self.run = os.path.join(self.tmp, "run")
+        self.root = os.path.join(self.tmp, "host")
+        for d in (os.path.join(self.config, "vms"), self.run, self.root):
+            os.makedirs(d)
+        self.env = dict(os.environ, VFIO_HOOKD_CONFIG=self.config, VFIO_HOOKD_RUN=self.run,
+                        VFIO_HOOKD_HOST_ROOT=self.root, VFIO_HOOKD_LOG="stderr",
+                        PYTHONPATH=REPO)
+        self.env.pop("NOTIFY_SOCKET", None)
+        os.environ.update(VFIO_HOOKD_CONFIG=self.config, VFIO_HOOKD_RUN=self.run,
+                          VFIO_HOOKD_HOST_ROOT=self.root)
+        self.variant = variant
+        self.devices = sim.DEVICES[variant]
+        self.bus = None
+        try:
+            sim.make_host(self.root, variant, latency)
+            if bus:
+                from vfio_hookd.sim.bus import SimBus
+                self.bus = SimBus(self.root)
+                self.env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
+        except BaseException:
+            self.close()
+            raise
+
+    def set_latency(self, values: dict) -> None:
+        """Replace the per-operation latencies (s) of the simulated host."""
+        from vfio_hookd.sim import faults
+        faults.set_latency(self.root, values)
+
+    def write_profile(self, vm: str = "win11", text: str | None = None) -> str:
+        """Write ``<config>/vms/<vm>.yaml``; default: the issue's NVIDIA host profile (both
+        functions, ``stop_units: [nvidia-persistenced.service]``). Returns the path."""
+        if text is None:
+            text = "devices: [{}]\n".format(", ".join(f'"{a}"' for a in self.devices))
+            if self.variant == "nvidia":
+                text += "stop_units: [nvidia-persistenced.service]\n"
+        path = os.path.join(self.config, "vms", f"{vm}.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.stop()
+            self.bus = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class DaemonProc:
+    """``vfio-hookd daemon`` for ``simenv`` in a subprocess; ready at ``READY=1``.
+
+    :param shim: run it through ``bench/_daemon_shim.py`` (records the simulated latencies it
+        incurs and each request's time inside the daemon to ``shim_log``).
+    :param ready_timeout_s: how long the start may take (s).
+    :raises RuntimeError: the daemon did not send READY=1 in time (its log is in the message).
+    """
+
+    def __init__(self, simenv: SimEnv, shim: bool = False, ready_timeout_s: float = 30.0):
+        self.simenv = simenv
+        notify_path = os.path.join(simenv.tmp, f"notify-{time.monotonic_ns()}")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.notify.bind(notify_path)
+        self.notify.settimeout(ready_timeout_s)
+        env = dict(simenv.env, NOTIFY_SOCKET=notify_path)
+        self.shim_log = os.path.join(simenv.tmp, "shim.jsonl") if shim else None
+        if shim:
+            env["VFIO_HOOKD_BENCH_SHIM_LOG"] = self.shim_log
+            argv = [PYTHON, os.path.join(BENCH, "_daemon_shim.py"), "daemon"]
+        else:
+            argv = [PYTHON, "-m", "vfio_hookd.cli", "daemon"]
+        self.log_path = os.path.join(simenv.tmp, "daemon.log")
+        self.log = open(self.log_path, "a+")
+        self._shim_offset = 0
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=simenv.tmp)
+        self.pid = self.proc.pid
+        try:
+            msg = self.notify.recv(4096).decode()
+        except socket.timeout:
+            self.stop()
+            raise RuntimeError("daemon not ready: " + self.read_log()) from None
+        self.ready_ms = (time.perf_counter() - t0) * 1000.0
+        if "READY=1" not in msg:
+            self.stop()
+            raise RuntimeError(f"daemon sent {msg!r} instead of READY=1")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def shim_events(self) -> list[dict]:
+        """Events the shim wrote since the last call (list of dicts), oldest first."""
+        if not self.shim_log or not os.path.exists(self.shim_log):
+            return []
+        with open(self.shim_log) as f:
+            f.seek(self._shim_offset)
+            data = f.read()
+        # only whole lines: the shim writes one line per event with one write(2)
+        end = data.rfind("\n") + 1
+        self._shim_offset += len(data[:end].encode())
+        return [json.loads(line) for line in data[:end].splitlines() if line]
+
+    def stop(self) -> int | None:
+        """SIGTERM by PID, wait (up to 30 s, then SIGKILL); return the exit status."""
+        rc = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                rc = self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+        else:
+            rc = self.proc.returncode
+        self.notify.close()
+        self.log.close()
+        return rc
+
+
+def cli_json(simenv: SimEnv, *args: str) -> dict:
+    """``vfio-hookd <args> --json`` parsed (through the daemon when it runs).
+
+    :raises RuntimeError: non-zero exit (with stderr).
+    """
+    r = subprocess.run([PYTHON, "-m", "vfio_hookd.cli", *args, "--json"], env=simenv.env,
+                       capture_output=True, text=True, timeout=60, cwd=simenv.tmp)
+    if r.returncode != 0:
+        raise RuntimeError(f"vfio-hookd {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+def proc_status(pid: int) -> dict:
+    """``/proc/PID/status`` as ``{field: text}``."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB (``/proc/PID/status``, proc(5))."""
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
+def thread_switches(pid: int) -> dict[int, dict]:
+    """Per thread of ``pid``: ``{tid: {"name", "voluntary", "nonvoluntary"}}`` from
+    ``/proc/PID/task/TID/status`` (``voluntary_ctxt_switches``, ``nonvoluntary_ctxt_switches``;
+    proc(5)). Threads that end while being read are left out."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            st = {}
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    st[k] = v.strip()
+        except FileNotFoundError:
+            continue
+        out[int(tid)] = {"name": st.get("Name", "?"),
+                         "voluntary": int(st["voluntary_ctxt_switches"]),
+                         "nonvoluntary": int(st["nonvoluntary_ctxt_switches"])}
+    return out

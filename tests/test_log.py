@@ -1,0 +1,31 @@
+"""Logging: journal fields through python-systemd's JournalHandler, stderr without a journal."""
+
+from __future__ import annotations
+
+import logging
+
+from vfio_hookd import log as logmod
+
+
+def test_journal_gets_vm_step_phase_duration_fields():
+    sent = []
+    logmod.setup(sender=lambda MESSAGE, **fields: sent.append((MESSAGE, fields)))
+    logging.getLogger("vfio_hookd").info("units done", extra={
+        "VM": "win11", "STEP": "units", "PHASE": "preparing", "DURATION_MS": 812.4})
+    msg, fields = sent[-1]
+    assert msg == "units done"
+    assert fields["VM"] == "win11" and fields["STEP"] == "units"
+    assert fields["PHASE"] == "preparing" and fields["DURATION_MS"] == 812.4
+    assert fields["PRIORITY"] == "6"
+
+
+def test_stderr_format_carries_the_fields(capsys):
+    logmod.setup(journal=False)
+    logging.getLogger("vfio_hookd").error("bind_vfio failed", extra={"VM": "win11", "STEP": "bind_vfio"})
+    err = capsys.readouterr().err
+    assert "vfio-hookd[VM=win11 STEP=bind_vfio] ERROR: bind_vfio failed" in err
+
+
+def test_notify_without_socket_does_nothing(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    logmod.notify("READY=1")  # must not raise nor import systemd.daemon needlessly
