@@ -10,10 +10,23 @@ process also appends one JSON line per event to ``$VFIO_HOOKD_BENCH_SHIM_LOG``:
   systemd job the daemon waited for (:meth:`vfio_hookd.systemd.Systemd.stop` / ``start``);
   ``configured_s`` is the fake systemd's ``unit_stop``/``unit_start`` latency, which such a job
   always incurs (the units step only stops active units and starts inactive ones).
+- ``{"ev": "kernelop", "op": "write"|"modprobe"|"rmmod", "target": T, "ms": MS, "step": S}``:
+  each operation answered by the fake kernel (``SimHost._write_now`` -- run by
+  ``Host.write`` in its helper thread --, ``SimHost.modprobe``, ``SimHost.rmmod``), latency
+  included: ``ms`` minus the latency is the fake kernel's own bookkeeping (state file load and
+  save under its lock, fault rules, refcounts from a ``/proc`` scan), not the daemon's.
 - ``{"ev": "request", "op": OP, "ms": MS, "ok": bool}``: time of one request inside the daemon
   (:meth:`vfio_hookd.daemon.Daemon.dispatch`, from the parsed request to the result).
+- ``{"ev": "step", "step": NAME, "method": "observe"|"apply"|"undo", "ms": MS}``: each step
+  method call. ``latency`` and ``unit`` events carry ``"step"``: the step running when they
+  happened (the benchmark sends one request at a time, so one global marker is exact).
 
 The wrappers add one small ``write(2)`` per event; nothing else in the daemon changes.
+
+Experiment (not the product's behaviour): with ``VFIO_HOOKD_BENCH_PRELOAD=1`` the modules the
+first request imports lazily (yaml, vfio_hookd.profile, pydbus + gi, vfio_hookd.systemd,
+psutil, vfio_hookd.procs) are imported before the daemon starts, to measure what a preload
+would save on the first request.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ sys.path.insert(0, REPO)
 
 _LOG = os.environ["VFIO_HOOKD_BENCH_SHIM_LOG"]
 _lock = threading.Lock()
+_current = {"step": None}   # the step method running now (one request at a time in the bench)
 
 
 def _emit(event: dict) -> None:
@@ -55,9 +69,26 @@ def _install() -> None:
         orig_latency(self, key)
         if configured > 0:
             _emit({"ev": "latency", "key": key, "configured_s": configured,
+                   "step": _current["step"],
                    "slept_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
     kernel.SimHost._latency = latency
+
+    def kernel_wrapper(op, orig):
+        @functools.wraps(orig)
+        def wrapped(self, target, *args):
+            step = _current["step"]
+            t0 = time.perf_counter()
+            try:
+                return orig(self, target, *args)
+            finally:
+                _emit({"ev": "kernelop", "op": op, "target": target, "step": step,
+                       "ms": round((time.perf_counter() - t0) * 1000, 3)})
+        return wrapped
+
+    kernel.SimHost._write_now = kernel_wrapper("write", kernel.SimHost._write_now)
+    kernel.SimHost.modprobe = kernel_wrapper("modprobe", kernel.SimHost.modprobe)
+    kernel.SimHost.rmmod = kernel_wrapper("rmmod", kernel.SimHost.rmmod)
 
     def unit_wrapper(verb, orig):
         @functools.wraps(orig)
@@ -69,6 +100,7 @@ def _install() -> None:
                 return orig(self, unit, timeout_s)
             finally:
                 _emit({"ev": "unit", "verb": verb, "unit": unit, "configured_s": configured,
+                       "step": _current["step"],
                        "ms": round((time.perf_counter() - t0) * 1000, 3)})
         return wrapped
 
@@ -91,8 +123,38 @@ def _install() -> None:
 
     daemon.Daemon.dispatch = dispatch
 
+    from vfio_hookd import steps
+
+    def step_wrapper(step, method, orig):
+        @functools.wraps(orig)
+        def wrapped(*args, **kwargs):
+            _current["step"] = step.name
+            t0 = time.perf_counter()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                _current["step"] = None
+                _emit({"ev": "step", "step": step.name, "method": method,
+                       "ms": round((time.perf_counter() - t0) * 1000, 3)})
+        return wrapped
+
+    for step in steps.STEPS:   # the instances the machine iterates over
+        for method in ("observe", "apply", "undo"):
+            setattr(step, method, step_wrapper(step, method, getattr(step, method)))
+
+
+def _preload() -> None:
+    import psutil  # noqa: F401
+    import pydbus  # noqa: F401
+    import yaml  # noqa: F401
+    from gi.repository import Gio, GLib  # noqa: F401
+
+    from vfio_hookd import procs, profile, systemd  # noqa: F401
+
 
 if __name__ == "__main__":
+    if os.environ.get("VFIO_HOOKD_BENCH_PRELOAD") == "1":
+        _preload()
     _install()
     from vfio_hookd.cli import main
     sys.exit(main(sys.argv[1:]))

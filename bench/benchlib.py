@@ -127,20 +127,31 @@ class SimEnv:
     :param variant: ``"nvidia"`` (default) or ``"amd"``.
     :param latency: per-operation latencies (s) for :func:`vfio_hookd.sim.make_host`.
     :param bus: also start the private D-Bus bus with the fake systemd (needed for prepare).
+    :param run_on_tmpfs: put the run directory (records, socket, locks) on ``/dev/shm`` when it
+        is a tmpfs, as ``/run`` is on a systemd host (records are fsync'ed on every save, which
+        costs milliseconds on a disk but nothing on tmpfs); else under the temp dir.
 
     Attributes: ``tmp``, ``config``, ``run``, ``root`` (str paths), ``bus`` (SimBus or None),
     ``env`` (dict: the environment for children). :meth:`close` stops the bus and removes the
     tree. Also sets the ``VFIO_HOOKD_*`` variables in this process's ``os.environ``.
     """
 
-    def __init__(self, variant: str = "nvidia", latency: dict | None = None, bus: bool = True):
+    def __init__(self, variant: str = "nvidia", latency: dict | None = None, bus: bool = True,
+                 run_on_tmpfs: bool = True):
         from vfio_hookd import sim
         self.tmp = tempfile.mkdtemp(prefix="vfio-hookd-bench-")
         self.config = os.path.join(self.tmp, "etc")
-        self.run = os.path.join(self.tmp, "run")
         self.root = os.path.join(self.tmp, "host")
+        self._run_tmp = None
+        if run_on_tmpfs and fs_type("/dev/shm") == "tmpfs":
+            self._run_tmp = tempfile.mkdtemp(prefix="vfio-hookd-bench-run-", dir="/dev/shm")
+            self.run = os.path.join(self._run_tmp, "run")
+        else:
+            self.run = os.path.join(self.tmp, "run")
+        self.run_fs = None
         for d in (os.path.join(self.config, "vms"), self.run, self.root):
             os.makedirs(d)
+        self.run_fs = fs_type(self.run)
         self.env = dict(os.environ, VFIO_HOOKD_CONFIG=self.config, VFIO_HOOKD_RUN=self.run,
                         VFIO_HOOKD_HOST_ROOT=self.root, VFIO_HOOKD_LOG="stderr",
                         PYTHONPATH=REPO)
@@ -182,6 +193,25 @@ class SimEnv:
             self.bus.stop()
             self.bus = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._run_tmp:
+            shutil.rmtree(self._run_tmp, ignore_errors=True)
+
+
+def fs_type(path: str) -> str:
+    """File system type (str, e.g. ``"tmpfs"``, ``"ext4"``) of the mount holding ``path``,
+    from ``/proc/self/mountinfo`` (longest mount point that is a prefix); ``"?"`` if unknown."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, right.split()[0]
+    except OSError:
+        pass
+    return kind
 
 
 class DaemonProc:
@@ -190,10 +220,13 @@ class DaemonProc:
     :param shim: run it through ``bench/_daemon_shim.py`` (records the simulated latencies it
         incurs and each request's time inside the daemon to ``shim_log``).
     :param ready_timeout_s: how long the start may take (s).
+    :param preload: with ``shim``: import the lazily imported modules before the start (an
+        experiment, see ``bench/_daemon_shim.py``).
     :raises RuntimeError: the daemon did not send READY=1 in time (its log is in the message).
     """
 
-    def __init__(self, simenv: SimEnv, shim: bool = False, ready_timeout_s: float = 30.0):
+    def __init__(self, simenv: SimEnv, shim: bool = False, ready_timeout_s: float = 30.0,
+                 preload: bool = False):
         self.simenv = simenv
         notify_path = os.path.join(simenv.tmp, f"notify-{time.monotonic_ns()}")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -203,6 +236,8 @@ class DaemonProc:
         self.shim_log = os.path.join(simenv.tmp, "shim.jsonl") if shim else None
         if shim:
             env["VFIO_HOOKD_BENCH_SHIM_LOG"] = self.shim_log
+            if preload:
+                env["VFIO_HOOKD_BENCH_PRELOAD"] = "1"
             argv = [PYTHON, os.path.join(BENCH, "_daemon_shim.py"), "daemon"]
         else:
             argv = [PYTHON, "-m", "vfio_hookd.cli", "daemon"]
@@ -302,3 +337,58 @@ def thread_switches(pid: int) -> dict[int, dict]:
                          "voluntary": int(st["voluntary_ctxt_switches"]),
                          "nonvoluntary": int(st["nonvoluntary_ctxt_switches"])}
     return out
+
+
+def thread_waits(pid: int) -> dict[int, dict]:
+    """Per thread of ``pid``: ``{tid: {"name", "state", "wchan", "syscall"}}`` -- the scheduler
+    state (``R``, ``S``, ``D``, ... from ``/proc/PID/task/TID/stat``), the kernel function it
+    sleeps in (``wchan``) and the system call it is blocked in (first field of ``syscall``: its
+    number, e.g. 288 = accept4, 7 = poll on x86_64; ``running`` when in user space; proc(5))."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                stat = f.read()
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            state = stat[stat.rindex(")") + 2:].split()[0]
+            wchan = syscall = "?"
+            try:
+                with open(f"{base}/wchan") as f:
+                    wchan = f.read().strip() or "0"
+                with open(f"{base}/syscall") as f:
+                    syscall = f.read().split()[0]
+            except OSError:
+                pass
+        except (FileNotFoundError, ValueError):
+            continue
+        out[int(tid)] = {"name": name, "state": state, "wchan": wchan, "syscall": syscall}
+    return out
+
+
+def wait_all_sleeping(pid: int, deadline_s: float = 10.0) -> dict[int, dict]:
+    """Wait until every thread of ``pid`` is asleep (state ``S``: blocked in the kernel) and
+    return :func:`thread_waits`. Linux offers no event for "this thread blocked", so the
+    thread states are read every 5 ms until the ``deadline_s`` (s).
+
+    :raises TimeoutError: some thread still not asleep at the deadline.
+    """
+    end = time.monotonic() + deadline_s
+    while True:
+        waits = thread_waits(pid)
+        if waits and all(t["state"] == "S" for t in waits.values()):
+            return waits
+        if time.monotonic() > end:
+            raise TimeoutError(f"threads of {pid} not all asleep within {deadline_s:g} s: {waits}")
+        time.sleep(0.005)   # polling the thread states (no event exists); not a settle delay
+
+
+def busy_note() -> str:
+    """A line naming the load average against the CPU count, with a warning when other work
+    competes for the CPUs (the timings then overstate the product's own cost)."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    warn = load > 0.5 * cpus
+    return (f"load average {load:.2f} on {cpus} CPUs"
+            + (" -- WARNING: the machine is busy, timings are inflated; re-run when idle"
+               if warn else ""))

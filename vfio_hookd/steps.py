@@ -22,6 +22,7 @@ modules. Kernel interfaces: ``Documentation/ABI/testing/sysfs-bus-pci``,
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +35,8 @@ VFIO_DRIVER = "vfio-pci"
 NEVER_UNLOAD = frozenset({"vfio_pci", "vfio_pci_core", "vfio", "vfio_iommu_type1", "snd_hda_intel",
                           "snd_hda_codec_hdmi", "pci_stub"})
 FIRMWARE_FRAMEBUFFERS = ("efi-framebuffer.0", "simple-framebuffer.0", "vesa-framebuffer.0")
+#: A device entry in ``/sys/bus/pci/drivers/DRV/`` (a PCI address, drivers/pci/probe.c).
+_PCI_ENTRY = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 NVIDIA_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-modeset", "/dev/nvidia-uvm",
                        "/dev/nvidia-uvm-tools")
 
@@ -265,11 +268,37 @@ class Vtconsoles(Step):
                              f"{vt}: bind reads {now!r} after writing {value!r} (a VT still in "
                              f"graphics mode? the display server must be stopped first)")
 
+    def _bound(self, ctx: Context) -> set[str]:
+        return {vt for vt in ctx.host.listdir(self.BASE)
+                if ctx.host.read_or(f"{self.BASE}/{vt}/bind") == "1"}
+
     def apply(self, ctx: Context, facts: dict) -> None:
         facts["done"] = []
+        facts["took_over"] = {}
         for vt in facts["plan"]:
             facts["done"].append(vt)
+            before = self._bound(ctx)
             self._set(ctx, vt, "0")
+            facts["took_over"][vt] = sorted(self._bound(ctx) - before)
+
+    def _rebind(self, ctx: Context, vt: str, takers: list[str]) -> None:
+        """Bind ``vt`` again. Writing 1 to its ``bind`` only takes consoles from the boot
+        console driver (vgacon); once a DRM driver has evicted vgacon (vgaarb: "deactivate vga
+        console"), the consoles went to dummycon, and a 1 is silently ignored (seen on Linux
+        6.1 in a QEMU guest). Unbinding the console driver that took over when ``vt`` was
+        unbound (dummycon) hands the consoles back to ``vt``."""
+        path = f"{self.BASE}/{vt}/bind"
+        _write(ctx, path, "1", errors.VTCONSOLE_FAILED, vt)
+        if ctx.host.read_or(path) == "1":
+            return
+        for other in takers:
+            if other != vt and ctx.host.read_or(f"{self.BASE}/{other}/bind") == "1":
+                _write(ctx, f"{self.BASE}/{other}/bind", "0", errors.VTCONSOLE_FAILED, other)
+        now = ctx.host.read_or(path)
+        if now != "1":
+            raise HookdError(errors.VTCONSOLE_FAILED,
+                             f"{vt}: bind reads {now!r} after writing '1'"
+                             + (f" and unbinding {', '.join(takers)}" if takers else ""))
 
     def undo(self, ctx: Context, facts: dict) -> list[str]:
         notes = []
@@ -278,7 +307,11 @@ class Vtconsoles(Step):
                 notes.append(f"{vt} no longer exists")
                 continue
             if ctx.host.read_or(f"{self.BASE}/{vt}/bind") != "1":
-                self._set(ctx, vt, "1")
+                takers = facts.get("took_over", {}).get(vt)
+                if takers is None:   # record from before apply finished: the usual taker
+                    takers = [o for o in ctx.host.listdir(self.BASE)
+                              if "dummy device" in (ctx.host.read_or(f"{self.BASE}/{o}/name") or "")]
+                self._rebind(ctx, vt, takers)
         return notes
 
 
@@ -449,8 +482,13 @@ class Modules(Step):
     def observe(self, ctx: Context) -> dict:
         mods = ctx.profile.modules
         if mods == "auto":
+            # A PCI driver that still drives other functions once ours are on vfio-pci is a
+            # bus driver (virtio-pci under virtio-vga: its module also carries the disks and
+            # 9p shares); unloading it would take them away. Seen in a QEMU guest, Linux 6.1.
             roots = [module_of_driver(ctx.host, d) for d in ctx.drivers.values()
-                     if d and d != VFIO_DRIVER]
+                     if d and d != VFIO_DRIVER and not any(
+                         _PCI_ENTRY.fullmatch(e) and e not in ctx.devices
+                         for e in ctx.host.listdir(f"/sys/bus/pci/drivers/{d}"))]
             plan = unload_order(ctx.host, roots, with_holders=True)
         else:
             plan = unload_order(ctx.host, list(mods), with_holders=False)

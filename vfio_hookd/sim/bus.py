@@ -93,6 +93,9 @@ class SimBus:
 
     :param root: the simulated host root (str); ``<root>/.sim/`` is created if missing.
     :param ready_timeout_s: how long each process may take to be ready (s, default 10).
+    :param state_root: the directory whose ``.sim/`` holds the bus files, ``units.json`` and
+        the fault rules (str; default ``root``). Give it when ``root`` is a real root (``/`` in
+        the kernel tests' guest), where no ``.sim/`` may be created.
 
     Attributes: ``address`` (str, a D-Bus address), ``pids`` (``[dbus-daemon pid,
     sim systemd pid]``). :meth:`stop` ends both by PID and waits for them.
@@ -100,11 +103,12 @@ class SimBus:
     :raises RuntimeError: ``dbus-daemon`` missing, or a process did not get ready in time.
     """
 
-    def __init__(self, root: str, ready_timeout_s: float = 10.0):
+    def __init__(self, root: str, ready_timeout_s: float = 10.0, state_root: str | None = None):
         self.root = os.path.abspath(root)
+        self.state_root = os.path.abspath(state_root or root)
         self.address = ""
         self.pids: list[int] = []
-        simdir = os.path.join(self.root, ".sim")
+        simdir = os.path.join(self.state_root, ".sim")
         os.makedirs(simdir, exist_ok=True)
         self._tmpdir = None
         socket = os.path.join(simdir, "bus.sock")
@@ -134,6 +138,7 @@ class SimBus:
             with open(os.path.join(simdir, "systemd.log"), "ab") as log:
                 sim = subprocess.Popen(
                     [sys.executable, "-m", "vfio_hookd.sim.systemd", "--root", self.root,
+                     "--state-root", self.state_root,
                      "--address", self.address, "--exit-on-stdin-eof"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                     env=_child_env())

@@ -192,12 +192,17 @@ class _Job:
 class SimSystemd:
     """The fake manager: unit table, jobs, unit processes, D-Bus objects.
 
-    :param root: the simulated host root (str); units from ``<root>/.sim/units.json``.
+    :param root: the simulated host root (str): the units' ``holds`` are host paths under it.
     :param con: a ``Gio.DBusConnection`` to the private bus (not yet owning the name).
+    :param state_root: the directory whose ``.sim/`` holds ``units.json``, the unit states,
+        the unit executables and the fault rules (str; default ``root``). The kernel tests give
+        ``root="/"`` (a real kernel's ``/dev/dri/card0``) and a scratch directory here, since a
+        ``/.sim`` would make :func:`vfio_hookd.host.open_host` pick the simulated kernel.
     """
 
-    def __init__(self, root: str, con: Gio.DBusConnection):
+    def __init__(self, root: str, con: Gio.DBusConnection, state_root: str | None = None):
         self.root = os.path.abspath(root)
+        self.state_root = os.path.abspath(state_root or root)
         self.con = con
         self.node = Gio.DBusNodeInfo.new_for_xml(INTROSPECTION)
         self.units: dict[str, _Unit] = {}
@@ -208,7 +213,7 @@ class SimSystemd:
         self.subscribers: set[str] = set()
         self.system_state = "running"
         self.procs: dict[int, _Unit] = {}        # live unit processes (pid -> unit)
-        self.bindir = os.path.join(self.root, ".sim", "bin")
+        self.bindir = os.path.join(self.state_root, ".sim", "bin")
         self._load()
         self._register()
         self.con.signal_subscribe("org.freedesktop.DBus", "org.freedesktop.DBus",
@@ -217,7 +222,7 @@ class SimSystemd:
 
     # ---- setup -----------------------------------------------------------------------------
     def _load(self) -> None:
-        path = os.path.join(self.root, ".sim", "units.json")
+        path = os.path.join(self.state_root, ".sim", "units.json")
         try:
             with open(path) as f:
                 table = json.load(f)
@@ -263,7 +268,7 @@ class SimSystemd:
     def _persist(self) -> None:
         state = {u.id: {"active_state": u.active_state, "sub_state": u.sub_state,
                         "pid": u.pid or None} for u in self.units.values()}
-        path = os.path.join(self.root, ".sim", "units-state.json")
+        path = os.path.join(self.state_root, ".sim", "units-state.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(state, f, indent=1, sort_keys=True)
@@ -280,7 +285,7 @@ class SimSystemd:
 
     # ---- unit processes ----------------------------------------------------------------------
     def _host(self, p: str) -> str:
-        return self.root + "/" + p.lstrip("/")
+        return self.root.rstrip("/") + "/" + p.lstrip("/")
 
     def _executable(self, unit: _Unit) -> str:
         """A symlink to sleep(1) named after the unit: the kernel takes ``comm`` from it."""
@@ -405,9 +410,9 @@ class SimSystemd:
                 return
             self._finish(old, "canceled")
         job = self._new_job(unit, jtype)
-        rule = faults.match(self.root, "stop" if jtype != "start" else "start", unit.id)
+        rule = faults.match(self.state_root, "stop" if jtype != "start" else "start", unit.id)
         if rule is None and jtype == "restart":
-            rule = faults.match(self.root, "start", unit.id)
+            rule = faults.match(self.state_root, "start", unit.id)
         op = rule["op"] if rule else jtype
         noop = rule is None and (
             (jtype == "stop" and unit.active_state in ("inactive", "failed")) or
@@ -448,7 +453,7 @@ class SimSystemd:
                 os.kill(unit.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass  # the child watch reports the exit
-        self._after(job, faults.latency(self.root, "unit_stop"),
+        self._after(job, faults.latency(self.state_root, "unit_stop"),
                     lambda: (job.waiting.discard("latency"), self._stop_progress(job)))
 
     def _stop_progress(self, job: _Job) -> None:
@@ -462,7 +467,7 @@ class SimSystemd:
 
     def _start_job(self, job: _Job) -> None:
         self._set_state(job.unit, "activating", "start")
-        self._after(job, faults.latency(self.root, "unit_start"),
+        self._after(job, faults.latency(self.state_root, "unit_start"),
                     lambda: self._finish(job, "done" if self._activate(job.unit) else "failed"))
 
     # ---- D-Bus handlers ------------------------------------------------------------------------
@@ -567,9 +572,12 @@ def _own_name(con: Gio.DBusConnection) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry: ``--root SIMROOT --address ADDR [--exit-on-stdin-eof]``; exit 0."""
+    """Command line entry: ``--root SIMROOT --address ADDR [--state-root DIR]
+    [--exit-on-stdin-eof]``; exit 0."""
     ap = argparse.ArgumentParser(prog="python -m vfio_hookd.sim.systemd")
     ap.add_argument("--root", required=True)
+    ap.add_argument("--state-root", help="directory holding .sim/ (units.json, faults); "
+                    "default: --root")
     ap.add_argument("--address", required=True)
     ap.add_argument("--exit-on-stdin-eof", action="store_true",
                     help="exit when stdin reaches end of file (the parent went away)")
@@ -579,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     con = Gio.DBusConnection.new_for_address_sync(opts.address, flags, None, None)
     con.set_exit_on_close(False)
     loop = GLib.MainLoop()
-    sim = SimSystemd(opts.root, con)
+    sim = SimSystemd(opts.root, con, opts.state_root)
 
     def quit_(*_args):
         loop.quit()

@@ -1,0 +1,302 @@
+"""Boot a real Linux kernel under QEMU (TCG) with an emulated IOMMU and GPU, and run vfio-hookd
+scenarios inside it. Host side of the kernel tests (``tests/kernel/``).
+
+Recipe (FIELD-NOTES §5): ``q35`` + ``intel-iommu``, a ``pcie-root-port`` holding the GPU
+(``VGA``, ``bochs-display`` or ``virtio-vga``) at function 0 and ``intel-hda`` at function 1
+of the same slot (one IOMMU group); SeaBIOS or OVMF (OVMF gives ``efi-framebuffer.0``). The
+kernel is a Debian package unpacked into ``.cache/kernel/<KV>/`` by ``scripts/kernel-cache``
+(never installed on this machine). The initramfs (busybox + the modules needed to mount 9p and
+overlayfs) is built here, cached by content. The guest mounts this machine's ``/`` read-only
+over 9p under a tmpfs overlay, so the guest runs the same Python and the same code and writes
+nothing back, except into one writable 9p share: the boot's artefact directory, where
+``tests/kernel/guest_runner.py`` writes one JSON result per scenario, the daemon's log and its
+own log.
+
+QEMU's exit status carries the boot's verdict (``isa-debug-exit``, see
+``tests/kernel/guest_init.sh``): :data:`EXIT_PASS` when every scenario passed,
+:data:`EXIT_FAIL` when one failed; anything else (0 after a kernel panic, or the harness's
+kill at the deadline) means the harness itself failed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CACHE = os.path.join(REPO, ".cache", "kernel")
+ARTEFACTS = os.path.join(REPO, "artefacts", "kernel")
+SETUP = os.path.join(REPO, "scripts", "kernel-cache")
+QEMU = "/usr/bin/qemu-system-x86_64"
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+BUSYBOX = "/bin/busybox"
+
+#: QEMU's exit status for the guest's verdicts (isa-debug-exit: status = value * 2 + 1).
+EXIT_PASS = 1
+EXIT_FAIL = 3
+
+#: Modules the initramfs loads before it can reach the host's root (the rest, e.g. bochs,
+#: vfio-pci, snd_hda_intel, come from the cache's /lib/modules through the 9p share).
+INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+
+#: The guest's PCI layout: the GPU's functions behind root port 00:10.0 on bus 01.
+GPU_ADDR = "0000:01:00.0"
+AUDIO_ADDR = "0000:01:00.1"
+GPUS = ("VGA", "bochs-display", "virtio-vga")
+FIRMWARES = ("bios", "ovmf")
+
+
+class HarnessError(Exception):
+    """The harness could not boot (missing package, kernel, QEMU error)."""
+
+
+def kernel_version(prepare: bool = True) -> str:
+    """The cached kernel's version (``6.1.0-56-amd64``), running ``scripts/kernel-cache`` first
+    when the cache is not complete and ``prepare`` is true (needs root: apt-get).
+
+    :raises HarnessError: no cached kernel and it could not be prepared.
+    """
+    cur = os.path.join(CACHE, "current")
+
+    def cached() -> str | None:
+        try:
+            with open(cur) as f:
+                kv = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return kv if os.path.exists(os.path.join(CACHE, kv, ".done")) else None
+
+    kv = cached()
+    if kv is None and prepare:
+        r = subprocess.run([SETUP], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise HarnessError(f"{SETUP} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+        kv = cached()
+    if kv is None:
+        raise HarnessError(f"no kernel in {CACHE}: run {SETUP} (as root)")
+    for exe in (QEMU, BUSYBOX, OVMF_CODE, "/usr/bin/kmod"):
+        if not os.path.exists(exe):
+            raise HarnessError(f"{exe} missing: run {SETUP} (as root)")
+    return kv
+
+
+def module_paths(kv: str, names) -> list[str]:
+    """The ``.ko`` files (absolute) to insert for ``names`` and their dependencies, in load
+    order, from ``modprobe --show-depends`` against the cache (kmod's own resolution)."""
+    base = os.path.join(CACHE, kv)
+    out: list[str] = []
+    for name in names:
+        r = subprocess.run(["/usr/sbin/modprobe" if os.path.exists("/usr/sbin/modprobe")
+                            else "/sbin/modprobe", "-d", base, "-S", kv, "--show-depends", name],
+                           capture_output=True, text=True, check=True)
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if parts and parts[0] == "insmod" and parts[1] not in out:
+                out.append(parts[1])
+    return out
+
+
+class _Cpio:
+    """A ``newc`` cpio archive (the initramfs format, ``Documentation/driver-api/early-userspace``)."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
+        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
+        self.ino += 1
+        hdr = b"070701" + b"".join(b"%08X" % v for v in fields)
+        self.buf.write(hdr + name.encode() + b"\0")
+        self.buf.write(b"\0" * (-(len(hdr) + len(name) + 1) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def build_initramfs(kv: str) -> str:
+    """The initramfs for kernel ``kv`` (path), built unless a build of the same inputs (init
+    script, busybox, module files) is cached in ``.cache/kernel/``."""
+    with open(os.path.join(HERE, "guest_init.sh"), "rb") as f:
+        init = f.read()
+    with open(BUSYBOX, "rb") as f:
+        busybox = f.read()
+    mods = module_paths(kv, INITRAMFS_MODULES)
+    h = hashlib.sha256(init + busybox + kv.encode())
+    blobs = []
+    for m in mods:
+        with open(m, "rb") as f:
+            data = f.read()
+        h.update(data)
+        blobs.append((os.path.basename(m), data))
+    out = os.path.join(CACHE, f"initramfs-{kv}-{h.hexdigest()[:12]}.cpio.gz")
+    if os.path.exists(out):
+        return out
+    c = _Cpio()
+    for d in ("bin", "sbin", "modules", "proc", "sys", "dev", "host", "out", "rw", "newroot"):
+        c.dir(d)
+    c.file("init", init, 0o755)
+    c.file("bin/busybox", busybox, 0o755)
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            c.symlink(f"bin/{a}", "busybox")
+    for name, data in blobs:
+        c.file(f"modules/{name}", data)
+    c.file("modules.order", "\n".join(n for n, _ in blobs).encode() + b"\n")
+    tmp = out + ".tmp"
+    with gzip.open(tmp, "wb", compresslevel=1) as f:
+        f.write(c.finish())
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class Boot:
+    """One guest boot and its outcome.
+
+    :ivar name: e.g. ``VGA-bios``; also the artefact directory's name.
+    :ivar outdir: the boot's artefact directory (the guest's writable share).
+    :ivar rc: QEMU's exit status (None: killed at the deadline).
+    :ivar wall_s: wall time of the boot, QEMU start to exit (s).
+    :ivar results: scenario name -> the guest's result dict (``ok``, ``error``, ``wall_s``, ...).
+    """
+    name: str
+    outdir: str
+    rc: int | None = None
+    wall_s: float = 0.0
+    timed_out: bool = False
+    results: dict = field(default_factory=dict)
+
+    @property
+    def console(self) -> str:
+        return os.path.join(self.outdir, "console.log")
+
+    def tail(self, n: int = 40) -> str:
+        """The last ``n`` lines of the console log (str)."""
+        try:
+            with open(self.console, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return "(no console log)"
+
+    def verdict(self) -> str:
+        """One line on how the boot ended."""
+        if self.timed_out:
+            return f"boot {self.name}: killed at the deadline after {self.wall_s:.0f} s"
+        what = {EXIT_PASS: "all scenarios passed", EXIT_FAIL: "some scenario failed",
+                0: "the guest panicked or init died"}.get(self.rc, "unexpected status")
+        return f"boot {self.name}: QEMU exit status {self.rc} ({what}) after {self.wall_s:.1f} s"
+
+
+def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory_mb: int,
+              accel: str = "tcg") -> list[str]:
+    """The QEMU command line of one boot (list of str)."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu must be one of {GPUS}")
+    kdir = os.path.join(CACHE, kv)
+    argv = [QEMU, "-M", "q35,kernel-irqchip=split", "-m", str(memory_mb), "-smp", "1",
+            "-nodefaults", "-no-reboot", "-display", "none", "-vga", "none", "-monitor", "none",
+            "-serial", f"file:{os.path.join(outdir, 'console.log')}",
+            "-device", "intel-iommu,intremap=on,caching-mode=on",
+            "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=0x10",
+            "-device", f"{gpu},bus=rp1,addr=00.0,multifunction=on",
+            "-device", "intel-hda,bus=rp1,addr=00.1,id=hda",
+            "-audiodev", "none,id=snd0",
+            "-device", "hda-output,bus=hda.0,audiodev=snd0",
+            "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            "-fsdev", f"local,id=out,path={outdir},security_model=none",
+            "-device", "virtio-9p-pci,fsdev=out,mount_tag=out",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel", os.path.join(kdir, "boot", f"vmlinuz-{kv}"), "-initrd", initrd,
+            "-append", "console=ttyS0 intel_iommu=on iommu=pt panic_on_oops=1 panic=-1 "
+                       "loglevel=4 rdinit=/init"]
+    if accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    if firmware == "ovmf":
+        vars_copy = os.path.join(outdir, "OVMF_VARS.fd")
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+    elif firmware != "bios":
+        raise ValueError(f"firmware must be one of {FIRMWARES}")
+    return argv
+
+
+def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s: float,
+             memory_mb: int = 1024, accel: str | None = None, extra: dict | None = None) -> Boot:
+    """Boot the guest once and run ``scenarios`` (names known to ``guest_runner.py``) in it.
+
+    The boot is killed (SIGKILL, by PID) at ``timeout_s``. Results are read from the artefact
+    directory ``artefacts/kernel/<name>/`` (``results/<scenario>.json``).
+
+    :raises HarnessError: the kernel or a package is missing.
+    """
+    kv = kernel_version()
+    initrd = build_initramfs(kv)
+    outdir = os.path.join(ARTEFACTS, name)
+    shutil.rmtree(outdir, ignore_errors=True)
+    os.makedirs(os.path.join(outdir, "results"))
+    with open(os.path.join(outdir, "boot.env"), "w") as f:
+        f.write(f"KV='{kv}'\nREPO='{REPO}'\nSCENARIOS='{' '.join(scenarios)}'\n")
+    cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
+           "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR}
+    cfg.update(extra or {})
+    with open(os.path.join(outdir, "boot.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    accel = accel or os.environ.get("VFIO_HOOKD_KERNEL_ACCEL", "tcg")
+    argv = qemu_argv(gpu, firmware, kv, initrd, outdir, memory_mb, accel)
+    with open(os.path.join(outdir, "qemu.cmdline"), "w") as f:
+        f.write(" ".join(argv) + "\n")
+    boot = Boot(name, outdir)
+    t0 = time.monotonic()
+    with open(os.path.join(outdir, "qemu.log"), "wb") as qlog:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                                start_new_session=True)
+        try:
+            boot.rc = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            boot.timed_out = True
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    boot.wall_s = round(time.monotonic() - t0, 1)
+    rdir = os.path.join(outdir, "results")
+    for entry in sorted(os.listdir(rdir)):
+        if entry.endswith(".json"):
+            try:
+                with open(os.path.join(rdir, entry)) as f:
+                    boot.results[entry[:-5]] = json.load(f)
+            except (OSError, ValueError) as exc:
+                boot.results[entry[:-5]] = {"ok": False, "error": f"unreadable result: {exc}"}
+    with open(os.path.join(outdir, "boot-summary.json"), "w") as f:
+        json.dump({"rc": boot.rc, "wall_s": boot.wall_s, "timed_out": boot.timed_out,
+                   "results": {k: {"ok": v.get("ok"), "wall_s": v.get("wall_s")}
+                               for k, v in boot.results.items()}}, f, indent=1)
+    return boot

@@ -1,0 +1,74 @@
+"""The kernel tests' boot plan and the session's boot runner (used by ``test_kernel.py``).
+
+Boots run two at a time (one per core); each runs several scenarios, and every scenario is its
+own test. Artefacts: ``artefacts/kernel/<boot>/`` (console.log, daemon.log, runner.log,
+results/*.json), removed after a boot whose scenarios all passed unless
+``VFIO_HOOKD_KEEP_ARTEFACTS=1``; ``artefacts/kernel/summary.json`` always holds each boot's
+exit status and per-scenario wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import kernel_harness as kh
+
+#: Per boot: (GPU model, firmware, scenarios in run order). OVMF boots first run the
+#: scenarios on the firmware framebuffer alone (no DRM driver loaded yet).
+BOOTS = {
+    "VGA-bios": ("VGA", "bios", ["prepare", "vfio_qemu", "release", "holders", "fault"]),
+    "VGA-ovmf": ("VGA", "ovmf", ["efifb_prepare", "efifb_release", "prepare", "vfio_qemu",
+                                 "release", "holders", "fault"]),
+    "bochs-display-bios": ("bochs-display", "bios", ["prepare", "release", "holders"]),
+    "bochs-display-ovmf": ("bochs-display", "ovmf", ["prepare", "release"]),
+    "virtio-vga-bios": ("virtio-vga", "bios", ["prepare", "release", "holders"]),
+    "virtio-vga-ovmf": ("virtio-vga", "ovmf", ["prepare", "release"]),
+}
+#: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
+BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
+PARALLEL = int(os.environ.get("VFIO_HOOKD_KERNEL_PARALLEL", str(max(1, min(2, os.cpu_count() or 1)))))
+
+
+
+class Boots:
+    """Starts every boot of :data:`BOOTS` on first use; :meth:`get` waits for one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[str, Future] = {}
+        self.summary: dict = {}
+
+    def _run(self, name: str) -> kh.Boot:
+        gpu, fw, scenarios = BOOTS[name]
+        boot = kh.run_boot(name, gpu, fw, scenarios, BOOT_TIMEOUT_S)
+        ok = boot.rc == kh.EXIT_PASS and all(r.get("ok") for r in boot.results.values()) \
+            and set(boot.results) == set(scenarios)
+        with self._lock:
+            self.summary[name] = {"rc": boot.rc, "wall_s": boot.wall_s, "timed_out": boot.timed_out,
+                                  "scenarios": {k: {"ok": v.get("ok"), "wall_s": v.get("wall_s")}
+                                                for k, v in boot.results.items()},
+                                  "artefacts": None if ok else boot.outdir}
+            os.makedirs(kh.ARTEFACTS, exist_ok=True)
+            with open(os.path.join(kh.ARTEFACTS, "summary.json"), "w") as f:
+                json.dump(self.summary, f, indent=1, sort_keys=True)
+        if ok and os.environ.get("VFIO_HOOKD_KEEP_ARTEFACTS") != "1":
+            shutil.rmtree(boot.outdir, ignore_errors=True)
+        return boot
+
+    def get(self, name: str) -> kh.Boot:
+        with self._lock:
+            if self._pool is None:
+                kh.kernel_version()          # setup once, before the boots race for it
+                self._pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="boot")
+                for n in BOOTS:
+                    self._futures[n] = self._pool.submit(self._run, n)
+        return self._futures[name].result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
