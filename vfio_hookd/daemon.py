@@ -11,8 +11,9 @@ Protocol (one connection per request; UTF-8 JSON, one object per line):
 
 The socket is ``<run>/vfio-hookd.sock``, mode 0600 in a 0700 directory; peers are checked with
 ``SO_PEERCRED`` and only root (or the daemon's own user, for tests) is served. The accept loop
-blocks in ``accept(2)``: an idle daemon has no periodic wake-ups. Heavy imports (yaml, gi,
-psutil) happen on the first request that needs them.
+blocks in ``accept(2)``: an idle daemon has no periodic wake-ups. The modules a request needs
+(yaml, gi/pydbus, psutil: about 10 MB) are imported once before ``READY=1``, so the first
+request after boot is as fast as the others; libvirt-python is never imported by the daemon.
 """
 
 from __future__ import annotations
@@ -230,6 +231,16 @@ def _send(conn: socket.socket, message: dict) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
 
+def preload() -> None:
+    """Import what every request needs (profile parsing, systemd's D-Bus client, the holder
+    scan) so that the first prepare does not pay for it (about 25 ms, bench/prepare_release.py).
+    The D-Bus connection itself stays lazy."""
+    import yaml  # noqa: F401
+    from . import machine, procs, profile, steps, systemd  # noqa: F401
+    import psutil  # noqa: F401
+    systemd.load_bindings()
+
+
 def run(host_root: str | None = None) -> int:
     """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status."""
     from . import log as logmod
@@ -247,6 +258,7 @@ def run(host_root: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    preload()
     logmod.notify("READY=1")
     daemon.serve_forever()
     with daemon._busy_cv:

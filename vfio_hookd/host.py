@@ -72,6 +72,12 @@ class Host:
         except FileNotFoundError:
             return []
 
+    def subdirs(self, p: str) -> list[str]:
+        """Sorted names of the real (not symlinked) subdirectories of ``p``; ``[]`` if absent."""
+        base = self.path(p)
+        return [e for e in self.listdir(p)
+                if os.path.isdir(f"{base}/{e}") and not os.path.islink(f"{base}/{e}")]
+
     def link_name(self, p: str) -> str | None:
         """Last path component of the target of symlink ``p`` (e.g. the driver name of
         ``/sys/bus/pci/devices/ADDR/driver``), or None when ``p`` is not a link."""

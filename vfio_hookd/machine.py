@@ -31,7 +31,7 @@ from typing import Callable
 from . import errors, paths, record
 from .errors import HookdError
 from .host import Host
-from .steps import STEPS, Context, VFIO_DRIVER, current_driver, pci
+from .steps import STEPS, Context, VFIO_DRIVER, child_modules, current_driver, pci
 
 log = logging.getLogger("vfio_hookd")
 
@@ -89,9 +89,11 @@ class Machine:
                                      f"(the daemon?); retry when it has finished") from None
             yield
 
-    def _context(self, vm: str, profile, devices, drivers, logger) -> Context:
+    def _context(self, vm: str, profile, devices, drivers, logger,
+                 children: dict | None = None) -> Context:
         return Context(vm=vm, host=self.host, profile=profile, devices=tuple(devices),
-                       drivers=dict(drivers), systemd=self.systemd, log=logger)
+                       drivers=dict(drivers), systemd=self.systemd, log=logger,
+                       child_modules=dict(children or {}))
 
     # ---- plan ---------------------------------------------------------------------------------
     def plan(self, vm: str, xml: str | None):
@@ -197,13 +199,15 @@ class Machine:
 
     def _run_prepare(self, vm, prof, devices, drivers) -> dict:
         rec = record.new(vm, devices, drivers, prof.to_dict(), [s.name for s in STEPS])
+        children = {a: child_modules(self.host, a) for a in devices}
+        rec["child_modules"] = children
         record.save(rec)
         started = time.monotonic()
         log.info("prepare: %s", ", ".join(f"{a} ({d or 'no driver'})" for a, d in drivers.items()),
                  extra={"VM": vm, "PHASE": "preparing"})
         for step, entry in zip(STEPS, rec["steps"]):
             slog = logging.LoggerAdapter(log, {"VM": vm, "STEP": step.name})
-            ctx = self._context(vm, prof, devices, drivers, slog)
+            ctx = self._context(vm, prof, devices, drivers, slog, children)
             t0 = time.monotonic()
             try:
                 entry["facts"] = step.observe(ctx)
@@ -283,7 +287,8 @@ class Machine:
             if entry["status"] not in record.HELD:
                 continue
             slog = logging.LoggerAdapter(log, {"VM": vm, "STEP": step.name})
-            ctx = self._context(vm, prof, rec["devices"], rec["drivers"], slog)
+            ctx = self._context(vm, prof, rec["devices"], rec["drivers"], slog,
+                                rec.get("child_modules"))
             keep_failed = entry["status"] == "applying" and entry.get("error") is not None
             entry["status"] = "undoing"
             record.save(rec)

@@ -57,6 +57,7 @@ def find_holders(host: Host, nodes: list[str], exclude: set[int] | None = None) 
     if not wanted:
         return []
     found: set[tuple[int, str]] = set()
+    needles = [p.encode() for p in map_paths]
     for entry in os.listdir(host.proc):
         if not entry.isdigit() or int(entry) in exclude:
             continue
@@ -68,19 +69,26 @@ def find_holders(host: Host, nodes: list[str], exclude: set[int] | None = None) 
             continue
         for fd in fds:
             try:
+                # sockets, pipes and anon inodes ("socket:[123]") cannot be device nodes:
+                # skip their stat (most fds of a desktop are of that kind)
+                if not os.readlink(f"{fd_dir}/{fd}").startswith("/"):
+                    continue
                 ident = identity_of(os.stat(f"{fd_dir}/{fd}"))
             except OSError:
                 continue
             if ident in wanted:
                 found.add((pid, wanted[ident]))
         try:
-            with open(f"{host.proc}/{entry}/maps") as maps:
-                for line in maps:
-                    path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
-                    if path in map_paths:
-                        found.add((pid, map_paths[path]))
+            with open(f"{host.proc}/{entry}/maps", "rb") as f:
+                maps = f.read()
         except OSError:
-            pass
+            continue
+        if not any(n in maps for n in needles):
+            continue
+        for line in maps.decode(errors="replace").splitlines():
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5] in map_paths:
+                found.add((pid, map_paths[parts[5]]))
     return [Holder(pid, _command(pid), node) for pid, node in sorted(found)]
 
 

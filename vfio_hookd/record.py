@@ -5,6 +5,7 @@ A record is ``<run>/vms/<domain name>.json`` (:func:`vfio_hookd.paths.record_pat
     {"version": 1, "vm": "win11", "phase": "prepared",
      "devices": ["0000:01:00.0", "0000:01:00.1"],
      "drivers": {"0000:01:00.0": "nvidia", "0000:01:00.1": "snd_hda_intel"},
+     "child_modules": {"0000:01:00.0": []},   # modules of drivers bound to child devices
      "profile": {...the profile as prepare used it...},
      "error": null | {"code": str, "message": str, "step": str|null},
      "release_errors": [{"code", "message", "step"}],

@@ -53,6 +53,8 @@ class Context:
     :param systemd: zero-argument callable returning a :class:`vfio_hookd.systemd.Systemd`
         (connected on first use).
     :param log: a logger; steps log with ``extra={"STEP": name}`` added by the machine.
+    :param child_modules: per function, the modules of drivers bound to its child devices
+        before prepare (e.g. ``{"0000:00:02.0": ["virtio_gpu"]}``; see :func:`child_modules`).
     """
     vm: str
     host: Host
@@ -61,6 +63,7 @@ class Context:
     drivers: dict[str, str | None]
     systemd: Callable[[], Any]
     log: logging.LoggerAdapter | logging.Logger = field(default_factory=lambda: logging.getLogger("vfio_hookd"))
+    child_modules: dict[str, list[str]] = field(default_factory=dict)
 
 
 def pci(addr: str, attr: str = "") -> str:
@@ -441,6 +444,29 @@ def module_of_driver(host: Host, driver: str) -> str:
     return host.link_name(f"/sys/bus/pci/drivers/{driver}/module") or driver.replace("-", "_")
 
 
+def child_modules(host: Host, addr: str) -> list[str]:
+    """Modules of the drivers bound to the child devices of PCI function ``addr`` (str list).
+
+    Some GPUs are driven through a child device, not the PCI function: virtio-vga's function
+    is bound to the bus driver virtio-pci, and the DRM driver virtio_gpu to its child
+    ``virtio0`` (seen on Linux 6.1 in a QEMU guest). The child is gone once the function is
+    unbound, so this is read before prepare. Built-in drivers (no ``module`` link) are left out.
+    """
+    base = host.resolve(pci(addr))
+    mods: list[str] = []
+    for entry in host.subdirs(base):
+        if _PCI_ENTRY.fullmatch(entry) or not host.link_name(f"{base}/{entry}/driver"):
+            continue
+        try:
+            drv_dir = host.resolve(f"{base}/{entry}/driver")
+        except (HookdError, OSError):
+            continue
+        mod = host.link_name(f"{drv_dir}/module")
+        if mod and mod not in mods:
+            mods.append(mod)
+    return mods
+
+
 def unload_order(host: Host, roots: list[str], with_holders: bool = True) -> list[str]:
     """Loaded, non-built-in modules among ``roots`` (and, with ``with_holders``, every module
     holding them, transitively via ``/sys/module/M/holders``), ordered so each comes after
@@ -489,6 +515,7 @@ class Modules(Step):
                      if d and d != VFIO_DRIVER and not any(
                          _PCI_ENTRY.fullmatch(e) and e not in ctx.devices
                          for e in ctx.host.listdir(f"/sys/bus/pci/drivers/{d}"))]
+            roots += [m for mods in ctx.child_modules.values() for m in mods]
             plan = unload_order(ctx.host, roots, with_holders=True)
         else:
             plan = unload_order(ctx.host, list(mods), with_holders=False)
