@@ -131,7 +131,8 @@ class SimBus:
                 bus = subprocess.Popen(
                     [daemon, f"--config-file={conf}", "--nofork", "--nopidfile",
                      "--print-address=1"],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    start_new_session=True)   # a Ctrl-C at the terminal is the caller's to handle
             self._procs.append(bus)
             self.address = _read_line(bus, deadline, "dbus-daemon")
             deadline = time.monotonic() + ready_timeout_s
@@ -141,7 +142,7 @@ class SimBus:
                      "--state-root", self.state_root,
                      "--address", self.address, "--exit-on-stdin-eof"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                    env=_child_env())
+                    env=_child_env(), start_new_session=True)
             self._procs.insert(0, sim)   # stopped first: it ends the unit processes
             line = _read_line(sim, deadline, "simulated systemd")
             if line != "READY":

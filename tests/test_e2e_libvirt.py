@@ -1,0 +1,169 @@
+"""End to end: Debian's real libvirtd runs the installed hook on ``virsh start``/``destroy``.
+
+Each test runs :func:`vfio_hookd.demo.run` on a fresh simulated NVIDIA host (``tmp_path``) with
+latencies off: the private libvirtd (``vfio_hookd.sim.libvirtd``) has ``hooks/vfio-hookd`` in
+its ``qemu.d`` and the default ``/etc/vfio-hookd`` and ``/run/vfio-hookd`` bound into the state
+dir; ``vfio-hookd daemon`` runs on the simulated host; ``virsh`` and ``vfio-hookd status`` are
+the real commands. They need root and the packages ``scripts/setup`` installs; anything missing
+makes them fail, never skip. The QEMU capabilities cache is shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vfio_hookd import demo
+
+GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
+FB_REMOVED = "firmware framebuffer efi-framebuffer.0 removed"
+PROC_FB = "/proc/fb: '0 EFI VGA' gone"
+VTCON_REMOVED = "vtcon1 ((M) frame buffer device) removed"
+VTCON_TAKEOVER = "vtcon0 ((S) dummy device) bound: it took the consoles over from fbcon's vtcon1"
+VFIO_LOADED = "vfio-pci left loaded by design (modules: vfio, vfio_iommu_type1, vfio_pci_core, vfio_pci)"
+UNITS = {"gdm.service": "active", "nvidia-persistenced.service": "active", "sshd.service": "active"}
+
+pytestmark = pytest.mark.libvirt
+
+
+@pytest.fixture(scope="module")
+def libvirt_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("libvirt-cache")
+
+
+@pytest.fixture
+def run_demo(tmp_path, libvirt_cache):
+    def run(*scenarios):
+        res = demo.run(tmp_path / "state", scenarios, latency=None, cache_dir=libvirt_cache,
+                       capture=True, timeout_s=90)
+        why = res.get("output", "") + "\n" + json.dumps(
+            {k: res.get(k) for k in ("rc", "problems", "checks")}, indent=1)
+        return res, why
+    return run
+
+
+def _starts(expected: list[str], *prefixes: str) -> bool:
+    return len(expected) == len(prefixes) and all(
+        e.startswith(p) for e, p in zip(expected, prefixes))
+
+
+def _kernel_changes_after_passthrough(expected: list[str]) -> bool:
+    """The firmware framebuffer, its /proc/fb line and fbcon's vtcon1 removed, possibly the
+    dummy console holding the consoles since (depends on how faithfully the simulated kernel
+    models vt.c), and vfio-pci loaded: nothing else."""
+    return (_starts(expected, FB_REMOVED, PROC_FB, VTCON_REMOVED, VFIO_LOADED)
+            or _starts(expected, FB_REMOVED, PROC_FB, VTCON_REMOVED, VTCON_TAKEOVER, VFIO_LOADED))
+
+
+def test_start_prepares_the_host_and_destroy_gives_it_back(run_demo):
+    res, why = run_demo("passthrough")
+    assert res["rc"] == 0 and not res["problems"], why
+    sc = res["scenarios"]["passthrough"]
+    assert sc["start"]["rc"] == 0, why
+    running = sc["after_start"]
+    assert running["domain"][0] == "running", why
+    assert running["status"]["phase"] == "prepared", why
+    assert running["drivers"] == {GPU: "vfio-pci", AUDIO: "vfio-pci"}
+    assert [d["driver"] for d in running["status"]["devices"]] == ["vfio-pci", "vfio-pci"]
+    assert running["units"]["gdm.service"] == "inactive"
+    assert running["units"]["nvidia-persistenced.service"] == "inactive"
+    assert [s["status"] for s in running["status"]["steps"]] == ["done"] * 6, why
+
+    assert sc["destroy"]["rc"] == 0, why
+    stopped = sc["after_destroy"]
+    assert stopped["status"]["phase"] == "idle", why
+    assert stopped["drivers"] == {GPU: "nvidia", AUDIO: "snd_hda_intel"}
+    assert [s["status"] for s in stopped["status"]["steps"]] == ["undone"] * 6, why
+    cmp = stopped["compare"]
+    assert cmp["unexpected"] == {}, why
+    # vfio-pci took the boot VGA function: the kernel removed the firmware framebuffer, its
+    # /proc/fb line and fbcon's vtconsole; vfio-pci stays loaded. Nothing else may differ.
+    assert _kernel_changes_after_passthrough(cmp["expected"]), why
+    assert cmp["units_equal"] and cmp["units_after"] == UNITS
+    # and the same once the daemon and libvirtd are gone
+    assert res["final"]["unexpected"] == {} and res["final"]["units_equal"], why
+    assert res["ok"], why
+    log = "\n".join(res["daemon_log"])
+    assert "VM=win11 STEP=bind_vfio PHASE=preparing DURATION_MS=" in log
+
+
+def test_failed_prepare_makes_virsh_start_fail_and_rolls_back(run_demo):
+    res, why = run_demo("failure")
+    assert not res["problems"], why
+    sc = res["scenarios"]["failure"]
+    assert sc["start"]["rc"] != 0, why
+    assert "Hook script execution failed" in sc["start"]["stderr"], why
+    assert sc["hook_error"].startswith("BIND_FAILED: step bind_vfio: 0000:01:00.0: "), why
+    assert "drivers_probe" in sc["hook_error"] and "(ENODEV)" in sc["hook_error"]
+    assert sc["domain"] == ["shut off", 6]  # VIR_DOMAIN_SHUTOFF_FAILED
+    after = sc["after"]
+    assert after["status"]["phase"] == "failed", why
+    assert after["status"]["error"]["code"] == "BIND_FAILED"
+    assert after["drivers"] == {GPU: "nvidia", AUDIO: "snd_hda_intel"}
+    cmp = after["compare"]
+    assert cmp["unexpected"] == {}, why
+    # vfio-pci never got the boot VGA function: the firmware framebuffer and vtcon1 are back;
+    # only the loaded vfio-pci differs.
+    assert cmp["expected"] == [VFIO_LOADED], why
+    assert cmp["units_equal"] and cmp["units_after"] == UNITS
+    assert res["final"]["unexpected"] == {} and res["rc"] == 0 and res["ok"], why
+
+
+def test_vm_without_a_profile_leaves_the_host_untouched(run_demo):
+    res, why = run_demo("unmanaged")
+    assert res["rc"] == 0 and not res["problems"], why
+    sc = res["scenarios"]["unmanaged"]
+    assert sc["start"]["rc"] == 0 and sc["start"]["stderr"] == "", why
+    assert sc["domain"][0] == "running"
+    assert sc["destroy"]["rc"] == 0, why
+    assert sc["unchanged_while_running"] and sc["unchanged_after"], why
+    assert not sc["record_exists"]
+    assert sc["daemon_lines"] == [], why
+    assert res["final"]["expected"] == [] and res["final"]["unexpected"] == {}, why
+    assert res["ok"], why
+
+
+def test_classify_changes_flags_anything_but_the_kernels_own_changes():
+    """The comparison the tests above rely on: it must not wave through a real leftover."""
+    before = {
+        "/proc/fb": ("file", "0 EFI VGA\n"),
+        "/sys/devices/platform/efi-framebuffer.0": ("dir", None),
+        "/sys/devices/platform/efi-framebuffer.0/uevent": ("file", "DRIVER=efi-framebuffer\n"),
+        "/sys/bus/platform/devices/efi-framebuffer.0": ("link", "../x"),
+        "/sys/class/vtconsole/vtcon1": ("link", "../../devices/virtual/vtconsole/vtcon1"),
+        "/sys/devices/virtual/vtconsole/vtcon1": ("dir", None),
+        "/sys/devices/virtual/vtconsole/vtcon1/name": ("file", "(M) frame buffer device\n"),
+        f"/sys/bus/pci/devices/{GPU}/driver_override": ("file", "(null)\n"),
+    }
+    after = {k: v for k, v in before.items() if "efi-framebuffer" not in k and "vtcon1" not in k}
+    after["/proc/fb"] = ("file", "")
+    after["/sys/module/vfio_pci"] = ("dir", None)
+    expected, unexpected = demo.classify_changes(before, after)
+    assert _starts(expected, FB_REMOVED, PROC_FB, VTCON_REMOVED, "vfio-pci left loaded")
+    assert unexpected == {}
+    # the boot console driver holding the consoles since fbcon went is the kernel's doing too
+    before["/sys/devices/virtual/vtconsole/vtcon0/bind"] = ("file", "0\n")
+    before["/sys/devices/virtual/vtconsole/vtcon0/name"] = ("file", "(S) dummy device\n")
+    before["/sys/devices/virtual/vtconsole/vtcon1/bind"] = ("file", "1\n")
+    after["/sys/devices/virtual/vtconsole/vtcon0/bind"] = ("file", "1\n")
+    after["/sys/devices/virtual/vtconsole/vtcon0/name"] = ("file", "(S) dummy device\n")
+    expected, unexpected = demo.classify_changes(before, after)
+    assert _starts(expected, FB_REMOVED, PROC_FB, VTCON_REMOVED, VTCON_TAKEOVER,
+                   "vfio-pci left loaded")
+    assert unexpected == {}
+    # a driver_override left behind is not the kernel's doing
+    after[f"/sys/bus/pci/devices/{GPU}/driver_override"] = ("file", "vfio-pci\n")
+    _, unexpected = demo.classify_changes(before, after)
+    assert list(unexpected) == [f"/sys/bus/pci/devices/{GPU}/driver_override"]
+    # fbcon's vtconsole may only go with the last framebuffer
+    after2 = dict(after, **{"/proc/fb": ("file", "1 other\n")})
+    after2[f"/sys/bus/pci/devices/{GPU}/driver_override"] = ("file", "(null)\n")
+    _, unexpected = demo.classify_changes(before, after2)
+    assert "/sys/class/vtconsole/vtcon1" in unexpected and "/proc/fb" in unexpected
+    # a firmware framebuffer only half gone is a leftover, not the kernel's removal
+    after3 = dict(after, **{"/sys/devices/platform/efi-framebuffer.0": ("dir", None)})
+    after3[f"/sys/bus/pci/devices/{GPU}/driver_override"] = ("file", "(null)\n")
+    expected, unexpected = demo.classify_changes(before, after3)
+    assert not any(e.startswith(FB_REMOVED) for e in expected)
+    assert "/sys/devices/platform/efi-framebuffer.0/uevent" in unexpected

@@ -1,0 +1,812 @@
+"""The demo: a real libvirtd runs vfio-hookd's hook on ``virsh start`` / ``virsh destroy``.
+
+``scripts/demo`` (as root) runs ``python -m vfio_hookd.demo``. What happens:
+
+1. A fresh state directory (printed; removed on success unless ``--keep``, kept on failure)
+   gets the simulated single-GPU NVIDIA host (:func:`vfio_hookd.sim.make_host`, realistic
+   latencies from :data:`vfio_hookd.sim.faults.REALISTIC`) and its systemd on a private bus
+   (:class:`vfio_hookd.sim.bus.SimBus`).
+2. :func:`vfio_hookd.sim.libvirtd.run_in_private_libvirt` starts Debian's libvirtd in a private
+   mount namespace with ``hooks/vfio-hookd`` in its ``qemu.d``, and bind mounts that make the
+   *default* paths ``/etc/vfio-hookd`` and ``/run/vfio-hookd`` point into the state directory
+   (libvirtd gives the hook no environment of ours: it must find the daemon where a real
+   install puts it).
+3. Inside (``python -m vfio_hookd.demo --inner STATE ...``): ``vfio-hookd daemon`` is started
+   on the simulated host (its log lines stream to the terminal, prefixed ``daemon |``) and
+   waited for (``READY=1`` on ``$NOTIFY_SOCKET``, sd_notify(3)); the profile is written; then
+   the scenarios run with the real ``virsh`` and ``vfio-hookd status``:
+
+   - ``passthrough``: ``virsh start`` takes the host into passthrough state, ``vfio-hookd
+     status`` shows each step, ``virsh destroy`` gives everything back.
+   - ``failure``: a fault makes the write to ``/sys/bus/pci/drivers_probe`` fail once
+     (ENODEV); ``virsh start`` fails with the hook's ``BIND_FAILED: ...`` line and the host is
+     rolled back.
+   - ``unmanaged``: a VM without a profile starts and stops; the hook exits 0 and nothing on
+     the host changes.
+
+4. The host is compared with its state at the start (:func:`vfio_hookd.sim.hosts.snapshot`
+   plus the simulated systemd's units). The changes the kernel itself makes are expected and
+   listed as such (:func:`classify_changes`); any other difference fails the run.
+
+The same machinery drives the end-to-end tests (``tests/test_e2e_libvirt.py``) through
+:func:`run`, with latencies off.
+
+Exit status: 0 when every check passed, 1 when one failed, 2 when the run could not be set
+up, 130 when interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+__all__ = ["run", "classify_changes", "main", "SCENARIOS", "DEFAULT_VM", "UNMANAGED_VM",
+           "CONFIG_DIR", "RUN_DIR", "URI"]
+
+SCENARIOS = ("passthrough", "failure", "unmanaged")
+DEMO_SCENARIOS = ("passthrough", "failure")
+DEFAULT_VM = "win11"
+UNMANAGED_VM = "scratch"
+URI = "qemu:///system"
+#: The daemon's and the hook's default paths (vfio_hookd.paths); bind-mounted in the namespace.
+CONFIG_DIR = "/etc/vfio-hookd"
+RUN_DIR = "/run/vfio-hookd"
+REPO = Path(__file__).resolve().parent.parent
+HOOK = REPO / "hooks" / "vfio-hookd"
+
+#: Platform device name -> its ``/proc/fb`` name (the kernel's efifb, simplefb, vesafb).
+FIRMWARE_FBS = {"efi-framebuffer.0": "EFI VGA", "simple-framebuffer.0": "simple",
+                "vesa-framebuffer.0": "VESA VGA"}
+#: vfio-pci and the modules it pulls in (left loaded by design: unloading them on release
+#: breaks another VM that uses vfio-pci; FIELD-NOTES §6).
+VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
+#: The environment variables that would move vfio-hookd away from its default paths.
+PATH_VARS = ("VFIO_HOOKD_CONFIG", "VFIO_HOOKD_RUN", "VFIO_HOOKD_HOST_ROOT")
+DAEMON_READY_TIMEOUT_S = 20.0
+DAEMON_STOP_TIMEOUT_S = 30.0
+COMMAND_TIMEOUT_S = 120.0
+
+_print_lock = threading.Lock()
+
+
+def say(text: str = "") -> None:
+    """Print ``text`` (one or more lines) at once and flush, safe against the log thread."""
+    with _print_lock:
+        print(text, flush=True)
+
+
+def section(title: str) -> None:
+    say(f"\n=== {title} ===")
+
+
+def _env_without_paths() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in PATH_VARS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing the host with its earlier state
+
+
+def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
+    """Split the differences between two :func:`vfio_hookd.sim.hosts.snapshot` results into
+    the ones the kernel itself makes and everything else.
+
+    Expected (Linux ``drivers/video/aperture.c``, ``drivers/video/fbdev/core/fbcon.c``,
+    FIELD-NOTES §2):
+
+    - a firmware framebuffer platform device (``efi-framebuffer.0``, ``simple-framebuffer.0``,
+      ``vesa-framebuffer.0``) *removed*, entirely: the kernel deletes it when vfio-pci (or a
+      DRM driver) takes the boot VGA function; nothing can bring it back before a reboot;
+    - its line *removed* from ``/proc/fb`` (other lines unchanged);
+    - fbcon's vtconsole (name containing ``frame buffer``) *removed*, entirely, when
+      ``/proc/fb`` is left empty: fbcon unregisters with the last framebuffer; if it was
+      bound, another vtconsole's ``bind`` going from 0 to 1 (the driver that took the consoles
+      over, ``drivers/tty/vt/vt.c`` ``do_unbind_con_driver``; nothing else of it changed);
+    - ``/sys/module/<m>`` for :data:`VFIO_MODULES` and ``/sys/bus/pci/drivers/vfio-pci``
+      *added*: vfio-pci is left loaded by design.
+
+    :param before: ``{host path: ("dir"|"link"|"file", value)}``.
+    :param after: the same shape, later.
+    :returns: ``(expected, unexpected)``: human-readable lines for each expected change that
+        occurred, and ``{path: (before value or None, after value or None)}`` for the rest.
+    """
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    expected: list[str] = []
+
+    def under(path: str, top: str) -> bool:
+        return path == top or path.startswith(top + "/")
+
+    def claim(paths: set, kind: str) -> bool:
+        """True when ``paths`` is non-empty and every path was purely removed/added."""
+        if not paths:
+            return False
+        if kind == "removed":
+            ok = all(p in before and p not in after for p in paths)
+        else:
+            ok = all(p in after and p not in before for p in paths)
+        if ok:
+            changed.difference_update(paths)
+        return ok
+
+    removed_fbs = []
+    for dev, fbname in FIRMWARE_FBS.items():
+        top = f"/sys/devices/platform/{dev}"
+        if not (top in before and top not in after):
+            continue
+        paths = {p for p in changed if under(p, top)
+                 or p == f"/sys/bus/platform/devices/{dev}"
+                 or fnmatchcase(p, f"/sys/bus/platform/drivers/*/{dev}")}
+        if claim(paths, "removed"):
+            removed_fbs.append(fbname)
+            expected.append(f"firmware framebuffer {dev} removed: the kernel deletes it when "
+                            f"vfio-pci takes the boot VGA function (aperture eviction)")
+
+    fb_before = (before.get("/proc/fb") or ("file", ""))[1] or ""
+    fb_after = (after.get("/proc/fb") or ("file", ""))[1] or ""
+    if "/proc/fb" in changed:
+        lines_b, lines_a = fb_before.splitlines(), fb_after.splitlines()
+        gone = [ln for ln in lines_b if ln not in lines_a]
+        if (gone and [ln for ln in lines_b if ln not in gone] == lines_a
+                and all(ln.partition(" ")[2] in removed_fbs for ln in gone)):
+            changed.discard("/proc/fb")
+            expected.append(f"/proc/fb: {', '.join(repr(g) for g in gone)} gone with it")
+
+    base = "/sys/devices/virtual/vtconsole"
+    fbcon_gone = []
+    if fb_after.strip() == "":
+        for p in sorted(changed):
+            m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
+            if not m or p not in before or p in after:
+                continue
+            v = m.group(1)
+            name = (before.get(f"{base}/{v}/name") or ("file", ""))[1] or ""
+            if "frame buffer" not in name:
+                continue
+            if claim({q for q in changed if q == p or under(q, f"{base}/{v}")}, "removed"):
+                expected.append(f"{v} ({name.strip()}) removed: fbcon unregistered with the "
+                                f"last framebuffer")
+                if (before.get(f"{base}/{v}/bind") or ("", ""))[1] == "1\n":
+                    fbcon_gone.append(v)
+    if fbcon_gone:
+        # the consoles fbcon held went to another console driver (vt.c do_unbind_con_driver),
+        # which keeps them: its bind reads 1 now, nothing else of it changed
+        for p in sorted(changed):
+            m = re.fullmatch(re.escape(base) + r"/(vtcon\d+)/bind", p)
+            if (m and before.get(p) == ("file", "0\n") and after.get(p) == ("file", "1\n")
+                    and not any(q != p and under(q, f"{base}/{m.group(1)}") for q in changed)):
+                changed.discard(p)
+                name = ((after.get(f"{base}/{m.group(1)}/name") or ("", ""))[1] or "").strip()
+                expected.append(f"{m.group(1)} ({name}) bound: it took the consoles over from "
+                                f"fbcon's {', '.join(fbcon_gone)}")
+
+    loaded = [m for m in VFIO_MODULES
+              if claim({p for p in changed if under(p, f"/sys/module/{m}")}, "added")]
+    drv = claim({p for p in changed if under(p, "/sys/bus/pci/drivers/vfio-pci")}, "added")
+    if loaded or drv:
+        expected.append(f"vfio-pci left loaded by design (modules: {', '.join(loaded) or '-'})")
+    return expected, {p: (before.get(p), after.get(p)) for p in sorted(changed)}
+
+
+def _units(address: str) -> dict[str, str]:
+    from .systemd import Systemd
+    with Systemd(address) as sd:
+        return sd.list_units()
+
+
+def _snapshot(root: str, address: str) -> dict:
+    from .sim import hosts
+    return {"tree": hosts.snapshot(root), "units": _units(address)}
+
+
+def _tree_json(tree: dict) -> dict:
+    return {k: list(v) for k, v in tree.items()}
+
+
+def _tree_from_json(data: dict) -> dict:
+    return {k: tuple(v) for k, v in data.items()}
+
+
+def compare(before: dict, after: dict) -> dict:
+    """``{"expected": [...], "unexpected": {path: [before, after]}, "units_before",
+    "units_after", "units_equal": bool}`` for two :func:`_snapshot` results."""
+    expected, unexpected = classify_changes(before["tree"], after["tree"])
+    return {"expected": expected, "unexpected": {k: list(v) for k, v in unexpected.items()},
+            "units_before": before["units"], "units_after": after["units"],
+            "units_equal": before["units"] == after["units"]}
+
+
+def _show_compare(cmp: dict, strict: bool = False) -> None:
+    if strict and cmp["expected"]:
+        say("  changed (none expected here):")
+    for line in cmp["expected"]:
+        say(f"  expected: {line}")
+    for path, (b, a) in list(cmp["unexpected"].items())[:40]:
+        say(f"  UNEXPECTED: {path}: {b!r} -> {a!r}")
+    if len(cmp["unexpected"]) > 40:
+        say(f"  ... and {len(cmp['unexpected']) - 40} more")
+    if not cmp["unexpected"] and not cmp["expected"]:
+        say("  sysfs, /dev, /proc tree: identical")
+    elif not cmp["unexpected"]:
+        say("  nothing else changed in the sysfs, /dev, /proc tree")
+    if cmp["units_equal"]:
+        say(f"  units: identical ({_fmt_units(cmp['units_after'])})")
+    else:
+        say(f"  UNITS DIFFER: before {cmp['units_before']}, after {cmp['units_after']}")
+
+
+def _fmt_units(units: dict) -> str:
+    return ", ".join(f"{u} {s}" for u, s in sorted(units.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The inner part (runs inside the private mount namespace, next to libvirtd)
+
+
+class DaemonProcess:
+    """``vfio-hookd daemon`` on the simulated host, its log streamed to the terminal.
+
+    :param root: simulated host root; :param address: the simulated system bus's D-Bus address.
+    Ready when it sends ``READY=1`` to ``$NOTIFY_SOCKET`` (an abstract unix datagram socket
+    here; sd_notify(3)); the daemon's exit while waiting fails at once.
+
+    :raises RuntimeError: not ready within :data:`DAEMON_READY_TIMEOUT_S` or exited first.
+    """
+
+    def __init__(self, root: str, address: str):
+        self.lines: list[str] = []
+        exe = Path(sys.executable).parent / "vfio-hookd"
+        argv = [str(exe), "daemon"] if exe.exists() else [sys.executable, "-m", "vfio_hookd.cli",
+                                                           "daemon"]
+        notify_name = f"vfio-hookd-demo-{os.getpid()}-{time.monotonic_ns()}"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._notify.bind("\0" + notify_name)
+        env = _env_without_paths()
+        env.update(VFIO_HOOKD_HOST_ROOT=root, DBUS_SYSTEM_BUS_ADDRESS=address,
+                   VFIO_HOOKD_LOG="stderr", NOTIFY_SOCKET="@" + notify_name,
+                   PYTHONUNBUFFERED="1")
+        t0 = time.monotonic()
+        # own session: a Ctrl-C in the terminal does not reach it; we stop it by PID
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, daemon=True, name="daemon-log")
+        self._reader.start()
+        try:
+            self._wait_ready(time.monotonic() + DAEMON_READY_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_ms = round((time.monotonic() - t0) * 1000, 1)
+
+    def _pump(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            say(f"    daemon | {line}")
+
+    def _wait_ready(self, deadline: float) -> None:
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError("vfio-hookd daemon: no READY=1 within "
+                                       f"{DAEMON_READY_TIMEOUT_S:g} s")
+                ready, _, _ = select.select([self._notify, pidfd], [], [], left)
+                if pidfd in ready:
+                    self._reader.join(5)  # its last lines, for the message
+                    raise RuntimeError(f"vfio-hookd daemon exited with status "
+                                       f"{self.proc.wait()} before READY=1: "
+                                       + " | ".join(self.lines[-5:]))
+                if self._notify in ready:
+                    msg = self._notify.recv(4096).decode(errors="replace")
+                    if "READY=1" in msg.split("\n"):
+                        return
+        finally:
+            os.close(pidfd)
+
+    def stop(self) -> int | None:
+        """SIGTERM by PID, wait (it finishes requests in flight), SIGKILL after
+        :data:`DAEMON_STOP_TIMEOUT_S`; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(DAEMON_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        self._notify.close()
+        return self.proc.returncode
+
+
+def _cmd(argv: list[str], env: dict | None = None, show: bool = True) -> dict:
+    """Run ``argv``; ``{"argv", "rc", "stdout", "stderr", "ms"}`` (wall time in ms)."""
+    if show:
+        say(f"  $ {' '.join(argv)}")
+    t0 = time.monotonic()
+    p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=COMMAND_TIMEOUT_S)
+    ms = round((time.monotonic() - t0) * 1000, 1)
+    if show:
+        for line in (p.stdout + p.stderr).splitlines():
+            if line.strip():
+                say(f"    {line}")
+        say(f"    -> exit status {p.returncode} in {ms:.0f} ms")
+    return {"argv": argv, "rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr, "ms": ms}
+
+
+def hook_error(virsh_stderr: str) -> str | None:
+    """The hook's ``CODE: message`` line inside libvirt's error (FIELD-NOTES §1: ``Hook script
+    execution failed: ... unexpected exit status 1: <hook stderr>``), or None."""
+    text = " ".join(virsh_stderr.split())
+    m = re.search(r"unexpected exit status \d+: ([A-Z][A-Z_]*: .*)$", text)
+    return m.group(1) if m else None
+
+
+class Inner:
+    """The scenarios, run next to the private libvirtd; results go to ``STATE/result.json``.
+
+    :param state: the state directory; the simulated host is ``state/host``.
+    :param address: the simulated system bus's address.
+    :param vm: the managed VM's name.
+    """
+
+    def __init__(self, state: Path, address: str, vm: str):
+        from .host import open_host
+        self.state, self.address, self.vm = state, address, vm
+        self.root = str(state / "host")
+        self.host = open_host(self.root)
+        from .sim import DEVICES
+        self.devices = list(DEVICES["nvidia"])
+        self.daemon: DaemonProcess | None = None
+        self.results: dict = {"vm": vm, "scenarios": {}, "checks": [], "problems": []}
+        self.cli_env = _env_without_paths()
+        self.cli_env.update(VFIO_HOOKD_HOST_ROOT=self.root, DBUS_SYSTEM_BUS_ADDRESS=address)
+        exe = Path(sys.executable).parent / "vfio-hookd"
+        self.cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "vfio_hookd.cli"]
+
+    # ---- small helpers ----------------------------------------------------------------------
+    def check(self, scenario: str, what: str, ok: bool, detail: str = "") -> bool:
+        self.results["checks"].append({"scenario": scenario, "what": what, "ok": bool(ok),
+                                       "detail": detail})
+        say(f"  [{'ok' if ok else 'FAIL'}] {what}" + (f": {detail}" if detail and not ok else ""))
+        return bool(ok)
+
+    def drivers(self) -> dict[str, str | None]:
+        return {a: self.host.link_name(f"/sys/bus/pci/devices/{a}/driver") for a in self.devices}
+
+    def show_host(self) -> None:
+        h = self.host
+        for a, d in self.drivers().items():
+            vga = " (boot VGA)" if (h.read_or(f"/sys/bus/pci/devices/{a}/boot_vga") or "").strip() == "1" else ""
+            say(f"  {a}  driver {d or 'none'}{vga}")
+        mods = ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm", "snd_hda_intel", "vfio_pci"]
+        say("  modules       " + ", ".join(f"{m} {'loaded' if h.module_loaded(m) else 'not loaded'}"
+                                           for m in mods))
+        units = _units(self.address)
+        say(f"  units         {_fmt_units(units)}")
+        vts = []
+        for v in sorted(h.listdir("/sys/class/vtconsole")):
+            name = (h.read_or(f"/sys/class/vtconsole/{v}/name") or "").strip()
+            bind = (h.read_or(f"/sys/class/vtconsole/{v}/bind") or "").strip()
+            vts.append(f"{v} {name!r} bind={bind}")
+        say(f"  vtconsoles    {'; '.join(vts) or 'none'}")
+        fb = (h.read_or("/proc/fb") or "").strip().replace("\n", "; ")
+        plat = []
+        for dev in FIRMWARE_FBS:
+            if h.exists(f"/sys/devices/platform/{dev}"):
+                drv = h.link_name(f"/sys/devices/platform/{dev}/driver")
+                plat.append(f"{dev} ({'bound to ' + drv if drv else 'unbound'})")
+        say(f"  framebuffer   /proc/fb: {fb or 'empty'}; {', '.join(plat) or 'no firmware framebuffer device'}")
+
+    def status(self, vm: str, show: bool = True) -> dict:
+        if show:
+            _cmd([*self.cli, "status", vm], env=self.cli_env)
+        r = _cmd([*self.cli, "status", vm, "--json"], env=self.cli_env, show=False)
+        if r["rc"] != 0:
+            return {"error": r["stderr"].strip()}
+        return json.loads(r["stdout"]).get("vms", {}).get(vm, {})
+
+    def virsh(self, *args: str) -> dict:
+        return _cmd(["virsh", "-c", URI, *args])
+
+    def domain_state(self, vm: str) -> list:
+        from .virt import Libvirt
+        with Libvirt(URI) as lv:
+            return list(lv.state_reason(vm))
+
+    def snap(self) -> dict:
+        return _snapshot(self.root, self.address)
+
+    # ---- scenarios --------------------------------------------------------------------------
+    def passthrough(self) -> None:
+        vm, sc = self.vm, "passthrough"
+        res: dict = self.results["scenarios"].setdefault(sc, {})
+        before = self.snap()
+        drivers_before = self.drivers()
+        section(f"virsh start {vm}: libvirt runs the hook, the daemon prepares the host")
+        res["start"] = r = self.virsh("start", vm)
+        self.check(sc, "virsh start succeeded", r["rc"] == 0, r["stderr"].strip())
+        section(f"vfio-hookd status {vm} (VM running)")
+        st = self.status(vm)
+        drivers, units = self.drivers(), _units(self.address)
+        res["after_start"] = {"status": st, "drivers": drivers, "units": units,
+                              "domain": self.domain_state(vm)}
+        self.check(sc, "record phase prepared", st.get("phase") == "prepared", str(st.get("phase")))
+        self.check(sc, "both functions on vfio-pci", set(drivers.values()) == {"vfio-pci"},
+                   str(drivers))
+        self.check(sc, "gdm.service inactive", units.get("gdm.service") == "inactive",
+                   str(units.get("gdm.service")))
+        self.check(sc, "domain running", res["after_start"]["domain"][0] == "running",
+                   str(res["after_start"]["domain"]))
+        section("Host while the VM runs")
+        self.show_host()
+        section(f"virsh destroy {vm}: libvirt runs the release hook, the daemon gives it back")
+        res["destroy"] = r = self.virsh("destroy", vm)
+        self.check(sc, "virsh destroy succeeded", r["rc"] == 0, r["stderr"].strip())
+        section(f"vfio-hookd status {vm} (VM stopped)")
+        st = self.status(vm)
+        after = self.snap()
+        cmp = compare(before, after)
+        res["after_destroy"] = {"status": st, "drivers": self.drivers(), "compare": cmp}
+        self.check(sc, "record phase idle", st.get("phase") == "idle", str(st.get("phase")))
+        self.check(sc, "functions back on their drivers", self.drivers() == drivers_before,
+                   f"{self.drivers()} != {drivers_before}")
+        section("Host compared with before virsh start")
+        _show_compare(cmp)
+        self.check(sc, "host as before, except the kernel's own changes", not cmp["unexpected"],
+                   f"{len(cmp['unexpected'])} unexpected changes")
+        self.check(sc, "units as before", cmp["units_equal"])
+
+    def failure(self) -> None:
+        from .sim import faults
+        vm, sc = self.vm, "failure"
+        res: dict = self.results["scenarios"].setdefault(sc, {})
+        before = self.snap()
+        section("Failure: the next write to /sys/bus/pci/drivers_probe fails (ENODEV)")
+        faults.inject(self.root, "write", "/sys/bus/pci/drivers_probe", "fail", errno=19, count=1)
+        say("  injected: faults.inject(root, 'write', '/sys/bus/pci/drivers_probe', 'fail', "
+            "errno=19, count=1)")
+        res["start"] = r = self.virsh("start", vm)
+        faults.clear(self.root)
+        res["hook_error"] = line = hook_error(r["stderr"])
+        self.check(sc, "virsh start failed", r["rc"] != 0)
+        self.check(sc, "libvirt's error carries the hook's BIND_FAILED line",
+                   bool(line) and line.startswith("BIND_FAILED: "), r["stderr"].strip())
+        if line:
+            say(f"  the hook said: {line}")
+        res["domain"] = dom = self.domain_state(vm)
+        self.check(sc, "domain shut off (failed)", dom == ["shut off", 6], str(dom))
+        section(f"vfio-hookd status {vm} (after the failed start)")
+        st = self.status(vm)
+        after = self.snap()
+        cmp = compare(before, after)
+        res["after"] = {"status": st, "drivers": self.drivers(), "compare": cmp}
+        self.check(sc, "record phase failed (rolled back)", st.get("phase") == "failed",
+                   str(st.get("phase")))
+        section("Host compared with before the failed start")
+        _show_compare(cmp)
+        self.check(sc, "host rolled back, except the kernel's own changes", not cmp["unexpected"],
+                   f"{len(cmp['unexpected'])} unexpected changes")
+        self.check(sc, "units as before", cmp["units_equal"])
+
+    def unmanaged(self) -> None:
+        vm, sc = UNMANAGED_VM, "unmanaged"
+        res: dict = self.results["scenarios"].setdefault(sc, {})
+        before = self.snap()
+        section(f"A VM without a profile ({vm}): the hook exits 0 and touches nothing")
+        res["start"] = r = self.virsh("start", vm)
+        self.check(sc, "virsh start succeeded", r["rc"] == 0, r["stderr"].strip())
+        mid = self.snap()
+        res["domain"] = self.domain_state(vm)
+        res["destroy"] = r = self.virsh("destroy", vm)
+        self.check(sc, "virsh destroy succeeded", r["rc"] == 0, r["stderr"].strip())
+        after = self.snap()
+        res["unchanged_while_running"] = mid == before
+        res["unchanged_after"] = after == before
+        res["record_exists"] = os.path.lexists(os.path.join(RUN_DIR, "vms", vm + ".json"))
+        res["daemon_lines"] = [ln for ln in (self.daemon.lines if self.daemon else [])
+                               if f"VM={vm}" in ln]
+        self.check(sc, "domain was running", res["domain"][0] == "running", str(res["domain"]))
+        self.check(sc, "host and units identical while it ran", res["unchanged_while_running"])
+        self.check(sc, "host and units identical after it stopped", res["unchanged_after"])
+        self.check(sc, "no record, no daemon request",
+                   not res["record_exists"] and not res["daemon_lines"],
+                   str(res["daemon_lines"]))
+
+    # ---- the whole inner run ----------------------------------------------------------------
+    def run(self, scenarios: list[str]) -> int:
+        from .virt import Libvirt, tiny_domain_xml
+        section("Simulated host before anything runs")
+        self.show_host()
+        section("Starting vfio-hookd daemon (log lines prefixed 'daemon |')")
+        self.daemon = DaemonProcess(self.root, self.address)
+        self.results["daemon_ready_ms"] = self.daemon.ready_ms
+        say(f"  daemon pid {self.daemon.proc.pid}, READY=1 after {self.daemon.ready_ms:.0f} ms")
+        prof = Path(CONFIG_DIR) / "vms" / f"{self.vm}.yaml"
+        prof.parent.mkdir(parents=True, exist_ok=True)
+        prof.write_text("# written by vfio_hookd.demo\n"
+                        f"devices: [{', '.join(repr(a) for a in self.devices)}]\n"
+                        "stop_units: [nvidia-persistenced.service]\n")
+        section(f"Profile {prof}")
+        say("\n".join("  " + ln for ln in prof.read_text().splitlines()))
+        with Libvirt(URI) as lv:
+            for name in (self.vm, UNMANAGED_VM):
+                lv.define(tiny_domain_xml(name))
+        say(f"  defined domains {self.vm!r} and {UNMANAGED_VM!r} (TCG, 64 MiB, no disk; "
+            "vfio_hookd.virt.tiny_domain_xml)")
+        for sc in scenarios:
+            getattr(self, sc)()
+        return 0 if all(c["ok"] for c in self.results["checks"]) else 1
+
+    def cleanup(self) -> None:
+        """Destroy our domains if still running (while the daemon can still release), then
+        stop the daemon by PID."""
+        try:
+            from .virt import Libvirt
+            with Libvirt(URI) as lv:
+                for name in lv.active_names():
+                    if name in (self.vm, UNMANAGED_VM):
+                        say(f"  destroying {name} (still running)")
+                        lv.destroy(name)
+        except Exception as exc:  # noqa: BLE001 - cleanup goes on
+            self.results["problems"].append(f"cleanup: destroy failed: {exc}")
+        if self.daemon is not None:
+            rc = self.daemon.stop()
+            self.results["daemon_exit"] = rc
+            self.results["daemon_log"] = self.daemon.lines
+            say(f"  daemon pid {self.daemon.proc.pid} stopped (exit status {rc})")
+            if rc != 0:
+                self.results["problems"].append(f"daemon exit status {rc}")
+
+
+def inner_main(args) -> int:
+    """``python -m vfio_hookd.demo --inner STATE --bus ADDRESS [--vm VM] [--scenario S ...]``:
+    runs inside the private namespace; writes ``STATE/result.json``; returns the exit status."""
+    state = Path(args.inner).resolve()
+    for var in PATH_VARS:
+        os.environ.pop(var, None)  # this process and `virsh`: the defaults, like a real host
+    inner = Inner(state, args.bus, args.vm)
+    status = 1
+    try:
+        status = inner.run(args.scenario or list(DEMO_SCENARIOS))
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        inner.results["problems"].append("interrupted")
+        say("\n  interrupted: cleaning up")
+        status = 130
+    except Exception as exc:  # noqa: BLE001 - reported, then cleanup
+        inner.results["problems"].append(f"{type(exc).__name__}: {exc}")
+        say(traceback.format_exc())
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        section("Stopping the daemon")
+        inner.cleanup()
+        if inner.results["problems"] and status == 0:
+            status = 1
+        (state / "result.json").write_text(json.dumps(inner.results, indent=1, default=str))
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# The outer part
+
+
+class BusProcess:
+    """``python -m vfio_hookd.sim.bus --root ROOT`` (the private bus and the simulated
+    systemd) in a session of its own, so that a Ctrl-C in the terminal does not stop it while
+    the inner part still needs it to give the host back. Ready when it prints the address.
+
+    :raises RuntimeError: it exited or printed nothing within 20 s.
+    """
+
+    def __init__(self, root: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "vfio_hookd.sim.bus", "--root", root],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     start_new_session=True)
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 20.0)
+            line = self.proc.stdout.readline().decode().strip() if ready else ""
+            if not line:
+                raise RuntimeError(f"simulated bus not ready (exit status {self.proc.poll()}; "
+                                   f"logs in {root}/.sim/)")
+        except BaseException:
+            self.stop()
+            raise
+        self.address = line
+
+    def stop(self) -> None:
+        """SIGTERM by PID (it stops the simulated systemd, then the bus), wait, SIGKILL after
+        15 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+def run(state: str | os.PathLike, scenarios: list[str] | tuple[str, ...] = DEMO_SCENARIOS,
+        latency: dict[str, float] | None = None, vm: str = DEFAULT_VM,
+        cache_dir: str | os.PathLike | None = None, capture: bool = False,
+        timeout_s: float = 300.0) -> dict:
+    """Build the simulated host in ``state/host``, run the scenarios next to a private
+    libvirtd (module docstring) and compare the host at the end with its start.
+
+    :param state: an empty or missing directory for this run.
+    :param scenarios: names from :data:`SCENARIOS`, run in this order.
+    :param latency: per-operation latencies (s) of the simulated host (None: none).
+    :param cache_dir: a ``/var/cache/libvirt`` shared between runs (QEMU probed once).
+    :param capture: capture the output (``result["output"]``) instead of printing it.
+    :returns: the inner part's results (``checks``: ``[{"scenario", "what", "ok",
+        "detail"}]``, ``scenarios``: per-scenario data, ``problems``) plus ``rc`` (the inner
+        part's exit status), ``final`` (:func:`compare` of the host at the end with its
+        start), ``ok`` (bool: every check passed, nothing unexpected changed), ``timings``
+        (the private libvirtd's) and ``output`` (when captured).
+    :raises RuntimeError: the simulated host or its bus could not be set up.
+    :raises subprocess.TimeoutExpired: the run took longer than ``timeout_s``.
+    """
+    from .sim import libvirtd, make_host
+    for sc in scenarios:
+        if sc not in SCENARIOS:
+            raise ValueError(f"unknown scenario {sc!r} (one of {', '.join(SCENARIOS)})")
+    state = Path(state).resolve()
+    root = state / "host"
+    root.mkdir(parents=True)
+    make_host(str(root), "nvidia", latency=latency)
+    bus = BusProcess(str(root))
+    interrupted: list[int] = []
+    result: dict = {"checks": [], "scenarios": {}, "problems": [], "rc": None}
+    try:
+        before = _snapshot(str(root), bus.address)
+        for d in ("etc-vfio-hookd", "run-vfio-hookd"):
+            (state / d).mkdir()
+        (state / "etc-vfio-hookd" / "vms").mkdir()
+        command = [sys.executable, "-m", "vfio_hookd.demo", "--inner", str(state),
+                   "--bus", bus.address, "--vm", vm]
+        for sc in scenarios:
+            command += ["--scenario", sc]
+        binds = [(state / "etc-vfio-hookd", CONFIG_DIR), (state / "run-vfio-hookd", RUN_DIR)]
+        # Ctrl-C reaches the runner and the inner part (same process group); this process
+        # waits for them to clean up instead of leaving the bus to vanish under them.
+        old = signal.signal(signal.SIGINT, lambda s, f: interrupted.append(s))
+        try:
+            proc = libvirtd.run_in_private_libvirt(
+                state / "libvirt", command, hooks=[HOOK], binds=binds, env=_env_without_paths(),
+                timeout_s=timeout_s, cache_dir=cache_dir, capture=capture)
+        finally:
+            signal.signal(signal.SIGINT, old)
+        try:
+            result.update(json.loads((state / "result.json").read_text()))
+        except (OSError, ValueError) as exc:
+            result["problems"].append(f"no result from the inner part ({exc}); "
+                                      f"exit status {proc.returncode}")
+        result["rc"] = proc.returncode
+        if capture:
+            result["output"] = proc.stdout + proc.stderr
+        after = _snapshot(str(root), bus.address)
+        result["final"] = compare(before, after)
+    finally:
+        bus.stop()
+    if "final" not in result:  # an exception is on its way; nothing to compare
+        return result
+    try:
+        result["timings"] = json.loads((state / "libvirt" / "timings.json").read_text())
+    except (OSError, ValueError):
+        result["timings"] = {}
+    if interrupted and "interrupted" not in result["problems"]:
+        result["problems"].append("interrupted")
+    result["ok"] = (result["rc"] == 0 and not result["problems"] and bool(result["checks"])
+                    and all(c["ok"] for c in result["checks"])
+                    and not result["final"]["unexpected"] and result["final"]["units_equal"])
+    return result
+
+
+def _outer_main(args) -> int:
+    if os.geteuid() != 0:
+        print("demo: run as root (it starts libvirtd in a private mount namespace)",
+              file=sys.stderr)
+        return 2
+    for exe in ("virsh", "dbus-daemon"):
+        if shutil.which(exe) is None:
+            print(f"demo: {exe} not found: run scripts/setup", file=sys.stderr)
+            return 2
+    from .sim import faults
+    latency = None if args.no_latency else faults.REALISTIC
+    state = Path(tempfile.mkdtemp(prefix="vfio-hookd-demo-"))
+    say(f"vfio-hookd demo: state directory {state}")
+    say("  simulated single-GPU NVIDIA host, its systemd on a private D-Bus bus, Debian's "
+        "libvirtd in a private mount namespace")
+    say("  latencies: " + ("none" if latency is None else
+                          ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in latency.items() if v)))
+    t0 = time.monotonic()
+    try:
+        result = run(state, args.scenario or DEMO_SCENARIOS, latency=latency, vm=args.vm)
+    except Exception as exc:  # noqa: BLE001 - one line, state kept
+        say(f"\nVERDICT: FAILED: could not run the demo: {type(exc).__name__}: {exc} "
+            f"(state kept in {state})")
+        return 2
+    total_s = time.monotonic() - t0
+    section("Host at the end compared with the start (daemon and libvirtd stopped)")
+    _show_compare(result["final"])
+    section("Summary")
+    sc = result.get("scenarios", {})
+    start = sc.get("passthrough", {}).get("start")
+    if start:
+        say(f"  virsh start {args.vm} (passthrough): {start['ms']:.0f} ms wall time")
+    steps = (sc.get("passthrough", {}).get("after_start", {}).get("status") or {}).get("steps")
+    if steps:
+        say("  prepare steps: " + ", ".join(f"{s['name']} {s['duration_ms']:.0f} ms"
+                                            for s in steps if s["duration_ms"] is not None))
+    steps = (sc.get("passthrough", {}).get("after_destroy", {}).get("status") or {}).get("steps")
+    if steps:
+        say("  release (undo): " + ", ".join(f"{s['name']} {s['undo_ms']:.0f} ms" for s in
+                                             reversed(steps) if s.get("undo_ms") is not None))
+    destroy = sc.get("passthrough", {}).get("destroy")
+    if destroy:
+        say(f"  virsh destroy {args.vm}: {destroy['ms']:.0f} ms wall time")
+    failed = [c for c in result["checks"] if not c["ok"]]
+    for c in failed:
+        say(f"  FAILED check [{c['scenario']}] {c['what']}: {c['detail']}")
+    for p in result["problems"]:
+        say(f"  problem: {p}")
+    n = len(result["checks"])
+    if result["ok"]:
+        if args.keep:
+            say(f"  state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+        say(f"\nVERDICT: OK: {n} checks passed; the host came back as it was except the "
+            f"kernel's own expected changes ({total_s:.1f} s)")
+        return 0
+    if "interrupted" in result["problems"]:
+        say(f"\nVERDICT: INTERRUPTED (state kept in {state})")
+        return 130
+    say(f"\nVERDICT: FAILED: {len(failed)} of {n} checks failed, "
+        f"{len(result['final']['unexpected'])} unexpected host changes"
+        f"{'' if result['final']['units_equal'] else ', units differ'} (state kept in {state})")
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/demo", description="Watch a real libvirtd drive "
+                                "vfio-hookd on a simulated single-GPU host (run as root).")
+    p.add_argument("--keep", action="store_true", help="keep the state directory on success")
+    p.add_argument("--vm", default=DEFAULT_VM, help=f"the managed VM's name (default {DEFAULT_VM})")
+    p.add_argument("--scenario", action="append", choices=SCENARIOS,
+                   help=f"run these scenarios in order (default: {' '.join(DEMO_SCENARIOS)})")
+    p.add_argument("--no-latency", action="store_true",
+                   help="simulated operations take no time (default: realistic latencies)")
+    p.add_argument("--inner", metavar="STATE", help=argparse.SUPPRESS)
+    p.add_argument("--bus", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m vfio_hookd.demo``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.inner:
+        return inner_main(args)
+    return _outer_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
