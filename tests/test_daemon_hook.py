@@ -228,3 +228,27 @@ def test_install_into_a_root(tmp_path, dirs):
     assert os.access(hook, os.X_OK) and hook.read_text().startswith("#!/usr/bin/python3")
     unit = (tmp_path / "r/etc/systemd/system/vfio-hookd.service").read_text()
     assert "Type=notify" in unit and "@VFIO_HOOKD@" not in unit
+
+
+def test_cli_prepare_auto_devices_needs_the_domain_xml(world, tmp_path):
+    write_profile(world.dirs, "win11", "devices: auto\nstop_units: [nvidia-persistenced.service]\n")
+    before = world.snapshot()
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address,
+               LIBVIRT_DEFAULT_URI="qemu+unix:///system?socket=" + str(tmp_path / "none.sock"))
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "win11"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert r.stderr.startswith("DOMAIN_XML_INVALID: ") and "--xml" in r.stderr
+    assert world.snapshot() == before
+    xml = tmp_path / "win11.xml"
+    xml.write_text("<domain><devices><hostdev mode='subsystem' type='pci'><source><address "
+                   "domain='0' bus='1' slot='0' function='0'/></source></hostdev><hostdev "
+                   "mode='subsystem' type='pci'><source><address domain='0' bus='1' slot='0' "
+                   "function='1'/></source></hostdev></devices></domain>")
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "win11", "--xml", str(xml)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.1/driver") == "vfio-pci"
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "win11"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr

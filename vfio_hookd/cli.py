@@ -100,12 +100,32 @@ def cmd_prepare(args) -> int:
                 xml = f.read()
         except OSError as exc:
             raise HookdError(errors.DOMAIN_XML_INVALID, f"{args.xml}: {exc.strerror}") from None
+    if xml is None:
+        from .profile import load_profile
+        if load_profile(args.vm).devices is None:
+            xml = _domain_xml(args.vm)
     result = _daemon_request({"op": "prepare", "vm": args.vm, "xml": xml})
     if result is None:
         rec = _local_machine().prepare(args.vm, xml)
         result = {"vm": args.vm, "phase": rec["phase"]}
     print(f"{result['vm']}: {result['phase']}")
     return 0
+
+
+def _domain_xml(vm: str) -> str:
+    """The domain XML of ``vm`` from libvirt, for ``devices: auto`` (the CLI is not a hook, so
+    it may call libvirt).
+
+    :raises HookdError: ``DOMAIN_XML_INVALID`` when libvirt cannot give it.
+    """
+    from .virt import Libvirt, VirtError
+    try:
+        with Libvirt(os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system") as conn:
+            return conn.xml_desc(vm)
+    except VirtError as exc:
+        raise HookdError(errors.DOMAIN_XML_INVALID,
+                         f"devices: auto needs {vm!r}'s domain XML and libvirt could not give it "
+                         f"({exc.message}); pass --xml FILE") from None
 
 
 def cmd_release(args) -> int:

@@ -132,6 +132,11 @@ class Libvirt:
         is ``7002000``; ``virConnectGetVersion``)."""
         return self._call(self._conn.getVersion)
 
+    def xml_desc(self, name: str) -> str:
+        """The domain XML of ``name`` (str; ``virDomainGetXMLDesc`` with no flags: the live XML
+        of a running domain, else the persistent one)."""
+        return self._call(self._dom(name).XMLDesc, 0)
+
     def define(self, xml: str) -> None:
         """Define (persist) a domain from its XML (``virDomainDefineXML``); redefining an
         existing name replaces its inactive config."""
