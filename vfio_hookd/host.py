@@ -161,9 +161,12 @@ class Host:
         except OSError as exc:
             raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {exc}")
         if proc.returncode != 0:
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise errors.HookdError(errors.MODULE_FAILED,
-                                    f"{what}: {msg[-1] if msg else 'exit %d' % proc.returncode}")
+            # kmod names the cause first ("Error running install command ...") and the
+            # consequence last ("could not insert ...: Invalid argument"): keep both
+            lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            msg = "; ".join(ln for ln in lines if "ERROR" in ln or "FATAL" in ln) or \
+                (lines[-1] if lines else f"exit status {proc.returncode}")
+            raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {msg}")
 
     # ---- device nodes and the processes that hold them ---------------------------------------
     def node_identity(self, p: str) -> tuple | None:
