@@ -15,6 +15,10 @@ from vfio_hookd.steps import STEP_NAMES, STEPS, Context, current_driver
 # What the kernel itself removes when a driver takes the boot VGA function: the firmware
 # framebuffer device, its /proc/fb line, and fbcon's vtconsole with the last framebuffer.
 FB_PATHS = ("efi-framebuffer", "/proc/fb", "vtconsole/vtcon1")
+# ... and with fbcon gone the boot console driver (vtcon0, "(S) dummy device") keeps the
+# consoles it took when fbcon was unbound: its bind goes from 0 to 1 for good (vt.c
+# do_unbind_con_driver; seen on Linux 6.1 in the OVMF guest of tests/kernel, efifb_release).
+BOOT_VTCON_BIND = "/sys/devices/virtual/vtconsole/vtcon0/bind"
 # vfio-pci is loaded by prepare and never unloaded (another VM may use it).
 VFIO_PATHS = ("/sys/bus/pci/drivers/vfio-pci", "/sys/module/vfio", "/dev/vfio/")
 
@@ -23,7 +27,10 @@ def evicted_only(d: dict, vfio_loaded: bool = True) -> bool:
     """True when every difference is one the kernel makes on its own (the firmware framebuffer
     removed), or vfio-pci left loaded; and the framebuffer did go."""
     allowed = FB_PATHS + (VFIO_PATHS if vfio_loaded else ())
-    return all(any(p in k for p in allowed) for k in d) and any("efi-framebuffer" in k for k in d)
+    boot_vtcon_ok = d.get(BOOT_VTCON_BIND, (("file", "0\n"), ("file", "1\n"))) == \
+        (("file", "0\n"), ("file", "1\n"))
+    return boot_vtcon_ok and all(any(p in k for p in allowed) or k == BOOT_VTCON_BIND
+                                 for k in d) and any("efi-framebuffer" in k for k in d)
 
 
 def vfio_only(d: dict) -> bool:
@@ -60,8 +67,10 @@ def test_prepare_then_release_restores_the_host(world):
     assert world.host.exists("/dev/vfio/1")
     assert not world.host.module_loaded("nvidia")
     assert world.host.module_loaded("snd_hda_intel")
-    # fbcon was unbound, then the last framebuffer went away: the kernel drops vtcon1
+    # fbcon was unbound, then the last framebuffer went away: the kernel drops vtcon1, and
+    # the boot console driver holds the consoles
     assert not world.host.exists("/sys/class/vtconsole/vtcon1")
+    assert world.host.read("/sys/class/vtconsole/vtcon0/bind") == "1"
     units = world.systemd.list_units()
     assert units["gdm.service"] == "inactive" and units["nvidia-persistenced.service"] == "inactive"
     assert units["sshd.service"] == "active"

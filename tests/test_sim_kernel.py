@@ -301,6 +301,101 @@ def test_framebuffer_unbind_bind_and_fbcon(host):
     assert host.read("/sys/class/vtconsole/vtcon1/bind") == "1"
 
 
+def vtcons(h: SimHost) -> dict:
+    return {v: (h.read(f"/sys/class/vtconsole/{v}/name"), h.read(f"/sys/class/vtconsole/{v}/bind"))
+            for v in h.listdir("/sys/class/vtconsole")}
+
+
+def test_vtconsole_bind_follows_vt_c_after_an_efi_boot(host):
+    """vt.c: unbind hands the consoles to the first other driver, bind takes them back only
+    from the boot "(S)" driver, and writes to the "(S)" driver's own bind do nothing."""
+    assert vtcons(host) == {"vtcon0": ("(S) dummy device", "0"),
+                            "vtcon1": ("(M) frame buffer device", "1")}
+    host.write("/sys/class/vtconsole/vtcon1/bind", "0\n", T)
+    assert vtcons(host) == {"vtcon0": ("(S) dummy device", "1"),
+                            "vtcon1": ("(M) frame buffer device", "0")}
+    host.write("/sys/class/vtconsole/vtcon0/bind", "0", T)   # boot driver: ignored
+    host.write("/sys/class/vtconsole/vtcon1/bind", "0", T)   # already unbound: nothing
+    assert host.read("/sys/class/vtconsole/vtcon0/bind") == "1"
+    host.write("/sys/class/vtconsole/vtcon1/bind", "1", T)
+    assert vtcons(host) == {"vtcon0": ("(S) dummy device", "0"),
+                            "vtcon1": ("(M) frame buffer device", "1")}
+
+
+@pytest.fixture
+def amd_bios(tmp_path) -> SimHost:
+    root = str(tmp_path / "amd-bios")
+    hosts.build_host(root, "amd", firmware="bios")
+    return SimHost(root)
+
+
+def test_bios_boot_layout_after_the_drm_driver_evicted_vgacon(amd_bios, tmp_path):
+    """As in the BIOS guests of tests/kernel (bochs-drm on the boot VGA): vgacon retired,
+    fbcon on its vtcon0, the dummy console that replaced vgacon on vtcon1; no firmware
+    framebuffer. Without an evicting driver (nvidia, modeset=0) vgacon stays the console."""
+    assert vtcons(amd_bios) == {"vtcon0": ("(M) frame buffer device", "1"),
+                                "vtcon1": ("(M) dummy device", "0")}
+    assert not amd_bios.exists(f"/sys/bus/platform/devices/{EFIFB}")
+    assert amd_bios.read("/proc/fb") == "0 amdgpudrmfb"
+    nv = str(tmp_path / "nv-bios")
+    hosts.build_host(nv, "nvidia", firmware="bios")
+    assert vtcons(SimHost(nv)) == {"vtcon0": ("(S) VGA+", "1")}
+    with pytest.raises(ValueError):
+        hosts.build_host(str(tmp_path / "x"), "amd", firmware="coreboot")
+
+
+def test_bios_layout_rebind_is_ignored_until_the_taker_unbinds(amd_bios):
+    """With no "(S)" driver left a 1 written to fbcon's bind does nothing (vt_bind only takes
+    consoles from the boot driver); unbinding the dummy console that took them hands them
+    back to fbcon, the first other driver (seen on Linux 6.1, VGA-bios guest)."""
+    amd_bios.write("/sys/class/vtconsole/vtcon0/bind", "0", T)
+    assert vtcons(amd_bios)["vtcon1"] == ("(M) dummy device", "1")
+    amd_bios.write("/sys/class/vtconsole/vtcon0/bind", "1", T)
+    assert amd_bios.read("/sys/class/vtconsole/vtcon0/bind") == "0"
+    amd_bios.write("/sys/class/vtconsole/vtcon1/bind", "0", T)
+    assert vtcons(amd_bios) == {"vtcon0": ("(M) frame buffer device", "1"),
+                                "vtcon1": ("(M) dummy device", "0")}
+
+
+def test_vtconsoles_step_rebinds_through_the_taker_on_a_bios_host(amd_bios):
+    """The vtconsoles step's apply + undo on the BIOS layout leaves the consoles as they were
+    (its undo needs the taker unbound: the write of 1 alone is ignored)."""
+    from types import SimpleNamespace
+    from vfio_hookd.steps import Context, Vtconsoles
+    prof = SimpleNamespace(vtconsoles=True, deadlines=SimpleNamespace(unbind=T))
+    ctx = Context(vm="w", host=amd_bios, profile=prof, devices=(AMD_GPU, AMD_AUDIO),
+                  drivers={}, systemd=lambda: None)
+    before = vtcons(amd_bios)
+    step = Vtconsoles()
+    facts = step.observe(ctx)
+    assert facts["plan"] == ["vtcon0"]
+    step.apply(ctx, facts)
+    assert facts["took_over"] == {"vtcon0": ["vtcon1"]}
+    assert step.undo(ctx, facts) == []
+    assert vtcons(amd_bios) == before
+
+
+def test_full_cycle_amd_bios_returns_the_same_host(amd_bios):
+    before = hosts.snapshot(amd_bios.root)
+    amd_bios.write("/sys/class/vtconsole/vtcon0/bind", "0", T)
+    amd_bios.modprobe("vfio-pci", T)
+    to_vfio(amd_bios, AMD_GPU)
+    to_vfio(amd_bios, AMD_AUDIO)
+    # amdgpu's framebuffer went with it, fbcon (unbound) unregistered: the dummy console holds on
+    assert vtcons(amd_bios) == {"vtcon1": ("(M) dummy device", "1")}
+    amd_bios.rmmod("amdgpu", T)
+    amd_bios.modprobe("amdgpu", T)
+    give_back(amd_bios, AMD_AUDIO)
+    give_back(amd_bios, AMD_GPU)
+    # fbcon comes back on the lowest free vtconN and takes the consoles over
+    assert vtcons(amd_bios) == {"vtcon0": ("(M) frame buffer device", "1"),
+                                "vtcon1": ("(M) dummy device", "0")}
+    after = hosts.snapshot(amd_bios.root)
+    for p in [p for p in after if p.startswith(("/sys/module/vfio", "/sys/bus/pci/drivers/vfio-pci"))]:
+        del after[p]
+    assert after == before
+
+
 def test_plain_attribute_writes(host):
     host.write(f"/sys/bus/pci/devices/{GPU}/reset_method", "bus", T)
     assert host.read(f"/sys/bus/pci/devices/{GPU}/reset_method") == "bus"
@@ -379,7 +474,10 @@ def test_full_cycle_nvidia_returns_the_host_but_the_firmware_framebuffer(host):
     assert removed and all(EFIFB in p or "vtcon1" in p for p in removed)
     assert added and all(p.startswith(("/sys/module/vfio", "/sys/bus/pci/drivers/vfio-pci"))
                          for p in added)
-    assert changed == {"/proc/fb"} and after["/proc/fb"] == ("file", "")
+    # fbcon left with the last framebuffer: the boot console (dummycon) keeps the consoles
+    boot_vtcon = "/sys/devices/virtual/vtconsole/vtcon0/bind"
+    assert changed == {"/proc/fb", boot_vtcon} and after["/proc/fb"] == ("file", "")
+    assert after[boot_vtcon] == ("file", "1\n")
 
 
 def test_full_cycle_amd_returns_the_same_host(amd):

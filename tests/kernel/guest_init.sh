@@ -32,6 +32,12 @@ mkdir -p $R/lib/modules/$KV $R/vfio-out
 mount --bind /host$REPO/.cache/kernel/$KV/lib/modules/$KV $R/lib/modules/$KV
 mount --bind /out $R/vfio-out
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
+# The kernel's own module requests (request_module(): HDA codec drivers, char-major-* aliases)
+# run /proc/sys/kernel/modprobe in PID 1's root, this initramfs, whose busybox modprobe knows
+# no modules: hand them to the real kmod in the chroot, as a booted system's modprobe does.
+printf '#!/bin/sh\nexec /bin/chroot %s /sbin/modprobe "$@"\n' "$R" > /sbin/modprobe-chroot
+chmod 755 /sbin/modprobe-chroot
+echo /sbin/modprobe-chroot > /proc/sys/kernel/modprobe
 echo "vfio-hookd guest init: running the scenarios ($SCENARIOS)"
 chroot $R /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
     $REPO/.venv/bin/python $REPO/tests/kernel/guest_runner.py /vfio-out

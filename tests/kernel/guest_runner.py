@@ -8,6 +8,9 @@ scenario (``{"ok": bool, "error": str|null, "wall_s": float, ...}``), the daemon
 ``OUTDIR/daemon.log`` and its own to ``OUTDIR/runner.log``. Exit status 0 when every scenario
 passed, 1 otherwise.
 
+Scenario ``libvirt`` also runs Debian's libvirtd in the guest (:class:`GuestLibvirt`) with the
+project's hook installed, so the whole path virsh -> libvirtd -> hook -> daemon -> kernel is real.
+
 What stands for the host's services: the project's simulated systemd on a private D-Bus bus
 (``vfio_hookd.sim.bus.SimBus`` with ``root="/"``: its ``gdm.service`` is a real process holding
 the guest's real ``/dev/dri/card0`` and the GPU's audio control node), and ``vfio-hookd daemon``
@@ -21,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -140,9 +144,23 @@ def nodes() -> list[str]:
     return out
 
 
-def snapshot(world) -> dict:
+def wait_sound_nodes(expected: list[str], timeout_s: float = 10.0) -> None:
+    """Wait until every ``/dev/snd`` node in ``expected`` exists again. snd_hda_intel probes
+    asynchronously (``azx_probe_work``): its driver link is there when ``drivers_probe``
+    returns, the sound card and its nodes a little later (and the codec drivers are loaded
+    on request by then). Polls ``/dev/snd`` (no event to wait on from a chroot without udev)."""
+    want = [n for n in expected if n.startswith("/dev/snd/")]
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(n) for n in want) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def snapshot(world, like: dict | None = None) -> dict:
     """The state scenario 2 compares (drivers, overrides, modules, vtcon binds, /proc/fb,
-    device nodes, firmware framebuffers, DM unit state)."""
+    device nodes, firmware framebuffers, DM unit state). With ``like`` (an earlier snapshot)
+    the sound nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
+    if like is not None:
+        wait_sound_nodes(like["nodes"])
     return {
         "drivers": {a: driver(a) for a in sorted(os.listdir("/sys/bus/pci/devices"))},
         "overrides": {a: rd(f"/sys/bus/pci/devices/{a}/driver_override") for a in FUNCS},
@@ -182,9 +200,25 @@ def coldplug(skip: tuple = ()) -> None:
             return
 
 
+def static_nodes() -> None:
+    """Create the static device nodes of modules not loaded yet (``kmod static-nodes``), as
+    systemd-tmpfiles does at boot: ``/dev/vfio/vfio`` (char 10:196), whose first open loads
+    vfio. libvirt checks it before it assigns a PCI device through VFIO."""
+    r = subprocess.run(["kmod", "static-nodes", "--format=tmpfiles"], capture_output=True,
+                       text=True, check=False)
+    for line in r.stdout.splitlines():
+        parts = line.split()      # c! /dev/vfio/vfio 0600 - - - 10:196
+        if len(parts) == 7 and parts[0].startswith("c") and parts[1] == "/dev/vfio/vfio" \
+                and not os.path.exists(parts[1]):
+            major, minor = (int(x) for x in parts[6].split(":"))
+            os.makedirs(os.path.dirname(parts[1]), exist_ok=True)
+            os.mknod(parts[1], int(parts[2], 8) | stat.S_IFCHR, os.makedev(major, minor))
+            log(f"static node {parts[1]} ({parts[6]})")
+
+
 class World:
-    """The simulated systemd (``gdm.service`` holding the GPU's card and audio control node,
-    none when the GPU has no driver) on a private bus, and the daemon."""
+    """The simulated systemd (``gdm.service`` holding the GPU's card and the GPU audio's
+    control node, none when the GPU has no driver) on a private bus, and the daemon."""
 
     def __init__(self):
         from vfio_hookd.sim.bus import SimBus
@@ -192,8 +226,10 @@ class World:
         os.makedirs(f"{WORK}/etc/vms", exist_ok=True)
         shutil.rmtree(f"{WORK}/sim", ignore_errors=True)
         os.makedirs(f"{WORK}/sim/.sim", exist_ok=True)
-        holds = [n for n in function_nodes(GPU) if "/card" in n][:1] + \
-                [n for n in function_nodes(AUDIO) if "/controlC" in n][:1]
+        # the DM holds the GPU's card and the GPU audio's control node; with no DRM driver
+        # (the OVMF efifb phase) there is no session on the GPU and it holds nothing
+        card = [n for n in function_nodes(GPU) if "/card" in n][:1]
+        holds = card + ([n for n in function_nodes(AUDIO) if "/controlC" in n][:1] if card else [])
         self.holds = holds
         with open(f"{WORK}/sim/.sim/units.json", "w") as f:
             json.dump({"gdm.service": {"aliases": ["display-manager.service"], "active": True,
@@ -211,7 +247,14 @@ class World:
         with open(f"{WORK}/sim/.sim/units-state.json") as f:
             return json.load(f)["gdm.service"]["pid"]
 
-    def start_daemon(self) -> None:
+    def restart_daemon(self, path_prefix: str | None = None) -> None:
+        """Stop the daemon (SIGTERM, wait) and start it again, with ``path_prefix`` (a
+        directory) first in its PATH when given."""
+        self.daemon.send_signal(signal.SIGTERM)
+        self.daemon.wait(60)
+        self.start_daemon(path_prefix)
+
+    def start_daemon(self, path_prefix: str | None = None) -> None:
         path = f"{WORK}/notify"
         if os.path.exists(path):
             os.unlink(path)
@@ -219,6 +262,8 @@ class World:
         sock.bind(path)
         sock.settimeout(120)
         env = dict(ENV, NOTIFY_SOCKET=path)
+        if path_prefix:
+            env["PATH"] = f"{path_prefix}:{env['PATH']}"
         logf = open(os.path.join(OUT, "daemon.log"), "ab")
         t = time.monotonic()
         self.daemon = subprocess.Popen([PY, "-m", "vfio_hookd.cli", "daemon"], env=env,
@@ -324,7 +369,7 @@ def sc_release(world) -> dict:
     r = cli("release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
     STATE["prepared"] = False
-    after = snapshot(world)
+    after = snapshot(world, like=STATE["before"])
     st = status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
     d = diff(STATE["before"], after)
@@ -373,7 +418,7 @@ def sc_holders(world) -> dict:
         check(r.returncode != 0, "prepare succeeded although a process holds the GPU")
         check(r.stderr.startswith("DEVICE_BUSY:"), f"not DEVICE_BUSY: {r.stderr.strip()}")
         check(f"PID {h.pid}" in r.stderr, f"holder PID {h.pid} not named: {r.stderr.strip()}")
-        after = snapshot(world)
+        after = snapshot(world, like=before)
         d = diff(before, after)
         check(not d, f"state after the refused prepare differs: {json.dumps(d)}")
         check(h.poll() is None, "the holder was killed although on_busy is fail")
@@ -388,7 +433,7 @@ def sc_holders(world) -> dict:
         st_ok = status()
         r = cli("release", VM)
         check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
-        d = diff(before, snapshot(world))
+        d = diff(before, snapshot(world, like=before))
         d.pop("platform_fbs", None), d.pop("proc_fb", None)
         check(not d, f"state after terminate+release differs: {json.dumps(d)}")
         return {"refused": r.stderr.strip(), "steps_fail": step_times(st_fail),
@@ -401,8 +446,9 @@ def sc_holders(world) -> dict:
 
 
 def sc_fault(world) -> dict:
-    """Scenario 5: vfio-pci cannot be loaded (blacklisted with an ``install`` rule in the
-    guest's /etc/modprobe.d): prepare fails in bind_vfio and the rollback restores everything."""
+    """Scenario 5: vfio-pci cannot be loaded (``install vfio_pci /bin/false`` in the guest's
+    /etc/modprobe.d; a plain ``modprobe vfio-pci`` is checked to fail on that rule first):
+    prepare fails in bind_vfio and the rollback restores everything."""
     profile()
     for m in ("vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "vfio"):
         if m in modules():
@@ -412,20 +458,304 @@ def sc_fault(world) -> dict:
     with open(conf, "w") as f:
         f.write("install vfio_pci /bin/false\n")
     try:
-        dry = subprocess.run(["modprobe", "-n", "-v", "vfio-pci"], capture_output=True, text=True)
-        log(f"modprobe -n -v vfio-pci: {dry.returncode} {dry.stdout.strip()} {dry.stderr.strip()}")
+        # kmod runs the install command instead of inserting the module; when the command
+        # fails, kmod reports "Error running install command ..." and returns -EINVAL, so the
+        # last line modprobe prints is "could not insert 'vfio_pci': Invalid argument" (kmod
+        # libkmod-module.c module_do_install_commands); nothing reaches the kernel.
+        direct = subprocess.run(["modprobe", "vfio-pci"], capture_output=True, text=True)
+        log(f"modprobe vfio-pci: {direct.returncode}: {direct.stderr.strip()}")
+        check(direct.returncode != 0 and "Error running install command" in direct.stderr,
+              f"the install rule did not fail modprobe: {direct.returncode} {direct.stderr!r}")
+        check("vfio_pci" not in modules(), "vfio_pci got loaded despite the install rule")
         before = snapshot(world)
         r = cli("prepare", VM)
         check(r.returncode != 0, "prepare succeeded although vfio-pci cannot load")
-        check(r.stderr.startswith("MODULE_FAILED: step bind_vfio"), f"unexpected: {r.stderr.strip()}")
-        after = snapshot(world)
+        check(r.stderr.startswith("MODULE_FAILED: step bind_vfio: loading module vfio-pci"),
+              f"unexpected: {r.stderr.strip()}")
+        after = snapshot(world, like=before)
         d = diff(before, after)
         check(not d, f"state after rollback differs: {json.dumps(d)}")
         st = status()
         check(st["phase"] == "failed", f"phase {st['phase']}")
-        return {"error": r.stderr.strip(), "steps": step_times(st)}
+        return {"error": r.stderr.strip(), "modprobe_stderr": direct.stderr.strip(),
+                "steps": step_times(st)}
     finally:
         os.unlink(conf)
+
+
+def sc_fault_late(world) -> dict:
+    """Scenario 5b: the last step fails after everything else was applied: an ``rmmod`` first
+    in the daemon's PATH refuses the GPU's DRM module (as kmod does for a module in use). The
+    rollback must undo every step on the real kernel: both functions back from vfio-pci to
+    their drivers, the vtconsoles rebound, the DM started; the state equals the one before."""
+    profile()
+    drm = sorted(drm_modules())
+    check(drm, "no DRM module bound to the GPU")
+    fbin = f"{WORK}/faultbin"
+    os.makedirs(fbin, exist_ok=True)
+    with open(f"{fbin}/rmmod", "w") as f:
+        f.write("#!/bin/sh\n"
+                f"for m in \"$@\"; do case \" {' '.join(drm)} \" in *\" $m \"*)\n"
+                "  echo \"rmmod: ERROR: Module $m is in use (injected by the kernel tests)\" >&2\n"
+                "  exit 1;; esac; done\n"
+                "exec /usr/sbin/rmmod \"$@\"\n")
+    os.chmod(f"{fbin}/rmmod", 0o755)
+    world.restart_daemon(path_prefix=fbin)
+    try:
+        before = snapshot(world)
+        dm = world.dm_pid()
+        r = cli("prepare", VM)
+        check(r.returncode != 0, "prepare succeeded although rmmod fails")
+        check(r.stderr.startswith(f"MODULE_FAILED: step modules: unloading module {drm[0]}")
+              and "injected" in r.stderr, f"unexpected: {r.stderr.strip()}")
+        st = status()
+        check(st["phase"] == "failed", f"phase {st['phase']}")
+        steps = {s_["name"]: s_["status"] for s_ in st["steps"]}
+        check(steps.get("bind_vfio") == "undone" and steps.get("vtconsoles") == "undone",
+              f"steps after the rollback: {steps}")
+        notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
+        left, expected = _release_diff(before, snapshot(world, like=before), notes)
+        check(not left, f"state after the rollback differs: {json.dumps(left)}")
+        new_dm = world.dm_pid()
+        check(new_dm != dm and os.path.exists(f"/proc/{new_dm}"), "display manager not restarted")
+        return {"error": r.stderr.strip(), "steps": step_times(st),
+                "expected_differences": expected}
+    finally:
+        world.restart_daemon()
+
+
+#: qemu.conf of the guest's libvirtd (FIELD-NOTES §5): root QEMU, no relabelling, no
+#: cgroups, no private /dev (QEMU must see the guest's /dev/vfio), QEMU's log to a plain file
+#: (no virtlogd to start).
+LIBVIRT_QEMU_CONF = """user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+stdio_handler = "file"
+"""
+LIBVIRTD_CONF = """auth_unix_ro = "none"
+auth_unix_rw = "none"
+"""
+LIBVIRT_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt",
+                "/run/libvirt")
+
+
+class GuestLibvirt:
+    """Debian's ``/usr/sbin/libvirtd`` running in the guest (a fresh tmpfs on each of
+    :data:`LIBVIRT_DIRS`, so nothing of this machine's libvirt configuration is seen), with
+    vfio-hookd's hook installed as ``/etc/libvirt/hooks/qemu.d/vfio-hookd`` before libvirtd
+    starts (libvirt discovers hooks at start, FIELD-NOTES §1). The hook runs with libvirtd's
+    environment, so it uses the default paths: ``/etc/vfio-hookd`` is made a link to the
+    runner's configuration directory and the daemon listens on ``/run/vfio-hookd``."""
+
+    ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "LANG": "C.UTF-8", "HOME": "/root"}
+
+    def __init__(self):
+        from vfio_hookd.sim.libvirtd import _DirWatch
+        for d in LIBVIRT_DIRS:
+            os.makedirs(d, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
+        for d in ("/etc/libvirt/hooks/qemu.d", "/etc/libvirt/qemu", "/var/lib/libvirt/qemu",
+                  "/var/log/libvirt/qemu", "/var/cache/libvirt/qemu"):
+            os.makedirs(d, exist_ok=True)
+        with open("/etc/libvirt/qemu.conf", "w") as f:
+            f.write(LIBVIRT_QEMU_CONF)
+        with open("/etc/libvirt/libvirtd.conf", "w") as f:
+            f.write(LIBVIRTD_CONF)
+        hook = "/etc/libvirt/hooks/qemu.d/vfio-hookd"
+        shutil.copyfile(os.path.join(REPO, "vfio_hookd", "qemu_hook.py"), hook)
+        os.chmod(hook, 0o755)
+        if os.path.lexists("/etc/vfio-hookd"):
+            shutil.rmtree("/etc/vfio-hookd") if os.path.isdir("/etc/vfio-hookd") and \
+                not os.path.islink("/etc/vfio-hookd") else os.unlink("/etc/vfio-hookd")
+        os.symlink(f"{WORK}/etc", "/etc/vfio-hookd")
+        t = time.monotonic()
+        self.logf = open(os.path.join(OUT, "libvirtd.log"), "ab")
+        watch = _DirWatch("/run/libvirt")
+        try:
+            self.proc = subprocess.Popen(["/usr/sbin/libvirtd"], env=self.ENV, cwd="/",
+                                         stdin=subprocess.DEVNULL, stdout=self.logf,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+            watch.wait_for("libvirt-admin-sock", self.proc, "libvirtd", time.monotonic() + 120)
+        finally:
+            watch.close()
+        r = self.virsh("version")    # answered once the qemu driver has probed QEMU
+        check(r.returncode == 0, f"libvirtd does not answer: {r.stderr.strip()}")
+        self.ready_s = round(time.monotonic() - t, 2)
+        log(f"libvirtd ready in {self.ready_s} s (pid {self.proc.pid})")
+
+    def virsh(self, *args, timeout=240) -> subprocess.CompletedProcess:
+        t = time.monotonic()
+        r = subprocess.run(["virsh", "-q", "-c", "qemu:///system", *args], env=dict(self.ENV, LC_ALL="C"),
+                           capture_output=True, text=True, timeout=timeout)
+        log(f"virsh {' '.join(args)} -> {r.returncode} in {time.monotonic() - t:.2f} s"
+            + (f": {r.stderr.strip()}" if r.returncode else ""))
+        return r
+
+    def domstate(self, name: str) -> str:
+        r = self.virsh("domstate", name)
+        check(r.returncode == 0, f"virsh domstate: {r.stderr.strip()}")
+        return r.stdout.strip()
+
+    def qemu_pid(self, name: str):
+        return int(rd(f"/run/libvirt/qemu/{name}.pid", "0") or 0) or None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logf.close()
+        qlog = "/var/log/libvirt/qemu/guest.log"
+        if os.path.exists(qlog):
+            shutil.copyfile(qlog, os.path.join(OUT, "libvirt-qemu-guest.log"))
+        for d in reversed(LIBVIRT_DIRS):
+            subprocess.run(["umount", "-l", d], check=False)
+
+
+def _opened_by(pid: int, path: str) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def _wait_open(h: subprocess.Popen, path: str) -> None:
+    """Wait (10 s at most) until the holder ``h`` has ``path`` open (the shell has exec'd)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not _opened_by(h.pid, path):
+        time.sleep(0.02)
+    check(_opened_by(h.pid, path), f"holder {h.pid} did not open {path}")
+
+
+def _release_diff(before: dict, after: dict, notes: list[str]) -> tuple[dict, dict]:
+    """``diff(before, after)`` minus the firmware framebuffer the kernel removed when a driver
+    took the boot GPU (only when the framebuffer step reported it): ``(left, expected)``."""
+    d = diff(before, after)
+    expected = {}
+    if "platform_fbs" in d and "efi-framebuffer.0" in (d["platform_fbs"]["before"] or {}) \
+            and "efi-framebuffer.0" not in (d["platform_fbs"]["after"] or {}):
+        check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
+              f"efi-framebuffer.0 gone but not reported as expected: {notes}")
+        for k in FB_KEYS:
+            if k in d:
+                expected[k] = d.pop(k)
+    return d, expected
+
+
+def sc_libvirt(world) -> dict:
+    """Scenario 6: libvirtd in the guest, the hook in ``/etc/libvirt/hooks/qemu.d/``, a domain
+    holding both functions as ``<hostdev managed='no'>`` and a profile with ``devices: auto``
+    (the functions come from the domain XML libvirt hands the hook).
+
+    managed='no': libvirt itself then never binds or unbinds the functions, and refuses to
+    start a domain whose unmanaged function is not on vfio-pci, so a successful start proves
+    the hook prepared the host (with managed='yes', libvirt would detach the functions itself
+    after the prepare hook and the start would succeed whatever the hook did).
+
+    a. without a profile the hook does nothing: ``virsh start`` fails, the guest unchanged;
+    b. with the profile ``virsh start --paused`` succeeds, both functions on vfio-pci, QEMU
+       holds ``/dev/vfio/<group>``, the DM stopped; ``virsh destroy`` gives everything back
+       (release end) and the state equals the one before;
+    c. a process outside any unit holds the GPU's card: ``virsh start`` fails with the hook's
+       ``DEVICE_BUSY: ...`` line in libvirt's error, the domain is shut off, the guest
+       unchanged.
+    """
+    import vfio_hookd.virt as virt
+    out: dict = {}
+    pfile = f"{WORK}/etc/vms/{VM}.yaml"
+    if os.path.exists(pfile):
+        os.unlink(pfile)
+    lv = GuestLibvirt()
+    out["libvirtd_ready_s"] = lv.ready_s
+    try:
+        xml = f"{WORK}/{VM}.xml"
+        with open(xml, "w") as f:
+            f.write(virt.tiny_domain_xml(VM, FUNCS, managed=False))
+        r = lv.virsh("define", xml)
+        check(r.returncode == 0, f"virsh define: {r.stderr.strip()}")
+        group = link(f"/sys/bus/pci/devices/{GPU}/iommu_group")
+
+        # a. no profile: the hook stays out, libvirt refuses the functions on their drivers
+        before = snapshot(world)
+        t = time.monotonic()
+        r = lv.virsh("start", VM, "--paused")
+        out["start_unprepared_s"] = round(time.monotonic() - t, 2)
+        check(r.returncode != 0, "virsh start succeeded with both functions on their drivers")
+        out["unprepared_error"] = r.stderr.strip()
+        check(lv.domstate(VM) == "shut off", "domain not shut off after the refused start")
+        d = diff(before, snapshot(world, like=before))
+        check(not d, f"state after the refused start differs: {json.dumps(d)}")
+
+        # b. with the profile: start prepares, destroy releases
+        with open(pfile, "w") as f:
+            f.write("devices: auto\n")
+        dm = world.dm_pid()
+        t = time.monotonic()
+        r = lv.virsh("start", VM, "--paused")
+        out["start_s"] = round(time.monotonic() - t, 2)
+        check(r.returncode == 0, f"virsh start failed: {r.stderr.strip()}")
+        for a in FUNCS:
+            check(driver(a) == "vfio-pci", f"{a} on {driver(a)} while the domain runs")
+        check(lv.domstate(VM) == "paused", f"domain state {lv.domstate(VM)}")
+        qpid = lv.qemu_pid(VM)
+        check(qpid and _opened_by(qpid, f"/dev/vfio/{group}"),
+              f"QEMU (pid {qpid}) does not hold /dev/vfio/{group}")
+        check(not os.path.exists(f"/proc/{dm}"), f"display manager PID {dm} still running")
+        st = status()
+        check(st["phase"] == "prepared", f"status phase {st['phase']}")
+        check([d["address"] for d in st["devices"]] == list(FUNCS),
+              f"devices: auto gave {[d['address'] for d in st['devices']]}, expected {FUNCS}")
+        out["steps_prepare"] = step_times(st)
+        t = time.monotonic()
+        r = lv.virsh("destroy", VM)
+        out["destroy_s"] = round(time.monotonic() - t, 2)
+        check(r.returncode == 0, f"virsh destroy failed: {r.stderr.strip()}")
+        check(lv.domstate(VM) == "shut off", f"domain state {lv.domstate(VM)} after destroy")
+        st = status()
+        check(st["phase"] == "idle", f"status phase {st['phase']} after destroy")
+        notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
+        left, out["expected_differences"] = _release_diff(before, snapshot(world, like=before),
+                                                          notes)
+        check(not left, f"state after virsh destroy differs from before start: {json.dumps(left)}")
+        check(os.path.exists(f"/proc/{world.dm_pid()}"), "display manager not running again")
+        out["steps_release"] = step_times(st)
+
+        # c. a forced prepare failure: a holder outside any unit, on_busy: fail
+        card = world.holds[0]
+        h = _holder(card)
+        try:
+            _wait_open(h, card)
+            before = snapshot(world)
+            r = lv.virsh("start", VM, "--paused")
+            check(r.returncode != 0, "virsh start succeeded although a process holds the GPU")
+            err = " ".join(r.stderr.split())
+            out["busy_error"] = err
+            check("Hook script execution failed" in err and "DEVICE_BUSY: step holders:" in err,
+                  f"libvirt's error does not carry the hook's CODE line: {err}")
+            check(f"PID {h.pid}" in err, f"holder PID {h.pid} not named: {err}")
+            check(lv.domstate(VM) == "shut off", "domain not shut off after the failed prepare")
+            check(h.poll() is None, "the holder was killed although on_busy is fail")
+            d = diff(before, snapshot(world, like=before))
+            check(not d, f"state after the failed start differs: {json.dumps(d)}")
+            st = status()
+            check(st["phase"] == "failed" and (st["error"] or {}).get("code") == "DEVICE_BUSY",
+                  f"status after the failed start: {st['phase']} {st['error']}")
+        finally:
+            h.kill()
+            h.wait()
+        lv.virsh("undefine", VM)
+    finally:
+        lv.close()
+        profile()
+    return out
 
 
 FB_KEYS = ("platform_fbs", "proc_fb", "vtcons")
@@ -462,7 +792,7 @@ def sc_efifb_release(world) -> dict:
     check(STATE.get("efifb_prepared"), "needs efifb_prepare to have passed")
     r = cli("release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
-    after = snapshot(world)
+    after = snapshot(world, like=STATE["efifb_before"])
     st = status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
     notes = [n for s in st["steps"] for n in (s.get("notes") or [])]
@@ -483,12 +813,14 @@ def sc_efifb_release(world) -> dict:
 
 
 SCENARIOS = {"efifb_prepare": sc_efifb_prepare, "efifb_release": sc_efifb_release, "prepare": sc_prepare, "vfio_qemu": sc_vfio_qemu, "release": sc_release,
-             "holders": sc_holders, "fault": sc_fault}
+             "holders": sc_holders, "fault": sc_fault, "fault_late": sc_fault_late,
+             "libvirt": sc_libvirt}
 
 
 def run_phase(names: list[str], skip: tuple) -> bool:
     """Coldplug (but ``skip``), start the world, run ``names``; False if one failed."""
     t = time.monotonic()
+    static_nodes()
     coldplug(skip)
     log(f"coldplug {time.monotonic() - t:.2f} s; drivers {driver(GPU)}, {driver(AUDIO)}; "
         f"nodes {nodes()}; fbs {platform_fbs()}; vtcons {vtcons()}")

@@ -29,6 +29,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +60,28 @@ FIRMWARES = ("bios", "ovmf")
 
 class HarnessError(Exception):
     """The harness could not boot (missing package, kernel, QEMU error)."""
+
+
+class SessionLock:
+    """An exclusive ``flock`` on ``.cache/kernel/session.lock``, held by one kernel-test session
+    from its first boot to its end: a second session on the same checkout (another pytest run)
+    waits for it instead of removing and rewriting the same artefact directories
+    (``artefacts/kernel/<boot>/``) under the first one's running guests."""
+
+    def __init__(self):
+        import fcntl
+        os.makedirs(CACHE, exist_ok=True)
+        self._f = open(os.path.join(CACHE, "session.lock"), "a")
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kernel tests: another session holds {self._f.name}; waiting for it",
+                  flush=True)
+            fcntl.flock(self._f, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        """Release the lock (closing the file drops the flock)."""
+        self._f.close()
 
 
 def kernel_version(prepare: bool = True) -> str:
@@ -168,7 +191,7 @@ def build_initramfs(kv: str) -> str:
     for name, data in blobs:
         c.file(f"modules/{name}", data)
     c.file("modules.order", "\n".join(n for n, _ in blobs).encode() + b"\n")
-    tmp = out + ".tmp"
+    tmp = f"{out}.{os.getpid()}.{threading.get_ident()}.tmp"   # concurrent builders
     with gzip.open(tmp, "wb", compresslevel=1) as f:
         f.write(c.finish())
     os.replace(tmp, out)

@@ -2,7 +2,7 @@
 its HDA function in one IOMMU group) running the daemon against their real sysfs, /dev and
 modprobe, with the simulated systemd's display manager holding the real ``/dev/dri/card0``.
 
-Each test is one scenario of one boot (``conftest.BOOTS``); the scenario's checks run inside
+Each test is one scenario of one boot (``kernel_plan.BOOTS``); the scenario's checks run inside
 the guest (``guest_runner.py``, one docstring per scenario there) and its verdict comes back as
 ``results/<scenario>.json`` through a 9p share, QEMU's exit status (isa-debug-exit) carrying
 the boot's verdict. Needs root and ``scripts/kernel-cache`` (run on first use); a missing

@@ -26,6 +26,15 @@ is ``0 amdgpudrmfb``, vtcon1 bound.
 
 Both: vfio_pci (deps vfio_pci_core, vfio, vfio_iommu_type1; driver ``vfio-pci``) is not loaded;
 ``vt`` and ``drm`` are built in; ``/dev/vfio/vfio`` exists.
+
+Firmware (``firmware=``): ``"efi"`` (default) as above: the boot console driver is
+``vtcon0 (S) dummy device`` and ``efi-framebuffer.0`` exists. ``"bios"``: no firmware
+framebuffer device; the boot console is vgacon, ``vtcon0 (S) VGA+``. A driver that evicts the
+boot VGA's firmware users (amdgpu, vfio-pci) retires vgacon: dummycon takes over as
+``(M) dummy device`` and fbcon, with the driver's framebuffer, lands on vgacon's free vtcon0
+-- so the ``amd`` BIOS host boots with ``vtcon0 (M) frame buffer device`` bound and ``vtcon1
+(M) dummy device`` unbound, the layout of the BIOS guests of tests/kernel (Linux 6.1).
+The ``nvidia`` BIOS host keeps vgacon bound (modeset=0 evicts nothing) and has no fbcon.
 """
 
 from __future__ import annotations
@@ -193,7 +202,7 @@ def _pci_function(root: str, parent: str, addr: str, vendor: str, device: str, c
     return d
 
 
-def _skeleton(root: str, state: dict, functions: list[tuple]) -> None:
+def _skeleton(root: str, state: dict, functions: list[tuple], firmware: str = "efi") -> None:
     if os.path.isdir(os.path.join(root, ".sim")) or (os.path.isdir(root) and os.listdir(root)):
         raise ValueError(f"{root} is not empty: a simulated host is built in an empty directory")
     os.makedirs(os.path.join(root, ".sim"), exist_ok=True)
@@ -214,60 +223,81 @@ def _skeleton(root: str, state: dict, functions: list[tuple]) -> None:
     for m, info in state["modules"].items():
         if info["builtin"]:
             K.mkdir(root, f"/sys/module/{m}/parameters")
-    # the firmware framebuffer platform device and its built-in driver
+    for attr in ("bind", "unbind", "uevent"):   # efifb: a built-in platform driver
+        K.mkfile(root, f"/sys/bus/platform/drivers/efi-framebuffer/{attr}", "", 0o200)
+    if firmware == "bios":
+        return
+    # the firmware framebuffer platform device
     K.mkdir(root, "/sys/devices/platform/efi-framebuffer.0")
     K.mkfile(root, "/sys/devices/platform/efi-framebuffer.0/uevent",
              "DRIVER=efi-framebuffer\nMODALIAS=platform:efi-framebuffer\n", 0o644)
     K.mklink(root, "/sys/devices/platform/efi-framebuffer.0/subsystem", "/sys/bus/platform")
     K.mklink(root, "/sys/bus/platform/devices/efi-framebuffer.0",
              "/sys/devices/platform/efi-framebuffer.0")
-    for attr in ("bind", "unbind", "uevent"):
-        K.mkfile(root, f"/sys/bus/platform/drivers/efi-framebuffer/{attr}", "", 0o200)
 
 
-def _boot(root: str, modules: list[str]) -> None:
+def _boot(root: str, modules: list[str], firmware: str = "efi") -> None:
     with K.locked_kernel(root) as k:
-        k.add_vtcon("(S) dummy device", "0")
-        k.platform_bind("efi-framebuffer", "efi-framebuffer.0")  # efifb: fb0, fbcon vtcon1
+        if firmware == "bios":
+            k.add_vtcon("(S) VGA+", "1")                          # vgacon
+        else:
+            k.add_vtcon("(S) dummy device", "0")
+            k.platform_bind("efi-framebuffer", "efi-framebuffer.0")  # efifb: fb0, fbcon vtcon1
         k.register_pci_driver("pcieport", None)
         for m in modules:
             k.modprobe(m)
         k.refresh_refcnts()
 
 
-def build_nvidia_host(root: str) -> None:
-    """Make the empty directory ``root`` the default simulated NVIDIA host (module docstring).
+FIRMWARES = ("efi", "bios")
 
-    :raises ValueError: ``root`` is not empty.
+
+def _state_for(state: dict, firmware: str) -> dict:
+    if firmware not in FIRMWARES:
+        raise ValueError(f"firmware must be one of {FIRMWARES}, not {firmware!r}")
+    if firmware == "bios":
+        state["platform"] = {}
+    return state
+
+
+def build_nvidia_host(root: str, firmware: str = "efi") -> None:
+    """Make the empty directory ``root`` the default simulated NVIDIA host (module docstring);
+    ``firmware`` ``"efi"`` or ``"bios"``.
+
+    :raises ValueError: ``root`` is not empty, or an unknown firmware.
     """
-    _skeleton(root, _nvidia_state(), [
+    _skeleton(root, _state_for(_nvidia_state(), firmware), [
         ("0000:01:00.0", "0x10de", "0x2484", "0x030000", "1"),
         ("0000:01:00.1", "0x10de", "0x228b", "0x040300", None),
-    ])
-    _boot(root, ["snd_hda_intel", "nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"])
+    ], firmware)
+    _boot(root, ["snd_hda_intel", "nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"],
+          firmware)
 
 
-def build_amd_host(root: str) -> None:
-    """Make the empty directory ``root`` a simulated AMD host (module docstring).
+def build_amd_host(root: str, firmware: str = "efi") -> None:
+    """Make the empty directory ``root`` a simulated AMD host (module docstring); ``firmware``
+    ``"efi"`` or ``"bios"``.
 
-    :raises ValueError: ``root`` is not empty.
+    :raises ValueError: ``root`` is not empty, or an unknown firmware.
     """
-    _skeleton(root, _amd_state(), [
+    _skeleton(root, _state_for(_amd_state(), firmware), [
         ("0000:03:00.0", "0x1002", "0x73bf", "0x030000", "1"),
         ("0000:03:00.1", "0x1002", "0xab28", "0x040300", None),
-    ])
-    _boot(root, ["snd_hda_intel", "amdgpu"])  # amdgpu's probe evicts efi-framebuffer.0
+    ], firmware)
+    # amdgpu's probe evicts efi-framebuffer.0 (EFI) or vgacon (BIOS)
+    _boot(root, ["snd_hda_intel", "amdgpu"], firmware)
 
 
-def build_host(root: str, variant: str = "nvidia") -> None:
-    """Build simulated host ``variant`` (``"nvidia"`` or ``"amd"``) in the empty dir ``root``.
+def build_host(root: str, variant: str = "nvidia", firmware: str = "efi") -> None:
+    """Build simulated host ``variant`` (``"nvidia"`` or ``"amd"``) booted by ``firmware``
+    (``"efi"`` or ``"bios"``, see the module docstring) in the empty dir ``root``.
 
-    :raises ValueError: unknown variant, or ``root`` not empty.
+    :raises ValueError: unknown variant or firmware, or ``root`` not empty.
     """
     builders = {"nvidia": build_nvidia_host, "amd": build_amd_host}
     if variant not in builders:
         raise ValueError(f"variant must be one of {sorted(builders)}, not {variant!r}")
-    builders[variant](root)
+    builders[variant](root, firmware)
 
 
 def snapshot(root: str) -> dict:

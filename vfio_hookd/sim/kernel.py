@@ -427,17 +427,62 @@ class Kernel:
         mklink(self.root, f"/sys/class/vtconsole/{v}", f"{base}/{v}")
         return v
 
+    def vtcon_bind(self, vt: str, bind: bool) -> None:
+        """A write to ``/sys/class/vtconsole/VT/bind`` (``drivers/tty/vt/vt.c`` ``vt_bind`` /
+        ``vt_unbind``, Linux 6.1; seen in QEMU guests):
+
+        - only a driver registered as a module (name ``(M) ...``) can be bound or unbound; a
+          write to the boot console driver's (``(S) ...``) does nothing;
+        - unbind hands the consoles to the first other registered driver (lowest vtconN:
+          ``do_unbind_con_driver``), e.g. ``(S) dummy device`` after an EFI boot, or the
+          ``(M) dummy device`` a DRM driver left when it evicted vgacon after a BIOS boot;
+        - bind takes consoles only from the boot ``(S)`` driver; if another driver holds them,
+          or no ``(S)`` driver is registered any more, the write succeeds and does nothing.
+        Writing what already is does nothing either."""
+        base = "/sys/devices/virtual/vtconsole"
+        names = sorted(os.listdir(self.r(base)), key=lambda v: int(v[len("vtcon"):])) \
+            if os.path.isdir(self.r(base)) else []
+        bound = {v: self.read(f"{base}/{v}/bind") == "1" for v in names}
+        system = [v for v in names if (self.read(f"{base}/{v}/name") or "").startswith("(S)")]
+        if vt not in bound or bound[vt] == bind or vt in system:
+            return
+
+        def set_(v: str, b: bool) -> None:
+            mkfile(self.root, f"{base}/{v}/bind", ("1" if b else "0") + "\n", 0o644)
+
+        others = [v for v in names if v != vt]
+        if not bind:
+            if others:    # no backup driver: do_unbind_con_driver fails, store_bind ignores it
+                set_(vt, False)
+                set_(others[0], True)
+            return
+        owner = [v for v in others if bound[v]]
+        if not system or (owner and owner[0] not in system):
+            return
+        set_(vt, True)
+        for v in owner:
+            set_(v, False)
+
     def register_fb(self, name: str) -> None:
-        """register_framebuffer(): lowest free index, /proc/fb; fbcon takes over the console
-        (its vtconsole appears bound) if it had no framebuffer."""
+        """register_framebuffer(): lowest free index, /proc/fb. When fbcon had no framebuffer
+        (``fbcon_fb_registered`` with ``info_idx == -1``) it registers its console driver if
+        needed (the lowest free vtconN) and takes the consoles over from whichever driver held
+        them (``do_fbcon_takeover``; seen in a QEMU guest when bochs-drm loads again)."""
         fbs = self.st.setdefault("fbs", {})
+        first = not fbs
         i = 0
         while str(i) in fbs:
             i += 1
         fbs[str(i)] = name
         self._write_proc_fb()
-        if not self._fbcon_vtcons():
-            self.add_vtcon("(M) frame buffer device", "1")
+        base = "/sys/devices/virtual/vtconsole"
+        fbcon = self._fbcon_vtcons()
+        if not fbcon:
+            fbcon = [self.add_vtcon("(M) frame buffer device", "1")]
+        elif not first:
+            return
+        for v in sorted(os.listdir(self.r(base))):
+            mkfile(self.root, f"{base}/{v}/bind", ("1" if v == fbcon[0] else "0") + "\n", 0o644)
 
     def unregister_fb(self, name: str) -> None:
         """unregister_framebuffer(); with no framebuffer left fbcon unregisters its console
@@ -452,6 +497,22 @@ class Kernel:
                 if self.read(f"/sys/devices/virtual/vtconsole/{v}/bind") == "0":
                     remove(self.root, f"/sys/class/vtconsole/{v}")
                     remove(self.root, f"/sys/devices/virtual/vtconsole/{v}")
+
+    def remove_vgacon(self) -> None:
+        """vga_remove_vgacon() (drivers/video/aperture.c, Linux 6.1): when vgacon (the boot
+        console driver of a BIOS boot, ``(S) VGA+``) holds the consoles, dummycon takes them
+        over (``do_take_over_console`` registers it as ``(M) dummy device`` at the lowest free
+        vtconN) and vgacon is unregistered (its vtconN disappears). A vgacon that holds no
+        console is left alone. Seen in the BIOS guests of tests/kernel: after bochs-drm
+        loaded, vtcon0 is fbcon (it took vgacon's free slot) and vtcon1 ``(M) dummy device``."""
+        base = "/sys/devices/virtual/vtconsole"
+        if not os.path.isdir(self.r(base)):
+            return
+        for v in sorted(os.listdir(self.r(base))):
+            if self.read(f"{base}/{v}/name") == "(S) VGA+" and self.read(f"{base}/{v}/bind") == "1":
+                self.add_vtcon("(M) dummy device", "1")
+                remove(self.root, f"/sys/class/vtconsole/{v}")
+                remove(self.root, f"{base}/{v}")
 
     # ---- platform devices (firmware framebuffer) -----------------------------------------
     def platform_bind(self, pdrv: str, name: str) -> None:
@@ -483,8 +544,10 @@ class Kernel:
             self.unregister_fb(info["fb"])
 
     def evict_firmware_fb(self) -> None:
-        """aperture_remove_conflicting_pci_devices() -> sysfb_disable(): the firmware
-        framebuffer platform devices are unregistered (removed, not just unbound)."""
+        """aperture_remove_conflicting_pci_devices() on the boot VGA function: sysfb_disable()
+        unregisters the firmware framebuffer platform devices (removed, not just unbound),
+        and vga_remove_vgacon() retires the VGA text console (:meth:`remove_vgacon`)."""
+        self.remove_vgacon()
         for name, info in self.st.get("platform", {}).items():
             dev = f"/sys/devices/platform/{name}"
             if not info.get("firmware_fb") or not os.path.isdir(self.r(dev)):
@@ -712,7 +775,7 @@ class Kernel:
                 value = int(name.strip() or "0", 0)
             except ValueError:
                 value = 0
-            mkfile(self.root, rp, ("1" if value else "0") + "\n", 0o644)
+            self.vtcon_bind(args[0], bool(value))
         elif kind == "fb_bind":
             self.platform_bind(args[0], name)
         elif kind == "fb_unbind":
