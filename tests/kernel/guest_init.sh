@@ -23,11 +23,17 @@ R=/newroot
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
+# The repo may live under a directory that gets the guest's own tmpfs below (a clone in /tmp,
+# as CI may make): keep the overlay's view of it and put it back on top afterwards.
+mkdir -p /rw/repo
+mount --bind $R$REPO /rw/repo
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
 mount -t tmpfs tmpfs $R/run
 mount -t tmpfs tmpfs $R/tmp
+mkdir -p $R$REPO
+mount --move /rw/repo $R$REPO
 mkdir -p $R/lib/modules/$KV $R/vfio-out
 mount --bind /host$REPO/.cache/kernel/$KV/lib/modules/$KV $R/lib/modules/$KV
 mount --bind /out $R/vfio-out
