@@ -333,13 +333,23 @@ def test_release_follows_the_record_not_todays_profile(world):
     assert world.host.module_loaded("nvidia_drm")
 
 
-def test_hung_unbind_fails_the_step_at_its_deadline(world):
-    world.profile(extra="deadlines: {unbind: 0.3}\n")
-    faults.inject(world.root, "write", "/sys/bus/pci/drivers/nvidia/unbind", "hang", count=1)
+@pytest.mark.parametrize("op,target,step", [
+    ("write", "/sys/bus/pci/drivers/snd_hda_intel/unbind", "bind_vfio"),
+    ("rmmod", "nvidia", "modules"),
+])
+def test_hung_kernel_operation_fails_the_step_at_its_deadline(world, op, target, step):
+    """A sysfs write or module unload that never returns (as an NVIDIA unbind with a holder
+    does) fails its step at the deadline, and the rollback gives the rest back."""
+    world.profile(extra="deadlines: {unbind: 0.3, module_unload: 0.3}\n")
+    before = world.snapshot()
+    faults.inject(world.root, op, target, "hang", count=1)
     with pytest.raises(HookdError) as exc:
         world.machine.prepare("win11")
-    assert exc.value.code == errors.TIMEOUT and "step bind_vfio" in str(exc.value)
-    assert record.load("win11")["error"]["step"] == "bind_vfio"
+    assert exc.value.code == errors.TIMEOUT and f"step {step}" in str(exc.value)
+    rec = record.load("win11")
+    assert rec["error"]["step"] == step and not record.holds_host(rec)
+    assert world.systemd.list_units() == before["units"]
+    assert current_driver(world.host, "0000:01:00.0") == "nvidia"
 
 
 def test_status_reports_phase_steps_and_drivers(world):
@@ -378,10 +388,17 @@ def test_release_runs_every_other_undo_when_one_raises(world, monkeypatch, k):
     assert ran == list(reversed(STEP_NAMES))
     statuses = {s["name"]: s["status"] for s in record.load("win11")["steps"]}
     if STEP_NAMES[k] == "modules":
-        # without the nvidia module, the GPU cannot go back to nvidia, and the display manager
-        # cannot start without its GPU: those undos ran and failed in their own right
+        # without the nvidia modules the GPU stays unbound (bind_vfio left it for them) and
+        # the display manager cannot start without its GPU: that undo ran and failed too
         assert statuses == {**{n: "undone" for n in STEP_NAMES}, "modules": "undo_failed",
-                            "bind_vfio": "undo_failed", "units": "undo_failed"}
+                            "units": "undo_failed"}
+        assert current_driver(world.host, "0000:01:00.0") is None
+    elif STEP_NAMES[k] == "bind_vfio":
+        # the GPU stays on vfio-pci, so nvidia will not load (no device to probe) and the
+        # display manager has no GPU: those undos ran and failed in their own right
+        assert statuses == {**{n: "undone" for n in STEP_NAMES}, "bind_vfio": "undo_failed",
+                            "modules": "undo_failed", "units": "undo_failed"}
+        assert current_driver(world.host, "0000:01:00.0") == "vfio-pci"
     else:
         assert statuses == {n: ("undo_failed" if i == k else "undone")
                             for i, n in enumerate(STEP_NAMES)}

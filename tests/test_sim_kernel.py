@@ -53,7 +53,8 @@ def driver(h: SimHost, addr: str) -> str | None:
 
 def to_vfio(h: SimHost, addr: str) -> None:
     h.write(f"/sys/bus/pci/devices/{addr}/driver_override", "vfio-pci", T)
-    h.write(f"/sys/bus/pci/devices/{addr}/driver/unbind", addr, T)
+    if h.link_name(f"/sys/bus/pci/devices/{addr}/driver"):
+        h.write(f"/sys/bus/pci/devices/{addr}/driver/unbind", addr, T)
     h.write("/sys/bus/pci/drivers_probe", addr, T)
 
 
@@ -448,20 +449,26 @@ def test_latency_is_the_kernels_time(host):
 # ---- whole cycles ---------------------------------------------------------------------------
 def test_full_cycle_nvidia_returns_the_host_but_the_firmware_framebuffer(host):
     before = hosts.snapshot(host.root)
-    # prepare: vtconsole, framebuffer, vfio-pci, modules
+    # prepare, in the product's order: vtconsole, framebuffer, modules, vfio-pci
     host.write("/sys/class/vtconsole/vtcon1/bind", "0", T)
     host.write("/sys/bus/platform/drivers/efi-framebuffer/unbind", EFIFB, T)
-    host.modprobe("vfio-pci", T)
-    to_vfio(host, GPU)
-    to_vfio(host, AUDIO)
     for m in ("nvidia_drm", "nvidia_modeset", "nvidia_uvm", "nvidia"):
         host.rmmod(m, T)
     assert not [p for p in os.listdir(host.path("/dev")) if p.startswith("nvidia")]
-    # release, in reverse
-    for m in ("nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"):
-        host.modprobe(m, T)
+    assert host.link_name(f"/sys/bus/pci/devices/{GPU}/driver") is None
+    host.modprobe("vfio-pci", T)
+    to_vfio(host, GPU)
+    to_vfio(host, AUDIO)
+    # nvidia will not load while its only GPU is on vfio-pci (nv.c: no device probed)
+    assert "No such device" in module_error(host.modprobe, "nvidia")
+    assert not host.module_loaded("nvidia")
+    # release, in reverse: functions back first (the GPU stays unbound), then the modules
     give_back(host, AUDIO)
     give_back(host, GPU)
+    assert host.link_name(f"/sys/bus/pci/devices/{GPU}/driver") is None
+    for m in ("nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"):
+        host.modprobe(m, T)
+    assert host.link_name(f"/sys/bus/pci/devices/{GPU}/driver") == "nvidia"
     with pytest.raises(OSError) as exc:  # the kernel removed the device
         host.write("/sys/bus/platform/drivers/efi-framebuffer/bind", EFIFB, T)
     assert exc.value.errno == errno.ENODEV

@@ -13,8 +13,11 @@ Each step is a small class with three methods, in the manner of tuned's plugins
   what ``facts["plan"]`` lists, each item idempotently). Returns notes (list of str) about
   expected differences; raises :class:`HookdError` on failure.
 
-Order on prepare (release is the reverse): units, holders, vtconsoles, framebuffer, bind_vfio,
-modules. Kernel interfaces: ``Documentation/ABI/testing/sysfs-bus-pci``,
+Order on prepare (release is the reverse): units, holders, vtconsoles, framebuffer, modules,
+bind_vfio. The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
+holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
+proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
+functions are given back first and the modules loaded after (they bind what they find). Kernel interfaces: ``Documentation/ABI/testing/sysfs-bus-pci``,
 ``Documentation/driver-api/console.rst``, ``Documentation/ABI/stable/sysfs-module``,
 ``drivers/video/aperture.c`` (firmware framebuffer removal); FIELD-NOTES §2, §3.
 """
@@ -368,8 +371,10 @@ class BindVfio(Step):
     ``driver_override``, the address to ``driver/unbind`` and to ``/sys/bus/pci/drivers_probe``,
     and check the ``driver`` link (sysfs-bus-pci; libvirt's ``virPCIDeviceBindToStub``). Never
     ``new_id`` (driver-wide). Undo gives each function back to the driver it had: restore
-    ``driver_override``, unbind from vfio-pci, probe, check the link. A function already on
-    vfio-pci is left alone and not given back.
+    ``driver_override``, unbind from vfio-pci, probe, check the link. When that driver's module
+    is not loaded yet (the modules step unloaded it, and its undo comes next) the function is
+    left unbound for it: loading the module binds it, and the modules step checks the link.
+    A function already on vfio-pci is left alone and not given back.
     Facts: ``{"plan": [{"address", "driver", "override"}], "done": [addresses]}``.
     """
     name = "bind_vfio"
@@ -411,6 +416,7 @@ class BindVfio(Step):
         host = ctx.host
         by_addr = {item["address"]: item for item in facts["plan"]}
         failures = []
+        notes: list[str] = []
         for addr in reversed(self.undo_items(facts)):
             item = by_addr[addr if isinstance(addr, str) else addr["address"]]
             addr, orig = item["address"], item["driver"]
@@ -422,9 +428,9 @@ class BindVfio(Step):
                            errors.BIND_FAILED, addr)
                 if orig and current_driver(host, addr) != orig:
                     if not host.exists(f"/sys/bus/pci/drivers/{orig}"):
-                        raise HookdError(errors.BIND_FAILED,
-                                         f"{addr}: driver {orig} is not loaded; load its module "
-                                         f"and run vfio-hookd release again")
+                        notes.append(f"{addr} left unbound until its driver {orig} is loaded "
+                                     f"again by the modules step")
+                        continue
                     _write(ctx, "/sys/bus/pci/drivers_probe", addr, errors.BIND_FAILED, addr)
                 now = current_driver(host, addr)
                 if now != orig:
@@ -435,7 +441,7 @@ class BindVfio(Step):
                 failures.append(exc)
         if failures:
             raise HookdError(errors.BIND_FAILED, "; ".join(e.message for e in failures))
-        return []
+        return notes
 
 
 def module_of_driver(host: Host, driver: str) -> str:
@@ -501,7 +507,10 @@ class Modules(Step):
     nvidia_modeset nvidia_uvm nvidia``. ``modules: auto`` starts from the functions' drivers
     before prepare; an explicit list is unloaded as given, ordered by dependency. Built-ins
     (no ``/sys/module/M/refcnt``) are skipped; vfio-pci and snd_hda_intel never unloaded.
-    Undo loads them again, last unloaded first. Facts: ``{"plan": [modules], "done": [...]}``.
+    Undo loads them again, last unloaded first; a PCI driver binds the functions it finds
+    unbound when it registers, and undo then checks that every function that had a driver
+    before prepare and is no longer on vfio-pci has it again (probing once more if needed).
+    Facts: ``{"plan": [modules], "done": [...]}``.
     """
     name = "modules"
 
@@ -529,12 +538,25 @@ class Modules(Step):
                 ctx.host.rmmod(mod, ctx.profile.deadlines.module_unload)
 
     def undo(self, ctx: Context, facts: dict) -> list[str]:
+        host = ctx.host
         for mod in reversed(self.undo_items(facts)):
-            if not ctx.host.module_loaded(mod):
-                ctx.host.modprobe(mod, ctx.profile.deadlines.module_load)
+            if not host.module_loaded(mod):
+                host.modprobe(mod, ctx.profile.deadlines.module_load)
+        wrong = []
+        for addr, orig in ctx.drivers.items():
+            now = current_driver(host, addr)
+            if not orig or orig == VFIO_DRIVER or now in (orig, VFIO_DRIVER):
+                continue   # on vfio-pci: bind_vfio's undo failed and said so
+            if now is None and host.exists(f"/sys/bus/pci/drivers/{orig}"):
+                _write(ctx, "/sys/bus/pci/drivers_probe", addr, errors.BIND_FAILED, addr)
+                now = current_driver(host, addr)
+            if now != orig:
+                wrong.append(f"{addr} is on {now or 'no driver'}, expected {orig}")
+        if wrong:
+            raise HookdError(errors.BIND_FAILED, "after loading the modules: " + "; ".join(wrong))
         return []
 
 
 #: The steps in prepare order.
-STEPS: tuple[Step, ...] = (Units(), Holders(), Vtconsoles(), Framebuffer(), BindVfio(), Modules())
+STEPS: tuple[Step, ...] = (Units(), Holders(), Vtconsoles(), Framebuffer(), Modules(), BindVfio())
 STEP_NAMES = tuple(s.name for s in STEPS)

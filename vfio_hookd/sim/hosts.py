@@ -97,7 +97,8 @@ def _nvidia_state() -> dict:
     gpu, audio = "0000:01:00.0", "0000:01:00.1"
     modules = _vfio_modules()
     modules.update({
-        "nvidia": {"builtin": False, "deps": [], "pci_driver": "nvidia", "nodes": [
+        "nvidia": {"builtin": False, "deps": [], "pci_driver": "nvidia", "needs_device": True,
+                   "nodes": [
             {"kind": "dir", "path": "/proc/driver/nvidia"},
             {"kind": "dir", "path": "/proc/driver/nvidia/gpus"},
             _dev("/dev/nvidiactl", "nvidia")]},

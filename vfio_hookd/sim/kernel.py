@@ -60,6 +60,7 @@ STATE_DOC = """
  "modules": {M: {"builtin": bool,             # built-in: /sys/module/M without refcnt
                  "deps": [M, ...],            # loaded first, each gets holders/M
                  "pci_driver": DRV|null,      # PCI driver the module registers
+                 "needs_device": bool,        # init fails (ENODEV) when it binds no device
                  "nodes": [SPEC, ...]}},      # nodes the module creates at load (/dev/nvidiactl)
  "drivers": {DRV: {"module": M|null,          # null: built-in driver (pcieport)
                    "evicts_firmware_fb": bool,    # aperture eviction on the boot VGA function
@@ -687,6 +688,17 @@ class Kernel:
                             self.create_node(addr, spec)
         if info.get("pci_driver"):
             self.register_pci_driver(info["pci_driver"], m)
+            drv = info["pci_driver"]
+            if info.get("needs_device") and not any(
+                    self.driver_of(a) == drv for a in self.st.get("devices", {})):
+                # the proprietary nvidia module's init fails when it probed no GPU
+                # ("NVRM: No NVIDIA devices probed", nv.c returns -ENODEV), e.g. while the
+                # GPU is still on vfio-pci
+                self.rmmod(m)
+                raise errors.HookdError(
+                    errors.MODULE_FAILED,
+                    f"loading module {name}: modprobe: ERROR: could not insert '{m}': "
+                    f"No such device")
 
     def rmmod(self, name: str) -> None:
         """Unload module ``name`` only.
