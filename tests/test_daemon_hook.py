@@ -78,10 +78,39 @@ def test_hook_ignores_unhandled_operations_of_a_managed_vm(dirs, op, sub):
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
 
 
-@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", ".", ".."])
+@pytest.mark.parametrize("name", ["../passwd", "a/b", ".", ".."])
 def test_hook_ignores_names_that_cannot_be_profiles(dirs, name):
+    # files that a hook without the name check would take for profiles of these names
+    cfg = dirs["config"]
+    (cfg / "passwd.yaml").write_text("{}\n")
+    (cfg / "vms" / "a").mkdir()
+    (cfg / "vms" / "a" / "b.yaml").write_text("{}\n")
+    (cfg / "vms" / "..yaml").write_text("{}\n")
+    (cfg / "vms" / "...yaml").write_text("{}\n")
     r = run_hook(name, "prepare", "begin", "-")
     assert (r.returncode, r.stderr) == (0, "")
+
+
+def test_hook_treats_a_dangling_profile_link_as_managed(dirs):
+    os.symlink(str(dirs["config"] / "elsewhere.yaml"), dirs["config"] / "vms" / "win11.yaml")
+    r = run_hook("win11", "prepare", "begin", "-")
+    assert r.returncode == 1 and r.stderr.startswith("DAEMON_UNREACHABLE: ")
+
+
+def test_hook_releases_by_record_when_the_profile_is_gone(world, daemon):
+    path = world.profile()
+    assert run_hook("win11", "prepare", "begin", "-").returncode == 0
+    os.unlink(path)
+    r = run_hook("win11", "release", "end", "-")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
+    assert world.systemd.list_units()["gdm.service"] == "active"
+
+
+def test_hook_release_with_daemon_down_says_so(dirs):
+    write_profile(dirs, "win11", "devices: ['0000:01:00.0']\n")
+    r = run_hook("win11", "release", "end", "-")
+    assert r.returncode == 1 and r.stderr.startswith("DAEMON_UNREACHABLE: ")
 
 
 def test_hook_reports_daemon_down_on_prepare(dirs):

@@ -441,3 +441,52 @@ def test_concurrent_prepares_of_one_device_run_one_at_a_time(world):
     winner = next(vm for vm, r in results.items() if r == "prepared")
     world.machine.release(winner)
     assert current_driver(world.host, "0000:01:00.0") == "nvidia"
+
+
+def test_a_record_that_cannot_be_written_rolls_back_the_host(world, monkeypatch):
+    """/run full or failing mid-prepare: the host is given back all the same."""
+    world.profile()
+    before = world.snapshot()
+    real_save = record.save
+
+    def save(rec):
+        if any(s["name"] == "bind_vfio" and s["status"] == "applying" for s in rec["steps"]):
+            raise OSError(28, "No space left on device")
+        real_save(rec)
+    monkeypatch.setattr(record, "save", save)
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.HOST_IO and "step bind_vfio" in exc.value.message
+    after = world.snapshot()
+    assert after["units"] == before["units"]
+    assert diff(before["tree"], after["tree"]) == {}
+
+
+def test_a_failed_rollback_is_reported_with_the_original_error(world):
+    world.profile()
+    faults.inject(world.root, "write", "/sys/bus/pci/drivers_probe", "fail", errno=19, count=1)
+    faults.inject(world.root, "start", "gdm.service", "fail", count=1)
+    with pytest.raises(HookdError) as exc:
+        world.machine.prepare("win11")
+    assert exc.value.code == errors.BIND_FAILED
+    msg = exc.value.message
+    assert msg.startswith("step bind_vfio: ") and "rollback incomplete: step units" in msg
+    assert "vfio-hookd release win11" in msg
+    assert exc.value.details["rollback_errors"][0]["step"] == "units"
+    faults.clear(world.root)
+    assert world.machine.release("win11")["phase"] == "idle"
+    assert world.systemd.list_units()["gdm.service"] == "active"
+
+
+def test_a_holder_on_its_way_out_does_not_fail_prepare(world):
+    """A session process still ending after its display manager stopped is waited for."""
+    world.profile()
+    with open(world.host.path("/dev/dri/card0")) as f:
+        leaving = subprocess.Popen(["sleep", "0.5"], stdin=f)
+    try:
+        assert world.machine.prepare("win11")["phase"] == "prepared"
+        assert leaving.poll() is not None
+    finally:
+        leaving.kill()
+        leaving.wait()
+    world.machine.release("win11")

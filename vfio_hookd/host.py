@@ -154,16 +154,26 @@ class Host:
 
     def _run(self, argv: list[str], timeout_s: float, what: str) -> None:
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise errors.HookdError(errors.TIMEOUT, f"{what} did not finish within {timeout_s:g} s")
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
         except OSError as exc:
             raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {exc}")
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            # A modprobe stuck in the kernel (D state) ignores SIGKILL until the kernel lets
+            # go: reap it if it goes within a second, else leave it (as Host.write leaves a
+            # stuck writer thread) rather than block this request for good.
+            proc.kill()
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+            raise errors.HookdError(errors.TIMEOUT, f"{what} did not finish within {timeout_s:g} s")
         if proc.returncode != 0:
             # kmod names the cause first ("Error running install command ...") and the
             # consequence last ("could not insert ...: Invalid argument"): keep both
-            lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in (err or out).splitlines() if ln.strip()]
             msg = "; ".join(ln for ln in lines if "ERROR" in ln or "FATAL" in ln) or \
                 (lines[-1] if lines else f"exit status {proc.returncode}")
             raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {msg}")

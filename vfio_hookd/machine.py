@@ -201,7 +201,7 @@ class Machine:
         rec = record.new(vm, devices, drivers, prof.to_dict(), [s.name for s in STEPS])
         children = {a: child_modules(self.host, a) for a in devices}
         rec["child_modules"] = children
-        record.save(rec)
+        record.save(rec)   # nothing touched yet: a failure here is simply the answer
         started = time.monotonic()
         log.info("prepare: %s", ", ".join(f"{a} ({d or 'no driver'})" for a, d in drivers.items()),
                  extra={"VM": vm, "PHASE": "preparing"})
@@ -212,31 +212,47 @@ class Machine:
             try:
                 entry["facts"] = step.observe(ctx)
                 entry["status"] = "applying"
-                record.save(rec)
+                record.save(rec)   # the facts are on disk before anything changes
                 step.apply(ctx, entry["facts"])
+                entry.update(status="done", duration_ms=_ms(t0))
+                record.save(rec)
             except Exception as exc:
-                err = _as_error(exc, step.name)
-                # stays "applying" (held) until its partial changes are undone
-                entry.update(duration_ms=_ms(t0), error=err.to_dict())
-                log.error("%s failed: %s", step.name, err, extra={
-                    "VM": vm, "STEP": step.name, "PHASE": "preparing",
-                    "DURATION_MS": entry["duration_ms"], "CODE": err.code})
-                rec["error"] = dict(err.to_dict(), step=step.name)
-                rec["phase"] = "failed"
-                record.save(rec)
-                self._undo_all(rec, prof, "rollback")
-                record.save(rec)
-                raise HookdError(err.code, f"step {step.name}: {err.message}",
-                                 dict(err.details, step=step.name)) from None
-            entry.update(status="done", duration_ms=_ms(t0))
+                self._fail_prepare(rec, prof, step.name, entry, exc, t0)
             log.info("%s done", step.name, extra={"VM": vm, "STEP": step.name, "PHASE": "preparing",
                                                  "DURATION_MS": entry["duration_ms"]})
-            record.save(rec)
         rec["phase"] = "prepared"
-        record.save(rec)
+        try:
+            record.save(rec)
+        except OSError as exc:
+            self._fail_prepare(rec, prof, STEPS[-1].name, rec["steps"][-1], exc, time.monotonic())
         log.info("prepared in %.0f ms", _ms(started),
                  extra={"VM": vm, "PHASE": "prepared", "DURATION_MS": _ms(started)})
         return rec
+
+    def _fail_prepare(self, rec, prof, name: str, entry: dict, exc: BaseException, t0: float):
+        """Roll back after step ``name`` failed with ``exc``; raise the original error, with
+        what the rollback could not undo appended."""
+        vm = rec["vm"]
+        err = _as_error(exc, name)
+        # the step stays "applying" (held) until its partial changes are undone
+        entry.update(status="applying", duration_ms=entry.get("duration_ms") or _ms(t0),
+                     error=err.to_dict())
+        log.error("%s failed: %s", name, err, extra={
+            "VM": vm, "STEP": name, "PHASE": "preparing",
+            "DURATION_MS": entry["duration_ms"], "CODE": err.code})
+        rec["error"] = dict(err.to_dict(), step=name)
+        rec["phase"] = "failed"
+        _save_quietly(rec)
+        failures = self._undo_all(rec, prof, "rollback")
+        rec["release_errors"] = [dict(f.to_dict(), step=s) for s, f in failures]
+        _save_quietly(rec)
+        message = f"step {name}: {err.message}"
+        details = dict(err.details, step=name)
+        if failures:
+            message += ("; rollback incomplete: " + "; ".join(f"step {s}: {f}" for s, f in failures)
+                        + f". Fix it, then run 'vfio-hookd release {vm}'")
+            details["rollback_errors"] = rec["release_errors"]
+        raise HookdError(err.code, message, details) from None
 
     # ---- release ------------------------------------------------------------------------------
     def release(self, vm: str, reason: str | None = None) -> dict | None:
@@ -263,13 +279,13 @@ class Machine:
                 started = time.monotonic()
                 rec["phase"] = "releasing"
                 rec["release_errors"] = []
-                record.save(rec)
+                _save_quietly(rec)
                 log.info("release%s", f" ({reason})" if reason else "",
                          extra={"VM": vm, "PHASE": "releasing"})
                 failures = self._undo_all(rec, prof, "release")
                 rec["phase"] = "failed" if failures else "idle"
                 rec["release_errors"] = [dict(f.to_dict(), step=s) for s, f in failures]
-                record.save(rec)
+                _save_quietly(rec)
                 if failures:
                     raise HookdError(errors.RELEASE_INCOMPLETE, "; ".join(
                         f"step {s}: {f}" for s, f in failures) + f". Fix it, then run "
@@ -291,7 +307,7 @@ class Machine:
                                 rec.get("child_modules"))
             keep_failed = entry["status"] == "applying" and entry.get("error") is not None
             entry["status"] = "undoing"
-            record.save(rec)
+            _save_quietly(rec)
             t0 = time.monotonic()
             try:
                 entry["notes"] = step.undo(ctx, entry["facts"])
@@ -310,7 +326,7 @@ class Machine:
                 log.info("%s: %s undone", why, step.name, extra={
                     "VM": vm, "STEP": step.name, "PHASE": rec["phase"],
                     "DURATION_MS": entry["undo_ms"]})
-            record.save(rec)
+            _save_quietly(rec)
         return failures
 
     # ---- status -------------------------------------------------------------------------------
@@ -364,6 +380,15 @@ def status_from_records(host: Host, vm: str | None = None) -> dict:
             "error": rec.get("error"), "release_errors": rec.get("release_errors", []),
         }
     return {"vms": out}
+
+
+def _save_quietly(rec: dict) -> None:
+    """Save ``rec``; on failure log it and go on (an undo must not stop because /run is full:
+    giving the host back comes first)."""
+    try:
+        record.save(rec)
+    except OSError as exc:
+        log.error("cannot write the record: %s", exc, extra={"VM": rec["vm"]})
 
 
 def _as_error(exc: BaseException, step: str) -> HookdError:

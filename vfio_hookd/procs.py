@@ -102,12 +102,8 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
     except ProcessLookupError:
         return True
     try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        if poller.poll(max(0, int(timeout_s * 1000))):
-            # Readable pidfd: the process exited (it may still be a zombie of its parent).
-            return True
-        return False
+        # a readable pidfd: the process exited (it may still be a zombie of its parent)
+        return _wait_fd(pidfd, timeout_s)
     finally:
         os.close(pidfd)
 
@@ -118,15 +114,32 @@ def terminate(pids: list[int], timeout_s: float) -> list[int]:
 
     :returns: the PIDs still alive after that (empty on success).
     """
+    pidfds = {}
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            pidfds[pid] = os.pidfd_open(pid)   # signals go to this process, never a reused PID
         except ProcessLookupError:
             pass
-    left = [pid for pid in pids if not wait_gone(pid, timeout_s)]
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return [pid for pid in left if not wait_gone(pid, timeout_s)]
+    try:
+        for fd in pidfds.values():
+            _signal(fd, signal.SIGTERM)
+        left = [pid for pid, fd in pidfds.items() if not _wait_fd(fd, timeout_s)]
+        for pid in left:
+            _signal(pidfds[pid], signal.SIGKILL)
+        return [pid for pid in left if not _wait_fd(pidfds[pid], timeout_s)]
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+
+
+def _signal(pidfd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_fd(pidfd: int, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout_s * 1000))))

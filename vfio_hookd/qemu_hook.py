@@ -7,7 +7,9 @@ so that nothing from the environment or site-packages is loaded (fast, and the s
 whatever libvirtd's PATH is).
 
 - ``prepare begin`` and ``release end`` of a VM with a profile
-  (``$VFIO_HOOKD_CONFIG/vms/NAME.yaml``, default ``/etc/vfio-hookd``) are sent to the daemon
+  (``$VFIO_HOOKD_CONFIG/vms/NAME.yaml``, default ``/etc/vfio-hookd``), and ``release end`` of a
+  VM with a record (``$VFIO_HOOKD_RUN/vms/NAME.json``) even if its profile is gone, are sent
+  to the daemon
   (``$VFIO_HOOKD_RUN/vfio-hookd.sock``, default ``/run/vfio-hookd``), and the hook waits for the
   answer within the deadline the daemon states when it accepts the request.
 - Everything else exits 0 at once, prints nothing and contacts nothing.
@@ -96,7 +98,14 @@ def main(argv):
     if what is None or not name or name in (".", "..") or "/" in name or "\0" in name:
         return 0
     config = os.environ.get("VFIO_HOOKD_CONFIG") or "/etc/vfio-hookd"
-    if not os.path.exists(os.path.join(config, "vms", name + ".yaml")):
+    # lexists: a profile that is a dangling link is a broken profile (the daemon says so),
+    # not an unmanaged VM that libvirt would then start on a host nobody prepared
+    managed = os.path.lexists(os.path.join(config, "vms", name + ".yaml"))
+    if not managed and what == "release":
+        # release follows the record, even if the profile was removed while the VM ran
+        run = os.environ.get("VFIO_HOOKD_RUN") or "/run/vfio-hookd"
+        managed = os.path.exists(os.path.join(run, "vms", name + ".json"))
+    if not managed:
         return 0
     payload = {"op": what, "vm": name}
     if what == "prepare":

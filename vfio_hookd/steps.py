@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -205,7 +206,9 @@ def device_nodes(host: Host, addr: str) -> list[str]:
 class Holders(Step):
     """Deal with processes that still hold the GPU's device nodes once the units are stopped.
 
-    ``on_busy: fail`` refuses with ``DEVICE_BUSY`` listing PID, command and node;
+    ``on_busy: fail`` refuses with ``DEVICE_BUSY`` listing PID, command and node, after giving
+    the holders up to :attr:`GRACE_S` (or ``deadlines.terminate`` if shorter) to exit on their
+    own (the session of a display manager that was just stopped may still be ending);
     ``on_busy: terminate`` sends SIGTERM, then SIGKILL after ``deadlines.terminate`` s.
     Unbinding a GPU someone holds can block the kernel forever (NVIDIA) or leave a stale
     DRM node (FIELD-NOTES §2), so this is checked before any unbind. Undo: ended processes
@@ -213,6 +216,7 @@ class Holders(Step):
     Facts: ``{"plan": [nodes], "terminated": [holder dicts]}``.
     """
     name = "holders"
+    GRACE_S = 2.0
 
     def observe(self, ctx: Context) -> dict:
         nodes: list[str] = []
@@ -223,6 +227,12 @@ class Holders(Step):
     def apply(self, ctx: Context, facts: dict) -> None:
         from . import procs
         holders = procs.find_holders(ctx.host, facts["plan"])
+        if holders and ctx.profile.on_busy != "terminate":
+            # processes of the session that was just stopped may still be on their way out
+            deadline = time.monotonic() + min(ctx.profile.deadlines.terminate, self.GRACE_S)
+            for pid in sorted({h.pid for h in holders}):
+                procs.wait_gone(pid, max(0.0, deadline - time.monotonic()))
+            holders = procs.find_holders(ctx.host, facts["plan"])
         if not holders:
             return
         listing = "; ".join(str(h) for h in holders)
