@@ -123,6 +123,7 @@ BAD = [
     ("deadline-null", "deadlines:\n  module_load:\n", 2, "deadlines.module_load", "got null"),
     ("deadline-inf", "deadlines:\n  unit_start: .inf\n", 2, "deadlines.unit_start", "got inf"),
     ("deadline-nan", "deadlines:\n  unit_start: .nan\n", 2, "deadlines.unit_start", "got nan"),
+    ("deadline-too-long", "deadlines:\n  unbind: 86400\n", 2, "deadlines.unbind", "at most 3600"),
 ]
 
 

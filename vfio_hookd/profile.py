@@ -46,6 +46,9 @@ ON_BUSY = ("fail", "terminate")
 KEYS = ("devices", "display_manager", "stop_units", "vtconsoles", "framebuffer", "modules",
         "on_busy", "deadlines")
 
+#: The longest deadline a profile may set (s): one hour.
+MAX_DEADLINE_S = 3600
+
 #: Keys under ``deadlines`` and their defaults in seconds.
 DEFAULT_DEADLINES = {
     "unit_stop": 30.0,
@@ -700,6 +703,9 @@ def _check_deadlines(f: _Field | None, path: str) -> Deadlines:
             sub.fail(path, f"must be a number of seconds > 0, got {_type_name(v)}")
         if not math.isfinite(v) or v <= 0:
             sub.fail(path, f"must be a number of seconds > 0, got {v!r}")
+        if v > MAX_DEADLINE_S:
+            sub.fail(path, f"must be at most {MAX_DEADLINE_S} seconds (a wait that long is a "
+                           f"hung host: fail it and say so), got {v!r}")
         values[key] = float(v)
     return Deadlines(**values)
 
