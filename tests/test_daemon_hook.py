@@ -175,13 +175,18 @@ def test_hook_uses_devices_from_the_domain_xml(world, daemon):
 
 
 def _raw(path, data: bytes) -> dict:
+    """Send ``data`` and return the daemon's final answer (after any "accepted" line)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
     s.connect(path)
     s.sendall(data)
     s.shutdown(socket.SHUT_WR)
-    reply = s.makefile().readline()
-    s.close()
-    return json.loads(reply)
+    reader = s.makefile()
+    while True:
+        msg = json.loads(reader.readline())
+        if "ok" in msg:
+            s.close()
+            return msg
 
 
 @pytest.mark.parametrize("data,needle", [
@@ -257,6 +262,9 @@ def test_install_into_a_root(tmp_path, dirs):
     assert os.access(hook, os.X_OK) and hook.read_text().startswith("#!/usr/bin/python3")
     unit = (tmp_path / "r/etc/systemd/system/vfio-hookd.service").read_text()
     assert "Type=notify" in unit and "@VFIO_HOOKD@" not in unit
+    assert "Requires=vfio-hookd.socket" in unit and "Before=libvirtd.service" in unit
+    sock = (tmp_path / "r/etc/systemd/system/vfio-hookd.socket").read_text()
+    assert "ListenStream=/run/vfio-hookd/vfio-hookd.sock" in sock and "SocketMode=0600" in sock
 
 
 def test_cli_prepare_auto_devices_needs_the_domain_xml(world, tmp_path):
@@ -281,3 +289,60 @@ def test_cli_prepare_auto_devices_needs_the_domain_xml(world, tmp_path):
     r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "win11"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+
+
+ACTIVATE = ("import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+            "os.environ['LISTEN_FDS'] = '1'; "
+            "os.execv(sys.executable, [sys.executable, '-m', 'vfio_hookd.cli', 'daemon'])")
+
+
+def test_socket_activation_answers_connections_made_before_the_daemon_ran(world, tmp_path):
+    """systemd's socket holds connections while the daemon (re)starts (sd_listen_fds(3))."""
+    run = world.dirs["run"]
+    path = str(run / "vfio-hookd.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    early.connect(path)          # queued in the kernel: nobody accepts yet
+    early.sendall(b'{"op": "ping"}\n')
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address)
+    fd = listener.fileno()
+    # fd 3 in the child, as systemd passes it (close_fds would close it after preexec_fn)
+    proc = subprocess.Popen([sys.executable, "-c", ACTIVATE], env=env, close_fds=False,
+                            preexec_fn=lambda: os.dup2(fd, 3),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        early.settimeout(20)
+        reply = json.loads(early.makefile().readline())
+        assert reply["ok"] and reply["result"]["pid"] == proc.pid
+    finally:
+        early.close()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        listener.close()
+    assert os.path.exists(path), "the activated socket's file belongs to systemd"
+
+
+def test_daemon_start_releases_a_record_left_mid_prepare(world, tmp_path):
+    """A daemon that died during a prepare left the desktop stopped: the next one gives it back."""
+    from vfio_hookd import record
+    world.profile()
+    before = world.snapshot()
+    rec = world.machine.prepare("win11")
+    rec["phase"] = "preparing"
+    rec["steps"][-1]["status"] = "applying"   # died while binding vfio-pci
+    record.save(rec)
+    d = DaemonProc(world, tmp_path)
+    try:
+        # a release request waits for the VM's lock, so it returns once recovery is done
+        reply = _raw(os.path.join(world.dirs["run"], "vfio-hookd.sock"),
+                     b'{"op": "release", "vm": "win11"}\n')
+        assert reply["ok"], reply
+        assert "record left preparing by an earlier daemon: releasing" in d.read_log()
+    finally:
+        assert d.stop() == 0
+    assert record.load("win11")["phase"] == "idle"
+    after = world.snapshot()
+    assert after["units"] == before["units"]
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"

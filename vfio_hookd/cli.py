@@ -143,7 +143,7 @@ def cmd_daemon(args) -> int:
     return run(args.host_root)
 
 
-UNIT_TEMPLATE = "vfio-hookd.service"
+UNITS = ("vfio-hookd.service", "vfio-hookd.socket")
 
 
 def cmd_install(args) -> int:
@@ -164,12 +164,14 @@ def cmd_install(args) -> int:
         os.replace(tmp, dest)
         print(f"hook: {dest}")
         os.makedirs(unit_dir, exist_ok=True)
-        with open(os.path.join(here, "data", UNIT_TEMPLATE)) as f:
-            unit = f.read().replace("@VFIO_HOOKD@", shutil.which("vfio-hookd") or
-                                    os.path.join(os.path.dirname(sys.executable), "vfio-hookd"))
-        with open(os.path.join(unit_dir, UNIT_TEMPLATE), "w") as f:
-            f.write(unit)
-        print(f"unit: {os.path.join(unit_dir, UNIT_TEMPLATE)}")
+        exe = shutil.which("vfio-hookd") or os.path.join(os.path.dirname(sys.executable),
+                                                         "vfio-hookd")
+        for name in UNITS:
+            with open(os.path.join(here, "data", name)) as f:
+                unit = f.read().replace("@VFIO_HOOKD@", exe)
+            with open(os.path.join(unit_dir, name), "w") as f:
+                f.write(unit)
+            print(f"unit: {os.path.join(unit_dir, name)}")
         os.makedirs(os.path.join(root, paths.config_dir().lstrip("/"), "vms"), exist_ok=True)
     except OSError as exc:
         raise HookdError(errors.INSTALL_FAILED, f"{exc.filename}: {exc.strerror}") from None
@@ -182,7 +184,7 @@ def cmd_install(args) -> int:
             if subprocess.run(["systemctl", "-q", "is-active", unit]).returncode == 0:
                 subprocess.run(["systemctl", "reload", unit], check=False)
                 print(f"{unit} reloaded: it now runs the hook")
-        print("start the daemon with: systemctl enable --now vfio-hookd.service")
+        print("start the daemon with: systemctl enable --now vfio-hookd.socket vfio-hookd.service")
     else:
         try:
             with open("/run/libvirtd.pid") as f:

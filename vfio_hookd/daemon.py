@@ -62,10 +62,23 @@ class Daemon:
         self._busy = 0
         self._busy_cv = threading.Condition()
         self._stopping = False
+        self._activated = False
 
     # ---- lifecycle ------------------------------------------------------------------------
     def bind(self) -> None:
-        """Create the run directory (0700) and the listening socket (0600)."""
+        """Take the listening socket from systemd (socket activation, sd_listen_fds(3):
+        ``$LISTEN_PID``/``$LISTEN_FDS``, fd 3; ``systemd/vfio-hookd.socket``), or create the run
+        directory (0700) and the socket (0600) itself. With socket activation, connections made
+        while the daemon restarts wait in the kernel's queue instead of failing."""
+        if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
+                int(os.environ.get("LISTEN_FDS", "0") or 0) >= 1:
+            for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                os.environ.pop(var, None)
+            sock = socket.socket(fileno=3)
+            os.set_inheritable(3, False)
+            self._activated = True
+            self._sock = sock
+            return
         run = os.path.dirname(self.socket_path)
         os.makedirs(run, mode=0o700, exist_ok=True)
         os.chmod(run, 0o700)
@@ -95,6 +108,40 @@ class Daemon:
                      f", holding {', '.join(held)}" if held else "",
                      extra={"VM": name, "PHASE": rec["phase"]})
 
+    def recover(self) -> list[threading.Thread]:
+        """Release, in the background, every VM whose record was left ``preparing`` or
+        ``releasing`` by a daemon that died mid-operation. Such a prepare never answered, so
+        libvirt aborted that start: no VM runs on it, and the host must get its desktop back.
+        Records ``prepared`` (the VM may be running) or ``failed`` (the user was told) are left.
+
+        :returns: the started threads (tests join them).
+        """
+        threads = []
+        for name in record.all_names():
+            rec = self._safe_load(name)
+            if rec and rec["phase"] in ("preparing", "releasing") and record.holds_host(rec):
+                log.warning("record left %s by an earlier daemon: releasing", rec["phase"],
+                            extra={"VM": name, "PHASE": rec["phase"]})
+                t = threading.Thread(target=self._recover_one, args=(name,), daemon=True,
+                                     name=f"recover {name}")
+                with self._busy_cv:
+                    self._busy += 1
+                t.start()
+                threads.append(t)
+        return threads
+
+    def _recover_one(self, name: str) -> None:
+        try:
+            self.machine.release(name, "daemon restart")
+        except HookdError as exc:
+            log.error("recovery release failed: %s", exc, extra={"VM": name})
+        except Exception:
+            log.exception("recovery release failed", extra={"VM": name})
+        finally:
+            with self._busy_cv:
+                self._busy -= 1
+                self._busy_cv.notify_all()
+
     def serve_forever(self) -> None:
         """Accept connections until :meth:`stop`; each request runs in its own thread."""
         assert self._sock is not None
@@ -105,6 +152,8 @@ class Daemon:
                 if self._stopping:
                     break
                 raise
+            with self._busy_cv:   # counted before the thread runs: stop() waits for it
+                self._busy += 1
             threading.Thread(target=self._handle, args=(conn,), daemon=True,
                              name="request").start()
 
@@ -120,15 +169,14 @@ class Daemon:
             self._sock.close()
         with self._busy_cv:
             self._busy_cv.wait_for(lambda: self._busy == 0, timeout=wait_s)
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        if not self._activated:   # systemd owns an activated socket's file
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
 
     # ---- requests ---------------------------------------------------------------------------
     def _handle(self, conn: socket.socket) -> None:
-        with self._busy_cv:
-            self._busy += 1
         try:
             with conn:
                 try:
@@ -260,6 +308,7 @@ def run(host_root: str | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     preload()
     logmod.notify("READY=1")
+    daemon.recover()
     daemon.serve_forever()
     with daemon._busy_cv:
         daemon._busy_cv.wait_for(lambda: daemon._busy == 0, timeout=600)
