@@ -346,3 +346,19 @@ def test_daemon_start_releases_a_record_left_mid_prepare(world, tmp_path):
     after = world.snapshot()
     assert after["units"] == before["units"]
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
+
+
+def test_cli_release_refuses_while_libvirt_runs_the_vm(world):
+    """libvirt's built-in test driver (test:///default) has a running domain named 'test'."""
+    world.profile("test")
+    world.machine.prepare("test")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address,
+               LIBVIRT_DEFAULT_URI="test:///default")
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "test"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and r.stderr.startswith("VM_RUNNING: libvirt says test is running")
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "vfio-pci"
+    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "test", "--force"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"

@@ -128,8 +128,31 @@ def _domain_xml(vm: str) -> str:
                          f"({exc.message}); pass --xml FILE") from None
 
 
+def _refuse_if_running(vm: str) -> None:
+    """Refuse a hand-made release while libvirt runs ``vm``: it would take the GPU from a
+    running guest. When libvirt cannot be asked (no libvirtd, plain QEMU), say so and go on.
+
+    :raises HookdError: ``VM_RUNNING``.
+    """
+    from .virt import Libvirt, VirtError
+    try:
+        with Libvirt(os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system") as conn:
+            state = conn.state(vm)
+    except VirtError as exc:
+        print(f"note: could not ask libvirt whether {vm} runs ({exc.message}); releasing",
+              file=sys.stderr)
+        return
+    if state in ("running", "paused", "blocked", "in shutdown", "pmsuspended"):
+        raise HookdError(errors.VM_RUNNING,
+                         f"libvirt says {vm} is {state}: stop it first (virsh shutdown {vm}); "
+                         f"its release then runs by itself. Use --force only if the VM does "
+                         f"not use the GPU")
+
+
 def cmd_release(args) -> int:
     paths.check_vm_name(args.vm)
+    if not args.force:
+        _refuse_if_running(args.vm)
     result = _daemon_request({"op": "release", "vm": args.vm, "reason": "cli"})
     if result is None:
         rec = _local_machine().release(args.vm, "cli")
@@ -209,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
     s = sub.add_parser("release", help="give the host back after VM")
     s.add_argument("vm")
+    s.add_argument("--force", action="store_true",
+                   help="release even if libvirt says the VM is running")
     s.set_defaults(func=cmd_release)
     s = sub.add_parser("daemon", help="run the daemon (normally from systemd)")
     s.add_argument("--host-root", help="act on this directory instead of / (simulated host)")

@@ -31,6 +31,7 @@ BAD_REQUEST = "BAD_REQUEST"                  # a malformed request on the contro
 PERMISSION_DENIED = "PERMISSION_DENIED"      # a non-root peer on the control socket
 SYSTEMD_UNAVAILABLE = "SYSTEMD_UNAVAILABLE"  # systemd's D-Bus API could not be reached
 INSTALL_FAILED = "INSTALL_FAILED"            # vfio-hookd install could not finish
+VM_RUNNING = "VM_RUNNING"                    # CLI release of a VM libvirt says is running
 INTERNAL = "INTERNAL"                        # a bug: see the daemon's log for the traceback
 
 CODES = (
@@ -38,7 +39,7 @@ CODES = (
     IOMMU_GROUP_INCOMPLETE, DEVICE_CLAIMED, DEVICE_BUSY, UNIT_FAILED, MODULE_FAILED, BIND_FAILED,
     VTCONSOLE_FAILED, FRAMEBUFFER_FAILED, TIMEOUT, HOST_IO, STATE_DRIFT, RELEASE_INCOMPLETE,
     DAEMON_UNREACHABLE, BAD_REQUEST, PERMISSION_DENIED, SYSTEMD_UNAVAILABLE, INSTALL_FAILED,
-    INTERNAL,
+    VM_RUNNING, INTERNAL,
 )
 
 
