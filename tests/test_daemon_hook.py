@@ -52,8 +52,14 @@ class DaemonProc:
 
     def stop(self) -> int:
         self.proc.terminate()
-        rc = self.proc.wait(timeout=30)
-        self.notify.close()
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()   # never leave a daemon behind, and fail the test
+            self.proc.wait()
+            raise AssertionError("daemon did not stop on SIGTERM: " + self.read_log())
+        finally:
+            self.notify.close()
         return rc
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -142,11 +143,24 @@ class Daemon:
                 self._busy -= 1
                 self._busy_cv.notify_all()
 
-    def serve_forever(self) -> None:
-        """Accept connections until :meth:`stop`; each request runs in its own thread."""
+    def serve_forever(self, wake_fd: int | None = None) -> None:
+        """Accept connections until :meth:`stop`; each request runs in its own thread.
+
+        :param wake_fd: the read end of the pipe given to :func:`signal.set_wakeup_fd`. The
+            kernel may deliver SIGTERM to any thread (GLib's among them), and Python runs its
+            handler only when the main thread runs bytecode: waiting in ``select`` on the
+            socket and this pipe wakes the main thread for every signal. No timeout: an idle
+            daemon does not wake up.
+        """
         assert self._sock is not None
+        watched = [self._sock] + ([wake_fd] if wake_fd is not None else [])
         while not self._stopping:
             try:
+                ready, _, _ = select.select(watched, [], [])
+                if wake_fd is not None and wake_fd in ready:
+                    os.read(wake_fd, 512)   # the handler itself runs when we return to Python
+                if self._sock not in ready:
+                    continue
                 conn, _ = self._sock.accept()
             except OSError:
                 if self._stopping:
@@ -306,10 +320,12 @@ def run(host_root: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     preload()
     logmod.notify("READY=1")
     daemon.recover()
-    daemon.serve_forever()
+    daemon.serve_forever(wake_r)
     with daemon._busy_cv:
         daemon._busy_cv.wait_for(lambda: daemon._busy == 0, timeout=600)
     logmod.notify("STOPPING=1")

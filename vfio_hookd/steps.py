@@ -534,7 +534,12 @@ class Modules(Step):
                      if d and d != VFIO_DRIVER and not any(
                          _PCI_ENTRY.fullmatch(e) and e not in ctx.devices
                          for e in ctx.host.listdir(f"/sys/bus/pci/drivers/{d}"))]
-            roots += [m for mods in ctx.child_modules.values() for m in mods]
+            # modules of drivers bound to child devices (virtio-vga's virtio_gpu on virtio0),
+            # but not under a driver we never unload: snd_hda_intel's codec children
+            # (snd_hda_codec_*) serve the onboard audio too and stay in use while it is loaded
+            roots += [m for addr, mods in ctx.child_modules.items() for m in mods
+                      if module_of_driver(ctx.host, ctx.drivers.get(addr) or "")
+                      not in NEVER_UNLOAD]
             plan = unload_order(ctx.host, roots, with_holders=True)
         else:
             plan = unload_order(ctx.host, list(mods), with_holders=False)

@@ -448,7 +448,8 @@ def sc_holders(world) -> dict:
 def sc_fault(world) -> dict:
     """Scenario 5: vfio-pci cannot be loaded (``install vfio_pci /bin/false`` in the guest's
     /etc/modprobe.d; a plain ``modprobe vfio-pci`` is checked to fail on that rule first):
-    prepare fails in bind_vfio and the rollback restores everything."""
+    prepare fails in bind_vfio, the last step, after the GPU's DRM module was unloaded, and
+    the rollback restores everything (the module loaded again binds the GPU again)."""
     profile()
     for m in ("vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "vfio"):
         if m in modules():
@@ -477,6 +478,9 @@ def sc_fault(world) -> dict:
         check(not d, f"state after rollback differs: {json.dumps(d)}")
         st = status()
         check(st["phase"] == "failed", f"phase {st['phase']}")
+        steps = {s_["name"]: s_["status"] for s_ in st["steps"]}
+        check(steps.get("modules") == "undone" and steps.get("bind_vfio") == "failed",
+              f"steps after the rollback: {steps}")
         return {"error": r.stderr.strip(), "modprobe_stderr": direct.stderr.strip(),
                 "steps": step_times(st)}
     finally:
@@ -484,10 +488,10 @@ def sc_fault(world) -> dict:
 
 
 def sc_fault_late(world) -> dict:
-    """Scenario 5b: the last step fails after everything else was applied: an ``rmmod`` first
-    in the daemon's PATH refuses the GPU's DRM module (as kmod does for a module in use). The
-    rollback must undo every step on the real kernel: both functions back from vfio-pci to
-    their drivers, the vtconsoles rebound, the DM started; the state equals the one before."""
+    """Scenario 5b: the modules step fails after the units, holders, vtconsoles and
+    framebuffer steps were applied: an ``rmmod`` first in the daemon's PATH refuses the GPU's
+    DRM module (as kmod does for a module in use). The rollback must undo them on the real
+    kernel: the vtconsoles rebound, the DM started; the state equals the one before."""
     profile()
     drm = sorted(drm_modules())
     check(drm, "no DRM module bound to the GPU")
@@ -511,7 +515,8 @@ def sc_fault_late(world) -> dict:
         st = status()
         check(st["phase"] == "failed", f"phase {st['phase']}")
         steps = {s_["name"]: s_["status"] for s_ in st["steps"]}
-        check(steps.get("bind_vfio") == "undone" and steps.get("vtconsoles") == "undone",
+        check(steps.get("modules") == "failed" and steps.get("bind_vfio") == "pending"
+              and steps.get("vtconsoles") == "undone" and steps.get("units") == "undone",
               f"steps after the rollback: {steps}")
         notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
         left, expected = _release_diff(before, snapshot(world, like=before), notes)
