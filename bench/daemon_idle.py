@@ -1,4 +1,3 @@
-#!/work/main/.venv/bin/python
 """Benchmark: the idle daemon (no periodic wake-ups; resident memory <= 45 MB).
 
 ``vfio-hookd daemon`` (unchanged, ``python -m vfio_hookd.cli daemon``) on a fresh simulated

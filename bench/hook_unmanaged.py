@@ -1,4 +1,3 @@
-#!/work/main/.venv/bin/python
 """Benchmark: the libvirt hook for a VM without a profile (goal: median <= 15 ms).
 
 The hook ``hooks/vfio-hookd`` is executed the way libvirtd runs it: fork + exec of the file

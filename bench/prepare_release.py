@@ -1,4 +1,3 @@
-#!/work/main/.venv/bin/python
 """Benchmark: prepare and release through the real path (hook -> daemon) on the simulated host.
 
 Goal (issue): with realistic per-operation latencies (:data:`vfio_hookd.sim.faults.REALISTIC`:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,6 +111,27 @@ def _timings(state: Path) -> dict:
     return json.loads((state / "timings.json").read_text())
 
 
+def _read_line(stream, timeout_s: float) -> str:
+    """The first line (str, with its newline) from pipe ``stream``, waiting at most
+    ``timeout_s`` (s); what was read so far when the pipe closes or the deadline passes (then
+    without a newline). Reads the pipe's fd directly: bytes after the line are dropped."""
+    fd, buf = stream.fileno(), b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not sel.select(left):
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+    return buf.decode(errors="replace").split("\n", 1)[0] + ("\n" if b"\n" in buf else "")
+
+
 def _hook_lines(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
@@ -192,13 +215,17 @@ def test_sigterm_to_runner_destroys_domain_and_stops_daemons(plenv, tmp_path):
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as proc:
         try:
-            line = proc.stdout.readline()  # blocks until the domain runs (or the run fails)
-            assert line == "started\n", proc.stderr.read() if not line else line
+            line = _read_line(proc.stdout, 60)   # until the domain runs (or the run fails)
+            if line != "started\n":
+                proc.send_signal(signal.SIGTERM)   # the runner stops what it started
+                _, err = proc.communicate(timeout=60)
+                pytest.fail(f"no 'started' line within 60 s (got {line!r}); stderr:\n{err}")
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "destroyed domains still running: held" in err
     assert _hook_lines(plenv.log)[-2:] == ["held stopped end -", "held release end -"]

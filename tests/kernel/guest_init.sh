@@ -20,24 +20,24 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || echo "overlay mount failed"
 R=/newroot
-mount -t proc proc $R/proc
-mount -t sysfs sysfs $R/sys
-mount -t devtmpfs devtmpfs $R/dev
+mount -t proc proc "$R/proc"
+mount -t sysfs sysfs "$R/sys"
+mount -t devtmpfs devtmpfs "$R/dev"
 # The repo may live under a directory that gets the guest's own tmpfs below (a clone in /tmp,
 # as CI may make): keep the overlay's view of it and put it back on top afterwards.
 mkdir -p /rw/repo
-mount --bind $R$REPO /rw/repo
-mkdir -p $R/dev/pts $R/dev/shm
-mount -t devpts devpts $R/dev/pts
-mount -t tmpfs tmpfs $R/dev/shm
-mount -t tmpfs tmpfs $R/run
-mount -t tmpfs tmpfs $R/tmp
-mkdir -p $R$REPO
-mount --move /rw/repo $R$REPO
-mkdir -p $R/lib/modules/$KV $R/vfio-out
-mount --bind /host$REPO/.cache/kernel/$KV/lib/modules/$KV $R/lib/modules/$KV
-mount --bind /out $R/vfio-out
-mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
+mount --bind "$R$REPO" /rw/repo
+mkdir -p "$R/dev/pts" "$R/dev/shm"
+mount -t devpts devpts "$R/dev/pts"
+mount -t tmpfs tmpfs "$R/dev/shm"
+mount -t tmpfs tmpfs "$R/run"
+mount -t tmpfs tmpfs "$R/tmp"
+mkdir -p "$R$REPO"
+mount --move /rw/repo "$R$REPO"
+mkdir -p "$R/lib/modules/$KV" "$R/vfio-out"
+mount --bind "/host$REPO/.cache/kernel/$KV/lib/modules/$KV" "$R/lib/modules/$KV"
+mount --bind /out "$R/vfio-out"
+mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup" 2>/dev/null
 # The kernel's own module requests (request_module(): HDA codec drivers, char-major-* aliases)
 # run /proc/sys/kernel/modprobe in PID 1's root, this initramfs, whose busybox modprobe knows
 # no modules: hand them to the real kmod in the chroot, as a booted system's modprobe does.
@@ -45,8 +45,8 @@ printf '#!/bin/sh\nexec /bin/chroot %s /sbin/modprobe "$@"\n' "$R" > /sbin/modpr
 chmod 755 /sbin/modprobe-chroot
 echo /sbin/modprobe-chroot > /proc/sys/kernel/modprobe
 echo "vfio-hookd guest init: running the scenarios ($SCENARIOS)"
-chroot $R /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-    $REPO/.venv/bin/python $REPO/tests/kernel/guest_runner.py /vfio-out
+chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+    "$REPO/.venv/bin/python" "$REPO/tests/kernel/guest_runner.py" /vfio-out
 rc=$?
 echo "vfio-hookd guest init: runner exit status $rc"
 sync

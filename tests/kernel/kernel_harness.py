@@ -5,12 +5,12 @@ Recipe (FIELD-NOTES §5): ``q35`` + ``intel-iommu``, a ``pcie-root-port`` holdin
 (``VGA``, ``bochs-display`` or ``virtio-vga``) at function 0 and ``intel-hda`` at function 1
 of the same slot (one IOMMU group); SeaBIOS or OVMF (OVMF gives ``efi-framebuffer.0``). The
 kernel is a Debian package unpacked into ``.cache/kernel/<KV>/`` by ``scripts/kernel-cache``
-(never installed on this machine). The initramfs (busybox + the modules needed to mount 9p and
-overlayfs) is built here, cached by content. The guest mounts this machine's ``/`` read-only
-over 9p under a tmpfs overlay, so the guest runs the same Python and the same code and writes
-nothing back, except into one writable 9p share: the boot's artefact directory, where
-``tests/kernel/guest_runner.py`` writes one JSON result per scenario, the daemon's log and its
-own log.
+(never installed on this machine), and so is busybox-static (``.cache/kernel/busybox-static/``).
+The initramfs (busybox + the modules needed to mount 9p and overlayfs) is built here, cached by
+content. The guest mounts this machine's ``/`` read-only over 9p under a tmpfs overlay, so the
+guest runs the same Python and the same code and writes nothing back, except into one writable
+9p share: the boot's artefact directory, where ``tests/kernel/guest_runner.py`` writes one JSON
+result per scenario, the daemon's log and its own log.
 
 QEMU's exit status carries the boot's verdict (``isa-debug-exit``, see
 ``tests/kernel/guest_init.sh``): :data:`EXIT_PASS` when every scenario passed,
@@ -25,6 +25,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import stat
@@ -32,6 +34,8 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+
+from vfio_hookd.sim.pdeathsig import parent_death_signal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -41,7 +45,10 @@ SETUP = os.path.join(REPO, "scripts", "kernel-cache")
 QEMU = "/usr/bin/qemu-system-x86_64"
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-BUSYBOX = "/bin/busybox"
+#: busybox-static, unpacked by ``scripts/kernel-cache`` (installing it would fire the
+#: update-initramfs trigger and replace the ``busybox`` package).
+BUSYBOX_DIR = os.path.join(CACHE, "busybox-static")
+BUSYBOX = os.path.join(BUSYBOX_DIR, "bin", "busybox")
 
 #: QEMU's exit status for the guest's verdicts (isa-debug-exit: status = value * 2 + 1).
 EXIT_PASS = 1
@@ -86,7 +93,8 @@ class SessionLock:
 
 def kernel_version(prepare: bool = True) -> str:
     """The cached kernel's version (``6.1.0-56-amd64``), running ``scripts/kernel-cache`` first
-    when the cache is not complete and ``prepare`` is true (needs root: apt-get).
+    when the cache (kernel and busybox-static) is not complete and ``prepare`` is true (needs
+    root: apt-get).
 
     :raises HarnessError: no cached kernel and it could not be prepared.
     """
@@ -98,7 +106,8 @@ def kernel_version(prepare: bool = True) -> str:
                 kv = f.read().strip()
         except FileNotFoundError:
             return None
-        return kv if os.path.exists(os.path.join(CACHE, kv, ".done")) else None
+        done = (os.path.join(CACHE, kv, ".done"), os.path.join(BUSYBOX_DIR, ".done"))
+        return kv if all(os.path.exists(d) for d in done) else None
 
     kv = cached()
     if kv is None and prepare:
@@ -114,6 +123,9 @@ def kernel_version(prepare: bool = True) -> str:
     return kv
 
 
+_INSMOD = re.compile(r"insmod (/.*?\.ko(?:\.xz|\.zst|\.gz)?)(?: |$)")
+
+
 def module_paths(kv: str, names) -> list[str]:
     """The ``.ko`` files (absolute) to insert for ``names`` and their dependencies, in load
     order, from ``modprobe --show-depends`` against the cache (kmod's own resolution)."""
@@ -124,9 +136,10 @@ def module_paths(kv: str, names) -> list[str]:
                             else "/sbin/modprobe", "-d", base, "-S", kv, "--show-depends", name],
                            capture_output=True, text=True, check=True)
         for line in r.stdout.splitlines():
-            parts = line.split()
-            if parts and parts[0] == "insmod" and parts[1] not in out:
-                out.append(parts[1])
+            # "insmod PATH [OPTIONS]"; PATH may hold spaces (a clone under such a directory)
+            m = _INSMOD.match(line)
+            if m and m.group(1) not in out:
+                out.append(m.group(1))
     return out
 
 
@@ -236,6 +249,15 @@ class Boot:
         return f"boot {self.name}: QEMU exit status {self.rc} ({what}) after {self.wall_s:.1f} s"
 
 
+def qemu_opt(value: str) -> str:
+    """``value`` (str, e.g. a path) escaped for use inside one QEMU option string such as
+    ``-fsdev``/``-drive``/``-chardev``: QEMU's option parser (``util/qemu-option.c``) ends a
+    value at a comma and reads ``,,`` as a literal comma. No shell is involved (the argv goes
+    to ``execve`` as is), so nothing else needs quoting. Not for the legacy ``-serial file:``
+    form, which takes the rest verbatim."""
+    return value.replace(",", ",,")
+
+
 def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory_mb: int,
               accel: str = "tcg") -> list[str]:
     """The QEMU command line of one boot (list of str)."""
@@ -244,7 +266,9 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
     kdir = os.path.join(CACHE, kv)
     argv = [QEMU, "-M", "q35,kernel-irqchip=split", "-m", str(memory_mb), "-smp", "1",
             "-nodefaults", "-no-reboot", "-display", "none", "-vga", "none", "-monitor", "none",
-            "-serial", f"file:{os.path.join(outdir, 'console.log')}",
+            # -chardev, not "-serial file:PATH": the legacy form takes PATH verbatim (no ",,")
+            "-chardev", f"file,id=console,path={qemu_opt(os.path.join(outdir, 'console.log'))}",
+            "-serial", "chardev:console",
             "-device", "intel-iommu,intremap=on,caching-mode=on",
             "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=0x10",
             "-device", f"{gpu},bus=rp1,addr=00.0,multifunction=on",
@@ -253,7 +277,7 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
             "-device", "hda-output,bus=hda.0,audiodev=snd0",
             "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-            "-fsdev", f"local,id=out,path={outdir},security_model=none",
+            "-fsdev", f"local,id=out,path={qemu_opt(outdir)},security_model=none",
             "-device", "virtio-9p-pci,fsdev=out,mount_tag=out",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-kernel", os.path.join(kdir, "boot", f"vmlinuz-{kv}"), "-initrd", initrd,
@@ -266,8 +290,9 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
     if firmware == "ovmf":
         vars_copy = os.path.join(outdir, "OVMF_VARS.fd")
         shutil.copyfile(OVMF_VARS, vars_copy)
-        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+        argv += ["-drive",
+                 f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_opt(OVMF_CODE)}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={qemu_opt(vars_copy)}"]
     elif firmware != "bios":
         raise ValueError(f"firmware must be one of {FIRMWARES}")
     return argv
@@ -277,8 +302,10 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
              memory_mb: int = 1024, accel: str | None = None, extra: dict | None = None) -> Boot:
     """Boot the guest once and run ``scenarios`` (names known to ``guest_runner.py``) in it.
 
-    The boot is killed (SIGKILL, by PID) at ``timeout_s``. Results are read from the artefact
-    directory ``artefacts/kernel/<name>/`` (``results/<scenario>.json``).
+    The boot is killed (SIGKILL, by PID) at ``timeout_s``; QEMU also gets SIGKILL when the
+    calling thread dies (``PR_SET_PDEATHSIG``), so a killed pytest leaves no guest running.
+    Results are read from the artefact directory ``artefacts/kernel/<name>/``
+    (``results/<scenario>.json``).
 
     :raises HarnessError: the kernel or a package is missing.
     """
@@ -288,7 +315,9 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
     shutil.rmtree(outdir, ignore_errors=True)
     os.makedirs(os.path.join(outdir, "results"))
     with open(os.path.join(outdir, "boot.env"), "w") as f:
-        f.write(f"KV='{kv}'\nREPO='{REPO}'\nSCENARIOS='{' '.join(scenarios)}'\n")
+        # sourced by the guest's /init (busybox sh): every value shell-quoted
+        f.write("".join(f"{k}={shlex.quote(v)}\n" for k, v in
+                        (("KV", kv), ("REPO", REPO), ("SCENARIOS", " ".join(scenarios)))))
     cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
            "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR}
     cfg.update(extra or {})
@@ -297,12 +326,13 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
     accel = accel or os.environ.get("VFIO_HOOKD_KERNEL_ACCEL", "tcg")
     argv = qemu_argv(gpu, firmware, kv, initrd, outdir, memory_mb, accel)
     with open(os.path.join(outdir, "qemu.cmdline"), "w") as f:
-        f.write(" ".join(argv) + "\n")
+        f.write(shlex.join(argv) + "\n")
     boot = Boot(name, outdir)
     t0 = time.monotonic()
     with open(os.path.join(outdir, "qemu.log"), "wb") as qlog:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=parent_death_signal(signal.SIGKILL))
         try:
             boot.rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

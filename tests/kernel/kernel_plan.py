@@ -37,13 +37,20 @@ PARALLEL = int(os.environ.get("VFIO_HOOKD_KERNEL_PARALLEL", str(max(1, min(2, os
 
 
 class Boots:
-    """Starts every boot of :data:`BOOTS` on first use; :meth:`get` waits for one."""
+    """Starts every boot of :data:`BOOTS` on first use; :meth:`get` waits for one.
+
+    The session's setup (the session lock, the kernel cache, the initramfs) runs once: when it
+    fails, its error is kept and every later :meth:`get` fails at once with it, instead of
+    retrying (a second :class:`kernel_harness.SessionLock` in this process would wait forever
+    for the first one's ``flock``).
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[str, Future] = {}
         self._session: kh.SessionLock | None = None
+        self._setup_error: Exception | None = None
         self.summary: dict = {}
 
     def _run(self, name: str) -> kh.Boot:
@@ -64,16 +71,30 @@ class Boots:
         return boot
 
     def get(self, name: str) -> kh.Boot:
+        """The finished boot ``name`` (waits for it; starts every boot on the first call).
+
+        :raises kernel_harness.HarnessError: the session's setup failed (now or in an earlier
+            call: then at once, chained to the first error).
+        """
         with self._lock:
+            if self._setup_error is not None:
+                raise kh.HarnessError(f"the kernel tests' setup failed earlier: "
+                                      f"{self._setup_error}") from self._setup_error
             if self._pool is None:
-                self._session = kh.SessionLock()
-                kh.build_initramfs(kh.kernel_version())   # once, before the boots race for it
+                try:
+                    if self._session is None:
+                        self._session = kh.SessionLock()
+                    kh.build_initramfs(kh.kernel_version())   # once, before the boots race for it
+                except Exception as exc:
+                    self._setup_error = exc
+                    raise
                 self._pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="boot")
                 for n in BOOTS:
                     self._futures[n] = self._pool.submit(self._run, n)
         return self._futures[name].result()
 
     def close(self) -> None:
+        """Wait for the running boots (cancel the queued ones) and release the session lock."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._session is not None:

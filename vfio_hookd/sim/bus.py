@@ -6,6 +6,12 @@ both to be ready by reading their stdout (``--print-address`` and ``READY``), ne
 Point a client at it with ``DBUS_SYSTEM_BUS_ADDRESS=<address>`` or
 ``vfio_hookd.systemd.Systemd(address)``. Recipe: FIELD-NOTES §5 "A systemd to talk to".
 
+Both run in their own session and get a parent-death signal (``PR_SET_PDEATHSIG``,
+:mod:`.pdeathsig`) bound to the thread that creates the :class:`SimBus`: ``dbus-daemon``
+SIGKILL, the simulated systemd SIGTERM (it then SIGKILLs its unit processes, as on stdin EOF),
+so a SIGKILLed test run leaves none of them behind. Create the :class:`SimBus` in a thread that
+lives as long as the bus is used (e.g. the main thread).
+
 ``python -m vfio_hookd.sim.bus --root R`` runs both in the foreground, prints the address on one
 line and stops them on SIGTERM / SIGINT (or when either exits). Logs of both go to
 ``<root>/.sim/dbus-daemon.log`` and ``<root>/.sim/systemd.log``.
@@ -24,6 +30,8 @@ import tempfile
 import time
 import weakref
 
+from .pdeathsig import parent_death_signal
+
 #: AF_UNIX ``sun_path`` is 108 bytes including the terminating NUL (``unix(7)``).
 _SUN_PATH_MAX = 107
 
@@ -41,6 +49,14 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
   </policy>
 </busconfig>
 """
+
+
+def _address_value(path: str) -> str:
+    """``path`` escaped as a D-Bus address value (D-Bus specification, "Server Addresses":
+    every byte outside ``[-0-9A-Za-z_/.\\*]`` as ``%XX``), so a socket under a directory with
+    a space, comma or ``&`` still gives a valid ``<listen>`` address (and valid XML)."""
+    ok = set(b"-_/.\\*0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    return "".join(chr(b) if b in ok else f"%{b:02x}" for b in os.fsencode(path))
 
 
 def _read_line(proc: subprocess.Popen, deadline: float, what: str) -> str:
@@ -119,7 +135,7 @@ class SimBus:
             os.unlink(socket)  # left by a killed earlier run
         conf = os.path.join(simdir, "bus.conf")
         with open(conf, "w") as f:
-            f.write(_CONFIG.format(socket=socket))
+            f.write(_CONFIG.format(socket=_address_value(socket)))
         daemon = shutil.which("dbus-daemon")
         if daemon is None:
             raise RuntimeError("dbus-daemon not found (Debian package dbus-daemon)")
@@ -132,7 +148,8 @@ class SimBus:
                     [daemon, f"--config-file={conf}", "--nofork", "--nopidfile",
                      "--print-address=1"],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                    start_new_session=True)   # a Ctrl-C at the terminal is the caller's to handle
+                    start_new_session=True,   # a Ctrl-C at the terminal is the caller's to handle
+                    preexec_fn=parent_death_signal(signal.SIGKILL))   # ...and so is its death
             self._procs.append(bus)
             self.address = _read_line(bus, deadline, "dbus-daemon")
             deadline = time.monotonic() + ready_timeout_s
@@ -142,7 +159,9 @@ class SimBus:
                      "--state-root", self.state_root,
                      "--address", self.address, "--exit-on-stdin-eof"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                    env=_child_env(), start_new_session=True)
+                    env=_child_env(), start_new_session=True,
+                    # SIGTERM, not SIGKILL: it then ends its unit processes before exiting
+                    preexec_fn=parent_death_signal(signal.SIGTERM))
             self._procs.insert(0, sim)   # stopped first: it ends the unit processes
             line = _read_line(sim, deadline, "simulated systemd")
             if line != "READY":

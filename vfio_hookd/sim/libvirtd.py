@@ -78,6 +78,8 @@ import threading
 import time
 from pathlib import Path
 
+from .pdeathsig import parent_death_signal
+
 __all__ = ["run_in_private_libvirt", "main", "LIBVIRTD", "VIRTLOGD", "UNSHARE", "DEFAULT_URI"]
 
 LIBVIRTD = "/usr/sbin/libvirtd"
@@ -118,7 +120,6 @@ _MS_BIND = 4096
 _MS_REC = 16384
 _IN_CREATE = 0x100
 _IN_MOVED_TO = 0x80
-_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -195,10 +196,6 @@ def _mount(src: str, dst: str, fstype: str | None, flags: int, data: str | None 
         err = ctypes.get_errno()
         raise PrivateLibvirtError(f"mount {src} -> {dst} ({fstype or 'bind'}): "
                                   f"{os.strerror(err)}")
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class _Reaper:
@@ -561,8 +558,8 @@ def _inside(args) -> int:
                 try:
                     daemons[name] = reaper.spawn(
                         [exe, "--pid-file", str(state / "logs" / f"{name}.pid")],
-                        preexec=_pdeathsig, stdin=subprocess.DEVNULL, stdout=log,
-                        stderr=subprocess.STDOUT, env=DAEMON_ENV, cwd="/",
+                        preexec=parent_death_signal(signal.SIGTERM), stdin=subprocess.DEVNULL,
+                        stdout=log, stderr=subprocess.STDOUT, env=DAEMON_ENV, cwd="/",
                         start_new_session=True)
                 finally:
                     log.close()
