@@ -116,6 +116,14 @@ class Systemd:
             self._bus, self._manager = bus, manager
             return bus, manager
 
+    def connect(self) -> None:
+        """Connect now (the daemon does it right after start, so that the first request does
+        not pay for it).
+
+        :raises HookdError: ``SYSTEMD_UNAVAILABLE``.
+        """
+        self._connect()
+
     def close(self) -> None:
         """Close the connection (systemd drops the subscription); a later call reconnects."""
         with self._lock:
