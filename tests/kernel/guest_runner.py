@@ -35,6 +35,7 @@ with open(os.path.join(OUT, "boot.json")) as _f:
     CFG = json.load(_f)
 REPO = CFG["repo"]
 sys.path.insert(0, REPO)
+from vfio_hookd.sim.libvirtd import LIBVIRTD_CONF_EXTRA, QEMU_CONF_EXTRA  # noqa: E402
 GPU, AUDIO = CFG["gpu_addr"], CFG["audio_addr"]
 FUNCS = (GPU, AUDIO)
 PY = os.path.join(REPO, ".venv", "bin", "python")
@@ -529,21 +530,11 @@ def sc_fault_late(world) -> dict:
         world.restart_daemon()
 
 
-#: qemu.conf of the guest's libvirtd (FIELD-NOTES §5): root QEMU, no relabelling, no
-#: cgroups, no private /dev (QEMU must see the guest's /dev/vfio), QEMU's log to a plain file
-#: (no virtlogd to start).
-LIBVIRT_QEMU_CONF = """user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-cgroup_controllers = [ ]
-namespaces = [ ]
-stdio_handler = "file"
-"""
-LIBVIRTD_CONF = """auth_unix_ro = "none"
-auth_unix_rw = "none"
-"""
+#: qemu.conf of the guest's libvirtd (FIELD-NOTES §5): the private test daemon's settings
+#: (root QEMU, no relabelling, no cgroups, no private /dev, so QEMU sees the guest's
+#: /dev/vfio) plus QEMU's log to a plain file (no virtlogd to start).
+LIBVIRT_QEMU_CONF = QEMU_CONF_EXTRA + 'stdio_handler = "file"\n'
+LIBVIRTD_CONF = LIBVIRTD_CONF_EXTRA
 LIBVIRT_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt",
                 "/run/libvirt")
 
