@@ -25,6 +25,12 @@ def run_hook(*args, stdin="<domain/>", env=None, timeout=60):
                           env=env or os.environ.copy(), timeout=timeout)
 
 
+def run_cli(*args, env=None):
+    """``vfio-hookd ARGS...`` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "vfio_hookd.cli", *args], capture_output=True,
+                          text=True, env=env)
+
+
 class DaemonProc:
     """`vfio-hookd daemon` in a subprocess; ready when it sends READY=1 to $NOTIFY_SOCKET."""
 
@@ -132,8 +138,9 @@ def test_hook_prepare_and_release_through_the_daemon(world, daemon):
     world.profile()
     r = run_hook("win11", "prepare", "begin", "-")
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-    st = json.loads(subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "status", "--json"],
-                                   capture_output=True, text=True, check=True).stdout)
+    r = run_cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
     vm = st["vms"]["win11"]
     assert vm["phase"] == "prepared"
     assert {d["driver"] for d in vm["devices"]} == {"vfio-pci"}
@@ -232,8 +239,7 @@ def test_daemon_logs_records_it_finds_at_start(world, tmp_path):
 def test_cli_status_works_without_the_daemon(world):
     world.profile()
     world.machine.prepare("win11")
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "status", "win11"],
-                       capture_output=True, text=True)
+    r = run_cli("status", "win11")
     assert r.returncode == 0, r.stderr
     assert "win11: prepared" in r.stdout and "vfio-pci" in r.stdout
     assert "daemon not running" in r.stdout
@@ -243,26 +249,22 @@ def test_cli_status_works_without_the_daemon(world):
 def test_cli_prepare_release_without_daemon(world):
     world.profile()
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address)
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "win11"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("prepare", "win11", env=env)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "vfio-pci"
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "win11"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("release", "win11", env=env)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
 
 
 def test_cli_errors_are_one_code_line(dirs):
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "ghost"],
-                       capture_output=True, text=True)
+    r = run_cli("prepare", "ghost")
     assert r.returncode != 0
     assert r.stderr.strip().startswith("NOT_MANAGED: ")
 
 
 def test_install_into_a_root(tmp_path, dirs):
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "install", "--root", str(tmp_path / "r")],
-                       capture_output=True, text=True)
+    r = run_cli("install", "--root", str(tmp_path / "r"))
     assert r.returncode == 0, r.stderr
     hook = tmp_path / "r/etc/libvirt/hooks/qemu.d/vfio-hookd"
     assert os.access(hook, os.X_OK) and hook.read_text().startswith("#!/usr/bin/python3")
@@ -278,8 +280,7 @@ def test_cli_prepare_auto_devices_needs_the_domain_xml(world, tmp_path):
     before = world.snapshot()
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address,
                LIBVIRT_DEFAULT_URI="qemu+unix:///system?socket=" + str(tmp_path / "none.sock"))
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "win11"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("prepare", "win11", env=env)
     assert r.returncode != 0
     assert r.stderr.startswith("DOMAIN_XML_INVALID: ") and "--xml" in r.stderr
     assert world.snapshot() == before
@@ -288,12 +289,10 @@ def test_cli_prepare_auto_devices_needs_the_domain_xml(world, tmp_path):
                    "domain='0' bus='1' slot='0' function='0'/></source></hostdev><hostdev "
                    "mode='subsystem' type='pci'><source><address domain='0' bus='1' slot='0' "
                    "function='1'/></source></hostdev></devices></domain>")
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "prepare", "win11", "--xml", str(xml)],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("prepare", "win11", "--xml", str(xml), env=env)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.1/driver") == "vfio-pci"
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "win11"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("release", "win11", env=env)
     assert r.returncode == 0, r.stderr
 
 
@@ -360,11 +359,9 @@ def test_cli_release_refuses_while_libvirt_runs_the_vm(world):
     world.machine.prepare("test")
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address,
                LIBVIRT_DEFAULT_URI="test:///default")
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "test"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("release", "test", env=env)
     assert r.returncode != 0 and r.stderr.startswith("VM_RUNNING: libvirt says test is running")
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "vfio-pci"
-    r = subprocess.run([sys.executable, "-m", "vfio_hookd.cli", "release", "test", "--force"],
-                       capture_output=True, text=True, env=env)
+    r = run_cli("release", "test", "--force", env=env)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
