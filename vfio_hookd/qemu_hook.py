@@ -7,11 +7,10 @@ so that nothing from the environment or site-packages is loaded (fast, and the s
 whatever libvirtd's PATH is).
 
 - ``prepare begin`` and ``release end`` of a VM with a profile
-  (``$VFIO_HOOKD_CONFIG/vms/NAME.yaml``, default ``/etc/vfio-hookd``), and ``release end`` of a
-  VM with a record (``$VFIO_HOOKD_RUN/vms/NAME.json``) even if its profile is gone, are sent
-  to the daemon
+  (``$VFIO_HOOKD_CONFIG/vms/NAME.yaml``, default ``/etc/vfio-hookd``) are sent to the daemon
   (``$VFIO_HOOKD_RUN/vfio-hookd.sock``, default ``/run/vfio-hookd``), and the hook waits for the
-  answer within the deadline the daemon states when it accepts the request.
+  answer within the deadline the daemon states when it accepts the request. ``release end`` is
+  also sent for a VM with a record (``$VFIO_HOOKD_RUN/vms/NAME.json``) whose profile is gone.
 - Everything else exits 0 at once, prints nothing and contacts nothing.
 - On failure: one line ``CODE: message`` on stderr and exit status 1; libvirt then aborts the
   start and shows the line to the user.
@@ -36,9 +35,14 @@ class HookFailure(Exception):
         self.message = message
 
 
+def run_dir():
+    """The runtime directory: records and socket (see vfio_hookd.paths)."""
+    return os.environ.get("VFIO_HOOKD_RUN") or "/run/vfio-hookd"
+
+
 def socket_path():
     """The daemon's socket (see vfio_hookd.paths)."""
-    return os.path.join(os.environ.get("VFIO_HOOKD_RUN") or "/run/vfio-hookd", "vfio-hookd.sock")
+    return os.path.join(run_dir(), "vfio-hookd.sock")
 
 
 def request(payload, on_accept=None, path=None):
@@ -103,8 +107,7 @@ def main(argv):
     managed = os.path.lexists(os.path.join(config, "vms", name + ".yaml"))
     if not managed and what == "release":
         # release follows the record, even if the profile was removed while the VM ran
-        run = os.environ.get("VFIO_HOOKD_RUN") or "/run/vfio-hookd"
-        managed = os.path.exists(os.path.join(run, "vms", name + ".json"))
+        managed = os.path.exists(os.path.join(run_dir(), "vms", name + ".json"))
     if not managed:
         return 0
     payload = {"op": what, "vm": name}

@@ -17,7 +17,8 @@ Order on prepare (release is the reverse): units, holders, vtconsoles, framebuff
 bind_vfio. The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
 holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
 proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
-functions are given back first and the modules loaded after (they bind what they find). Kernel interfaces: ``Documentation/ABI/testing/sysfs-bus-pci``,
+functions are given back first and the modules loaded after (they bind what they find).
+Kernel interfaces: ``Documentation/ABI/testing/sysfs-bus-pci``,
 ``Documentation/driver-api/console.rst``, ``Documentation/ABI/stable/sysfs-module``,
 ``drivers/video/aperture.c`` (firmware framebuffer removal); FIELD-NOTES §2, §3.
 """
