@@ -13,7 +13,12 @@ import pytest
 
 from vfio_hookd import errors, profile
 from vfio_hookd.errors import HookdError
+from vfio_hookd.paths import Paths
 from vfio_hookd.profile import AUTO, Deadlines, Profile
+
+
+def PATHS():
+    return Paths.from_env()
 
 REPO = Path(__file__).resolve().parents[1]
 FILE = "/etc/vfio-hookd/vms/win10.yaml"
@@ -419,23 +424,23 @@ def config(tmp_path, monkeypatch):
 
 
 def test_is_managed_exactly_when_the_profile_exists(config):
-    assert not profile.is_managed("win10")
+    assert not profile.is_managed(PATHS(), "win10")
     (config / "win10.yaml").write_text("")
-    assert profile.is_managed("win10")
-    assert not profile.is_managed("win11")
-    assert not profile.is_managed("win10.yaml")
+    assert profile.is_managed(PATHS(), "win10")
+    assert not profile.is_managed(PATHS(), "win11")
+    assert not profile.is_managed(PATHS(), "win10.yaml")
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "x\0y", ".."])
 def test_is_managed_is_false_for_names_that_cannot_name_a_file(config, name):
-    assert profile.is_managed(name) is False
+    assert profile.is_managed(PATHS(), name) is False
 
 
 def test_dangling_symlink_counts_as_managed_and_fails_loudly(config):
     os.symlink(config / "missing.yaml", config / "win10.yaml")
-    assert profile.is_managed("win10")
+    assert profile.is_managed(PATHS(), "win10")
     with pytest.raises(HookdError) as exc:
-        profile.load_profile("win10")
+        profile.load_profile(PATHS(), "win10")
     assert exc.value.code == errors.PROFILE_INVALID
     assert "symbolic link" in exc.value.message
 
@@ -443,7 +448,7 @@ def test_dangling_symlink_counts_as_managed_and_fails_loudly(config):
 def test_load_profile(config):
     path = config / "win10.yaml"
     path.write_text("on_busy: terminate\n")
-    p = profile.load_profile("win10")
+    p = profile.load_profile(PATHS(), "win10")
     assert p.path == str(path) and p.name == "win10" and p.on_busy == "terminate"
 
 
@@ -451,27 +456,27 @@ def test_load_profile_errors_name_the_real_file(config):
     path = config / "win10.yaml"
     path.write_text("on_busy: fail\ndevices: ['01:00.0']\n")
     with pytest.raises(HookdError) as exc:
-        profile.load_profile("win10")
+        profile.load_profile(PATHS(), "win10")
     assert exc.value.message.startswith(f"{path}:2: devices[0]: ")
 
 
 def test_load_profile_of_unmanaged_vm(config):
     with pytest.raises(HookdError) as exc:
-        profile.load_profile("win10")
+        profile.load_profile(PATHS(), "win10")
     assert exc.value.code == errors.NOT_MANAGED
     assert str(config / "win10.yaml") in exc.value.message
 
 
 def test_load_profile_bad_name(config):
     with pytest.raises(HookdError) as exc:
-        profile.load_profile("a/b")
+        profile.load_profile(PATHS(), "a/b")
     assert exc.value.code == errors.VM_NAME_INVALID
 
 
 def test_load_profile_unreadable(config):
     (config / "win10.yaml").mkdir()
     with pytest.raises(HookdError) as exc:
-        profile.load_profile("win10")
+        profile.load_profile(PATHS(), "win10")
     assert exc.value.code == errors.PROFILE_INVALID
     assert "cannot be read" in exc.value.message
 
@@ -479,7 +484,7 @@ def test_load_profile_unreadable(config):
 def test_load_profile_not_utf8(config):
     (config / "win10.yaml").write_bytes(b"on_busy: \xff\n")
     with pytest.raises(HookdError) as exc:
-        profile.load_profile("win10")
+        profile.load_profile(PATHS(), "win10")
     assert exc.value.code == errors.PROFILE_INVALID
     assert "not UTF-8" in exc.value.message
 

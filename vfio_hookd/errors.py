@@ -8,7 +8,7 @@ hook's one-line stderr message (libvirt shows the hook's stderr to the user, see
 
 from __future__ import annotations
 
-# Codes. Each has one meaning; the exit status of the CLI is the code's index + 1 (stable order).
+# Codes. Each has one meaning and one stable exit status of the CLI (EXIT_STATUS below).
 PROFILE_INVALID = "PROFILE_INVALID"          # YAML profile: syntax, unknown key, wrong type/value
 VM_NAME_INVALID = "VM_NAME_INVALID"          # a domain name with '/', NUL, or empty
 NOT_MANAGED = "NOT_MANAGED"                  # CLI prepare/release for a VM without a profile
@@ -33,14 +33,19 @@ SYSTEMD_UNAVAILABLE = "SYSTEMD_UNAVAILABLE"  # systemd's D-Bus API could not be 
 INSTALL_FAILED = "INSTALL_FAILED"            # vfio-hookd install could not finish
 VM_RUNNING = "VM_RUNNING"                    # CLI release of a VM libvirt says is running
 INTERNAL = "INTERNAL"                        # a bug: see the daemon's log for the traceback
+RECORD_INVALID = "RECORD_INVALID"            # a record that is corrupt or of an unknown version
 
-CODES = (
-    PROFILE_INVALID, VM_NAME_INVALID, NOT_MANAGED, DOMAIN_XML_INVALID, DEVICE_NOT_FOUND,
-    IOMMU_GROUP_INCOMPLETE, DEVICE_CLAIMED, DEVICE_BUSY, UNIT_FAILED, MODULE_FAILED, BIND_FAILED,
-    VTCONSOLE_FAILED, FRAMEBUFFER_FAILED, TIMEOUT, HOST_IO, STATE_DRIFT, RELEASE_INCOMPLETE,
-    DAEMON_UNREACHABLE, BAD_REQUEST, PERMISSION_DENIED, SYSTEMD_UNAVAILABLE, INSTALL_FAILED,
-    VM_RUNNING, INTERNAL,
-)
+#: The CLI's exit status for each code: explicit and stable (a new code gets a new number;
+#: no number is ever reused). 0 is success, 1 an unexpected bug outside the error path.
+EXIT_STATUS = {
+    PROFILE_INVALID: 2, VM_NAME_INVALID: 3, NOT_MANAGED: 4, DOMAIN_XML_INVALID: 5,
+    DEVICE_NOT_FOUND: 6, IOMMU_GROUP_INCOMPLETE: 7, DEVICE_CLAIMED: 8, DEVICE_BUSY: 9,
+    UNIT_FAILED: 10, MODULE_FAILED: 11, BIND_FAILED: 12, VTCONSOLE_FAILED: 13,
+    FRAMEBUFFER_FAILED: 14, TIMEOUT: 15, HOST_IO: 16, STATE_DRIFT: 17, RELEASE_INCOMPLETE: 18,
+    DAEMON_UNREACHABLE: 19, BAD_REQUEST: 20, PERMISSION_DENIED: 21, SYSTEMD_UNAVAILABLE: 22,
+    INSTALL_FAILED: 23, VM_RUNNING: 24, INTERNAL: 25, RECORD_INVALID: 26,
+}
+CODES = tuple(EXIT_STATUS)
 
 
 class HookdError(Exception):
@@ -67,8 +72,8 @@ class HookdError(Exception):
 
     @property
     def exit_status(self) -> int:
-        """Process exit status for this code: 1 + the code's position in :data:`CODES` (2..)."""
-        return CODES.index(self.code) + 2
+        """Process exit status for this code (:data:`EXIT_STATUS`, 2..)."""
+        return EXIT_STATUS[self.code]
 
     def to_dict(self) -> dict:
         """``{"code": str, "message": str, "details": dict}``."""

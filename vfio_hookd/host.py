@@ -3,14 +3,14 @@
 Every access to sysfs, ``/dev``, ``/proc/driver``, ``/proc/fb``, kernel modules and the process
 table goes through a :class:`Host`. Paths are always given as absolute host paths
 (``"/sys/bus/pci/drivers_probe"``) and resolved under :attr:`Host.root`, so the same code runs on
-the real host (root ``/``) and on the embedded simulated host (:class:`vfio_hookd.sim.kernel.SimHost`,
-a directory whose writes are answered the way the kernel answers them).
+the real host (root ``/``) and, in the repository's tests, on a simulated host (a subclass in
+the ``testbed`` package that answers writes and module commands the way the kernel and kmod do).
 
 Kernel behaviour relied on: ``Documentation/ABI/testing/sysfs-bus-pci`` (driver_override, bind,
 unbind, drivers_probe), ``Documentation/ABI/stable/sysfs-module`` (refcnt, holders). A sysfs
 write that the kernel blocks (e.g. unbinding an NVIDIA GPU someone holds, see FIELD-NOTES §2) is
-run in a helper thread and abandoned at its deadline: the step fails with ``TIMEOUT`` instead of
-hanging libvirt.
+run in a helper thread and abandoned at its deadline (:mod:`vfio_hookd.deadline`): the step fails
+with ``TIMEOUT`` instead of hanging libvirt.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import errno
 import os
 import stat
 import subprocess
-import threading
 
 from . import errors
+from .deadline import run_with_deadline
 
 
 class Host:
@@ -31,9 +31,6 @@ class Host:
     :param proc: the process table to scan for device-node holders (str, default ``"/proc"``;
         on the simulated host too, since its holders are real processes).
     """
-
-    #: True for the simulated host (tests and the demo check it before writing anything).
-    simulated = False
 
     def __init__(self, root: str = "/", proc: str = "/proc"):
         self.root = os.path.abspath(root)
@@ -103,24 +100,13 @@ class Host:
             writing thread is abandoned; the kernel may still complete it).
         :raises OSError: the kernel's answer (``ENODEV``, ``EBUSY``, ...), unchanged.
         """
-        result: list[BaseException | None] = []
-
-        def run() -> None:
-            try:
-                self._write_now(p, data)
-                result.append(None)
-            except BaseException as exc:  # handed to the caller's thread
-                result.append(exc)
-
-        worker = threading.Thread(target=run, name=f"write {p}", daemon=True)
-        worker.start()
-        worker.join(timeout_s)
-        if not result:
+        try:
+            run_with_deadline(lambda: self._write_now(p, data), timeout_s, f"write {p}")
+        except TimeoutError:
             raise errors.HookdError(
                 errors.TIMEOUT,
-                f"writing {data.strip() or repr(data)!s} to {p} did not return within {timeout_s:g} s")
-        if result[0] is not None:
-            raise result[0]
+                f"writing {data.strip() or repr(data)!s} to {p} did not return within "
+                f"{timeout_s:g} s") from None
 
     def _write_now(self, p: str, data: str) -> None:
         fd = os.open(self.path(p), os.O_WRONLY)
@@ -153,30 +139,43 @@ class Host:
         self._run(["rmmod", name], timeout_s, f"unloading module {name}")
 
     def _run(self, argv: list[str], timeout_s: float, what: str) -> None:
+        """Run a kmod command; turn its exit status and message into a :class:`HookdError`."""
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+            returncode, output = self.run_command(argv, timeout_s)
+        except TimeoutError:
+            raise errors.HookdError(errors.TIMEOUT,
+                                    f"{what} did not finish within {timeout_s:g} s") from None
         except OSError as exc:
-            raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {exc}")
+            raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {exc}") from None
+        if returncode != 0:
+            # kmod names the cause first ("Error running install command ...") and the
+            # consequence last ("could not insert ...: Invalid argument"): keep both
+            lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+            msg = "; ".join(ln for ln in lines if "ERROR" in ln or "FATAL" in ln) or \
+                (lines[-1] if lines else f"exit status {returncode}")
+            raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {msg}")
+
+    def run_command(self, argv: list[str], timeout_s: float) -> tuple[int, str]:
+        """Run ``argv`` (``modprobe``/``rmmod``) with no input; ``(exit status, stderr or
+        stdout)``.
+
+        :raises TimeoutError: it did not finish within ``timeout_s`` (s). A command stuck in
+            the kernel (D state) ignores SIGKILL until the kernel lets go: it is reaped if it
+            goes within a second, else left (as a stuck write's thread is left).
+        :raises OSError: it could not be started.
+        """
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            # A modprobe stuck in the kernel (D state) ignores SIGKILL until the kernel lets
-            # go: reap it if it goes within a second, else leave it (as Host.write leaves a
-            # stuck writer thread) rather than block this request for good.
             proc.kill()
             try:
                 proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-            raise errors.HookdError(errors.TIMEOUT, f"{what} did not finish within {timeout_s:g} s")
-        if proc.returncode != 0:
-            # kmod names the cause first ("Error running install command ...") and the
-            # consequence last ("could not insert ...: Invalid argument"): keep both
-            lines = [ln.strip() for ln in (err or out).splitlines() if ln.strip()]
-            msg = "; ".join(ln for ln in lines if "ERROR" in ln or "FATAL" in ln) or \
-                (lines[-1] if lines else f"exit status {proc.returncode}")
-            raise errors.HookdError(errors.MODULE_FAILED, f"{what}: {msg}")
+            raise TimeoutError(f"{argv[0]} did not finish within {timeout_s:g} s") from None
+        return proc.returncode, err or out
 
     # ---- device nodes and the processes that hold them ---------------------------------------
     def node_identity(self, p: str) -> tuple | None:
@@ -194,17 +193,6 @@ def identity_of(st: os.stat_result) -> tuple:
     if stat.S_ISCHR(st.st_mode):
         return ("c", st.st_rdev)
     return ("f", st.st_dev, st.st_ino)
-
-
-def open_host(root: str | None = None) -> Host:
-    """The :class:`Host` for ``root`` (default :func:`vfio_hookd.paths.host_root`): the simulated
-    host when ``root/.sim`` exists, else the real one."""
-    from . import paths
-    root = root or paths.host_root()
-    if os.path.isdir(os.path.join(root, ".sim")):
-        from .sim.kernel import SimHost
-        return SimHost(root)
-    return Host(root)
 
 
 def oserror_text(exc: OSError) -> str:

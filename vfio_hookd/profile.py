@@ -1,4 +1,4 @@
-"""Per-VM profiles: ``<config>/vms/<domain name>.yaml`` (see :func:`vfio_hookd.paths.profile_path`).
+"""Per-VM profiles: ``<config>/vms/<domain name>.yaml`` (:meth:`vfio_hookd.paths.Paths.profile_path`).
 
 A domain is *managed* by vfio-hookd exactly when its profile file exists; every other domain is
 left alone. The file is YAML; every key is optional and an empty file means "all defaults".
@@ -32,7 +32,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from . import errors, paths
+from . import errors
+from .paths import Paths, check_vm_name
+from .pci import never_unload_reason, normalize_address as normalize_pci_address
 
 AUTO = "auto"
 NONE = "none"
@@ -58,11 +60,6 @@ DEFAULT_DEADLINES = {
     "module_unload": 15.0,
     "module_load": 30.0,
 }
-
-# PCI address as the kernel names /sys/bus/pci/devices entries ("%04x:%02x:%02x.%1u",
-# drivers/pci/probe.c); slot (device) is 5 bits and function 3 bits (PCI spec), the limits
-# libvirt's virPCIDeviceAddressIsValid checks too.
-_PCI_RE = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
 
 # systemd unit names (systemd.unit(5)): "prefix[@instance].type"; the characters allowed are
 # ASCII letters, digits, ":", "-", "_", "." and "\"; at most 255 characters.
@@ -174,7 +171,7 @@ class Profile:
         if not isinstance(data, dict):
             raise errors.HookdError(errors.PROFILE_INVALID,
                                     f"profile data: must be a mapping, got {_type_name(data)}")
-        name = paths.check_vm_name(data.get("name"))
+        name = check_vm_name(data.get("name"))
         path = data.get("path")
         if not isinstance(path, str) or not path:
             path = "<record>"
@@ -185,28 +182,12 @@ class Profile:
 
 # ---- public functions -----------------------------------------------------------------------
 
-def normalize_pci_address(s: str) -> str | None:
-    """``s`` as a full PCI address in lower case (``"0000:01:00.0"``), or ``None``.
-
-    Accepts exactly ``domain:bus:slot.function`` with 4, 2, 2 and 1 digits (hex, any case), as
-    the kernel names ``/sys/bus/pci/devices`` entries; slot <= 0x1f and function <= 7. The short
-    ``lspci`` form ``01:00.0`` (no domain) is refused: it is ambiguous on hosts with several PCI
-    domains. Anything that is not a ``str`` gives ``None``.
-    """
-    if not isinstance(s, str):
-        return None
-    m = _PCI_RE.fullmatch(s)
-    if m is None or int(m.group(3), 16) > 0x1F:
-        return None
-    return s.lower()
-
-
-def is_managed(name: str) -> bool:
+def is_managed(paths: "Paths", name: str) -> bool:
     """True when domain ``name`` has a profile file, i.e. vfio-hookd manages it.
 
     Only the file's presence counts (``os.path.lexists``: a dangling symlink counts as present,
     so loading it fails loudly instead of the VM silently running unmanaged). A name that cannot
-    name a profile file (``/``, NUL, empty, see :func:`paths.check_vm_name`) cannot have a
+    name a profile file (``/``, NUL, empty, see :func:`vfio_hookd.paths.check_vm_name`) cannot have a
     profile: ``False``.
     """
     try:
@@ -216,8 +197,9 @@ def is_managed(name: str) -> bool:
     return os.path.lexists(path)
 
 
-def load_profile(name: str) -> Profile:
-    """Read and validate the profile of domain ``name`` from :func:`paths.profile_path`.
+def load_profile(paths: "Paths", name: str) -> Profile:
+    """Read and validate the profile of domain ``name`` from ``paths.profile_path(name)``
+    (:class:`vfio_hookd.paths.Paths`).
 
     :raises HookdError: ``VM_NAME_INVALID`` for a name that cannot name a file; ``NOT_MANAGED``
         when there is no profile file; ``PROFILE_INVALID`` when it cannot be read (permissions,
@@ -249,11 +231,11 @@ def parse_profile(text: str, path: str, name: str) -> Profile:
 
     An empty document (empty file, only comments, or a bare ``---``) gives all defaults.
 
-    :raises HookdError: ``VM_NAME_INVALID`` (:func:`paths.check_vm_name`); ``PROFILE_INVALID``
+    :raises HookdError: ``VM_NAME_INVALID`` (:func:`vfio_hookd.paths.check_vm_name`); ``PROFILE_INVALID``
         with the message ``"<path>:<line>: <key>: <what is wrong>"`` (``"<path>:<line>:<col>:
         YAML syntax error: ..."`` for syntax errors) and details ``{"file", "line", "key"}``.
     """
-    paths.check_vm_name(name)
+    check_vm_name(name)
     import yaml  # lazily: ~15 ms, only the daemon and the CLI parse profiles
 
     try:
@@ -641,19 +623,9 @@ def _check_enum(f: _Field | None, path: str, allowed, default: str) -> str:
     return v
 
 
-# Modules that must never be in a profile's unload list.
-_VFIO_WHY = ("vfio-pci serves the passed-through functions of this VM and of other VMs; "
-             "vfio-hookd loads it and never unloads it")
-_SND_WHY = ("snd_hda_intel also drives the onboard audio: the GPU's audio function is "
-            "unbound from it instead")
-
-
 def _forbidden_module(m: str) -> str | None:
-    if m == "vfio" or m.startswith("vfio_"):
-        return f"{m!r} must not be unloaded: {_VFIO_WHY}"
-    if m == "snd_hda_intel":
-        return f"{m!r} must not be unloaded: {_SND_WHY}"
-    return None
+    why = never_unload_reason(m)
+    return f"{m!r} must not be unloaded: {why}" if why else None
 
 
 def _check_modules(f: _Field | None, path: str):

@@ -26,24 +26,18 @@ Kernel interfaces: ``Documentation/ABI/testing/sysfs-bus-pci``,
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import errors
+from . import errors, pci as pcimod
 from .errors import HookdError
-from .host import Host, oserror_text
+from .host import Host
+from .pci import (VFIO_DRIVER, bind_with_driver_override, child_modules, current_driver,
+                  device_nodes, module_of_driver, never_unload_reason, unload_order)
 
-VFIO_DRIVER = "vfio-pci"
-#: Modules never unloaded: vfio serves other VMs; snd_hda_intel serves onboard audio too.
-NEVER_UNLOAD = frozenset({"vfio_pci", "vfio_pci_core", "vfio", "vfio_iommu_type1", "snd_hda_intel",
-                          "snd_hda_codec_hdmi", "pci_stub"})
 FIRMWARE_FRAMEBUFFERS = ("efi-framebuffer.0", "simple-framebuffer.0", "vesa-framebuffer.0")
-#: A device entry in ``/sys/bus/pci/drivers/DRV/`` (a PCI address, drivers/pci/probe.c).
-_PCI_ENTRY = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
-NVIDIA_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-modeset", "/dev/nvidia-uvm",
-                       "/dev/nvidia-uvm-tools")
+pci = pcimod.path
 
 
 @dataclass
@@ -71,21 +65,8 @@ class Context:
     child_modules: dict[str, list[str]] = field(default_factory=dict)
 
 
-def pci(addr: str, attr: str = "") -> str:
-    """Host path of PCI function ``addr`` or one of its attributes."""
-    return f"/sys/bus/pci/devices/{addr}" + (f"/{attr}" if attr else "")
-
-
-def current_driver(host: Host, addr: str) -> str | None:
-    """Name (str) of the driver bound to ``addr``, or None (from the ``driver`` link)."""
-    return host.link_name(pci(addr, "driver"))
-
-
 def _write(ctx: Context, path: str, data: str, code: str, what: str) -> None:
-    try:
-        ctx.host.write(path, data, ctx.profile.deadlines.unbind)
-    except OSError as exc:
-        raise HookdError(code, f"{what}: writing {data.strip()!r} to {path}: {oserror_text(exc)}")
+    pcimod.write_attr(ctx.host, path, data, ctx.profile.deadlines.unbind, code, what)
 
 
 class Step:
@@ -169,39 +150,6 @@ class Units(Step):
         if failures:
             raise HookdError(failures[0].code, "; ".join(e.message for e in failures))
         return []
-
-
-def device_nodes(host: Host, addr: str) -> list[str]:
-    """Device nodes (host paths) that belong to PCI function ``addr``: DRM nodes under
-    ``/sys/class/drm``, sound nodes under ``/sys/class/sound`` (including those of child
-    devices, e.g. virtio-gpu's ``virtio0``), and for NVIDIA ``/dev/nvidiaN`` from
-    ``/proc/driver/nvidia/gpus/ADDR/information`` plus the driver-wide control nodes."""
-    nodes: list[str] = []
-    try:
-        dev = host.resolve(pci(addr))
-    except (HookdError, OSError):
-        return nodes
-    for cls in ("drm", "sound"):
-        for entry in host.listdir(f"/sys/class/{cls}"):
-            try:
-                where = host.resolve(f"/sys/class/{cls}/{entry}")
-            except (HookdError, OSError):
-                continue
-            if not where.startswith(dev + "/"):
-                continue
-            devname = None
-            for line in (host.read_or(f"/sys/class/{cls}/{entry}/uevent", "") or "").splitlines():
-                if line.startswith("DEVNAME="):
-                    devname = line[len("DEVNAME="):]
-            if devname:
-                nodes.append("/dev/" + devname)
-    info = host.read_or(f"/proc/driver/nvidia/gpus/{addr}/information")
-    if info is not None:
-        for line in info.splitlines():
-            if line.replace(" ", "").lower().startswith("deviceminor:"):
-                nodes.append(f"/dev/nvidia{line.split(':', 1)[1].strip()}")
-        nodes.extend(n for n in NVIDIA_SHARED_NODES if host.exists(n))
-    return nodes
 
 
 class Holders(Step):
@@ -401,19 +349,15 @@ class BindVfio(Step):
     def apply(self, ctx: Context, facts: dict) -> None:
         facts["done"] = []
         host = ctx.host
-        if not host.exists(f"/sys/bus/pci/drivers/{VFIO_DRIVER}"):
+        timeout = ctx.profile.deadlines.unbind
+        if not pcimod.driver_registered(host, VFIO_DRIVER):
             host.modprobe("vfio-pci", ctx.profile.deadlines.module_load)
         for item in facts["plan"]:
             addr = item["address"]
             if current_driver(host, addr) == VFIO_DRIVER:
                 continue
             facts["done"].append(addr)
-            _write(ctx, pci(addr, "driver_override"), VFIO_DRIVER, errors.BIND_FAILED, addr)
-            drv = current_driver(host, addr)
-            if drv:
-                _write(ctx, f"/sys/bus/pci/drivers/{drv}/unbind", addr, errors.BIND_FAILED, addr)
-            _write(ctx, "/sys/bus/pci/drivers_probe", addr, errors.BIND_FAILED, addr)
-            now = current_driver(host, addr)
+            now = bind_with_driver_override(host, addr, VFIO_DRIVER, VFIO_DRIVER, timeout)
             if now != VFIO_DRIVER:
                 raise HookdError(errors.BIND_FAILED,
                                  f"{addr}: driver after drivers_probe is {now or 'none'}, "
@@ -432,18 +376,12 @@ class BindVfio(Step):
             item = by_addr[addr if isinstance(addr, str) else addr["address"]]
             addr, orig = item["address"], item["driver"]
             try:
-                _write(ctx, pci(addr, "driver_override"), item["override"] or "\n",
-                       errors.BIND_FAILED, addr)
-                if current_driver(host, addr) == VFIO_DRIVER and orig != VFIO_DRIVER:
-                    _write(ctx, f"/sys/bus/pci/drivers/{VFIO_DRIVER}/unbind", addr,
-                           errors.BIND_FAILED, addr)
-                if orig and current_driver(host, addr) != orig:
-                    if not host.exists(f"/sys/bus/pci/drivers/{orig}"):
-                        notes.append(f"{addr} left unbound until its driver {orig} is loaded "
-                                     f"again by the modules step")
-                        continue
-                    _write(ctx, "/sys/bus/pci/drivers_probe", addr, errors.BIND_FAILED, addr)
-                now = current_driver(host, addr)
+                now = bind_with_driver_override(host, addr, item["override"], orig,
+                                                ctx.profile.deadlines.unbind)
+                if orig and now is None and not pcimod.driver_registered(host, orig):
+                    notes.append(f"{addr} left unbound until its driver {orig} is loaded "
+                                 f"again by the modules step")
+                    continue
                 if now != orig:
                     raise HookdError(errors.BIND_FAILED,
                                      f"{addr}: driver is {now or 'none'} after giving it back, "
@@ -453,64 +391,6 @@ class BindVfio(Step):
         if failures:
             raise HookdError(errors.BIND_FAILED, "; ".join(e.message for e in failures))
         return notes
-
-
-def module_of_driver(host: Host, driver: str) -> str:
-    """Module (str) that registers PCI driver ``driver`` (``drivers/DRV/module`` link; the
-    driver name with ``-`` as ``_`` when the link is absent)."""
-    return host.link_name(f"/sys/bus/pci/drivers/{driver}/module") or driver.replace("-", "_")
-
-
-def child_modules(host: Host, addr: str) -> list[str]:
-    """Modules of the drivers bound to the child devices of PCI function ``addr`` (str list).
-
-    Some GPUs are driven through a child device, not the PCI function: virtio-vga's function
-    is bound to the bus driver virtio-pci, and the DRM driver virtio_gpu to its child
-    ``virtio0`` (seen on Linux 6.1 in a QEMU guest). The child is gone once the function is
-    unbound, so this is read before prepare. Built-in drivers (no ``module`` link) are left out.
-    """
-    base = host.resolve(pci(addr))
-    mods: list[str] = []
-    for entry in host.subdirs(base):
-        if _PCI_ENTRY.fullmatch(entry) or not host.link_name(f"{base}/{entry}/driver"):
-            continue
-        try:
-            drv_dir = host.resolve(f"{base}/{entry}/driver")
-        except (HookdError, OSError):
-            continue
-        mod = host.link_name(f"{drv_dir}/module")
-        if mod and mod not in mods:
-            mods.append(mod)
-    return mods
-
-
-def unload_order(host: Host, roots: list[str], with_holders: bool = True) -> list[str]:
-    """Loaded, non-built-in modules among ``roots`` (and, with ``with_holders``, every module
-    holding them, transitively via ``/sys/module/M/holders``), ordered so each comes after
-    all its holders (sysfs-module ABI). Modules in :data:`NEVER_UNLOAD` are left out.
-    """
-    wanted: list[str] = []
-    todo = [m.replace("-", "_") for m in roots]
-    while todo:
-        mod = todo.pop(0)
-        if mod in wanted or mod in NEVER_UNLOAD:
-            continue
-        if not host.module_loaded(mod) or host.module_builtin(mod):
-            continue
-        wanted.append(mod)
-        if with_holders:
-            todo.extend(host.listdir(f"/sys/module/{mod}/holders"))
-    order: list[str] = []
-    left = list(wanted)
-    while left:
-        ready = [m for m in left
-                 if not set(host.listdir(f"/sys/module/{m}/holders")) & (set(left) - {m})]
-        if not ready:  # a holder cycle cannot happen in the kernel; keep the rest as found
-            ready = left[:1]
-        for m in ready:
-            order.append(m)
-            left.remove(m)
-    return order
 
 
 class Modules(Step):
@@ -532,15 +412,14 @@ class Modules(Step):
             # bus driver (virtio-pci under virtio-vga: its module also carries the disks and
             # 9p shares); unloading it would take them away. Seen in a QEMU guest, Linux 6.1.
             roots = [module_of_driver(ctx.host, d) for d in ctx.drivers.values()
-                     if d and d != VFIO_DRIVER and not any(
-                         _PCI_ENTRY.fullmatch(e) and e not in ctx.devices
-                         for e in ctx.host.listdir(f"/sys/bus/pci/drivers/{d}"))]
+                     if d and d != VFIO_DRIVER
+                     and not pcimod.other_functions_of(ctx.host, d, ctx.devices)]
             # modules of drivers bound to child devices (virtio-vga's virtio_gpu on virtio0),
             # but not under a driver we never unload: snd_hda_intel's codec children
             # (snd_hda_codec_*) serve the onboard audio too and stay in use while it is loaded
             roots += [m for addr, mods in ctx.child_modules.items() for m in mods
-                      if module_of_driver(ctx.host, ctx.drivers.get(addr) or "")
-                      not in NEVER_UNLOAD]
+                      if not never_unload_reason(
+                          module_of_driver(ctx.host, ctx.drivers.get(addr) or ""))]
             plan = unload_order(ctx.host, roots, with_holders=True)
         else:
             plan = unload_order(ctx.host, list(mods), with_holders=False)

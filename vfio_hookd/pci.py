@@ -1,0 +1,225 @@
+"""PCI functions, their drivers and modules: the one place for these facts.
+
+- PCI address syntax (:data:`ADDRESS_RE`, :func:`normalize_address`): ``domain:bus:slot.function``
+  as the kernel names ``/sys/bus/pci/devices`` entries (``"%04x:%02x:%02x.%1u"``,
+  drivers/pci/probe.c).
+- The modules vfio-hookd never unloads (:func:`never_unload_reason`), used by both the profile
+  rules and the modules step.
+- Binding with ``driver_override`` (:func:`bind_with_driver_override`), the one primitive used to
+  hand a function to vfio-pci and to give it back (libvirt's
+  ``virPCIDeviceBindWithDriverOverride``; ``Documentation/ABI/testing/sysfs-bus-pci``).
+- Queries: a function's driver, the module of a driver, the modules of drivers bound to child
+  devices, module unload order (``Documentation/ABI/stable/sysfs-module``), device nodes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from . import errors
+from .errors import HookdError
+from .host import Host, oserror_text
+
+VFIO_DRIVER = "vfio-pci"
+
+#: A full PCI address, lower-case hex, as in ``/sys/bus/pci/devices/`` (groups: domain, bus,
+#: slot, function).
+ADDRESS_RE = re.compile(r"([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
+
+#: Modules never unloaded, with the reason a profile that lists them is refused. Any module
+#: named ``vfio`` or ``vfio_*`` is never unloaded too (:func:`never_unload_reason`).
+NEVER_UNLOAD = {
+    "snd_hda_intel": "snd_hda_intel also drives the onboard audio: the GPU's audio function is "
+                     "unbound from it instead",
+    "snd_hda_codec_hdmi": "the HDMI codec driver also serves the onboard audio's and other "
+                          "GPUs' HDMI codecs while snd_hda_intel is loaded",
+    "pci_stub": "pci-stub may hold functions that the boot configuration reserved for other "
+                "VMs",
+}
+_VFIO_WHY = ("vfio-pci serves the passed-through functions of this VM and of other VMs; "
+             "vfio-hookd loads it and never unloads it")
+
+NVIDIA_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-modeset", "/dev/nvidia-uvm",
+                       "/dev/nvidia-uvm-tools")
+
+
+def normalize_address(s: object) -> str | None:
+    """``s`` as a full PCI address in lower case (``"0000:01:00.0"``), or ``None``.
+
+    Accepts exactly ``domain:bus:slot.function`` with 4, 2, 2 and 1 digits (hex, any case);
+    slot <= 0x1f and function <= 7 (PCI spec; libvirt's ``virPCIDeviceAddressIsValid``). The
+    short ``lspci`` form ``01:00.0`` is refused: it is ambiguous on hosts with several PCI
+    domains. Anything that is not a ``str`` gives ``None``.
+    """
+    if not isinstance(s, str):
+        return None
+    low = s.lower()
+    m = ADDRESS_RE.fullmatch(low)
+    if m is None or int(m.group(3), 16) > 0x1F:
+        return None
+    return low
+
+
+def is_address(s: object) -> bool:
+    """True when ``s`` is already a normalised PCI address (:func:`normalize_address`)."""
+    return isinstance(s, str) and normalize_address(s) == s
+
+
+def never_unload_reason(module: str) -> str | None:
+    """Why ``module`` (``-`` or ``_``) is never unloaded, or None when it may be."""
+    m = module.replace("-", "_")
+    if m == "vfio" or m.startswith("vfio_"):
+        return _VFIO_WHY
+    return NEVER_UNLOAD.get(m)
+
+
+def path(addr: str, attr: str = "") -> str:
+    """Host path of PCI function ``addr`` or one of its attributes."""
+    return f"/sys/bus/pci/devices/{addr}" + (f"/{attr}" if attr else "")
+
+
+def current_driver(host: Host, addr: str) -> str | None:
+    """Name (str) of the driver bound to ``addr``, or None (from the ``driver`` link)."""
+    return host.link_name(path(addr, "driver"))
+
+
+def driver_registered(host: Host, driver: str) -> bool:
+    """True when PCI driver ``driver`` is registered (``/sys/bus/pci/drivers/DRV`` exists)."""
+    return host.exists(f"/sys/bus/pci/drivers/{driver}")
+
+
+def write_attr(host: Host, p: str, data: str, timeout_s: float, code: str, what: str) -> None:
+    """Write ``data`` to sysfs attribute ``p`` within ``timeout_s`` (s).
+
+    :raises HookdError: ``code`` naming ``what``, the value and the kernel's errno; ``TIMEOUT``
+        when the write did not return in time.
+    """
+    try:
+        host.write(p, data, timeout_s)
+    except OSError as exc:
+        raise HookdError(code, f"{what}: writing {data.strip()!r} to {p}: {oserror_text(exc)}")
+
+
+def bind_with_driver_override(host: Host, addr: str, override: str | None, driver: str | None,
+                              timeout_s: float) -> str | None:
+    """Hand PCI function ``addr`` to ``driver`` the way libvirt's
+    ``virPCIDeviceBindWithDriverOverride`` does, and return the driver bound afterwards.
+
+    1. write ``override`` to ``driver_override`` (``None`` clears it with a newline);
+    2. unbind ``addr`` from its current driver unless that already is ``driver``;
+    3. when ``driver`` is set, registered and not yet bound, write ``addr`` to
+       ``/sys/bus/pci/drivers_probe`` (the kernel picks the override, else matching IDs).
+
+    A ``driver`` whose module is not loaded leaves the function unbound: loading the module
+    binds it. The caller checks the result against what it wanted. Never ``new_id``
+    (driver-wide). Source: ``Documentation/ABI/testing/sysfs-bus-pci``.
+
+    :param timeout_s: deadline of each sysfs write (s).
+    :raises HookdError: ``BIND_FAILED`` for a write the kernel refused, ``TIMEOUT``.
+    """
+    code = errors.BIND_FAILED
+    write_attr(host, path(addr, "driver_override"), override or "\n", timeout_s, code, addr)
+    now = current_driver(host, addr)
+    if now and now != driver:
+        write_attr(host, f"/sys/bus/pci/drivers/{now}/unbind", addr, timeout_s, code, addr)
+    if driver and current_driver(host, addr) != driver and driver_registered(host, driver):
+        write_attr(host, "/sys/bus/pci/drivers_probe", addr, timeout_s, code, addr)
+    return current_driver(host, addr)
+
+
+def module_of_driver(host: Host, driver: str) -> str:
+    """Module (str) that registers PCI driver ``driver`` (``drivers/DRV/module`` link; the
+    driver name with ``-`` as ``_`` when the link is absent)."""
+    return host.link_name(f"/sys/bus/pci/drivers/{driver}/module") or driver.replace("-", "_")
+
+
+def other_functions_of(host: Host, driver: str, functions) -> list[str]:
+    """PCI functions bound to ``driver`` that are not in ``functions`` (str list)."""
+    return [e for e in host.listdir(f"/sys/bus/pci/drivers/{driver}")
+            if ADDRESS_RE.fullmatch(e) and e not in functions]
+
+
+def child_modules(host: Host, addr: str) -> list[str]:
+    """Modules of the drivers bound to the child devices of PCI function ``addr`` (str list).
+
+    Some GPUs are driven through a child device, not the PCI function: virtio-vga's function
+    is bound to the bus driver virtio-pci, and the DRM driver virtio_gpu to its child
+    ``virtio0`` (seen on Linux 6.1 in a QEMU guest). The child is gone once the function is
+    unbound, so this is read before prepare. Built-in drivers (no ``module`` link) are left out.
+    """
+    base = host.resolve(path(addr))
+    mods: list[str] = []
+    for entry in host.subdirs(base):
+        if ADDRESS_RE.fullmatch(entry) or not host.link_name(f"{base}/{entry}/driver"):
+            continue
+        try:
+            drv_dir = host.resolve(f"{base}/{entry}/driver")
+        except (HookdError, OSError):
+            continue
+        mod = host.link_name(f"{drv_dir}/module")
+        if mod and mod not in mods:
+            mods.append(mod)
+    return mods
+
+
+def unload_order(host: Host, roots: list[str], with_holders: bool = True) -> list[str]:
+    """Loaded, non-built-in modules among ``roots`` (and, with ``with_holders``, every module
+    holding them, transitively via ``/sys/module/M/holders``), ordered so each comes after
+    all its holders (sysfs-module ABI). Modules that are never unloaded
+    (:func:`never_unload_reason`) are left out.
+    """
+    wanted: list[str] = []
+    todo = [m.replace("-", "_") for m in roots]
+    while todo:
+        mod = todo.pop(0)
+        if mod in wanted or never_unload_reason(mod):
+            continue
+        if not host.module_loaded(mod) or host.module_builtin(mod):
+            continue
+        wanted.append(mod)
+        if with_holders:
+            todo.extend(host.listdir(f"/sys/module/{mod}/holders"))
+    order: list[str] = []
+    left = list(wanted)
+    while left:
+        ready = [m for m in left
+                 if not set(host.listdir(f"/sys/module/{m}/holders")) & (set(left) - {m})]
+        if not ready:  # a holder cycle cannot happen in the kernel; keep the rest as found
+            ready = left[:1]
+        for m in ready:
+            order.append(m)
+            left.remove(m)
+    return order
+
+
+def device_nodes(host: Host, addr: str) -> list[str]:
+    """Device nodes (host paths) that belong to PCI function ``addr``: DRM nodes under
+    ``/sys/class/drm``, sound nodes under ``/sys/class/sound`` (including those of child
+    devices, e.g. virtio-gpu's ``virtio0``), and for NVIDIA ``/dev/nvidiaN`` from
+    ``/proc/driver/nvidia/gpus/ADDR/information`` plus the driver-wide control nodes."""
+    nodes: list[str] = []
+    try:
+        dev = host.resolve(path(addr))
+    except (HookdError, OSError):
+        return nodes
+    for cls in ("drm", "sound"):
+        for entry in host.listdir(f"/sys/class/{cls}"):
+            try:
+                where = host.resolve(f"/sys/class/{cls}/{entry}")
+            except (HookdError, OSError):
+                continue
+            if not where.startswith(dev + "/"):
+                continue
+            devname = None
+            for line in (host.read_or(f"/sys/class/{cls}/{entry}/uevent", "") or "").splitlines():
+                if line.startswith("DEVNAME="):
+                    devname = line[len("DEVNAME="):]
+            if devname:
+                nodes.append("/dev/" + devname)
+    info = host.read_or(f"/proc/driver/nvidia/gpus/{addr}/information")
+    if info is not None:
+        for line in info.splitlines():
+            if line.replace(" ", "").lower().startswith("deviceminor:"):
+                nodes.append(f"/dev/nvidia{line.split(':', 1)[1].strip()}")
+        nodes.extend(n for n in NVIDIA_SHARED_NODES if host.exists(n))
+    return nodes
