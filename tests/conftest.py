@@ -25,9 +25,15 @@ def dirs(tmp_path, monkeypatch):
     (d["config"] / "vms").mkdir()
     monkeypatch.setenv("VFIO_HOOKD_CONFIG", str(d["config"]))
     monkeypatch.setenv("VFIO_HOOKD_RUN", str(d["run"]))
-    monkeypatch.setenv("VFIO_HOOKD_HOST_ROOT", str(d["host"]))
     monkeypatch.setenv("VFIO_HOOKD_LOG", "stderr")
     return d
+
+
+@pytest.fixture
+def paths(dirs):
+    """The :class:`vfio_hookd.paths.Paths` of ``dirs``."""
+    from vfio_hookd.paths import Paths
+    return Paths(config_dir=str(dirs["config"]), run_dir=str(dirs["run"]))
 
 
 def write_profile(dirs, vm: str, text: str) -> str:
@@ -42,9 +48,10 @@ class SimWorld:
 
     def __init__(self, dirs, variant: str = "nvidia"):
         from vfio_hookd import sim
-        from vfio_hookd.host import open_host
         from vfio_hookd.machine import Machine
+        from vfio_hookd.paths import Paths
         from vfio_hookd.sim.bus import SimBus
+        from vfio_hookd.sim.kernel import SimHost
         from vfio_hookd.systemd import Systemd
         self.dirs = dirs
         self.root = str(dirs["host"])
@@ -52,10 +59,11 @@ class SimWorld:
         self.devices = sim.DEVICES[variant]
         sim.make_host(self.root, variant)
         self.bus = SimBus(self.root)
-        self.host = open_host(self.root)
-        assert self.host.simulated
+        self.host = SimHost(self.root)
+        self.paths = Paths(config_dir=str(dirs["config"]), run_dir=str(dirs["run"]))
         self.systemd = Systemd(self.bus.address)
-        self.machine = Machine(self.host, systemd_factory=lambda: Systemd(self.bus.address))
+        self.machine = Machine(self.host, self.paths,
+                               systemd_factory=lambda: Systemd(self.bus.address))
 
     def snapshot(self) -> dict:
         """The whole fake kernel tree and the fake systemd's unit states."""

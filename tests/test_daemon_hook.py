@@ -331,13 +331,12 @@ def test_socket_activation_answers_connections_made_before_the_daemon_ran(world,
 
 def test_daemon_start_releases_a_record_left_mid_prepare(world, tmp_path):
     """A daemon that died during a prepare left the desktop stopped: the next one gives it back."""
-    from vfio_hookd import record
     world.profile()
     before = world.snapshot()
     rec = world.machine.prepare("win11")
-    rec["phase"] = "preparing"
-    rec["steps"][-1]["status"] = "applying"   # died while binding vfio-pci
-    record.save(rec)
+    rec.phase = "preparing"
+    rec.steps[-1].status = "applying"   # died while binding vfio-pci
+    world.machine.records.save(rec)
     d = DaemonProc(world, tmp_path)
     try:
         # a release request waits for the VM's lock, so it returns once recovery is done
@@ -347,7 +346,7 @@ def test_daemon_start_releases_a_record_left_mid_prepare(world, tmp_path):
         assert "record left preparing by an earlier daemon: releasing" in d.read_log()
     finally:
         assert d.stop() == 0
-    assert record.load("win11")["phase"] == "idle"
+    assert world.machine.records.load("win11").phase == "idle"
     after = world.snapshot()
     assert after["units"] == before["units"]
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"

@@ -7,10 +7,11 @@ import subprocess
 import pytest
 
 from conftest import diff, write_profile
-from vfio_hookd import errors, record
+from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
 from vfio_hookd.sim import faults
-from vfio_hookd.steps import STEP_NAMES, STEPS, Context, current_driver
+from vfio_hookd.pci import current_driver
+from vfio_hookd.steps import STEP_NAMES, STEPS, Context
 
 # What the kernel itself removes when a driver takes the boot VGA function: the firmware
 # framebuffer device, its /proc/fb line, and fbcon's vtconsole with the last framebuffer.
@@ -60,8 +61,8 @@ def test_prepare_then_release_restores_the_host(world):
     world.profile()
     before = world.snapshot()
     rec = world.machine.prepare("win11")
-    assert rec["phase"] == "prepared"
-    assert [s["status"] for s in rec["steps"]] == ["done"] * len(STEPS)
+    assert rec.phase == "prepared"
+    assert [s.status for s in rec.steps] == ["done"] * len(STEPS)
     for addr in world.devices:
         assert current_driver(world.host, addr) == "vfio-pci"
     assert world.host.exists("/dev/vfio/1")
@@ -74,17 +75,17 @@ def test_prepare_then_release_restores_the_host(world):
     units = world.systemd.list_units()
     assert units["gdm.service"] == "inactive" and units["nvidia-persistenced.service"] == "inactive"
     assert units["sshd.service"] == "active"
-    assert record.load("win11")["phase"] == "prepared"
+    assert world.machine.records.load("win11").phase == "prepared"
 
     rec = world.machine.release("win11", "destroyed")
-    assert rec["phase"] == "idle"
-    assert [s["status"] for s in rec["steps"]] == ["undone"] * len(STEPS)
+    assert rec.phase == "idle"
+    assert [s.status for s in rec.steps] == ["undone"] * len(STEPS)
     after = world.snapshot()
     assert after["units"] == before["units"]
     d = diff(before["tree"], after["tree"])
     assert evicted_only(d), d
-    fb = next(s for s in rec["steps"] if s["name"] == "framebuffer")
-    assert any("removed by the kernel" in n for n in fb["notes"])
+    fb = next(s for s in rec.steps if s.name == "framebuffer")
+    assert any("removed by the kernel" in n for n in fb.notes)
     for addr, drv in zip(world.devices, ("nvidia", "snd_hda_intel")):
         assert current_driver(world.host, addr) == drv
 
@@ -101,9 +102,9 @@ def test_amd_host_round_trip_is_identical(amd_world):
 
 
 def _ctx(world, vm="win11"):
-    prof, devices, drivers = world.machine.plan(vm, None)
-    return Context(vm=vm, host=world.host, profile=prof, devices=devices, drivers=drivers,
-                   systemd=lambda: world.systemd)
+    plan = world.machine.plan_prepare(vm, None)
+    return Context(vm=vm, host=world.host, profile=plan.profile, deadlines=plan.deadlines,
+                   devices=plan.devices, drivers=plan.drivers, systemd=lambda: world.systemd)
 
 
 # What must be true before a step can run alone: the display manager and
@@ -176,10 +177,10 @@ def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
         world.machine.prepare("win11")
     assert f"step {name}" in str(exc.value)
     faults.clear(world.root)
-    rec = record.load("win11")
-    assert rec["phase"] == "failed"
-    assert rec["error"]["step"] == name
-    statuses = {s["name"]: s["status"] for s in rec["steps"]}
+    rec = world.machine.records.load("win11")
+    assert rec.phase == "failed"
+    assert rec.error["step"] == name
+    statuses = {s.name: s.status for s in rec.steps}
     k = STEP_NAMES.index(name)
     assert statuses[name] == "failed"
     assert all(statuses[n] == "undone" for n in STEP_NAMES[:k])
@@ -193,9 +194,9 @@ def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
         assert d == {}, d
     if name == "bind_vfio":  # the first function went over and came back
         assert current_driver(world.host, "0000:01:00.0") == "nvidia"
-    assert not record.holds_host(rec)
+    assert not rec.holds_host
     # libvirt calls release end after a failed start: a quiet success that changes nothing
-    assert world.machine.release("win11", "failed")["phase"] == "failed"
+    assert world.machine.release("win11", "failed").phase == "failed"
     assert world.snapshot() == after
 
 
@@ -230,17 +231,17 @@ def test_release_carries_on_past_a_failed_undo(world, name):
         world.machine.release("win11")
     assert exc.value.code == errors.RELEASE_INCOMPLETE
     assert f"step {name}" in exc.value.message
-    rec = record.load("win11")
-    assert rec["phase"] == "failed"
-    by_name = {s["name"]: s for s in rec["steps"]}
-    assert by_name[name]["status"] == "undo_failed"
+    rec = world.machine.records.load("win11")
+    assert rec.phase == "failed"
+    by_name = {s.name: s for s in rec.steps}
+    assert by_name[name].status == "undo_failed"
     # every undo ran (each has an undo time), not only those before the failure
-    assert all(s["undo_ms"] is not None for s in rec["steps"])
-    assert [e["step"] for e in rec["release_errors"]][0] == name
+    assert all(s.undo_ms is not None for s in rec.steps)
+    assert [e["step"] for e in rec.release_errors][0] == name
     # once the cause is gone, a second release finishes the job
     faults.clear(world.root)
     rec = world.machine.release("win11")
-    assert rec["phase"] == "idle"
+    assert rec.phase == "idle"
     assert world.systemd.list_units()["gdm.service"] == "active"
     assert current_driver(world.host, "0000:01:00.0") == "nvidia"
 
@@ -262,9 +263,9 @@ def test_holder_is_terminated_with_on_busy_terminate(world, holder):
     world.profile(extra="on_busy: terminate\n")
     p = holder("/dev/nvidia0")
     rec = world.machine.prepare("win11")
-    assert rec["phase"] == "prepared"
+    assert rec.phase == "prepared"
     assert p.wait(timeout=5) is not None
-    facts = next(s for s in rec["steps"] if s["name"] == "holders")["facts"]
+    facts = next(s for s in rec.steps if s.name == "holders").facts
     assert [h["pid"] for h in facts["terminated"]] == [p.pid]
 
 
@@ -276,7 +277,7 @@ def test_incomplete_iommu_group_is_refused_before_touching_the_host(world):
     assert exc.value.code == errors.IOMMU_GROUP_INCOMPLETE
     assert "0000:01:00.1" in exc.value.message
     assert world.snapshot() == before
-    assert record.load("win11") is None
+    assert world.machine.records.load("win11") is None
 
 
 def test_missing_device_is_refused(world):
@@ -296,7 +297,7 @@ def test_device_held_by_another_vm_is_refused(world):
         world.machine.prepare("linux")
     assert exc.value.code == errors.DEVICE_CLAIMED and "win11" in exc.value.message
     world.machine.release("win11")
-    assert world.machine.prepare("linux")["phase"] == "prepared"
+    assert world.machine.prepare("linux").phase == "prepared"
     world.machine.release("linux")
 
 
@@ -305,7 +306,7 @@ def test_second_prepare_is_a_checked_no_op(world):
     first = world.machine.prepare("win11")
     snap = world.snapshot()
     again = world.machine.prepare("win11")
-    assert again["steps"] == first["steps"]
+    assert again.steps == first.steps
     assert world.snapshot() == snap
     # drift: someone gave a function back behind our back
     world.host.write("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:01:00.1", 1)
@@ -346,8 +347,8 @@ def test_hung_kernel_operation_fails_the_step_at_its_deadline(world, op, target,
     with pytest.raises(HookdError) as exc:
         world.machine.prepare("win11")
     assert exc.value.code == errors.TIMEOUT and f"step {step}" in str(exc.value)
-    rec = record.load("win11")
-    assert rec["error"]["step"] == step and not record.holds_host(rec)
+    rec = world.machine.records.load("win11")
+    assert rec.error["step"] == step and not rec.holds_host
     assert world.systemd.list_units() == before["units"]
     assert current_driver(world.host, "0000:01:00.0") == "nvidia"
 
@@ -386,7 +387,7 @@ def test_release_runs_every_other_undo_when_one_raises(world, monkeypatch, k):
     assert exc.value.code == errors.RELEASE_INCOMPLETE
     assert f"injected in {STEP_NAMES[k]}" in exc.value.message
     assert ran == list(reversed(STEP_NAMES))
-    statuses = {s["name"]: s["status"] for s in record.load("win11")["steps"]}
+    statuses = {s.name: s.status for s in world.machine.records.load("win11").steps}
     if STEP_NAMES[k] == "modules":
         # without the nvidia modules the GPU stays unbound (bind_vfio left it for them) and
         # the display manager cannot start without its GPU: that undo ran and failed too
@@ -411,10 +412,10 @@ def test_units_are_not_started_while_the_system_shuts_down(world):
                     "/org/freedesktop/systemd1", "org.vfiohookd.Sim", "SetSystemState", "s",
                     "stopping"], check=True, capture_output=True)
     rec = world.machine.release("win11", "shutdown")
-    assert rec["phase"] == "idle"
+    assert rec.phase == "idle"
     units = world.systemd.list_units()
     assert units["gdm.service"] == "inactive" and units["nvidia-persistenced.service"] == "inactive"
-    notes = next(s for s in rec["steps"] if s["name"] == "units")["notes"]
+    notes = next(s for s in rec.steps if s.name == "units").notes
     assert notes and "shutting down" in notes[0]
     assert current_driver(world.host, "0000:01:00.0") == "nvidia"
 
@@ -428,7 +429,7 @@ def test_concurrent_prepares_of_one_device_run_one_at_a_time(world):
 
     def run(vm):
         try:
-            results[vm] = world.machine.prepare(vm)["phase"]
+            results[vm] = world.machine.prepare(vm).phase
         except HookdError as exc:
             results[vm] = exc.code
 
@@ -447,13 +448,13 @@ def test_a_record_that_cannot_be_written_rolls_back_the_host(world, monkeypatch)
     """/run full or failing mid-prepare: the host is given back all the same."""
     world.profile()
     before = world.snapshot()
-    real_save = record.save
+    real_save = world.machine.records.save
 
     def save(rec):
-        if any(s["name"] == "bind_vfio" and s["status"] == "applying" for s in rec["steps"]):
+        if any(s.name == "bind_vfio" and s.status == "applying" for s in rec.steps):
             raise OSError(28, "No space left on device")
         real_save(rec)
-    monkeypatch.setattr(record, "save", save)
+    monkeypatch.setattr(world.machine.records, "save", save)
     with pytest.raises(HookdError) as exc:
         world.machine.prepare("win11")
     assert exc.value.code == errors.HOST_IO and "step bind_vfio" in exc.value.message
@@ -474,7 +475,7 @@ def test_a_failed_rollback_is_reported_with_the_original_error(world):
     assert "vfio-hookd release win11" in msg
     assert exc.value.details["rollback_errors"][0]["step"] == "units"
     faults.clear(world.root)
-    assert world.machine.release("win11")["phase"] == "idle"
+    assert world.machine.release("win11").phase == "idle"
     assert world.systemd.list_units()["gdm.service"] == "active"
 
 
@@ -484,7 +485,7 @@ def test_a_holder_on_its_way_out_does_not_fail_prepare(world):
     with open(world.host.path("/dev/dri/card0")) as f:
         leaving = subprocess.Popen(["sleep", "0.5"], stdin=f)
     try:
-        assert world.machine.prepare("win11")["phase"] == "prepared"
+        assert world.machine.prepare("win11").phase == "prepared"
         assert leaving.poll() is not None
     finally:
         leaving.kill()

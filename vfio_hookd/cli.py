@@ -1,6 +1,6 @@
 """``vfio-hookd``: the command line.
 
-- ``vfio-hookd daemon [--host-root DIR]``: run the daemon (systemd/vfio-hookd.service).
+- ``vfio-hookd daemon``: run the daemon (systemd/vfio-hookd.service).
 - ``vfio-hookd status [VM] [--json]``: each VM's phase, steps (status, duration) and devices
   with their current driver; from the daemon, or from the records when it is down.
 - ``vfio-hookd prepare VM [--xml FILE]`` / ``release VM``: the same state machine as the hook,
@@ -10,59 +10,82 @@
   libvirtd told to re-read its hooks.
 
 Exit status: 0 on success; otherwise ``CODE: message`` on stderr and the code's status
-(:attr:`vfio_hookd.errors.HookdError.exit_status`; 1 for an unexpected bug).
+(:data:`vfio_hookd.errors.EXIT_STATUS`; 1 for an unexpected bug).
+
+Paths come from the environment once, here at the edge (:meth:`vfio_hookd.paths.Paths.from_env`),
+and each verb imports only what it uses: yaml only to read a profile, pydbus/GLib only when it
+talks to systemd, libvirt only when it talks to libvirt.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 
-from . import errors, paths
+from . import errors
 from .errors import HookdError
+from .paths import Paths, check_vm_name
 
 
-def _daemon_request(payload: dict) -> dict | None:
+def _daemon_request(paths: Paths, payload: dict) -> dict | None:
     """The daemon's result, or None when no daemon listens. Daemon errors raise HookdError."""
     from .qemu_hook import HookFailure, request
-    if not os.path.exists(paths.socket_path()):
+    if not os.path.exists(paths.socket):
         return None
     try:
-        return request(payload, path=paths.socket_path())
+        return request(payload, path=paths.socket)
     except HookFailure as exc:
         if exc.code == "DAEMON_UNREACHABLE":
             return None
         raise HookdError.from_dict({"code": exc.code, "message": exc.message})
 
 
-def _local_machine():
+class Env:
+    """What every verb works with, built once in :func:`main`.
+
+    :ivar paths: :class:`~vfio_hookd.paths.Paths` from the environment.
+    :ivar host: the :class:`~vfio_hookd.host.Host` to act on (the real one, ``/``, unless a
+        caller of :func:`main` passes another, as the repository's testbed does).
+    :ivar systemd_factory: as for :class:`vfio_hookd.machine.Machine` (None: the system bus).
+    """
+
+    def __init__(self, paths: Paths, host=None, systemd_factory=None):
+        self.paths = paths
+        self._host = host
+        self.systemd_factory = systemd_factory
+
+    @property
+    def host(self):
+        if self._host is None:
+            from .host import Host
+            self._host = Host("/")
+        return self._host
+
+
+def _local_machine(env: Env):
     from . import log
-    from .host import open_host
     from .machine import Machine
     log.setup()
-    return Machine(open_host())
+    return Machine(env.host, env.paths, env.systemd_factory)
 
 
-def cmd_status(args) -> int:
-    result = _daemon_request({"op": "status", "vm": args.vm})
+def cmd_status(args, env: Env) -> int:
+    paths = env.paths
+    result = _daemon_request(paths, {"op": "status", "vm": args.vm})
     if result is None:
-        from .host import open_host
-        from .machine import status_from_records
-        result = status_from_records(open_host(), args.vm)
+        from .status import status_from_records
+        result = status_from_records(env.host, paths, args.vm)
         source = "records (daemon not running)"
     else:
         source = "daemon"
     if args.json:
+        import json
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
     vms = result["vms"]
     if not vms:
-        print(f"no VM records in {paths.run_dir()} (source: {source})")
+        print(f"no VM records in {paths.run_dir} (source: {source})")
         return 0
     for name, vm in sorted(vms.items()):
         print(f"{name}: {vm['phase']}")
@@ -91,8 +114,9 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_prepare(args) -> int:
-    paths.check_vm_name(args.vm)
+def cmd_prepare(args, env: Env) -> int:
+    paths = env.paths
+    check_vm_name(args.vm)
     xml = None
     if args.xml:
         try:
@@ -102,12 +126,12 @@ def cmd_prepare(args) -> int:
             raise HookdError(errors.DOMAIN_XML_INVALID, f"{args.xml}: {exc.strerror}") from None
     if xml is None:
         from .profile import load_profile
-        if load_profile(args.vm).devices is None:
+        if load_profile(paths, args.vm).devices is None:
             xml = _domain_xml(args.vm)
-    result = _daemon_request({"op": "prepare", "vm": args.vm, "xml": xml})
+    result = _daemon_request(paths, {"op": "prepare", "vm": args.vm, "xml": xml})
     if result is None:
-        rec = _local_machine().prepare(args.vm, xml)
-        result = {"vm": args.vm, "phase": rec["phase"]}
+        rec = _local_machine(env).prepare(args.vm, xml)
+        result = {"vm": args.vm, "phase": rec.phase}
     print(f"{result['vm']}: {result['phase']}")
     return 0
 
@@ -149,28 +173,33 @@ def _refuse_if_running(vm: str) -> None:
                          f"not use the GPU")
 
 
-def cmd_release(args) -> int:
-    paths.check_vm_name(args.vm)
+def cmd_release(args, env: Env) -> int:
+    paths = env.paths
+    check_vm_name(args.vm)
     if not args.force:
         _refuse_if_running(args.vm)
-    result = _daemon_request({"op": "release", "vm": args.vm, "reason": "cli"})
+    result = _daemon_request(paths, {"op": "release", "vm": args.vm, "reason": "cli"})
     if result is None:
-        rec = _local_machine().release(args.vm, "cli")
-        result = {"vm": args.vm, "phase": rec["phase"] if rec else "idle"}
+        rec = _local_machine(env).release(args.vm, "cli")
+        result = {"vm": args.vm, "phase": rec.phase if rec else "idle"}
     print(f"{result['vm']}: {result['phase']}")
     return 0
 
 
-def cmd_daemon(args) -> int:
+def cmd_daemon(args, env: Env) -> int:
     from .daemon import run
-    return run(args.host_root)
+    return run(env.paths, env._host, env.systemd_factory)
 
 
 UNITS = ("vfio-hookd.service", "vfio-hookd.socket")
 
 
-def cmd_install(args) -> int:
+def cmd_install(args, env: Env) -> int:
     """Install the hook and the unit under ``--root`` (default ``/``) and reload libvirtd."""
+    import shutil
+    import signal
+    import subprocess
+    paths = env.paths
     root = os.path.abspath(args.root)
     here = os.path.dirname(os.path.abspath(__file__))
     hook_dir = os.path.join(root, args.hooks_dir.lstrip("/"), "qemu.d")
@@ -195,7 +224,7 @@ def cmd_install(args) -> int:
             with open(os.path.join(unit_dir, name), "w") as f:
                 f.write(unit)
             print(f"unit: {os.path.join(unit_dir, name)}")
-        os.makedirs(os.path.join(root, paths.config_dir().lstrip("/"), "vms"), exist_ok=True)
+        os.makedirs(os.path.join(root, paths.profiles_dir.lstrip("/")), exist_ok=True)
     except OSError as exc:
         raise HookdError(errors.INSTALL_FAILED, f"{exc.filename}: {exc.strerror}") from None
     if root != "/" or args.no_reload:
@@ -236,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release even if libvirt says the VM is running")
     s.set_defaults(func=cmd_release)
     s = sub.add_parser("daemon", help="run the daemon (normally from systemd)")
-    s.add_argument("--host-root", help="act on this directory instead of / (simulated host)")
     s.set_defaults(func=cmd_daemon)
     s = sub.add_parser("install", help="install the libvirt hook and the systemd unit")
     s.add_argument("--root", default="/", help="install below this directory (packaging)")
@@ -247,11 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status."""
+def main(argv: list[str] | None = None, host=None, systemd_factory=None) -> int:
+    """Console entry point; returns the exit status.
+
+    :param argv: the arguments (default ``sys.argv[1:]``).
+    :param host: the :class:`~vfio_hookd.host.Host` to act on (default: the real one, ``/``).
+    :param systemd_factory: as for :class:`vfio_hookd.machine.Machine` (default: the system bus).
+    """
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.func(args, Env(Paths.from_env(), host, systemd_factory))
     except HookdError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_status

@@ -6,7 +6,8 @@ Protocol (one connection per request; UTF-8 JSON, one object per line):
   ``{"op": "release", "vm": NAME, "reason": "destroyed"}``, ``{"op": "status", "vm": NAME|null}``,
   ``{"op": "ping"}``. At most 4 MiB.
 - for prepare/release, at once: ``{"accepted": true, "deadline_s": S}``: the daemon answers
-  within S seconds (the sum of the profile's deadlines a run may spend, rollback included).
+  within S seconds: the plan's deadline, summed from what each step declares it may wait
+  (rollback included; :mod:`vfio_hookd.plan`).
 - then: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": {"code", "message", "details"}}``.
 
 The socket is ``<run>/vfio-hookd.sock``, mode 0600 in a 0700 directory; peers are checked with
@@ -27,38 +28,30 @@ import socket
 import struct
 import threading
 
-from . import errors, paths, record
+from . import errors
 from .errors import HookdError
-from .host import Host, open_host
+from .host import Host
+from .paths import Paths, check_vm_name
 
 log = logging.getLogger("vfio_hookd")
 MAX_REQUEST = 4 * 1024 * 1024
 REQUEST_READ_TIMEOUT_S = 10.0
 
 
-def request_deadline_s(prof, n_devices: int) -> float:
-    """Upper bound (s) on one prepare or release of ``prof``: every wait a run may make, twice
-    (a prepare that fails late spends about as long again rolling back), plus 5 s."""
-    d = prof.deadlines
-    units = (1 if prof.display_manager is not None else 0) + len(prof.stop_units)
-    one_way = (units * max(d.unit_stop, d.unit_start) + 2 * d.terminate
-               + (6 + 4 * n_devices) * d.unbind + d.module_load + 8 * max(d.module_unload,
-                                                                            d.module_load))
-    return round(2 * one_way + 5, 1)
-
-
 class Daemon:
     """The control-socket server.
 
-    :param host: the host to act on (default: :func:`vfio_hookd.host.open_host`).
-    :param socket_path: default :func:`vfio_hookd.paths.socket_path`.
+    :param host: the :class:`~vfio_hookd.host.Host` to act on.
+    :param paths: the :class:`~vfio_hookd.paths.Paths`; the socket is ``paths.socket``.
+    :param machine: the :class:`~vfio_hookd.machine.Machine` (default: one on ``host``).
     """
 
-    def __init__(self, host: Host | None = None, socket_path: str | None = None, machine=None):
+    def __init__(self, host: Host, paths: Paths, machine=None):
         from .machine import Machine
-        self.host = host or open_host()
-        self.socket_path = socket_path or paths.socket_path()
-        self.machine = machine or Machine(self.host)
+        self.host = host
+        self.paths = paths
+        self.socket_path = paths.socket
+        self.machine = machine or Machine(host, paths)
         self._sock: socket.socket | None = None
         self._busy = 0
         self._busy_cv = threading.Condition()
@@ -98,16 +91,14 @@ class Daemon:
 
     def log_records(self) -> None:
         """Log every record found at start (journal fields VM=, PHASE=)."""
-        for name in record.all_names():
-            try:
-                rec = record.load(name)
-            except ValueError as exc:
-                log.error("%s", exc, extra={"VM": name})
+        for name, rec in self.machine.records.load_all().items():
+            if isinstance(rec, HookdError):
+                log.error("%s", rec, extra={"VM": name, "CODE": rec.code})
                 continue
-            held = [s["name"] for s in rec["steps"] if s["status"] in record.HELD]
-            log.info("record found: phase %s%s", rec["phase"],
+            held = [s.name for s in rec.steps if s.held]
+            log.info("record found: phase %s%s", rec.phase,
                      f", holding {', '.join(held)}" if held else "",
-                     extra={"VM": name, "PHASE": rec["phase"]})
+                     extra={"VM": name, "PHASE": rec.phase})
 
     def warm_up(self) -> None:
         """Connect to systemd once, in the background after ``READY=1``, so the first prepare
@@ -129,11 +120,11 @@ class Daemon:
         :returns: the started threads (tests join them).
         """
         threads = []
-        for name in record.all_names():
-            rec = self._safe_load(name)
-            if rec and rec["phase"] in ("preparing", "releasing") and record.holds_host(rec):
-                log.warning("record left %s by an earlier daemon: releasing", rec["phase"],
-                            extra={"VM": name, "PHASE": rec["phase"]})
+        for name, rec in self.machine.records.load_all().items():
+            if not isinstance(rec, HookdError) and rec.phase in ("preparing", "releasing") \
+                    and rec.holds_host:
+                log.warning("record left %s by an earlier daemon: releasing", rec.phase,
+                            extra={"VM": name, "PHASE": rec.phase})
                 t = threading.Thread(target=self._recover_one, args=(name,), daemon=True,
                                      name=f"recover {name}")
                 with self._busy_cv:
@@ -273,31 +264,18 @@ class Daemon:
         vm = req.get("vm")
         if not isinstance(vm, str):
             raise HookdError(errors.BAD_REQUEST, "field 'vm' must be a string")
-        paths.check_vm_name(vm)
+        check_vm_name(vm)
         if op == "prepare":
             xml = req.get("xml")
             if xml is not None and not isinstance(xml, str):
                 raise HookdError(errors.BAD_REQUEST, "field 'xml' must be a string")
-            from .profile import load_profile
-            prof = load_profile(vm)
-            send({"accepted": True, "deadline_s": request_deadline_s(prof, max(2, len(prof.devices or ())))})
-            rec = self.machine.prepare(vm, xml)
-            return {"vm": vm, "phase": rec["phase"]}
+            plan = self.machine.plan_prepare(vm, xml)
+        else:
+            plan = self.machine.plan_release(vm)
+        send({"accepted": True, "deadline_s": plan.deadline_s})
         reason = req.get("reason")
-        rec = self._safe_load(vm)
-        if record.holds_host(rec):
-            from .profile import Profile
-            prof = Profile.from_dict(rec["profile"])
-            send({"accepted": True, "deadline_s": request_deadline_s(prof, len(rec["devices"]))})
-        rec = self.machine.release(vm, reason if isinstance(reason, str) else None)
-        return {"vm": vm, "phase": rec["phase"] if rec else "idle"}
-
-    @staticmethod
-    def _safe_load(vm: str):
-        try:
-            return record.load(vm)
-        except ValueError:
-            return None
+        rec = self.machine.run(plan, reason if isinstance(reason, str) else None)
+        return {"vm": vm, "phase": rec.phase if rec else "idle"}
 
 
 def _send(conn: socket.socket, message: dict) -> None:
@@ -309,20 +287,26 @@ def preload() -> None:
     scan) so that the first prepare does not pay for it (about 25 ms, bench/prepare_release.py).
     The D-Bus connection itself stays lazy."""
     import yaml  # noqa: F401
-    from . import machine, procs, profile, steps, systemd  # noqa: F401
+    from . import machine, plan, procs, profile, status, steps, systemd  # noqa: F401
     import psutil  # noqa: F401
     systemd.load_bindings()
 
 
-def run(host_root: str | None = None) -> int:
-    """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status."""
+def run(paths: Paths, host: Host | None = None, systemd_factory=None) -> int:
+    """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status.
+
+    :param paths: where profiles, records and the socket are.
+    :param host: the host to act on (default: the real one, ``Host("/")``).
+    :param systemd_factory: as for :class:`vfio_hookd.machine.Machine` (default: the system
+        bus's systemd).
+    """
     from . import log as logmod
+    from .machine import Machine
     logmod.setup()
-    host = open_host(host_root)
-    daemon = Daemon(host)
+    host = host or Host("/")
+    daemon = Daemon(host, paths, Machine(host, paths, systemd_factory))
     daemon.bind()
-    log.info("vfio-hookd daemon listening on %s (host root %s%s)", daemon.socket_path,
-             host.root, ", simulated" if host.simulated else "")
+    log.info("vfio-hookd daemon listening on %s (host root %s)", daemon.socket_path, host.root)
     daemon.log_records()
 
     def on_signal(signum, _frame):

@@ -1,10 +1,11 @@
-"""The per-VM state machine: plan, prepare (fail closed), release (from the record).
+"""The per-VM state machine: run a plan (:mod:`vfio_hookd.plan`): prepare (fail closed),
+release (from the record alone).
 
 Phases (record ``phase``): ``idle -> preparing -> prepared -> releasing -> idle``; a prepare that
 fails rolls back and ends ``failed`` (with ``error``); a release with failed undos ends
 ``failed`` too (with ``release_errors``), and a later release retries what is still held.
 
-Rules (issue 2, DEVELOPERS.md):
+Rules (DEVELOPERS.md):
 - Nothing on the host is touched until the plan is valid: profile, VM name, devices present,
   every endpoint of their IOMMU groups in the profile, no device held by another VM's record.
 - The record is written atomically before and after every step.
@@ -28,10 +29,14 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Callable
 
-from . import errors, paths, record
+from . import errors, pci
+from . import plan as plans
 from .errors import HookdError
 from .host import Host
-from .steps import STEPS, Context, VFIO_DRIVER, child_modules, current_driver, pci
+from .paths import Paths, check_vm_name
+from .plan import Plan
+from .record import HELD, Record, RecordStore, StepEntry
+from .steps import BY_NAME, STEPS, Context
 
 log = logging.getLogger("vfio_hookd")
 
@@ -41,23 +46,30 @@ def _ms(start: float) -> float:
 
 
 class Machine:
-    """Runs prepare/release/status for VMs on one host.
+    """Plans and runs prepare/release for VMs on one host.
 
     :param host: the :class:`~vfio_hookd.host.Host` to act on.
+    :param paths: the :class:`~vfio_hookd.paths.Paths` (profiles, records, locks).
     :param systemd_factory: zero-argument callable returning a
-        :class:`~vfio_hookd.systemd.Systemd`; called at most once, on first use.
+        :class:`~vfio_hookd.systemd.Systemd` (or an object with its interface); called at most
+        once, on first use.
     :param lock_timeout_s: how long a request waits for another one on the same VM/device (s).
+    :param holders_grace_s: how long (s) holders may take to exit by themselves with
+        ``on_busy: fail`` (the session of a display manager just stopped may still be ending).
     """
 
-    def __init__(self, host: Host, systemd_factory: Callable[[], object] | None = None,
-                 lock_timeout_s: float = 600.0):
+    def __init__(self, host: Host, paths: Paths, systemd_factory: Callable[[], object] | None = None,
+                 lock_timeout_s: float = 600.0, holders_grace_s: float = 2.0):
         self.host = host
+        self.paths = paths
+        self.records = RecordStore(paths)
         self._systemd_factory = systemd_factory or _default_systemd
         self._systemd = None
         self._systemd_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.lock_timeout_s = lock_timeout_s
+        self.holders_grace_s = holders_grace_s
 
     # ---- helpers ------------------------------------------------------------------------------
     def systemd(self):
@@ -71,7 +83,7 @@ class Machine:
     def _locked(self, keys: list[str]):
         """Hold the in-process lock and the ``flock`` of every key (sorted: no deadlock)."""
         with ExitStack() as stack:
-            lockdir = os.path.join(paths.run_dir(), "locks")
+            lockdir = self.paths.locks_dir
             os.makedirs(lockdir, mode=0o700, exist_ok=True)
             for key in sorted(set(keys)):
                 with self._locks_guard:
@@ -89,306 +101,244 @@ class Machine:
                                      f"(the daemon?); retry when it has finished") from None
             yield
 
-    def _context(self, vm: str, profile, devices, drivers, logger,
-                 children: dict | None = None) -> Context:
-        return Context(vm=vm, host=self.host, profile=profile, devices=tuple(devices),
-                       drivers=dict(drivers), systemd=self.systemd, log=logger,
-                       child_modules=dict(children or {}))
+    def _context(self, rec: Record, prof, deadlines, logger) -> Context:
+        return Context(vm=rec.vm, host=self.host, profile=prof, deadlines=deadlines,
+                       devices=tuple(rec.devices), drivers=dict(rec.drivers),
+                       systemd=self.systemd, log=logger,
+                       child_modules=dict(rec.child_modules),
+                       holders_grace_s=self.holders_grace_s)
 
-    # ---- plan ---------------------------------------------------------------------------------
-    def plan(self, vm: str, xml: str | None):
-        """Validate everything before the host is touched.
+    def _save(self, rec: Record) -> None:
+        """Save ``rec``; on failure log it and go on (an undo must not stop because /run is
+        full: giving the host back comes first)."""
+        try:
+            self.records.save(rec)
+        except OSError as exc:
+            log.error("cannot write the record: %s", exc, extra={"VM": rec.vm})
 
-        :returns: ``(profile, devices, drivers)``.
-        :raises HookdError: ``VM_NAME_INVALID``, ``NOT_MANAGED``, ``PROFILE_INVALID``,
-            ``DOMAIN_XML_INVALID``, ``DEVICE_NOT_FOUND``, ``IOMMU_GROUP_INCOMPLETE``.
+    # ---- plans --------------------------------------------------------------------------------
+    def plan_prepare(self, vm: str, xml: str | None = None) -> Plan:
+        """:func:`vfio_hookd.plan.plan_prepare` on this machine's host and paths."""
+        return plans.plan_prepare(self.host, self.paths, check_vm_name(vm), xml)
+
+    def plan_release(self, vm: str) -> Plan:
+        """:func:`vfio_hookd.plan.plan_release` from ``vm``'s record.
+
+        :raises HookdError: ``RECORD_INVALID``, ``VM_NAME_INVALID``.
         """
-        from . import profile as profiles
-        prof = profiles.load_profile(vm)
-        if prof.devices is None:
-            if not xml:
-                raise HookdError(errors.DOMAIN_XML_INVALID,
-                                 f"{prof.path}: devices: auto needs the domain XML (pass --xml, "
-                                 f"or list the PCI addresses under devices:)")
-            devices = profiles.devices_from_domain_xml(xml)
-            if not devices:
-                raise HookdError(errors.DOMAIN_XML_INVALID,
-                                 f"{prof.path}: devices: auto, but the domain XML of {vm!r} has no "
-                                 f"PCI <hostdev>; list the GPU's functions under devices:")
-        else:
-            devices = tuple(prof.devices)
-        host = self.host
-        for addr in devices:
-            if not host.exists(pci(addr)):
-                raise HookdError(errors.DEVICE_NOT_FOUND,
-                                 f"{prof.path}: devices: {addr} is not a PCI function on this host "
-                                 f"(see lspci -D)")
-        groups: dict[str, list[str]] = {}
-        for addr in devices:
-            group = host.link_name(pci(addr, "iommu_group"))
-            if group is None:
-                raise HookdError(errors.IOMMU_GROUP_INCOMPLETE,
-                                 f"{addr} has no IOMMU group: enable the IOMMU "
-                                 f"(intel_iommu=on or amd_iommu=on) and reboot")
-            groups.setdefault(group, [])
-        for group in groups:
-            for member in host.listdir(f"/sys/kernel/iommu_groups/{group}/devices"):
-                cls = host.read_or(pci(member, "class"), "") or ""
-                if cls.startswith("0x0604"):  # PCI bridges are exempt (vfio docs)
-                    continue
-                if member not in devices:
-                    groups[group].append(member)
-        missing = {g: m for g, m in groups.items() if m}
-        if missing:
-            text = "; ".join(f"group {g}: {', '.join(m)}" for g, m in sorted(missing.items()))
-            raise HookdError(errors.IOMMU_GROUP_INCOMPLETE,
-                             f"{prof.path}: every endpoint of an IOMMU group must be handed over "
-                             f"together; add to devices: {text}",
-                             {"missing": sorted(a for m in missing.values() for a in m)})
-        drivers = {addr: current_driver(host, addr) for addr in devices}
-        return prof, devices, drivers
+        return plans.plan_release(self.records.load(check_vm_name(vm)), vm)
 
-    def _check_claims(self, vm: str, devices) -> None:
-        for other in record.all_names():
-            if other == vm:
-                continue
-            try:
-                rec = record.load(other)
-            except ValueError:
-                continue
-            if rec and record.holds_host(rec):
-                shared = sorted(set(rec["devices"]) & set(devices))
-                if shared:
-                    raise HookdError(errors.DEVICE_CLAIMED,
-                                     f"{', '.join(shared)} is held by VM {other!r} "
-                                     f"(phase {rec['phase']}); stop it or run "
-                                     f"'vfio-hookd release {other}'", {"vm": other})
+    def run(self, plan: Plan, reason: str | None = None) -> Record | None:
+        """Carry out ``plan`` (from :meth:`plan_prepare` or :meth:`plan_release`).
 
-    # ---- prepare ------------------------------------------------------------------------------
-    def prepare(self, vm: str, xml: str | None = None) -> dict:
-        """Take the host into passthrough state for ``vm``.
+        :param reason: why a release runs (``cli``, ``daemon restart``, ...), for the log.
+        :returns: the record (prepare: phase ``prepared``; release: ``idle``; None when a
+            release found no record).
+        :raises HookdError: see :meth:`prepare` and :meth:`release`.
+        """
+        if plan.op == "prepare":
+            return self._prepare(plan)
+        return self._release(plan.vm, reason)
+
+    def prepare(self, vm: str, xml: str | None = None) -> Record:
+        """Plan and take the host into passthrough state for ``vm``.
 
         :param xml: the domain XML (needed for ``devices: auto``).
-        :returns: the record (dict) in phase ``prepared``.
+        :returns: the record in phase ``prepared``.
         :raises HookdError: a planning error (host untouched), ``DEVICE_CLAIMED``,
-            ``STATE_DRIFT``, or the failing step's error after the rollback.
+            ``STATE_DRIFT``, ``RECORD_INVALID``, or the failing step's error after the rollback.
         """
-        paths.check_vm_name(vm)
+        return self._prepare(self.plan_prepare(vm, xml))
+
+    def release(self, vm: str, reason: str | None = None) -> Record | None:
+        """Give the host back: undo, in reverse, every step the record says is held.
+
+        :param reason: why (``cli``, ``daemon restart``, ...), for the log.
+        :returns: the record (phase ``idle``), or None when ``vm`` has no record.
+        :raises HookdError: ``RELEASE_INCOMPLETE`` listing every undo that failed (all others
+            still ran; the record then stays ``failed`` and a later release retries);
+            ``RECORD_INVALID`` for a record that cannot be read.
+        """
+        return self._release(check_vm_name(vm), reason)
+
+    # ---- prepare ------------------------------------------------------------------------------
+    def _prepare(self, plan: Plan) -> Record:
+        vm, devices = plan.vm, plan.devices
         with self._locked([f"vm-{vm}"]):
-            prof, devices, drivers = self.plan(vm, xml)
             with self._locked(list(devices)):
-                rec = self._load(vm)
-                if rec and rec["phase"] == "prepared":
+                rec = self.records.load(vm)
+                if rec and rec.phase == "prepared":
                     return self._check_still_prepared(rec)
-                if record.holds_host(rec):
+                if rec and rec.holds_host:
                     raise HookdError(errors.STATE_DRIFT,
                                      f"the record of {vm!r} says a previous run left changes on "
-                                     f"the host (phase {rec['phase']}); run 'vfio-hookd release "
+                                     f"the host (phase {rec.phase}); run 'vfio-hookd release "
                                      f"{vm}' first")
                 self._check_claims(vm, devices)
-                return self._run_prepare(vm, prof, devices, drivers)
+                # the host's drivers as they are now, under the locks
+                drivers = {a: pci.current_driver(self.host, a) for a in devices}
+                rec = Record.new(vm, devices, drivers, plan.deadlines.to_dict(),
+                                 [s.name for s in STEPS],
+                                 {a: pci.child_modules(self.host, a) for a in devices},
+                                 plan.profile.to_dict())
+                return self._run_prepare(rec, plan)
 
-    def _check_still_prepared(self, rec: dict) -> dict:
-        drift = [a for a in rec["devices"] if current_driver(self.host, a) != VFIO_DRIVER]
+    def _check_claims(self, vm: str, devices) -> None:
+        for other, rec in self.records.load_all().items():
+            if other == vm or not isinstance(rec, Record) or not rec.holds_host:
+                continue
+            shared = sorted(set(rec.devices) & set(devices))
+            if shared:
+                raise HookdError(errors.DEVICE_CLAIMED,
+                                 f"{', '.join(shared)} is held by VM {other!r} "
+                                 f"(phase {rec.phase}); stop it or run "
+                                 f"'vfio-hookd release {other}'", {"vm": other})
+
+    def _check_still_prepared(self, rec: Record) -> Record:
+        drift = [a for a in rec.devices if pci.current_driver(self.host, a) != pci.VFIO_DRIVER]
         if drift:
             raise HookdError(errors.STATE_DRIFT,
-                             f"{rec['vm']!r} is recorded as prepared but {', '.join(drift)} "
-                             f"is not on vfio-pci; run 'vfio-hookd release {rec['vm']}' first")
-        log.info("already prepared; nothing to do", extra={"VM": rec["vm"], "PHASE": "prepared"})
+                             f"{rec.vm!r} is recorded as prepared but {', '.join(drift)} "
+                             f"is not on vfio-pci; run 'vfio-hookd release {rec.vm}' first")
+        log.info("already prepared; nothing to do", extra={"VM": rec.vm, "PHASE": "prepared"})
         return rec
 
-    def _run_prepare(self, vm, prof, devices, drivers) -> dict:
-        rec = record.new(vm, devices, drivers, prof.to_dict(), [s.name for s in STEPS])
-        children = {a: child_modules(self.host, a) for a in devices}
-        rec["child_modules"] = children
-        record.save(rec)   # nothing touched yet: a failure here is simply the answer
+    def _run_prepare(self, rec: Record, plan: Plan) -> Record:
+        vm = rec.vm
+        self.records.save(rec)   # nothing touched yet: a failure here is simply the answer
         started = time.monotonic()
-        log.info("prepare: %s", ", ".join(f"{a} ({d or 'no driver'})" for a, d in drivers.items()),
+        log.info("prepare: %s", ", ".join(f"{a} ({d or 'no driver'})"
+                                          for a, d in rec.drivers.items()),
                  extra={"VM": vm, "PHASE": "preparing"})
-        for step, entry in zip(STEPS, rec["steps"]):
+        for step, entry in zip(STEPS, rec.steps):
             slog = logging.LoggerAdapter(log, {"VM": vm, "STEP": step.name})
-            ctx = self._context(vm, prof, devices, drivers, slog, children)
+            ctx = self._context(rec, plan.profile, plan.deadlines, slog)
             t0 = time.monotonic()
             try:
-                entry["facts"] = step.observe(ctx)
-                entry["status"] = "applying"
-                record.save(rec)   # the facts are on disk before anything changes
-                step.apply(ctx, entry["facts"])
-                entry.update(status="done", duration_ms=_ms(t0))
-                record.save(rec)
+                entry.facts = step.observe(ctx)
+                entry.status = "applying"
+                self.records.save(rec)   # the facts are on disk before anything changes
+                step.apply(ctx, entry.facts)
+                entry.status, entry.duration_ms = "done", _ms(t0)
+                self.records.save(rec)
             except Exception as exc:
-                self._fail_prepare(rec, prof, step.name, entry, exc, t0)
+                self._fail_prepare(rec, step.name, entry, exc, t0)
             log.info("%s done", step.name, extra={"VM": vm, "STEP": step.name, "PHASE": "preparing",
-                                                 "DURATION_MS": entry["duration_ms"]})
-        rec["phase"] = "prepared"
+                                                 "DURATION_MS": entry.duration_ms})
+        rec.phase = "prepared"
         try:
-            record.save(rec)
+            self.records.save(rec)
         except OSError as exc:
-            self._fail_prepare(rec, prof, STEPS[-1].name, rec["steps"][-1], exc, time.monotonic())
+            self._fail_prepare(rec, STEPS[-1].name, rec.steps[-1], exc, time.monotonic())
         log.info("prepared in %.0f ms", _ms(started),
                  extra={"VM": vm, "PHASE": "prepared", "DURATION_MS": _ms(started)})
         return rec
 
-    def _fail_prepare(self, rec, prof, name: str, entry: dict, exc: BaseException, t0: float):
+    def _fail_prepare(self, rec: Record, name: str, entry: StepEntry, exc: BaseException,
+                      t0: float):
         """Roll back after step ``name`` failed with ``exc``; raise the original error, with
         what the rollback could not undo appended."""
-        vm = rec["vm"]
+        vm = rec.vm
         err = _as_error(exc, name)
         # the step stays "applying" (held) until its partial changes are undone
-        entry.update(status="applying", duration_ms=entry.get("duration_ms") or _ms(t0),
-                     error=err.to_dict())
+        entry.status = "applying"
+        entry.duration_ms = entry.duration_ms or _ms(t0)
+        entry.error = err.to_dict()
         log.error("%s failed: %s", name, err, extra={
             "VM": vm, "STEP": name, "PHASE": "preparing",
-            "DURATION_MS": entry["duration_ms"], "CODE": err.code})
-        rec["error"] = dict(err.to_dict(), step=name)
-        rec["phase"] = "failed"
-        _save_quietly(rec)
-        failures = self._undo_all(rec, prof, "rollback")
-        rec["release_errors"] = [dict(f.to_dict(), step=s) for s, f in failures]
-        _save_quietly(rec)
+            "DURATION_MS": entry.duration_ms, "CODE": err.code})
+        rec.error = dict(err.to_dict(), step=name)
+        rec.phase = "failed"
+        self._save(rec)
+        failures = self._undo_all(rec, "rollback")
+        rec.release_errors = [dict(f.to_dict(), step=s) for s, f in failures]
+        self._save(rec)
         message = f"step {name}: {err.message}"
         details = dict(err.details, step=name)
         if failures:
             message += ("; rollback incomplete: " + "; ".join(f"step {s}: {f}" for s, f in failures)
                         + f". Fix it, then run 'vfio-hookd release {vm}'")
-            details["rollback_errors"] = rec["release_errors"]
+            details["rollback_errors"] = rec.release_errors
         raise HookdError(err.code, message, details) from None
 
     # ---- release ------------------------------------------------------------------------------
-    def release(self, vm: str, reason: str | None = None) -> dict | None:
-        """Give the host back: undo, in reverse, every step the record says is held.
-
-        :param reason: libvirt's release reason (``destroyed``, ``failed``, ...), for the log.
-        :returns: the record (phase ``idle``), or None when ``vm`` has no record.
-        :raises HookdError: ``RELEASE_INCOMPLETE`` listing every undo that failed (all others
-            still ran); the record then stays ``failed`` and a later release retries.
-        """
-        paths.check_vm_name(vm)
+    def _release(self, vm: str, reason: str | None) -> Record | None:
+        why = f" ({reason})" if reason else ""
         with self._locked([f"vm-{vm}"]):
-            rec = self._load(vm)
-            if rec is None or not record.holds_host(rec):
-                log.info("release%s: nothing held", f" ({reason})" if reason else "",
-                         extra={"VM": vm, "PHASE": rec["phase"] if rec else "idle"})
-                if rec and rec["phase"] != "idle" and rec["phase"] != "failed":
-                    rec["phase"] = "idle"
-                    record.save(rec)
+            rec = self.records.load(vm)
+            if rec is None or not rec.holds_host:
+                log.info("release%s: nothing held", why,
+                         extra={"VM": vm, "PHASE": rec.phase if rec else "idle"})
+                if rec and rec.phase not in ("idle", "failed"):
+                    rec.phase = "idle"
+                    self.records.save(rec)
                 return rec
-            from . import profile as profiles
-            prof = profiles.Profile.from_dict(rec["profile"])
-            with self._locked(list(rec["devices"])):
+            with self._locked(list(rec.devices)):
                 started = time.monotonic()
-                rec["phase"] = "releasing"
-                rec["release_errors"] = []
-                _save_quietly(rec)
-                log.info("release%s", f" ({reason})" if reason else "",
-                         extra={"VM": vm, "PHASE": "releasing"})
-                failures = self._undo_all(rec, prof, "release")
-                rec["phase"] = "failed" if failures else "idle"
-                rec["release_errors"] = [dict(f.to_dict(), step=s) for s, f in failures]
-                _save_quietly(rec)
+                rec.phase = "releasing"
+                rec.release_errors = []
+                self._save(rec)
+                log.info("release%s", why, extra={"VM": vm, "PHASE": "releasing"})
+                failures = self._undo_all(rec, "release")
+                rec.phase = "failed" if failures else "idle"
+                rec.release_errors = [dict(f.to_dict(), step=s) for s, f in failures]
+                self._save(rec)
                 if failures:
                     raise HookdError(errors.RELEASE_INCOMPLETE, "; ".join(
                         f"step {s}: {f}" for s, f in failures) + f". Fix it, then run "
                         f"'vfio-hookd release {vm}' again",
-                        {"failures": rec["release_errors"]})
+                        {"failures": rec.release_errors})
                 log.info("released in %.0f ms", _ms(started),
                          extra={"VM": vm, "PHASE": "idle", "DURATION_MS": _ms(started)})
                 return rec
 
-    def _undo_all(self, rec: dict, prof, why: str) -> list[tuple[str, HookdError]]:
-        """Undo every held step of ``rec`` in reverse; returns ``[(step, error)]``."""
-        vm = rec["vm"]
+    def _undo_all(self, rec: Record, why: str) -> list[tuple[str, HookdError]]:
+        """Undo every held step of ``rec`` in reverse, from the record alone (its devices,
+        drivers, deadlines and facts); returns ``[(step, error)]``."""
+        from .profile import Deadlines
+        deadlines = Deadlines.from_record(rec.deadlines)
         failures = []
-        for step, entry in reversed(list(zip(STEPS, rec["steps"]))):
-            if entry["status"] not in record.HELD:
+        for entry in reversed(rec.steps):
+            if entry.status not in HELD:
                 continue
-            slog = logging.LoggerAdapter(log, {"VM": vm, "STEP": step.name})
-            ctx = self._context(vm, prof, rec["devices"], rec["drivers"], slog,
-                                rec.get("child_modules"))
-            keep_failed = entry["status"] == "applying" and entry.get("error") is not None
-            entry["status"] = "undoing"
-            _save_quietly(rec)
+            step = BY_NAME.get(entry.name)
+            if step is None:   # a step this version does not know: say so, keep going
+                err = HookdError(errors.RECORD_INVALID, f"step {entry.name!r} of the record is "
+                                 f"unknown to this vfio-hookd; undo it by hand")
+                entry.status, entry.undo_error = "undo_failed", err.to_dict()
+                failures.append((entry.name, err))
+                continue
+            slog = logging.LoggerAdapter(log, {"VM": rec.vm, "STEP": step.name})
+            ctx = self._context(rec, None, deadlines, slog)
+            keep_failed = entry.status == "applying" and entry.error is not None
+            entry.status = "undoing"
+            self._save(rec)
             t0 = time.monotonic()
             try:
-                entry["notes"] = step.undo(ctx, entry["facts"])
+                entry.notes = step.undo(ctx, entry.facts)
             except Exception as exc:
                 err = _as_error(exc, step.name)
-                entry.update(status="undo_failed", undo_ms=_ms(t0),
-                             undo_error=err.to_dict())
+                entry.status, entry.undo_ms, entry.undo_error = "undo_failed", _ms(t0), err.to_dict()
                 failures.append((step.name, err))
                 log.error("%s: undo failed: %s", why, err, extra={
-                    "VM": vm, "STEP": step.name, "PHASE": rec["phase"],
-                    "DURATION_MS": entry["undo_ms"], "CODE": err.code})
+                    "VM": rec.vm, "STEP": step.name, "PHASE": rec.phase,
+                    "DURATION_MS": entry.undo_ms, "CODE": err.code})
             else:
-                entry.update(status="failed" if keep_failed else "undone", undo_ms=_ms(t0))
-                for note in entry["notes"]:
-                    log.info("%s: %s", step.name, note, extra={"VM": vm, "STEP": step.name})
+                entry.status = "failed" if keep_failed else "undone"
+                entry.undo_ms = _ms(t0)
+                for note in entry.notes:
+                    log.info("%s: %s", step.name, note, extra={"VM": rec.vm, "STEP": step.name})
                 log.info("%s: %s undone", why, step.name, extra={
-                    "VM": vm, "STEP": step.name, "PHASE": rec["phase"],
-                    "DURATION_MS": entry["undo_ms"]})
-            _save_quietly(rec)
+                    "VM": rec.vm, "STEP": step.name, "PHASE": rec.phase,
+                    "DURATION_MS": entry.undo_ms})
+            self._save(rec)
         return failures
 
     # ---- status -------------------------------------------------------------------------------
-    def _load(self, vm: str) -> dict | None:
-        try:
-            return record.load(vm)
-        except ValueError as exc:
-            raise HookdError(errors.STATE_DRIFT, f"{exc}; move it away to start afresh") from None
-
     def status(self, vm: str | None = None) -> dict:
-        """``{"vms": {NAME: {"phase", "steps": [{"name", "status", "duration_ms", "undo_ms",
-        "error", "notes"}], "devices": [{"address", "driver"}], "error", "release_errors"}}}``.
-
-        :raises HookdError: ``VM_NAME_INVALID``; ``NOT_MANAGED`` when ``vm`` has neither a
-            record nor a profile.
-        """
-        return status_from_records(self.host, vm)
-
-
-def status_from_records(host: Host, vm: str | None = None) -> dict:
-    """The status document built from the records on disk and the host's current drivers
-    (works without the daemon). Shape: see :meth:`Machine.status`."""
-    from . import profile as profiles
-    names = [paths.check_vm_name(vm)] if vm else record.all_names()
-    out: dict = {}
-    for name in names:
-        try:
-            rec = record.load(name)
-        except ValueError as exc:
-            out[name] = {"phase": "unknown", "steps": [], "devices": [], "error":
-                         {"code": errors.STATE_DRIFT, "message": str(exc)}}
-            continue
-        if rec is None:
-            if not profiles.is_managed(name):
-                raise HookdError(errors.NOT_MANAGED, f"{name!r} has no profile "
-                                                     f"({paths.profile_path(name)}) and no record")
-            out[name] = {"phase": "idle", "steps": [], "devices": [], "error": None,
-                         "release_errors": []}
-            continue
-        steps = []
-        for s in rec["steps"]:
-            err = s.get("undo_error") or s.get("error")
-            steps.append({"name": s["name"], "status": s["status"],
-                          "duration_ms": s["duration_ms"], "undo_ms": s.get("undo_ms"),
-                          "error": f"{err['code']}: {err['message']}" if err else None,
-                          "notes": s.get("notes", [])})
-        out[name] = {
-            "phase": rec["phase"], "updated": rec.get("updated"), "steps": steps,
-            "devices": [{"address": a, "driver": current_driver(host, a),
-                         "driver_before": rec["drivers"].get(a)} for a in rec["devices"]],
-            "error": rec.get("error"), "release_errors": rec.get("release_errors", []),
-        }
-    return {"vms": out}
-
-
-def _save_quietly(rec: dict) -> None:
-    """Save ``rec``; on failure log it and go on (an undo must not stop because /run is full:
-    giving the host back comes first)."""
-    try:
-        record.save(rec)
-    except OSError as exc:
-        log.error("cannot write the record: %s", exc, extra={"VM": rec["vm"]})
+        """The status document (:func:`vfio_hookd.status.status_from_records`)."""
+        from .status import status_from_records
+        return status_from_records(self.host, self.paths, vm)
 
 
 def _as_error(exc: BaseException, step: str) -> HookdError:

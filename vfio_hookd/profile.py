@@ -96,6 +96,21 @@ class Deadlines:
         """``{"unit_stop": float, ...}``: the six deadlines in seconds."""
         return {k: getattr(self, k) for k in DEFAULT_DEADLINES}
 
+    @classmethod
+    def from_record(cls, data: object) -> "Deadlines":
+        """The deadlines a VM's record carries (written by this or an older version): known
+        keys with a positive finite number are taken, every other key is ignored, and a
+        missing or bad value is the default. Never raises: release must not depend on
+        today's validation rules."""
+        values = {}
+        if isinstance(data, dict):
+            for k in DEFAULT_DEADLINES:
+                v = data.get(k)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and \
+                        math.isfinite(v) and v > 0:
+                    values[k] = float(min(v, MAX_DEADLINE_S))
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class Profile:

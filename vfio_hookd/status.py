@@ -1,0 +1,58 @@
+"""The status document, built from the records on disk and the host's current drivers; the
+same for the daemon, the CLI without a daemon, and ``status --json``."""
+
+from __future__ import annotations
+
+from . import errors, pci
+from .errors import HookdError
+from .host import Host
+from .paths import Paths, check_vm_name
+from .record import Record, RecordStore
+
+
+def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict:
+    """``{"vms": {NAME: {"phase", "updated", "steps": [{"name", "status", "duration_ms",
+    "undo_ms", "error", "notes"}], "devices": [{"address", "driver", "driver_before"}],
+    "error", "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
+    with its ``RECORD_INVALID`` error.
+
+    :raises HookdError: ``VM_NAME_INVALID``; ``NOT_MANAGED`` when ``vm`` has neither a record
+        nor a profile.
+    """
+    import os
+    store = RecordStore(paths)
+    names = [check_vm_name(vm)] if vm else store.names()
+    out: dict = {}
+    for name in names:
+        try:
+            rec = store.load(name)
+        except HookdError as exc:
+            out[name] = {"phase": "unknown", "updated": None, "steps": [], "devices": [],
+                         "error": {"code": exc.code, "message": exc.message},
+                         "release_errors": []}
+            continue
+        if rec is None:
+            if not os.path.lexists(paths.profile_path(name)):
+                raise HookdError(errors.NOT_MANAGED, f"{name!r} has no profile "
+                                                     f"({paths.profile_path(name)}) and no record")
+            out[name] = {"phase": "idle", "updated": None, "steps": [], "devices": [],
+                         "error": None, "release_errors": []}
+            continue
+        out[name] = _vm_status(host, rec)
+    return {"vms": out}
+
+
+def _vm_status(host: Host, rec: Record) -> dict:
+    steps = []
+    for s in rec.steps:
+        err = s.undo_error or s.error
+        steps.append({"name": s.name, "status": s.status, "duration_ms": s.duration_ms,
+                      "undo_ms": s.undo_ms,
+                      "error": f"{err['code']}: {err['message']}" if err else None,
+                      "notes": list(s.notes)})
+    return {
+        "phase": rec.phase, "updated": rec.updated, "steps": steps,
+        "devices": [{"address": a, "driver": pci.current_driver(host, a),
+                     "driver_before": rec.drivers.get(a)} for a in rec.devices],
+        "error": rec.error, "release_errors": rec.release_errors,
+    }

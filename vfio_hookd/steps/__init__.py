@@ -1,0 +1,18 @@
+"""The steps, in prepare order (release is the reverse); see :mod:`.base` for the contract."""
+
+from __future__ import annotations
+
+from .base import Context, Shape, Step
+from .bind import BindVfio
+from .consoles import FIRMWARE_FRAMEBUFFERS, Framebuffer, Vtconsoles
+from .holders import Holders
+from .modules import Modules
+from .units import Units
+
+#: The steps in prepare order.
+STEPS: tuple[Step, ...] = (Units(), Holders(), Vtconsoles(), Framebuffer(), Modules(), BindVfio())
+STEP_NAMES = tuple(s.name for s in STEPS)
+BY_NAME = {s.name: s for s in STEPS}
+
+__all__ = ["Context", "Shape", "Step", "STEPS", "STEP_NAMES", "BY_NAME", "FIRMWARE_FRAMEBUFFERS",
+           "Units", "Holders", "Vtconsoles", "Framebuffer", "Modules", "BindVfio"]
