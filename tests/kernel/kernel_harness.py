@@ -314,10 +314,14 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
     outdir = os.path.join(ARTEFACTS, name)
     shutil.rmtree(outdir, ignore_errors=True)
     os.makedirs(os.path.join(outdir, "results"))
+    # the real path: .cache may be a link to an absolute path (a git worktree's), which the
+    # guest's initramfs, with this machine's root at /host, would not resolve
+    modules = os.path.realpath(os.path.join(CACHE, kv, "lib", "modules", kv))
     with open(os.path.join(outdir, "boot.env"), "w") as f:
         # sourced by the guest's /init (busybox sh): every value shell-quoted
         f.write("".join(f"{k}={shlex.quote(v)}\n" for k, v in
-                        (("KV", kv), ("REPO", REPO), ("SCENARIOS", " ".join(scenarios)))))
+                        (("KV", kv), ("REPO", REPO), ("SCENARIOS", " ".join(scenarios)),
+                         ("MODULES", modules))))
     cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
            "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR}
     cfg.update(extra or {})
