@@ -3,10 +3,14 @@
 the guest's real kernel. Started by ``tests/kernel/guest_init.sh``; never run it on a real host.
 
 ``python guest_runner.py OUTDIR``: reads ``OUTDIR/boot.json`` (``scenarios``, ``gpu``,
-``firmware``, ``gpu_addr``, ``audio_addr``), writes ``OUTDIR/results/<scenario>.json`` for each
-scenario (``{"ok": bool, "error": str|null, "wall_s": float, ...}``), the daemon's log to
-``OUTDIR/daemon.log`` and its own to ``OUTDIR/runner.log``. Exit status 0 when every scenario
-passed, 1 otherwise.
+``firmware``, ``gpu_addr``, ``audio_addr``, ``repo``), writes ``OUTDIR/results/<scenario>.json``
+for each scenario (``{"ok": bool, "error": str|null, "wall_s": float, ...}``), the daemon's log
+to ``OUTDIR/daemon.log`` and its own to ``OUTDIR/runner.log``. Exit status 0 when every
+scenario passed, 1 otherwise.
+
+Importing this module only defines names: :func:`main` reads ``boot.json`` and builds the one
+:class:`Ctx` (configuration, paths, environment, log) that everything else is handed; what
+the scenarios of one phase hand on to each other lives in that phase's :class:`Phase`.
 
 Scenario ``libvirt`` also runs Debian's libvirtd in the guest (:class:`GuestLibvirt`) with the
 project's hook installed, so the whole path virsh -> libvirtd -> hook -> daemon -> kernel is real.
@@ -30,30 +34,108 @@ import sys
 import time
 import traceback
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else "/vfio-out"
-with open(os.path.join(OUT, "boot.json")) as _f:
-    CFG = json.load(_f)
-REPO = CFG["repo"]
-sys.path.insert(0, REPO)
-from vfio_hookd.sim.libvirtd import LIBVIRTD_CONF_EXTRA, QEMU_CONF_EXTRA  # noqa: E402
-GPU, AUDIO = CFG["gpu_addr"], CFG["audio_addr"]
-FUNCS = (GPU, AUDIO)
-PY = os.path.join(REPO, ".venv", "bin", "python")
+#: The runner's working directory in the guest: profiles in ``WORK/etc/vms``, the simulated
+#: systemd's state in ``WORK/sim``.
 WORK = "/tmp/vh"
-ENV = dict(os.environ, VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN="/run/vfio-hookd",
-           VFIO_HOOKD_HOST_ROOT="/", VFIO_HOOKD_LOG="stderr", PYTHONPATH=REPO)
+#: The daemon's run directory (socket, records).
+RUN_DIR = "/run/vfio-hookd"
 VM = "guest"
 #: Modules that stay loaded after release by design (vfio-hookd never unloads vfio).
-VFIO_MODULES = {"vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "irqbypass",
-                "vfio_virqfd"}
-_LOG = open(os.path.join(OUT, "runner.log"), "a", buffering=1)
-T0 = time.monotonic()
+VFIO_MODULES = frozenset({"vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "irqbypass",
+                          "vfio_virqfd"})
 
 
-def log(msg: str) -> None:
-    line = f"[{time.monotonic() - T0:7.2f}] {msg}"
-    print(line, flush=True)
-    _LOG.write(line + "\n")
+class Ctx:
+    """What the whole run shares, built once by :func:`main` from ``OUTDIR/boot.json``.
+
+    :ivar out: the artefact directory (the guest's writable share).
+    :ivar cfg: ``boot.json`` (dict).
+    :ivar repo: the repository whose code runs (``cfg["repo"]``); ``py`` its venv's Python.
+    :ivar gpu: the GPU's PCI address; ``audio`` its audio function's; ``funcs`` both.
+    :ivar env: environment of the CLI and the daemon (:class:`World` adds its bus address).
+    """
+
+    def __init__(self, out: str, cfg: dict, logf):
+        self.out = out
+        self.cfg = cfg
+        self.repo = cfg["repo"]
+        self.gpu, self.audio = cfg["gpu_addr"], cfg["audio_addr"]
+        self.funcs = (self.gpu, self.audio)
+        self.py = os.path.join(self.repo, ".venv", "bin", "python")
+        self.env = dict(os.environ, VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN=RUN_DIR,
+                        VFIO_HOOKD_HOST_ROOT="/", VFIO_HOOKD_LOG="stderr",
+                        PYTHONPATH=self.repo)
+        self._logf = logf
+        self._t0 = time.monotonic()
+
+    @classmethod
+    def load(cls, out: str) -> "Ctx":
+        """The context of the boot whose artefact directory is ``out``: reads ``boot.json``,
+        opens ``runner.log`` (appending)."""
+        with open(os.path.join(out, "boot.json")) as f:
+            cfg = json.load(f)
+        return cls(out, cfg, open(os.path.join(out, "runner.log"), "a", buffering=1))
+
+    def close(self) -> None:
+        self._logf.close()
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.monotonic() - self._t0:7.2f}] {msg}"
+        print(line, flush=True)
+        self._logf.write(line + "\n")
+
+    def profile(self, extra: str = "") -> None:
+        """Write the VM's profile: both functions, then ``extra`` (YAML lines)."""
+        with open(f"{WORK}/etc/vms/{VM}.yaml", "w") as f:
+            f.write(f"devices: ['{self.gpu}', '{self.audio}']\n{extra}")
+
+    def cli(self, *args, timeout=300) -> subprocess.CompletedProcess:
+        t = time.monotonic()
+        r = subprocess.run([self.py, "-m", "vfio_hookd.cli", *args], env=self.env,
+                           capture_output=True, text=True, timeout=timeout)
+        self.log(f"vfio-hookd {' '.join(args)} -> {r.returncode} in {time.monotonic() - t:.2f} s"
+                 + (f": {r.stderr.strip()}" if r.returncode else ""))
+        return r
+
+    def status(self) -> dict:
+        r = self.cli("status", VM, "--json")
+        check(r.returncode == 0, f"status failed: {r.stderr}")
+        return json.loads(r.stdout)["vms"][VM]
+
+    def drm_modules(self) -> set[str]:
+        """Modules of the DRM drivers of the GPU function (``bochs``, ``virtio_gpu``). The DRM
+        device's parent is the PCI function in both cases, but virtio-gpu's driver is bound to
+        the function's child ``virtio0`` (the function itself is on virtio-pci)."""
+        dev = os.path.realpath(f"/sys/bus/pci/devices/{self.gpu}")
+        mods = set()
+        for e in os.listdir("/sys/class/drm") if os.path.isdir("/sys/class/drm") else []:
+            d = os.path.realpath(f"/sys/class/drm/{e}/device")
+            if d == dev or d.startswith(dev + "/"):
+                if driver(self.gpu) == "virtio-pci":
+                    for c in os.listdir(dev):
+                        if c.startswith("virtio") and link(f"{dev}/{c}/driver/module"):
+                            mods.add(link(f"{dev}/{c}/driver/module"))
+                elif link(f"{d}/driver/module"):
+                    mods.add(link(f"{d}/driver/module"))
+        return mods
+
+    def snapshot(self, world, like: dict | None = None) -> dict:
+        """The state scenario 2 compares (drivers, overrides, modules, vtcon binds, /proc/fb,
+        device nodes, firmware framebuffers, DM unit state). With ``like`` (an earlier
+        snapshot) the sound nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
+        if like is not None:
+            wait_sound_nodes(like["nodes"])
+        return {
+            "drivers": {a: driver(a) for a in sorted(os.listdir("/sys/bus/pci/devices"))},
+            "overrides": {a: rd(f"/sys/bus/pci/devices/{a}/driver_override")
+                          for a in self.funcs},
+            "modules": sorted(modules() - VFIO_MODULES),
+            "vtcons": vtcons(),
+            "proc_fb": rd("/proc/fb", ""),
+            "nodes": [n for n in nodes() if n != "/dev/vfio/vfio"],
+            "platform_fbs": platform_fbs(),
+            "units": world.units(),
+        }
 
 
 class Fail(Exception):
@@ -105,24 +187,6 @@ def function_nodes(addr: str) -> list[str]:
     return out
 
 
-def drm_modules() -> set[str]:
-    """Modules of the DRM drivers of the GPU function (``bochs``, ``virtio_gpu``). The DRM
-    device's parent is the PCI function in both cases, but virtio-gpu's driver is bound to the
-    function's child ``virtio0`` (the function itself is on virtio-pci)."""
-    dev = os.path.realpath(f"/sys/bus/pci/devices/{GPU}")
-    mods = set()
-    for e in os.listdir("/sys/class/drm") if os.path.isdir("/sys/class/drm") else []:
-        d = os.path.realpath(f"/sys/class/drm/{e}/device")
-        if d == dev or d.startswith(dev + "/"):
-            if driver(GPU) == "virtio-pci":
-                for c in os.listdir(dev):
-                    if c.startswith("virtio") and link(f"{dev}/{c}/driver/module"):
-                        mods.add(link(f"{dev}/{c}/driver/module"))
-            elif link(f"{d}/driver/module"):
-                mods.add(link(f"{d}/driver/module"))
-    return mods
-
-
 def vtcons() -> dict:
     base = "/sys/class/vtconsole"
     return {v: (rd(f"{base}/{v}/name"), rd(f"{base}/{v}/bind")) for v in sorted(os.listdir(base))}
@@ -156,24 +220,6 @@ def wait_sound_nodes(expected: list[str], timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def snapshot(world, like: dict | None = None) -> dict:
-    """The state scenario 2 compares (drivers, overrides, modules, vtcon binds, /proc/fb,
-    device nodes, firmware framebuffers, DM unit state). With ``like`` (an earlier snapshot)
-    the sound nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
-    if like is not None:
-        wait_sound_nodes(like["nodes"])
-    return {
-        "drivers": {a: driver(a) for a in sorted(os.listdir("/sys/bus/pci/devices"))},
-        "overrides": {a: rd(f"/sys/bus/pci/devices/{a}/driver_override") for a in FUNCS},
-        "modules": sorted(modules() - VFIO_MODULES),
-        "vtcons": vtcons(),
-        "proc_fb": rd("/proc/fb", ""),
-        "nodes": [n for n in nodes() if n != "/dev/vfio/vfio"],
-        "platform_fbs": platform_fbs(),
-        "units": world.units(),
-    }
-
-
 def diff(a: dict, b: dict) -> dict:
     return {k: {"before": a.get(k), "after": b.get(k)} for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)}
@@ -201,7 +247,7 @@ def coldplug(skip: tuple = ()) -> None:
             return
 
 
-def static_nodes() -> None:
+def static_nodes(ctx: Ctx) -> None:
     """Create the static device nodes of modules not loaded yet (``kmod static-nodes``), as
     systemd-tmpfiles does at boot: ``/dev/vfio/vfio`` (char 10:196), whose first open loads
     vfio. libvirt checks it before it assigns a PCI device through VFIO."""
@@ -214,14 +260,14 @@ def static_nodes() -> None:
             major, minor = (int(x) for x in parts[6].split(":"))
             os.makedirs(os.path.dirname(parts[1]), exist_ok=True)
             os.mknod(parts[1], int(parts[2], 8) | stat.S_IFCHR, os.makedev(major, minor))
-            log(f"static node {parts[1]} ({parts[6]})")
+            ctx.log(f"static node {parts[1]} ({parts[6]})")
 
 
 class World:
     """The simulated systemd (``gdm.service`` holding the GPU's card and the GPU audio's
     control node, none when the GPU has no driver) on a private bus, and the daemon."""
 
-    def __init__(self):
+    def __init__(self, ctx: Ctx):
         from vfio_hookd.sim.bus import SimBus
         from vfio_hookd.systemd import Systemd
         os.makedirs(f"{WORK}/etc/vms", exist_ok=True)
@@ -229,14 +275,16 @@ class World:
         os.makedirs(f"{WORK}/sim/.sim", exist_ok=True)
         # the DM holds the GPU's card and the GPU audio's control node; with no DRM driver
         # (the OVMF efifb phase) there is no session on the GPU and it holds nothing
-        card = [n for n in function_nodes(GPU) if "/card" in n][:1]
-        holds = card + ([n for n in function_nodes(AUDIO) if "/controlC" in n][:1] if card else [])
+        self.ctx = ctx
+        card = [n for n in function_nodes(ctx.gpu) if "/card" in n][:1]
+        holds = card + ([n for n in function_nodes(ctx.audio) if "/controlC" in n][:1]
+                        if card else [])
         self.holds = holds
         with open(f"{WORK}/sim/.sim/units.json", "w") as f:
             json.dump({"gdm.service": {"aliases": ["display-manager.service"], "active": True,
                                        "holds": holds}}, f)
         self.bus = SimBus("/", ready_timeout_s=60, state_root=f"{WORK}/sim")
-        ENV["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
+        ctx.env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
         self.systemd = Systemd(self.bus.address)
         self.daemon = None
         self.start_daemon()
@@ -262,19 +310,19 @@ class World:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(path)
         sock.settimeout(120)
-        env = dict(ENV, NOTIFY_SOCKET=path)
+        env = dict(self.ctx.env, NOTIFY_SOCKET=path)
         if path_prefix:
             env["PATH"] = f"{path_prefix}:{env['PATH']}"
-        logf = open(os.path.join(OUT, "daemon.log"), "ab")
+        logf = open(os.path.join(self.ctx.out, "daemon.log"), "ab")
         t = time.monotonic()
-        self.daemon = subprocess.Popen([PY, "-m", "vfio_hookd.cli", "daemon"], env=env,
+        self.daemon = subprocess.Popen([self.ctx.py, "-m", "vfio_hookd.cli", "daemon"], env=env,
                                        stdout=logf, stderr=subprocess.STDOUT)
         try:
             msg = sock.recv(4096).decode()
         finally:
             sock.close()
         check("READY=1" in msg, f"daemon sent {msg!r}")
-        log(f"daemon ready in {time.monotonic() - t:.1f} s (pid {self.daemon.pid})")
+        self.ctx.log(f"daemon ready in {time.monotonic() - t:.1f} s (pid {self.daemon.pid})")
 
     def close(self) -> None:
         if self.daemon and self.daemon.poll() is None:
@@ -284,26 +332,6 @@ class World:
         self.bus.stop()
 
 
-def profile(extra: str = "") -> None:
-    with open(f"{WORK}/etc/vms/{VM}.yaml", "w") as f:
-        f.write(f"devices: ['{GPU}', '{AUDIO}']\n{extra}")
-
-
-def cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    t = time.monotonic()
-    r = subprocess.run([PY, "-m", "vfio_hookd.cli", *args], env=ENV, capture_output=True,
-                       text=True, timeout=timeout)
-    log(f"vfio-hookd {' '.join(args)} -> {r.returncode} in {time.monotonic() - t:.2f} s"
-        + (f": {r.stderr.strip()}" if r.returncode else ""))
-    return r
-
-
-def status() -> dict:
-    r = cli("status", VM, "--json")
-    check(r.returncode == 0, f"status failed: {r.stderr}")
-    return json.loads(r.stdout)["vms"][VM]
-
-
 def step_times(st: dict) -> dict:
     return {s["name"]: {"apply_ms": s["duration_ms"], "undo_ms": s.get("undo_ms"),
                         "status": s["status"], "notes": s.get("notes") or []}
@@ -311,26 +339,23 @@ def step_times(st: dict) -> dict:
 
 
 # ---- scenarios --------------------------------------------------------------------------------
-STATE: dict = {}
-
-
-def sc_prepare(world) -> dict:
+def sc_prepare(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 1: prepare; both functions on vfio-pci, /dev/vfio/<group>, DRM module unloaded,
     framebuffer vtconsoles unbound, DM process gone, status --json agrees with sysfs."""
-    profile()
-    before = snapshot(world)
-    STATE["before"] = before
-    drm = drm_modules()
+    world = ph.world
+    ctx.profile()
+    before = ctx.snapshot(world)
+    drm = ctx.drm_modules()
     dm = world.dm_pid()
     check(dm and os.path.exists(f"/proc/{dm}"), f"display manager not running before: {dm}")
     check(drm, "no DRM driver bound to the GPU before prepare")
-    r = cli("prepare", VM)
+    r = ctx.cli("prepare", VM)
     check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
-    STATE["prepared"] = True
-    for a in FUNCS:
+    ph.prepared_from = before
+    for a in ctx.funcs:
         check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
-    group = link(f"/sys/bus/pci/devices/{GPU}/iommu_group")
-    check(group == link(f"/sys/bus/pci/devices/{AUDIO}/iommu_group"), "functions in two groups")
+    group = link(f"/sys/bus/pci/devices/{ctx.gpu}/iommu_group")
+    check(group == link(f"/sys/bus/pci/devices/{ctx.audio}/iommu_group"), "functions in two groups")
     check(os.path.exists(f"/dev/vfio/{group}"), f"/dev/vfio/{group} missing")
     left = drm & modules()
     check(not left, f"DRM module(s) still loaded: {sorted(left)}")
@@ -338,42 +363,43 @@ def sc_prepare(world) -> dict:
     check(not bound_fb, f"frame-buffer vtconsoles still bound: {bound_fb}")
     check(not os.path.exists(f"/proc/{dm}"), f"display manager PID {dm} still running")
     check(world.units()["gdm.service"] == "inactive", f"gdm: {world.units()['gdm.service']}")
-    st = status()
+    st = ctx.status()
     check(st["phase"] == "prepared", f"status phase {st['phase']}")
     for d in st["devices"]:
         check(d["driver"] == driver(d["address"]),
               f"status says {d['address']} on {d['driver']}, sysfs {driver(d['address'])}")
     return {"group": group, "drm_modules": sorted(drm), "steps": step_times(st),
-            "before": before, "after": snapshot(world)}
+            "before": before, "after": ctx.snapshot(world)}
 
 
-def sc_vfio_qemu(world) -> dict:
+def sc_vfio_qemu(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 3: a nested QEMU opens both functions through VFIO and quits cleanly."""
-    check(STATE.get("prepared"), "needs a prepared guest (scenario prepare failed)")
+    check(ph.prepared_from is not None, "needs a prepared guest (scenario prepare failed)")
     argv = ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "64", "-nodefaults",
             "-display", "none", "-S", "-monitor", "stdio",
-            "-device", f"vfio-pci,host={GPU[5:]},id=gpu", "-device", f"vfio-pci,host={AUDIO[5:]},id=hda"]
+            "-device", f"vfio-pci,host={ctx.gpu[5:]},id=gpu", "-device", f"vfio-pci,host={ctx.audio[5:]},id=hda"]
     t = time.monotonic()
     r = subprocess.run(argv, input="info pci\nquit\n", capture_output=True, text=True, timeout=120)
     took = round(time.monotonic() - t, 2)
-    log(f"nested qemu exit {r.returncode} in {took} s; stderr: {r.stderr.strip()[:400]}")
+    ctx.log(f"nested qemu exit {r.returncode} in {took} s; stderr: {r.stderr.strip()[:400]}")
     check(r.returncode == 0, f"nested QEMU exit status {r.returncode}: {r.stderr.strip()[-800:]}")
     check("id \"gpu\"" in r.stdout and "id \"hda\"" in r.stdout,
           f"info pci does not list both vfio devices: {r.stdout[-1500:]}")
     return {"qemu_s": took}
 
 
-def sc_release(world) -> dict:
+def sc_release(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 2: release gives everything back; the snapshot equals the one before prepare
     (the firmware framebuffer removed by the kernel is reported as expected)."""
-    check(STATE.get("prepared"), "needs a prepared guest (scenario prepare failed)")
-    r = cli("release", VM)
+    world = ph.world
+    check(ph.prepared_from is not None, "needs a prepared guest (scenario prepare failed)")
+    before, ph.prepared_from = ph.prepared_from, None
+    r = ctx.cli("release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
-    STATE["prepared"] = False
-    after = snapshot(world, like=STATE["before"])
-    st = status()
+    after = ctx.snapshot(world, like=before)
+    st = ctx.status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
-    d = diff(STATE["before"], after)
+    d = diff(before, after)
     notes = [n for s in st["steps"] for n in (s.get("notes") or [])]
     expected = {}
     if "platform_fbs" in d and "efi-framebuffer.0" in (d["platform_fbs"]["before"] or {}) \
@@ -384,8 +410,8 @@ def sc_release(world) -> dict:
         if "proc_fb" in d:
             expected["proc_fb"] = d.pop("proc_fb")
     check(not d, f"state after release differs from before prepare: {json.dumps(d)}")
-    for a in FUNCS:
-        check(driver(a) == STATE["before"]["drivers"][a], f"{a} on {driver(a)}")
+    for a in ctx.funcs:
+        check(driver(a) == before["drivers"][a], f"{a} on {driver(a)}")
     dm = world.dm_pid()
     check(dm and os.path.exists(f"/proc/{dm}"), "display manager not running after release")
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected,
@@ -398,10 +424,11 @@ def _holder(path: str) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL)
 
 
-def sc_holders(world) -> dict:
+def sc_holders(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 4: a holder outside any unit: on_busy fail -> DEVICE_BUSY with its PID and the
     guest exactly as before; on_busy terminate -> prepare succeeds (then release)."""
-    profile()
+    world = ph.world
+    ctx.profile()
     card = world.holds[0]
     h = _holder(card)
     try:
@@ -414,27 +441,27 @@ def sc_holders(world) -> dict:
             except OSError:
                 pass
             time.sleep(0.02)
-        before = snapshot(world)
-        r = cli("prepare", VM)
+        before = ctx.snapshot(world)
+        r = ctx.cli("prepare", VM)
         check(r.returncode != 0, "prepare succeeded although a process holds the GPU")
         check(r.stderr.startswith("DEVICE_BUSY:"), f"not DEVICE_BUSY: {r.stderr.strip()}")
         check(f"PID {h.pid}" in r.stderr, f"holder PID {h.pid} not named: {r.stderr.strip()}")
-        after = snapshot(world, like=before)
+        after = ctx.snapshot(world, like=before)
         d = diff(before, after)
         check(not d, f"state after the refused prepare differs: {json.dumps(d)}")
         check(h.poll() is None, "the holder was killed although on_busy is fail")
-        st_fail = status()
-        profile("on_busy: terminate\n")
-        r = cli("release", VM)      # the failed record holds nothing; release is a no-op
+        st_fail = ctx.status()
+        ctx.profile("on_busy: terminate\n")
+        r = ctx.cli("release", VM)      # the failed record holds nothing; release is a no-op
         check(r.returncode == 0, f"release after a failed prepare: {r.stderr}")
-        r = cli("prepare", VM)
+        r = ctx.cli("prepare", VM)
         check(r.returncode == 0, f"prepare with on_busy: terminate failed: {r.stderr.strip()}")
         h.wait(10)
-        check(all(driver(a) == "vfio-pci" for a in FUNCS), "not on vfio-pci")
-        st_ok = status()
-        r = cli("release", VM)
+        check(all(driver(a) == "vfio-pci" for a in ctx.funcs), "not on vfio-pci")
+        st_ok = ctx.status()
+        r = ctx.cli("release", VM)
         check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
-        d = diff(before, snapshot(world, like=before))
+        d = diff(before, ctx.snapshot(world, like=before))
         d.pop("platform_fbs", None), d.pop("proc_fb", None)
         check(not d, f"state after terminate+release differs: {json.dumps(d)}")
         return {"refused": r.stderr.strip(), "steps_fail": step_times(st_fail),
@@ -443,15 +470,16 @@ def sc_holders(world) -> dict:
         if h.poll() is None:
             h.kill()
             h.wait()
-        profile()
+        ctx.profile()
 
 
-def sc_fault(world) -> dict:
+def sc_fault(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 5: vfio-pci cannot be loaded (``install vfio_pci /bin/false`` in the guest's
     /etc/modprobe.d; a plain ``modprobe vfio-pci`` is checked to fail on that rule first):
     prepare fails in bind_vfio, the last step, after the GPU's DRM module was unloaded, and
     the rollback restores everything (the module loaded again binds the GPU again)."""
-    profile()
+    world = ph.world
+    ctx.profile()
     for m in ("vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "vfio"):
         if m in modules():
             subprocess.run(["rmmod", m], check=False)
@@ -465,19 +493,19 @@ def sc_fault(world) -> dict:
         # last line modprobe prints is "could not insert 'vfio_pci': Invalid argument" (kmod
         # libkmod-module.c module_do_install_commands); nothing reaches the kernel.
         direct = subprocess.run(["modprobe", "vfio-pci"], capture_output=True, text=True)
-        log(f"modprobe vfio-pci: {direct.returncode}: {direct.stderr.strip()}")
+        ctx.log(f"modprobe vfio-pci: {direct.returncode}: {direct.stderr.strip()}")
         check(direct.returncode != 0 and "Error running install command" in direct.stderr,
               f"the install rule did not fail modprobe: {direct.returncode} {direct.stderr!r}")
         check("vfio_pci" not in modules(), "vfio_pci got loaded despite the install rule")
-        before = snapshot(world)
-        r = cli("prepare", VM)
+        before = ctx.snapshot(world)
+        r = ctx.cli("prepare", VM)
         check(r.returncode != 0, "prepare succeeded although vfio-pci cannot load")
         check(r.stderr.startswith("MODULE_FAILED: step bind_vfio: loading module vfio-pci"),
               f"unexpected: {r.stderr.strip()}")
-        after = snapshot(world, like=before)
+        after = ctx.snapshot(world, like=before)
         d = diff(before, after)
         check(not d, f"state after rollback differs: {json.dumps(d)}")
-        st = status()
+        st = ctx.status()
         check(st["phase"] == "failed", f"phase {st['phase']}")
         steps = {s_["name"]: s_["status"] for s_ in st["steps"]}
         check(steps.get("modules") == "undone" and steps.get("bind_vfio") == "failed",
@@ -488,13 +516,14 @@ def sc_fault(world) -> dict:
         os.unlink(conf)
 
 
-def sc_fault_late(world) -> dict:
+def sc_fault_late(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 5b: the modules step fails after the units, holders, vtconsoles and
     framebuffer steps were applied: an ``rmmod`` first in the daemon's PATH refuses the GPU's
     DRM module (as kmod does for a module in use). The rollback must undo them on the real
     kernel: the vtconsoles rebound, the DM started; the state equals the one before."""
-    profile()
-    drm = sorted(drm_modules())
+    world = ph.world
+    ctx.profile()
+    drm = sorted(ctx.drm_modules())
     check(drm, "no DRM module bound to the GPU")
     fbin = f"{WORK}/faultbin"
     os.makedirs(fbin, exist_ok=True)
@@ -507,20 +536,20 @@ def sc_fault_late(world) -> dict:
     os.chmod(f"{fbin}/rmmod", 0o755)
     world.restart_daemon(path_prefix=fbin)
     try:
-        before = snapshot(world)
+        before = ctx.snapshot(world)
         dm = world.dm_pid()
-        r = cli("prepare", VM)
+        r = ctx.cli("prepare", VM)
         check(r.returncode != 0, "prepare succeeded although rmmod fails")
         check(r.stderr.startswith(f"MODULE_FAILED: step modules: unloading module {drm[0]}")
               and "injected" in r.stderr, f"unexpected: {r.stderr.strip()}")
-        st = status()
+        st = ctx.status()
         check(st["phase"] == "failed", f"phase {st['phase']}")
         steps = {s_["name"]: s_["status"] for s_ in st["steps"]}
         check(steps.get("modules") == "failed" and steps.get("bind_vfio") == "pending"
               and steps.get("vtconsoles") == "undone" and steps.get("units") == "undone",
               f"steps after the rollback: {steps}")
         notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
-        left, expected = _release_diff(before, snapshot(world, like=before), notes)
+        left, expected = _release_diff(before, ctx.snapshot(world, like=before), notes)
         check(not left, f"state after the rollback differs: {json.dumps(left)}")
         new_dm = world.dm_pid()
         check(new_dm != dm and os.path.exists(f"/proc/{new_dm}"), "display manager not restarted")
@@ -530,11 +559,14 @@ def sc_fault_late(world) -> dict:
         world.restart_daemon()
 
 
-#: qemu.conf of the guest's libvirtd (FIELD-NOTES §5): the private test daemon's settings
-#: (root QEMU, no relabelling, no cgroups, no private /dev, so QEMU sees the guest's
-#: /dev/vfio) plus QEMU's log to a plain file (no virtlogd to start).
-LIBVIRT_QEMU_CONF = QEMU_CONF_EXTRA + 'stdio_handler = "file"\n'
-LIBVIRTD_CONF = LIBVIRTD_CONF_EXTRA
+def libvirt_conf() -> tuple[str, str]:
+    """``(qemu.conf, libvirtd.conf)`` of the guest's libvirtd (FIELD-NOTES §5): the private
+    test daemon's settings (root QEMU, no relabelling, no cgroups, no private /dev, so QEMU
+    sees the guest's /dev/vfio) plus QEMU's log to a plain file (no virtlogd to start)."""
+    from vfio_hookd.sim.libvirtd import LIBVIRTD_CONF_EXTRA, QEMU_CONF_EXTRA
+    return QEMU_CONF_EXTRA + 'stdio_handler = "file"\n', LIBVIRTD_CONF_EXTRA
+
+
 LIBVIRT_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt",
                 "/run/libvirt")
 
@@ -550,8 +582,10 @@ class GuestLibvirt:
     ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "LANG": "C.UTF-8", "HOME": "/root"}
 
-    def __init__(self):
+    def __init__(self, ctx: Ctx):
         from vfio_hookd.sim.libvirtd import _DirWatch
+        self.ctx = ctx
+        qemu_conf, libvirtd_conf = libvirt_conf()
         for d in LIBVIRT_DIRS:
             os.makedirs(d, exist_ok=True)
             subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
@@ -559,18 +593,18 @@ class GuestLibvirt:
                   "/var/log/libvirt/qemu", "/var/cache/libvirt/qemu"):
             os.makedirs(d, exist_ok=True)
         with open("/etc/libvirt/qemu.conf", "w") as f:
-            f.write(LIBVIRT_QEMU_CONF)
+            f.write(qemu_conf)
         with open("/etc/libvirt/libvirtd.conf", "w") as f:
-            f.write(LIBVIRTD_CONF)
+            f.write(libvirtd_conf)
         hook = "/etc/libvirt/hooks/qemu.d/vfio-hookd"
-        shutil.copyfile(os.path.join(REPO, "vfio_hookd", "qemu_hook.py"), hook)
+        shutil.copyfile(os.path.join(self.ctx.repo, "vfio_hookd", "qemu_hook.py"), hook)
         os.chmod(hook, 0o755)
         if os.path.lexists("/etc/vfio-hookd"):
             shutil.rmtree("/etc/vfio-hookd") if os.path.isdir("/etc/vfio-hookd") and \
                 not os.path.islink("/etc/vfio-hookd") else os.unlink("/etc/vfio-hookd")
         os.symlink(f"{WORK}/etc", "/etc/vfio-hookd")
         t = time.monotonic()
-        self.logf = open(os.path.join(OUT, "libvirtd.log"), "ab")
+        self.logf = open(os.path.join(self.ctx.out, "libvirtd.log"), "ab")
         watch = _DirWatch("/run/libvirt")
         try:
             self.proc = subprocess.Popen(["/usr/sbin/libvirtd"], env=self.ENV, cwd="/",
@@ -582,13 +616,13 @@ class GuestLibvirt:
         r = self.virsh("version")    # answered once the qemu driver has probed QEMU
         check(r.returncode == 0, f"libvirtd does not answer: {r.stderr.strip()}")
         self.ready_s = round(time.monotonic() - t, 2)
-        log(f"libvirtd ready in {self.ready_s} s (pid {self.proc.pid})")
+        self.ctx.log(f"libvirtd ready in {self.ready_s} s (pid {self.proc.pid})")
 
     def virsh(self, *args, timeout=240) -> subprocess.CompletedProcess:
         t = time.monotonic()
         r = subprocess.run(["virsh", "-q", "-c", "qemu:///system", *args], env=dict(self.ENV, LC_ALL="C"),
                            capture_output=True, text=True, timeout=timeout)
-        log(f"virsh {' '.join(args)} -> {r.returncode} in {time.monotonic() - t:.2f} s"
+        self.ctx.log(f"virsh {' '.join(args)} -> {r.returncode} in {time.monotonic() - t:.2f} s"
             + (f": {r.stderr.strip()}" if r.returncode else ""))
         return r
 
@@ -611,7 +645,7 @@ class GuestLibvirt:
         self.logf.close()
         qlog = "/var/log/libvirt/qemu/guest.log"
         if os.path.exists(qlog):
-            shutil.copyfile(qlog, os.path.join(OUT, "libvirt-qemu-guest.log"))
+            shutil.copyfile(qlog, os.path.join(self.ctx.out, "libvirt-qemu-guest.log"))
         for d in reversed(LIBVIRT_DIRS):
             subprocess.run(["umount", "-l", d], check=False)
 
@@ -646,7 +680,7 @@ def _release_diff(before: dict, after: dict, notes: list[str]) -> tuple[dict, di
     return d, expected
 
 
-def sc_libvirt(world) -> dict:
+def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 6: libvirtd in the guest, the hook in ``/etc/libvirt/hooks/qemu.d/``, a domain
     holding both functions as ``<hostdev managed='no'>`` and a profile with ``devices: auto``
     (the functions come from the domain XML libvirt hands the hook).
@@ -664,30 +698,31 @@ def sc_libvirt(world) -> dict:
        ``DEVICE_BUSY: ...`` line in libvirt's error, the domain is shut off, the guest
        unchanged.
     """
+    world = ph.world
     import vfio_hookd.virt as virt
     out: dict = {}
     pfile = f"{WORK}/etc/vms/{VM}.yaml"
     if os.path.exists(pfile):
         os.unlink(pfile)
-    lv = GuestLibvirt()
+    lv = GuestLibvirt(ctx)
     out["libvirtd_ready_s"] = lv.ready_s
     try:
         xml = f"{WORK}/{VM}.xml"
         with open(xml, "w") as f:
-            f.write(virt.tiny_domain_xml(VM, FUNCS, managed=False))
+            f.write(virt.tiny_domain_xml(VM, ctx.funcs, managed=False))
         r = lv.virsh("define", xml)
         check(r.returncode == 0, f"virsh define: {r.stderr.strip()}")
-        group = link(f"/sys/bus/pci/devices/{GPU}/iommu_group")
+        group = link(f"/sys/bus/pci/devices/{ctx.gpu}/iommu_group")
 
         # a. no profile: the hook stays out, libvirt refuses the functions on their drivers
-        before = snapshot(world)
+        before = ctx.snapshot(world)
         t = time.monotonic()
         r = lv.virsh("start", VM, "--paused")
         out["start_unprepared_s"] = round(time.monotonic() - t, 2)
         check(r.returncode != 0, "virsh start succeeded with both functions on their drivers")
         out["unprepared_error"] = r.stderr.strip()
         check(lv.domstate(VM) == "shut off", "domain not shut off after the refused start")
-        d = diff(before, snapshot(world, like=before))
+        d = diff(before, ctx.snapshot(world, like=before))
         check(not d, f"state after the refused start differs: {json.dumps(d)}")
 
         # b. with the profile: start prepares, destroy releases
@@ -698,27 +733,27 @@ def sc_libvirt(world) -> dict:
         r = lv.virsh("start", VM, "--paused")
         out["start_s"] = round(time.monotonic() - t, 2)
         check(r.returncode == 0, f"virsh start failed: {r.stderr.strip()}")
-        for a in FUNCS:
+        for a in ctx.funcs:
             check(driver(a) == "vfio-pci", f"{a} on {driver(a)} while the domain runs")
         check(lv.domstate(VM) == "paused", f"domain state {lv.domstate(VM)}")
         qpid = lv.qemu_pid(VM)
         check(qpid and _opened_by(qpid, f"/dev/vfio/{group}"),
               f"QEMU (pid {qpid}) does not hold /dev/vfio/{group}")
         check(not os.path.exists(f"/proc/{dm}"), f"display manager PID {dm} still running")
-        st = status()
+        st = ctx.status()
         check(st["phase"] == "prepared", f"status phase {st['phase']}")
-        check([d["address"] for d in st["devices"]] == list(FUNCS),
-              f"devices: auto gave {[d['address'] for d in st['devices']]}, expected {FUNCS}")
+        check([d["address"] for d in st["devices"]] == list(ctx.funcs),
+              f"devices: auto gave {[d['address'] for d in st['devices']]}, expected {ctx.funcs}")
         out["steps_prepare"] = step_times(st)
         t = time.monotonic()
         r = lv.virsh("destroy", VM)
         out["destroy_s"] = round(time.monotonic() - t, 2)
         check(r.returncode == 0, f"virsh destroy failed: {r.stderr.strip()}")
         check(lv.domstate(VM) == "shut off", f"domain state {lv.domstate(VM)} after destroy")
-        st = status()
+        st = ctx.status()
         check(st["phase"] == "idle", f"status phase {st['phase']} after destroy")
         notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
-        left, out["expected_differences"] = _release_diff(before, snapshot(world, like=before),
+        left, out["expected_differences"] = _release_diff(before, ctx.snapshot(world, like=before),
                                                           notes)
         check(not left, f"state after virsh destroy differs from before start: {json.dumps(left)}")
         check(os.path.exists(f"/proc/{world.dm_pid()}"), "display manager not running again")
@@ -729,7 +764,7 @@ def sc_libvirt(world) -> dict:
         h = _holder(card)
         try:
             _wait_open(h, card)
-            before = snapshot(world)
+            before = ctx.snapshot(world)
             r = lv.virsh("start", VM, "--paused")
             check(r.returncode != 0, "virsh start succeeded although a process holds the GPU")
             err = " ".join(r.stderr.split())
@@ -739,9 +774,9 @@ def sc_libvirt(world) -> dict:
             check(f"PID {h.pid}" in err, f"holder PID {h.pid} not named: {err}")
             check(lv.domstate(VM) == "shut off", "domain not shut off after the failed prepare")
             check(h.poll() is None, "the holder was killed although on_busy is fail")
-            d = diff(before, snapshot(world, like=before))
+            d = diff(before, ctx.snapshot(world, like=before))
             check(not d, f"state after the failed start differs: {json.dumps(d)}")
-            st = status()
+            st = ctx.status()
             check(st["phase"] == "failed" and (st["error"] or {}).get("code") == "DEVICE_BUSY",
                   f"status after the failed start: {st['phase']} {st['error']}")
         finally:
@@ -750,49 +785,51 @@ def sc_libvirt(world) -> dict:
         lv.virsh("undefine", VM)
     finally:
         lv.close()
-        profile()
+        ctx.profile()
     return out
 
 
 FB_KEYS = ("platform_fbs", "proc_fb", "vtcons")
 
 
-def sc_efifb_prepare(world) -> dict:
+def sc_efifb_prepare(ctx: Ctx, ph: Phase) -> dict:
     """OVMF, before any DRM driver is loaded: the console is on efifb (``efi-framebuffer.0``).
     Prepare unbinds the fbcon vtconsole and efi-framebuffer.0, binds both functions to
     vfio-pci, and the kernel removes efi-framebuffer.0 when vfio-pci takes the boot GPU."""
-    profile()
-    before = snapshot(world)
-    STATE["efifb_before"] = before
+    world = ph.world
+    ctx.profile()
+    before = ctx.snapshot(world)
     check(before["platform_fbs"].get("efi-framebuffer.0") == "efi-framebuffer",
           f"efi-framebuffer.0 not bound to efifb before: {before['platform_fbs']}")
-    check(driver(GPU) is None, f"GPU already on {driver(GPU)}")
-    r = cli("prepare", VM)
+    check(driver(ctx.gpu) is None, f"GPU already on {driver(ctx.gpu)}")
+    r = ctx.cli("prepare", VM)
     check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
-    STATE["efifb_prepared"] = True
-    for a in FUNCS:
+    ph.prepared_from = before
+    for a in ctx.funcs:
         check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
-    group = link(f"/sys/bus/pci/devices/{GPU}/iommu_group")
+    group = link(f"/sys/bus/pci/devices/{ctx.gpu}/iommu_group")
     check(os.path.exists(f"/dev/vfio/{group}"), f"/dev/vfio/{group} missing")
     bound_fb = [v for v, (name, b) in vtcons().items() if "frame buffer" in (name or "") and b == "1"]
     check(not bound_fb, f"frame-buffer vtconsoles still bound: {bound_fb}")
-    st = status()
-    return {"steps": step_times(st), "after": snapshot(world),
+    st = ctx.status()
+    return {"steps": step_times(st), "after": ctx.snapshot(world),
             "efi_framebuffer_removed": "efi-framebuffer.0" not in platform_fbs()}
 
 
-def sc_efifb_release(world) -> dict:
+def sc_efifb_release(ctx: Ctx, ph: Phase) -> dict:
     """Release after efifb_prepare: the functions go back (GPU: no driver, audio:
     snd_hda_intel), and the efi-framebuffer.0 the kernel removed is reported as expected in
     the framebuffer step's notes; everything else equals the state before prepare."""
-    check(STATE.get("efifb_prepared"), "needs efifb_prepare to have passed")
-    r = cli("release", VM)
+    world = ph.world
+    check(ph.prepared_from is not None, "needs efifb_prepare to have passed")
+    before, ph.prepared_from = ph.prepared_from, None
+    r = ctx.cli("release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
-    after = snapshot(world, like=STATE["efifb_before"])
-    st = status()
+    after = ctx.snapshot(world, like=before)
+    st = ctx.status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
     notes = [n for s in st["steps"] for n in (s.get("notes") or [])]
-    d = diff(STATE["efifb_before"], after)
+    d = diff(before, after)
     expected = {}
     if "efi-framebuffer.0" not in after["platform_fbs"]:
         check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
@@ -808,36 +845,58 @@ def sc_efifb_release(world) -> dict:
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected}
 
 
-SCENARIOS = {"efifb_prepare": sc_efifb_prepare, "efifb_release": sc_efifb_release, "prepare": sc_prepare, "vfio_qemu": sc_vfio_qemu, "release": sc_release,
+SCENARIOS = {"efifb_prepare": sc_efifb_prepare, "efifb_release": sc_efifb_release,
+             "prepare": sc_prepare, "vfio_qemu": sc_vfio_qemu, "release": sc_release,
              "holders": sc_holders, "fault": sc_fault, "fault_late": sc_fault_late,
              "libvirt": sc_libvirt}
 
 
-def run_phase(names: list[str], skip: tuple) -> bool:
-    """Coldplug (but ``skip``), start the world, run ``names``; False if one failed."""
+class Phase:
+    """One phase of the boot: the guest after a coldplug (all devices but ``skip``), its
+    :class:`World`, and what its scenarios hand on to each other.
+
+    :ivar prepared_from: the snapshot taken before the prepare that left the guest prepared
+        (None while it is not prepared): what a release must give back.
+    """
+
+    def __init__(self, name: str, skip: tuple, world: World):
+        self.name = name
+        self.skip = skip
+        self.world = world
+        self.prepared_from: dict | None = None
+
+
+def write_result(ctx: Ctx, name: str, res: dict) -> None:
+    with open(os.path.join(ctx.out, "results", f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+
+
+def run_phase(ctx: Ctx, name: str, entries: list[str], skip: tuple) -> bool:
+    """Coldplug (but ``skip``), start the world, run ``entries``; False if one failed."""
     t = time.monotonic()
-    static_nodes()
+    static_nodes(ctx)
     coldplug(skip)
-    log(f"coldplug {time.monotonic() - t:.2f} s; drivers {driver(GPU)}, {driver(AUDIO)}; "
-        f"nodes {nodes()}; fbs {platform_fbs()}; vtcons {vtcons()}")
+    ctx.log(f"coldplug {time.monotonic() - t:.2f} s; drivers {driver(ctx.gpu)}, "
+            f"{driver(ctx.audio)}; nodes {nodes()}; fbs {platform_fbs()}; vtcons {vtcons()}")
     try:
-        world = World()
-        log(f"world ready: holds {world.holds}, units {world.units()}")
+        world = World(ctx)
+        ctx.log(f"world ready: holds {world.holds}, units {world.units()}")
     except Exception:
         err = traceback.format_exc()
-        log(f"setup failed: {err}")
-        for name in names:
-            with open(os.path.join(OUT, "results", f"{name}.json"), "w") as f:
-                json.dump({"ok": False, "error": f"guest setup failed: {err}", "wall_s": 0}, f)
+        ctx.log(f"setup failed: {err}")
+        for entry in entries:
+            write_result(ctx, entry, {"ok": False, "error": f"guest setup failed: {err}",
+                                      "wall_s": 0})
         return False
+    ph = Phase(name, skip, world)
     all_ok = True
     try:
-        for name in names:
+        for entry in entries:
             t = time.monotonic()
             res = {"ok": False, "error": None}
-            log(f"=== scenario {name}")
+            ctx.log(f"=== scenario {entry}")
             try:
-                res.update(SCENARIOS[name](world) or {})
+                res.update(SCENARIOS[entry](ctx, ph) or {})
                 res["ok"] = True
             except Fail as exc:
                 res["error"] = str(exc)
@@ -845,25 +904,32 @@ def run_phase(names: list[str], skip: tuple) -> bool:
                 res["error"] = traceback.format_exc()
             res["wall_s"] = round(time.monotonic() - t, 2)
             all_ok &= res["ok"]
-            log(f"=== scenario {name}: {'PASS' if res['ok'] else 'FAIL'} in {res['wall_s']} s"
-                + (f": {res['error']}" if res["error"] else ""))
-            with open(os.path.join(OUT, "results", f"{name}.json"), "w") as f:
-                json.dump(res, f, indent=1, default=str)
+            ctx.log(f"=== scenario {entry}: {'PASS' if res['ok'] else 'FAIL'} in {res['wall_s']} s"
+                    + (f": {res['error']}" if res["error"] else ""))
+            write_result(ctx, entry, res)
     finally:
         world.close()
     return all_ok
 
 
-def main() -> int:
-    log(f"guest runner: {CFG['name']} kernel {os.uname().release} scenarios {CFG['scenarios']}")
-    efifb = [n for n in CFG["scenarios"] if n.startswith("efifb_")]
-    rest = [n for n in CFG["scenarios"] if not n.startswith("efifb_")]
-    ok = True
-    if efifb:
-        ok &= run_phase(efifb, skip=(GPU,))
-    if rest:
-        ok &= run_phase(rest, skip=())
-    return 0 if ok else 1
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ctx = Ctx.load(argv[0] if argv else "/vfio-out")
+    try:
+        sys.path.insert(0, ctx.repo)      # the repo's vfio_hookd, for World and GuestLibvirt
+        entries = ctx.cfg["scenarios"]
+        ctx.log(f"guest runner: {ctx.cfg['name']} kernel {os.uname().release} "
+                f"scenarios {entries}")
+        efifb = [n for n in entries if n.startswith("efifb_")]
+        rest = [n for n in entries if not n.startswith("efifb_")]
+        ok = True
+        if efifb:
+            ok &= run_phase(ctx, "efifb", efifb, skip=(ctx.gpu,))
+        if rest:
+            ok &= run_phase(ctx, "drm", rest, skip=())
+        return 0 if ok else 1
+    finally:
+        ctx.close()
 
 
 if __name__ == "__main__":

@@ -35,8 +35,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from vfio_hookd.sim.pdeathsig import parent_death_signal
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CACHE = os.path.join(REPO, ".cache", "kernel")
@@ -309,6 +307,7 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
 
     :raises HarnessError: the kernel or a package is missing.
     """
+    from vfio_hookd.sim.pdeathsig import parent_death_signal
     kv = kernel_version()
     initrd = build_initramfs(kv)
     outdir = os.path.join(ARTEFACTS, name)
