@@ -12,6 +12,19 @@ Importing this module only defines names: :func:`main` reads ``boot.json`` and b
 :class:`Ctx` (configuration, paths, environment, log) that everything else is handed; what
 the scenarios of one phase hand on to each other lives in that phase's :class:`Phase`.
 
+Each scenario declares the state it needs (:data:`SCENARIOS`): :data:`BASELINE` (the guest as
+its phase's coldplug left it, nothing held) or :data:`PREPARED`. The runner establishes it
+before the scenario: from the baseline it restores a guest that an earlier scenario left
+half-way (``vfio-hookd release VM --force``, then by hand drivers, vtconsoles, units:
+:func:`restore_baseline`); for prepared it runs a prepare when the guest is not prepared. The
+result's ``precondition`` says what was done (``restored``, ``prepared_by_runner``); when the
+state cannot be reached the scenario does not run and fails with ``precondition <state> not
+reached: <differences>``, so one failure does not cascade into the next scenarios' checks.
+
+An entry ``SCENARIO.fail-POINT`` in ``scenarios`` runs SCENARIO with a failure injected at its
+injection point POINT (:meth:`Phase.injection`); the entry passes when SCENARIO failed there.
+The kernel tests use it to prove that the scenarios after a failed one still pass.
+
 Scenario ``libvirt`` also runs Debian's libvirtd in the guest (:class:`GuestLibvirt`) with the
 project's hook installed, so the whole path virsh -> libvirtd -> hook -> daemon -> kernel is real.
 
@@ -33,6 +46,8 @@ import subprocess
 import sys
 import time
 import traceback
+from types import MappingProxyType
+from typing import Callable, NamedTuple
 
 #: The runner's working directory in the guest: profiles in ``WORK/etc/vms``, the simulated
 #: systemd's state in ``WORK/sim``.
@@ -287,6 +302,7 @@ class World:
         ctx.env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
         self.systemd = Systemd(self.bus.address)
         self.daemon = None
+        self.path_prefix = None
         self.start_daemon()
 
     def units(self) -> dict:
@@ -313,6 +329,7 @@ class World:
         env = dict(self.ctx.env, NOTIFY_SOCKET=path)
         if path_prefix:
             env["PATH"] = f"{path_prefix}:{env['PATH']}"
+        self.path_prefix = path_prefix
         logf = open(os.path.join(self.ctx.out, "daemon.log"), "ab")
         t = time.monotonic()
         self.daemon = subprocess.Popen([self.ctx.py, "-m", "vfio_hookd.cli", "daemon"], env=env,
@@ -341,7 +358,9 @@ def step_times(st: dict) -> dict:
 # ---- scenarios --------------------------------------------------------------------------------
 def sc_prepare(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 1: prepare; both functions on vfio-pci, /dev/vfio/<group>, DRM module unloaded,
-    framebuffer vtconsoles unbound, DM process gone, status --json agrees with sysfs."""
+    framebuffer vtconsoles unbound, DM process gone, status --json agrees with sysfs.
+    Injection points (entry ``prepare.fail-POINT``): ``early``, before ``vfio-hookd prepare``;
+    ``late``, right after it succeeded (the guest is left prepared)."""
     world = ph.world
     ctx.profile()
     before = ctx.snapshot(world)
@@ -349,9 +368,11 @@ def sc_prepare(ctx: Ctx, ph: Phase) -> dict:
     dm = world.dm_pid()
     check(dm and os.path.exists(f"/proc/{dm}"), f"display manager not running before: {dm}")
     check(drm, "no DRM driver bound to the GPU before prepare")
+    ph.injection("early")
     r = ctx.cli("prepare", VM)
     check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
     ph.prepared_from = before
+    ph.injection("late")
     for a in ctx.funcs:
         check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
     group = link(f"/sys/bus/pci/devices/{ctx.gpu}/iommu_group")
@@ -374,10 +395,10 @@ def sc_prepare(ctx: Ctx, ph: Phase) -> dict:
 
 def sc_vfio_qemu(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 3: a nested QEMU opens both functions through VFIO and quits cleanly."""
-    check(ph.prepared_from is not None, "needs a prepared guest (scenario prepare failed)")
     argv = ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "64", "-nodefaults",
             "-display", "none", "-S", "-monitor", "stdio",
-            "-device", f"vfio-pci,host={ctx.gpu[5:]},id=gpu", "-device", f"vfio-pci,host={ctx.audio[5:]},id=hda"]
+            "-device", f"vfio-pci,host={ctx.gpu[5:]},id=gpu",
+            "-device", f"vfio-pci,host={ctx.audio[5:]},id=hda"]
     t = time.monotonic()
     r = subprocess.run(argv, input="info pci\nquit\n", capture_output=True, text=True, timeout=120)
     took = round(time.monotonic() - t, 2)
@@ -392,7 +413,6 @@ def sc_release(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 2: release gives everything back; the snapshot equals the one before prepare
     (the firmware framebuffer removed by the kernel is reported as expected)."""
     world = ph.world
-    check(ph.prepared_from is not None, "needs a prepared guest (scenario prepare failed)")
     before, ph.prepared_from = ph.prepared_from, None
     r = ctx.cli("release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
@@ -817,11 +837,11 @@ def sc_efifb_prepare(ctx: Ctx, ph: Phase) -> dict:
 
 
 def sc_efifb_release(ctx: Ctx, ph: Phase) -> dict:
-    """Release after efifb_prepare: the functions go back (GPU: no driver, audio:
-    snd_hda_intel), and the efi-framebuffer.0 the kernel removed is reported as expected in
-    the framebuffer step's notes; everything else equals the state before prepare."""
+    """Release of the prepared efifb phase (efifb_prepare before it): the functions go back
+    (GPU: no driver, audio: snd_hda_intel), and the efi-framebuffer.0 the kernel removed is
+    reported as expected in the framebuffer step's notes; everything else equals the state
+    before prepare."""
     world = ph.world
-    check(ph.prepared_from is not None, "needs efifb_prepare to have passed")
     before, ph.prepared_from = ph.prepared_from, None
     r = ctx.cli("release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
@@ -845,34 +865,338 @@ def sc_efifb_release(ctx: Ctx, ph: Phase) -> dict:
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected}
 
 
-SCENARIOS = {"efifb_prepare": sc_efifb_prepare, "efifb_release": sc_efifb_release,
-             "prepare": sc_prepare, "vfio_qemu": sc_vfio_qemu, "release": sc_release,
-             "holders": sc_holders, "fault": sc_fault, "fault_late": sc_fault_late,
-             "libvirt": sc_libvirt}
+# ---- preconditions: each scenario starts from a state it declares -----------------------------
+#: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
+#: world was ready), nothing held by a record, the daemon running as started, the default
+#: profile.
+BASELINE = "baseline"
+#: Prepared from the baseline: both functions on vfio-pci, the record ``prepared``.
+PREPARED = "prepared"
+#: Record phases in which the record holds nothing on the host.
+NOTHING_HELD = ("idle", "failed")
+#: Start of the error of a failure injected on purpose (:meth:`Phase.injection`).
+INJECTED = "injected failure"
+
+
+class Scenario(NamedTuple):
+    """A scenario: the function and the state it needs (:data:`BASELINE` or
+    :data:`PREPARED`), which the runner establishes before it runs."""
+    run: Callable[["Ctx", "Phase"], dict]
+    needs: str
+
+
+SCENARIOS = MappingProxyType({
+    "efifb_prepare": Scenario(sc_efifb_prepare, BASELINE),
+    "efifb_release": Scenario(sc_efifb_release, PREPARED),
+    "prepare": Scenario(sc_prepare, BASELINE),
+    "vfio_qemu": Scenario(sc_vfio_qemu, PREPARED),
+    "release": Scenario(sc_release, PREPARED),
+    "holders": Scenario(sc_holders, BASELINE),
+    "fault": Scenario(sc_fault, BASELINE),
+    "fault_late": Scenario(sc_fault_late, BASELINE),
+    "libvirt": Scenario(sc_libvirt, BASELINE),
+})
+
+
+class Injected(Exception):
+    """A failure injected on purpose into a scenario (boot.json entry ``SCENARIO.fail-POINT``)."""
+
+
+def parse_entry(entry: str) -> tuple[str, str | None]:
+    """``"prepare"`` -> ``("prepare", None)``; ``"prepare.fail-late"`` -> ``("prepare", "late")``:
+    run scenario ``prepare`` with a failure injected at its point ``late``.
+
+    :raises ValueError: not a scenario, or a malformed injection.
+    """
+    name, dot, mod = entry.partition(".")
+    if name not in SCENARIOS or (dot and not (mod.startswith("fail-") and mod[5:])):
+        raise ValueError(f"unknown scenario entry {entry!r} (scenarios: {sorted(SCENARIOS)}; "
+                         f"a failure is injected with SCENARIO.fail-POINT)")
+    return name, (mod[5:] if dot else None)
 
 
 class Phase:
     """One phase of the boot: the guest after a coldplug (all devices but ``skip``), its
-    :class:`World`, and what its scenarios hand on to each other.
+    :class:`World`, and the states its scenarios start from.
 
+    :ivar baseline: the snapshot taken when the world was ready (see :data:`BASELINE`).
     :ivar prepared_from: the snapshot taken before the prepare that left the guest prepared
         (None while it is not prepared): what a release must give back.
+    :ivar rebased: the differences the kernel made for good that the baseline took over
+        (:func:`kernel_removed_fb`).
+    :ivar inject: the injection point of the running entry (None: none).
     """
 
-    def __init__(self, name: str, skip: tuple, world: World):
+    def __init__(self, name: str, skip: tuple, world: World, baseline: dict):
         self.name = name
         self.skip = skip
         self.world = world
+        self.baseline = baseline
         self.prepared_from: dict | None = None
+        self.rebased: dict = {}
+        self.inject: str | None = None
+
+    def injection(self, point: str) -> None:
+        """Called by a scenario at its injection point ``point``.
+
+        :raises Injected: the running entry asks for a failure at ``point``.
+        """
+        if self.inject == point:
+            raise Injected(f"{INJECTED} at point {point!r} (boot.json entry)")
 
 
+def record_phase(ctx: Ctx) -> str:
+    """The phase of the VM's record (``RUN_DIR/vms/VM.json``; ``idle`` when there is none), or
+    ``vfio-hookd status``'s when the file does not read as a record with a phase."""
+    try:
+        with open(f"{RUN_DIR}/vms/{VM}.json") as f:
+            phase = json.load(f)["phase"]
+        if isinstance(phase, str):
+            return phase
+    except FileNotFoundError:
+        return "idle"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return ctx.status()["phase"]
+
+
+def daemon_off(ph: Phase) -> str | None:
+    """Why the phase's daemon is not as it was started (exited, or a fault PATH), or None."""
+    d = ph.world.daemon
+    if d is None or d.poll() is not None:
+        return f"exited ({None if d is None else d.returncode})"
+    if ph.world.path_prefix:
+        return f"runs with {ph.world.path_prefix} first in its PATH"
+    return None
+
+
+def kernel_removed_fb(d: dict) -> dict:
+    """The part of ``d`` (a :func:`diff` from a snapshot with ``efi-framebuffer.0``) that the
+    kernel made for good: when a driver takes the boot GPU (vfio-pci too, since 6.1) the kernel
+    removes the firmware framebuffer device, and its ``/proc/fb`` line, vtconsole and
+    ``/dev/fb0`` go with it (release reports it; the scenarios check that report). Popped
+    from ``d``."""
+    fbs = d.get("platform_fbs")
+    if not fbs or "efi-framebuffer.0" not in (fbs["before"] or {}) \
+            or "efi-framebuffer.0" in (fbs["after"] or {}):
+        return {}
+    out = {k: d.pop(k) for k in FB_KEYS if k in d}
+    if "nodes" in d:
+        before, after = set(d["nodes"]["before"]), set(d["nodes"]["after"])
+        if before - after <= {"/dev/fb0"} and after <= before:
+            out["nodes"] = d.pop("nodes")
+    return out
+
+
+def off_baseline(ctx: Ctx, ph: Phase) -> dict:
+    """How the guest differs from the phase's baseline, as :func:`diff` entries plus
+    ``record`` and ``daemon`` (empty: it is at the baseline). Once the functions are back on
+    their baseline drivers, the sound nodes are waited for (:func:`wait_sound_nodes`) and a
+    firmware framebuffer the kernel removed for good (:func:`kernel_removed_fb`) becomes part
+    of the baseline (logged, and kept in the result's ``precondition.rebased``)."""
+    d = {}
+    phase = record_phase(ctx)
+    if phase not in NOTHING_HELD:
+        d["record"] = {"before": "idle or failed", "after": phase}
+    why = daemon_off(ph)
+    if why:
+        d["daemon"] = {"before": "running", "after": why}
+    base = ph.baseline
+    settled = all(driver(a) == base["drivers"][a] for a in ctx.funcs)
+    sd = diff(base, ctx.snapshot(ph.world, like=base if settled else None))
+    if settled and "modules" not in sd and "drivers" not in sd:
+        gone = kernel_removed_fb(sd)
+        if gone:
+            ctx.log(f"baseline: the kernel removed efi-framebuffer.0 for good: {json.dumps(gone)}")
+            for k, v in gone.items():
+                base[k] = v["after"]
+            ph.rebased.update(gone)
+    d.update(sd)
+    return d
+
+
+def _write(path: str, value: str, actions: list[str]) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        actions.append(f"write {value.strip()!r} to {path} failed: {exc.strerror}")
+
+
+def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
+    """Bring the guest back to the phase's baseline after a scenario that stopped half-way: the
+    daemon as started, then the product's own release of whatever the record holds
+    (``vfio-hookd release VM --force``), then by hand what is still off: the functions'
+    drivers (``driver_override`` cleared, unbind, the baseline's modules, ``drivers_probe``),
+    the vtconsole binds, the units. Returns what was done (list of str)."""
+    w = ph.world
+    actions = []
+    why = daemon_off(ph)
+    if why:
+        w.restart_daemon()
+        actions.append(f"daemon restarted (it {why})")
+    r = ctx.cli("release", VM, "--force")
+    actions.append(f"vfio-hookd release {VM} --force: exit {r.returncode}"
+                   + (f": {r.stderr.strip()}" if r.returncode else ""))
+    base = ph.baseline
+    if all(driver(a) == base["drivers"][a] for a in ctx.funcs) \
+            and set(base["modules"]) <= modules():
+        wait_sound_nodes(base["nodes"])
+    else:
+        for a in ctx.funcs:
+            want, have = base["drivers"][a], driver(a)
+            if have != want:
+                _write(f"/sys/bus/pci/devices/{a}/driver_override", "\n", actions)
+                if have:
+                    _write(f"/sys/bus/pci/devices/{a}/driver/unbind", a, actions)
+                    actions.append(f"{a}: unbound from {have}")
+        missing = sorted(set(base["modules"]) - modules())
+        if missing:
+            r = subprocess.run(["modprobe", "-a", *missing], capture_output=True, text=True)
+            actions.append(f"modprobe -a {' '.join(missing)}: exit {r.returncode}")
+        for a in ctx.funcs:
+            if base["drivers"][a] and not driver(a):
+                _write("/sys/bus/pci/drivers_probe", a, actions)
+                actions.append(f"{a}: probed, now on {driver(a)}")
+        wait_sound_nodes(base["nodes"])
+    now = vtcons()
+    for v, (name, bind) in base["vtcons"].items():
+        if v in now and now[v][1] != bind:
+            _write(f"/sys/class/vtconsole/{v}/bind", bind, actions)
+            actions.append(f"{v} ({name}): bind {bind}")
+    units = w.units()
+    for unit, state in base["units"].items():
+        if state == "active" and units.get(unit) != "active":
+            try:
+                w.systemd.start(unit, 60)
+                actions.append(f"{unit} started")
+            except Exception as exc:          # HookdError from the client: reported below
+                actions.append(f"{unit} did not start: {exc}")
+    return actions
+
+
+def establish_baseline(ctx: Ctx, ph: Phase) -> dict:
+    """Precondition :data:`BASELINE`: check the guest against the phase's baseline, restore it
+    when it differs (:func:`restore_baseline`).
+
+    :returns: the report (``needs``, ``restored``; after a restore ``was``: the differences
+        found, ``actions``).
+    :raises Fail: ``precondition baseline not reached: <differences>``.
+    """
+    ctx.profile()
+    rebased = set(ph.rebased)
+    off = off_baseline(ctx, ph)
+    if not off:
+        ph.prepared_from = None
+        report = {"needs": BASELINE, "restored": False}
+        if set(ph.rebased) != rebased:
+            report["rebased"] = {k: v for k, v in ph.rebased.items() if k not in rebased}
+        return report
+    ctx.log(f"precondition baseline: the guest differs from it: {json.dumps(off)}; restoring")
+    actions = restore_baseline(ctx, ph)
+    left = off_baseline(ctx, ph)
+    if left:
+        raise Fail(f"precondition baseline not reached: {json.dumps(left)} "
+                   f"(differences found first: {json.dumps(off)}; restore: {actions})")
+    ph.prepared_from = None
+    ctx.log(f"precondition baseline: restored ({'; '.join(actions)})")
+    report = {"needs": BASELINE, "restored": True, "was": off, "actions": actions}
+    if set(ph.rebased) != rebased:
+        report["rebased"] = {k: v for k, v in ph.rebased.items() if k not in rebased}
+    return report
+
+
+def establish_prepared(ctx: Ctx, ph: Phase) -> dict:
+    """Precondition :data:`PREPARED`: when the guest is not prepared (by the scenario before),
+    establish the baseline and run ``vfio-hookd prepare`` from it.
+
+    :returns: the report (``needs``, ``prepared_by_runner``, ``actions``; ``baseline``: the
+        baseline's report when the runner prepared).
+    :raises Fail: ``precondition prepared not reached: ...``.
+    """
+    ctx.profile()
+    actions = []
+    why = daemon_off(ph)
+    if why:       # a prepared record survives its daemon; a new one keeps it
+        ph.world.restart_daemon()
+        actions.append(f"daemon restarted (it {why})")
+    if ph.prepared_from is not None and record_phase(ctx) == "prepared" \
+            and all(driver(a) == "vfio-pci" for a in ctx.funcs):
+        return {"needs": PREPARED, "prepared_by_runner": False, "actions": actions}
+    ctx.log("precondition prepared: the guest is not prepared; preparing it")
+    try:
+        base = establish_baseline(ctx, ph)
+    except Fail as exc:
+        raise Fail(f"precondition prepared not reached: {exc}") from None
+    before = ctx.snapshot(ph.world)
+    r = ctx.cli("prepare", VM)
+    on = {a: driver(a) for a in ctx.funcs}
+    if r.returncode != 0 or any(d != "vfio-pci" for d in on.values()):
+        raise Fail(f"precondition prepared not reached: vfio-hookd prepare exit {r.returncode}"
+                   f"{': ' + r.stderr.strip() if r.returncode else ''}; drivers {on}")
+    ph.prepared_from = before
+    actions.append(f"vfio-hookd prepare {VM}")
+    return {"needs": PREPARED, "prepared_by_runner": True, "baseline": base, "actions": actions}
+
+
+# ---- the runner -------------------------------------------------------------------------------
 def write_result(ctx: Ctx, name: str, res: dict) -> None:
     with open(os.path.join(ctx.out, "results", f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
 
 
-def run_phase(ctx: Ctx, name: str, entries: list[str], skip: tuple) -> bool:
-    """Coldplug (but ``skip``), start the world, run ``entries``; False if one failed."""
+def run_entry(ctx: Ctx, ph: Phase, entry: str, prev: dict | None) -> dict:
+    """Run one boot.json entry: establish its scenario's precondition, then the scenario.
+
+    The result has ``precondition`` (the report of :func:`establish_baseline` or
+    :func:`establish_prepared`, with ``after``: ``prev``, the entry before it in this phase).
+    An entry ``SCENARIO.fail-POINT`` passes when the scenario failed at POINT as injected
+    (``injected``, ``scenario_error``), and fails otherwise.
+    """
+    res: dict = {"ok": False, "error": None}
+    try:
+        name, point = parse_entry(entry)
+    except ValueError as exc:
+        res["error"] = str(exc)
+        return res
+    sc = SCENARIOS[name]
+    t = time.monotonic()
+    try:
+        pre = establish_baseline(ctx, ph) if sc.needs == BASELINE else establish_prepared(ctx, ph)
+    except Fail as exc:
+        res["error"] = str(exc)
+        return res
+    except Exception:
+        res["error"] = f"precondition {sc.needs} not reached: {traceback.format_exc()}"
+        return res
+    pre["s"] = round(time.monotonic() - t, 2)
+    pre["after"] = prev
+    res["precondition"] = pre
+    ph.inject = point
+    try:
+        res.update(sc.run(ctx, ph) or {})
+        if point is None:
+            res["ok"] = True
+        else:
+            res["error"] = f"the failure injected at {point!r} did not happen: {name} passed"
+    except Injected as exc:
+        if point is None:      # cannot happen: ph.inject was None
+            res["error"] = str(exc)
+        else:
+            res.update(ok=True, injected=point, scenario_error=str(exc))
+    except Fail as exc:
+        res["error"] = str(exc)
+    except Exception:
+        res["error"] = traceback.format_exc()
+    finally:
+        ph.inject = None
+    return res
+
+
+def run_phase(ctx: Ctx, name: str, entries: list[str], skip: tuple, more: bool) -> bool:
+    """Coldplug (but ``skip``), start the world, take the baseline, run ``entries``; False if
+    one failed. With ``more`` (another phase follows), what the record still holds at the end
+    is released (``--force``), so the next phase's coldplug starts from free functions."""
     t = time.monotonic()
     static_nodes(ctx)
     coldplug(skip)
@@ -888,25 +1212,24 @@ def run_phase(ctx: Ctx, name: str, entries: list[str], skip: tuple) -> bool:
             write_result(ctx, entry, {"ok": False, "error": f"guest setup failed: {err}",
                                       "wall_s": 0})
         return False
-    ph = Phase(name, skip, world)
     all_ok = True
     try:
+        ph = Phase(name, skip, world, ctx.snapshot(world))
+        prev = None
         for entry in entries:
             t = time.monotonic()
-            res = {"ok": False, "error": None}
             ctx.log(f"=== scenario {entry}")
-            try:
-                res.update(SCENARIOS[entry](ctx, ph) or {})
-                res["ok"] = True
-            except Fail as exc:
-                res["error"] = str(exc)
-            except Exception:
-                res["error"] = traceback.format_exc()
+            res = run_entry(ctx, ph, entry, prev)
             res["wall_s"] = round(time.monotonic() - t, 2)
             all_ok &= res["ok"]
             ctx.log(f"=== scenario {entry}: {'PASS' if res['ok'] else 'FAIL'} in {res['wall_s']} s"
-                    + (f": {res['error']}" if res["error"] else ""))
+                    + (f": {res['error']}" if res["error"] else "")
+                    + (f" (failed as injected: {res['scenario_error']})" if res.get("injected")
+                       else ""))
             write_result(ctx, entry, res)
+            prev = {"entry": entry, "ok": res["ok"], "injected": res.get("injected")}
+        if more and record_phase(ctx) not in NOTHING_HELD:
+            ctx.cli("release", VM, "--force")
     finally:
         world.close()
     return all_ok
@@ -924,9 +1247,9 @@ def main(argv: list[str] | None = None) -> int:
         rest = [n for n in entries if not n.startswith("efifb_")]
         ok = True
         if efifb:
-            ok &= run_phase(ctx, "efifb", efifb, skip=(ctx.gpu,))
+            ok &= run_phase(ctx, "efifb", efifb, skip=(ctx.gpu,), more=bool(rest))
         if rest:
-            ok &= run_phase(ctx, "drm", rest, skip=())
+            ok &= run_phase(ctx, "drm", rest, skip=(), more=False)
         return 0 if ok else 1
     finally:
         ctx.close()
