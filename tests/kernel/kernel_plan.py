@@ -17,22 +17,34 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import kernel_harness as kh
 
-#: Per boot: (GPU model, firmware, scenarios in run order). OVMF boots first run the
+#: Per boot: (GPU model, firmware, scenario entries in run order). OVMF boots first run the
 #: scenarios on the firmware framebuffer alone (no DRM driver loaded yet). Listed longest
 #: first: two boots run at a time, so this order keeps the session short.
+#:
+#: Each scenario starts from the state it declares (``guest_runner.SCENARIOS``), which the
+#: runner establishes. An entry ``SCENARIO.fail-POINT`` (:func:`injected`) makes SCENARIO fail
+#: on purpose at POINT and is no scenario test of its own: ``test_cascade`` checks that the
+#: scenarios after it still pass. ``prepare.fail-late`` leaves the guest prepared before a
+#: scenario that needs the baseline (the runner restores it); ``prepare.fail-early`` leaves it
+#: unprepared before one that needs it prepared (the runner prepares it).
 BOOTS = {
     "bochs-display-ovmf": ("bochs-display", "ovmf", ["prepare", "release", "libvirt"]),
     "VGA-ovmf": ("VGA", "ovmf", ["efifb_prepare", "efifb_release", "prepare", "vfio_qemu",
                                  "release", "holders", "fault"]),
-    "VGA-bios": ("VGA", "bios", ["prepare", "vfio_qemu", "release", "holders", "fault",
-                                 "fault_late"]),
+    "VGA-bios": ("VGA", "bios", ["prepare.fail-late", "prepare", "vfio_qemu", "release",
+                                 "holders", "fault", "fault_late"]),
     "virtio-vga-bios": ("virtio-vga", "bios", ["prepare", "release", "holders"]),
-    "virtio-vga-ovmf": ("virtio-vga", "ovmf", ["prepare", "release"]),
+    "virtio-vga-ovmf": ("virtio-vga", "ovmf", ["prepare.fail-early", "release", "prepare"]),
     "bochs-display-bios": ("bochs-display", "bios", ["prepare", "release", "holders"]),
 }
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
 BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
 PARALLEL = int(os.environ.get("VFIO_HOOKD_KERNEL_PARALLEL", str(max(1, min(2, os.cpu_count() or 1)))))
+
+
+def injected(entry: str) -> bool:
+    """True for an entry that injects a failure (``SCENARIO.fail-POINT``)."""
+    return "." in entry
 
 
 
