@@ -22,6 +22,8 @@ import guest_runner
 import kernel_harness as kh
 from kernel_plan import BOOTS, Boots, injected
 
+#: Every test here is a kernel test (``-m kernel`` / ``-m "not kernel"``).
+pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="session")
