@@ -33,9 +33,9 @@ BOOTS = {
                                  "release", "holders", "fault"]),
     "VGA-bios": ("VGA", "bios", ["prepare.fail-late", "prepare", "vfio_qemu", "release",
                                  "holders", "fault", "fault_late"]),
-    "virtio-vga-bios": ("virtio-vga", "bios", ["prepare", "release", "holders"]),
-    "virtio-vga-ovmf": ("virtio-vga", "ovmf", ["prepare.fail-early", "release", "prepare"]),
     "bochs-display-bios": ("bochs-display", "bios", ["prepare", "release", "holders"]),
+    "virtio-vga-ovmf": ("virtio-vga", "ovmf", ["prepare.fail-early", "release", "prepare"]),
+    "virtio-vga-bios": ("virtio-vga", "bios", ["prepare", "release", "holders"]),
 }
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
 BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
