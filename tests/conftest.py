@@ -62,8 +62,10 @@ class SimWorld:
         self.host = SimHost(self.root)
         self.paths = Paths(config_dir=str(dirs["config"]), run_dir=str(dirs["run"]))
         self.systemd = Systemd(self.bus.address)
+        # a short holders' grace period: DEVICE_BUSY tests need not wait the product's 2 s
         self.machine = Machine(self.host, self.paths,
-                               systemd_factory=lambda: Systemd(self.bus.address))
+                               systemd_factory=lambda: Systemd(self.bus.address),
+                               holders_grace_s=0.3)
 
     def snapshot(self) -> dict:
         """The whole fake kernel tree and the fake systemd's unit states."""

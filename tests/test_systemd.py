@@ -149,11 +149,11 @@ def test_stop_hang_fault_times_out_at_the_deadline(host):
     t0 = time.monotonic()
     with pytest.raises(HookdError) as exc:
         sd.stop("gdm.service", 0.5)
-    elapsed = time.monotonic() - t0
     assert exc.value.code == errors.TIMEOUT
-    # fires at its 0.5 s deadline, not at some later one (margin for a loaded 2-core CI machine)
-    assert 0.45 <= elapsed < 2.5
-    assert "stopping gdm.service" in exc.value.message
+    # it waited for its own deadline (no upper bound on a loaded machine: a hang without a
+    # deadline would never return, and the message names the deadline that fired)
+    assert time.monotonic() - t0 >= 0.45
+    assert "stopping gdm.service" in exc.value.message and "0.5 s" in exc.value.message
     # A start replaces the hung stop job (systemd's "replace" mode): the unit works again.
     assert sd.active_state("gdm.service") == "deactivating"
     faults.clear(root)
@@ -215,16 +215,20 @@ def test_calls_from_worker_threads(host):
 
     threads = [threading.Thread(target=work, args=(u,))
                for u in ("gdm.service", "nvidia-persistenced.service")]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
+    # the two 1.0 s jobs overlap: both units are seen stopping at the same moment (serial
+    # calls would finish one before the other starts)
+    both = False
+    deadline = time.monotonic() + 5
+    while not both and time.monotonic() < deadline and any(t.is_alive() for t in threads):
+        states = {u: sd.active_state(u) for u in ("gdm.service", "nvidia-persistenced.service")}
+        both = set(states.values()) == {"deactivating"}
     for t in threads:
         t.join(10)
     assert results == {"gdm.service": ("done", "inactive"),
                        "nvidia-persistenced.service": ("done", "inactive")}
-    elapsed = time.monotonic() - t0
-    # the two 1.0 s jobs overlapped: serially they would take >= 2.0 s
-    assert 1.0 <= elapsed < 1.7
+    assert both, "the two stop jobs never ran at the same time"
 
 
 def test_systemd_unavailable(tmp_path):
