@@ -263,6 +263,35 @@ def test_from_dict_validates_like_a_file():
     assert exc.value.code == errors.VM_NAME_INVALID
 
 
+def test_from_dict_of_a_non_mapping_or_without_path():
+    with pytest.raises(HookdError) as exc:
+        Profile.from_dict(["devices"])
+    assert exc.value.code == errors.PROFILE_INVALID
+    assert exc.value.message == "profile data: must be a mapping, got list"
+    assert Profile.from_dict({"name": "win10"}) == defaults("win10", "<record>")
+
+
+# With several mistakes the first one reported is: a problem reading a key (not a name,
+# duplicate, unknown) or its value, in file order; then a key without value, in file order; then
+# the values, key by key in the documented order (KEYS).
+FIRST = [
+    ("devices: 5\non_bsy: x\n", 2, None),
+    ("on_bsy: x\ndevices: !!python/object/apply:os.system [true]\n", 1, None),
+    ("devices: !!python/object/apply:os.system [true]\non_bsy: x\n", 1, "devices"),
+    ("deadlines:\n  unbind: 0\n  unbnd: 2\n", 3, "deadlines"),
+    ("on_busy: kill\nvtconsoles:\n", 2, "vtconsoles"),
+    ("on_busy: kill\ndevices: 5\n", 2, "devices"),
+    ("deadlines: {unbind: 0}\nmodules: [vfio]\n", 2, "modules[0]"),
+]
+
+
+@pytest.mark.parametrize("text,line,key", FIRST)
+def test_first_error_reported(text, line, key):
+    with pytest.raises(HookdError) as exc:
+        parse(text)
+    assert (exc.value.details["line"], exc.value.details["key"]) == (line, key), exc.value.message
+
+
 def test_profile_is_frozen():
     p = defaults()
     with pytest.raises(AttributeError):
