@@ -32,9 +32,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from . import errors
-from .paths import Paths, check_vm_name
-from .pci import never_unload_reason, normalize_address as normalize_pci_address
+from .. import errors
+from ..paths import Paths, check_vm_name
+from ..pci import never_unload_reason, normalize_address as normalize_pci_address
 
 AUTO = "auto"
 NONE = "none"
