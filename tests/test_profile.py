@@ -292,6 +292,39 @@ def test_first_error_reported(text, line, key):
     assert (exc.value.details["line"], exc.value.details["key"]) == (line, key), exc.value.message
 
 
+def test_deadlines_from_record_round_trips_to_dict():
+    d = Deadlines(unit_stop=1.5, unit_start=2.0, terminate=3.0, unbind=4.0, module_unload=5.0,
+                  module_load=6.0)
+    assert Deadlines.from_record(d.to_dict()) == d
+    assert Deadlines.from_record(Deadlines().to_dict()) == Deadlines()
+    back = Deadlines.from_record(json.loads(json.dumps(d.to_dict())))
+    assert back == d and all(type(v) is float for v in back.to_dict().values())
+
+
+def test_deadlines_from_record_ignores_unknown_keys():
+    data = {"unbind": 2, "gpu_reset": 9, "unbnd": 1, 5: 6, None: "x"}
+    assert Deadlines.from_record(data) == Deadlines(unbind=2.0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, float("inf"), float("-inf"), float("nan"), True,
+                                 False, None, "10", [10], {"s": 10}])
+def test_deadlines_from_record_takes_the_default_for_a_bad_value(bad):
+    got = Deadlines.from_record({"unbind": bad, "terminate": 7})
+    assert got == Deadlines(terminate=7.0)
+    assert got.unbind == profile.DEFAULT_DEADLINES["unbind"]
+
+
+def test_deadlines_from_record_keeps_what_prepare_ran_with():
+    # No MAX_DEADLINE_S here: the record holds what prepare used; release waits as long.
+    assert Deadlines.from_record({"unbind": 86400}).unbind == 86400.0
+    assert Deadlines.from_record({"unbind": 1e-3}).unbind == 1e-3
+
+
+@pytest.mark.parametrize("data", [{}, None, [], "unbind", 5])
+def test_deadlines_from_record_of_nothing_usable_is_the_defaults(data):
+    assert Deadlines.from_record(data) == Deadlines()
+
+
 def test_profile_is_frozen():
     p = defaults()
     with pytest.raises(AttributeError):

@@ -18,6 +18,7 @@ them). This module imports nothing else of the package at import time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 AUTO = "auto"
@@ -69,6 +70,30 @@ class Deadlines:
     def to_dict(self) -> dict:
         """``{"unit_stop": float, ...}``: the six deadlines in seconds."""
         return {k: getattr(self, k) for k in DEFAULT_DEADLINES}
+
+    @classmethod
+    def from_record(cls, data: dict) -> "Deadlines":
+        """Deadlines as stored in a VM's record (:meth:`to_dict` output of this or an older
+        version), read leniently: never raises.
+
+        Each known key (:data:`DEFAULT_DEADLINES`) whose value is a positive finite number
+        (``int`` or ``float``, not ``bool``; seconds) is taken as a float; a missing key or any
+        other value gives that deadline's default. Unknown keys are ignored, and so is ``data``
+        that is not a dict (all defaults). Unlike a profile file, there is no upper bound
+        (:data:`MAX_DEADLINE_S`): the record keeps what prepare ran with.
+
+        :param data: ``{"unit_stop": seconds, ...}`` (dict).
+        :returns: :class:`Deadlines`.
+        """
+        if not isinstance(data, dict):
+            return cls()
+        values = {}
+        for key in DEFAULT_DEADLINES:
+            v = data.get(key)
+            if (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and v > 0):
+                values[key] = float(v)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
