@@ -14,7 +14,7 @@ import pytest
 from vfio_hookd import errors, profile
 from vfio_hookd.errors import HookdError
 from vfio_hookd.paths import Paths
-from vfio_hookd.profile import AUTO, Deadlines, Profile
+from vfio_hookd.profile import AUTO, Deadlines, Profile, reader, rules
 
 
 def PATHS():
@@ -325,6 +325,14 @@ def test_deadlines_from_record_of_nothing_usable_is_the_defaults(data):
     assert Deadlines.from_record(data) == Deadlines()
 
 
+def test_from_dict_non_string_key_is_refused_like_in_a_file():
+    data = defaults().to_dict()
+    data[1] = 2
+    with pytest.raises(HookdError) as exc:
+        Profile.from_dict(data)
+    assert exc.value.message == f"{FILE}: keys must be names such as 'devices', got 1"
+
+
 def test_profile_is_frozen():
     p = defaults()
     with pytest.raises(AttributeError):
@@ -558,3 +566,82 @@ def test_importing_profile_does_not_import_yaml_or_xml():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=30)
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_the_profile_package_imports_neither_yaml_nor_xml_etree():
+    code = ("import vfio_hookd.profile, sys; "
+            "print('yaml' in sys.modules, 'xml.etree.ElementTree' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=30)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("module", ["model", "reader", "rules", "files", "domain_xml"])
+def test_each_profile_module_imports_alone_and_cheaply(module):
+    # Alone in a fresh interpreter: an import cycle between the modules would fail here.
+    code = (f"import sys, vfio_hookd.profile.{module}; "
+            "print(sorted(m for m in ('yaml', 'xml.etree.ElementTree', 'difflib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=30)
+    assert out.stdout.strip() == "[]"
+
+
+def test_profile_modules_stay_small():
+    for path in (REPO / "vfio_hookd" / "profile").glob("*.py"):
+        assert len(path.read_text(encoding="utf-8").splitlines()) < 400, path.name
+
+
+# ---- the rule table and the reader -------------------------------------------------------
+
+def test_rule_table_is_in_the_documented_order_and_matches_profile():
+    assert tuple(r.key for r in rules.RULES) == profile.KEYS
+    assert rules.SECTIONS == {"deadlines"}
+    assert {r.key: r.keys for r in rules.RULES if r.keys} == {
+        "deadlines": tuple(profile.DEFAULT_DEADLINES)}
+    want = defaults()
+    assert rules.defaults() == {k: getattr(want, k) for k in profile.KEYS}
+
+
+def test_reader_records_lines_of_keys_items_and_section_keys():
+    text = ("# comment\n"
+            "devices:\n"
+            "  - 0000:01:00.0\n"
+            "  - '0000:01:00.1'\n"
+            "on_busy: fail\n"
+            "deadlines:\n"
+            "  unbind: 2\n")
+    fields = reader.read_yaml(text, FILE, rules.SECTIONS)
+    assert [(f.key, f.line) for f in fields] == [("devices", 2), ("on_busy", 5),
+                                                 ("deadlines", 6)]
+    devices, on_busy, deadlines = fields
+    assert devices.item_lines == [3, 4]
+    assert devices.item_texts == ["0000:01:00.0", "0000:01:00.1"]
+    assert devices.value == [60.0, "0000:01:00.1"]  # YAML 1.1; the rules use the text
+    assert on_busy.text == "fail"
+    assert [(f.key, f.value, f.line) for f in deadlines.sub] == [("deadlines.unbind", 2, 7)]
+
+
+def test_reader_gives_a_dict_the_same_structure_without_lines():
+    text = "devices: ['0000:01:00.0']\non_busy: fail\ndeadlines: {unbind: 2}\n"
+    data = {"devices": ["0000:01:00.0"], "on_busy": "fail", "deadlines": {"unbind": 2}}
+
+    def shape(fields):
+        return [(f.name, f.key, f.value, [(s.key, s.value) for s in f.sub or ()])
+                for f in fields]
+
+    from_yaml = reader.read_yaml(text, FILE, rules.SECTIONS)
+    from_dict = reader.read_data(data, FILE, rules.SECTIONS)
+    assert shape(from_yaml) == shape(from_dict)
+    assert all(f.line is None and f.item_lines is None for f in from_dict)
+    assert rules.build(from_yaml, FILE, "win10") == rules.build(from_dict, FILE, "win10")
+
+
+def test_reader_keeps_what_the_rules_judge():
+    # Unknown, repeated and non-name keys and unreadable values are kept for the rules.
+    text = "on_bsy: x\non_bsy: y\n1: 2\ndevices: !!python/object/apply:os.system [true]\n"
+    fields = reader.read_yaml(text, FILE, rules.SECTIONS)
+    assert [(f.name, f.shown, f.line) for f in fields] == [
+        ("on_bsy", "on_bsy", 1), ("on_bsy", "on_bsy", 2), (None, "1", 3),
+        ("devices", "devices", 4)]
+    assert fields[3].problem and fields[3].problem_line == 4 and fields[3].value is None
