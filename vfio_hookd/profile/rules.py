@@ -318,14 +318,15 @@ def _by_name(fields: list[Field], parent: str | None, allowed) -> dict[str, Fiel
     out: dict[str, Field] = {}
     for f in fields:
         if f.name is None:
-            fail(f.path, f.line, parent, f"keys must be names such as {allowed[0]!r}, "
-                                       f"got {f.shown!r}")
+            fail(f.path, f.line, parent,
+                 f"keys must be names such as {allowed[0]!r}, got {f.shown!r}")
         if f.name in out:
-            fail(f.path, f.line, parent, f"duplicate key {f.name!r} (first at line "
-                                       f"{out[f.name].line}); YAML keeps only one of them, "
-                                       f"so give it once")
+            fail(f.path, f.line, parent,
+                 f"duplicate key {f.name!r} (first at line {out[f.name].line}); "
+                 f"YAML keeps only one of them, so give it once")
         if f.name not in allowed:
-            fail(f.path, f.line, parent, f"unknown key {f.name!r}{_did_you_mean(f.name, allowed)}")
+            fail(f.path, f.line, parent,
+                 f"unknown key {f.name!r}{_did_you_mean(f.name, allowed)}")
         out[f.name] = f
         rule = _BY_KEY.get(f.name) if parent is None else None
         if rule is not None and rule.keys and f.sub is not None:
