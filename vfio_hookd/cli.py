@@ -46,7 +46,7 @@ class Env:
 
     :ivar paths: :class:`~vfio_hookd.paths.Paths` from the environment.
     :ivar host: the :class:`~vfio_hookd.host.Host` to act on (the real one, ``/``, unless a
-        caller of :func:`main` passes another, as the repository's testbed does).
+        caller of :func:`main` passes another, as the repository's tests do).
     :ivar systemd_factory: as for :class:`vfio_hookd.machine.Machine` (None: the system bus).
     """
 
