@@ -1,6 +1,6 @@
 """``vfio-hookd``: the command line.
 
-- ``vfio-hookd daemon [--host-root DIR]``: run the daemon (systemd/vfio-hookd.service).
+- ``vfio-hookd daemon``: run the daemon (systemd/vfio-hookd.service).
 - ``vfio-hookd status [VM] [--json]``: each VM's phase, steps (status, duration) and devices
   with their current driver; from the daemon, or from the records when it is down.
 - ``vfio-hookd prepare VM [--xml FILE]`` / ``release VM``: the same state machine as the hook,
@@ -11,6 +11,10 @@
 
 Exit status: 0 on success; otherwise ``CODE: message`` on stderr and the code's status
 (:attr:`vfio_hookd.errors.HookdError.exit_status`; 1 for an unexpected bug).
+
+Paths come from the environment (:meth:`vfio_hookd.paths.Paths.from_env`), once, in
+:func:`main`; the host is the real one unless a caller of :func:`main` passes another
+:class:`vfio_hookd.host.Host` (the repository's test bed does, for a simulated host).
 """
 
 from __future__ import annotations
@@ -27,33 +31,39 @@ from . import errors, paths
 from .errors import HookdError
 
 
-def _daemon_request(payload: dict) -> dict | None:
+def _daemon_request(args, payload: dict) -> dict | None:
     """The daemon's result, or None when no daemon listens. Daemon errors raise HookdError."""
     from .qemu_hook import HookFailure, request
-    if not os.path.exists(paths.socket_path()):
+    if not os.path.exists(args.paths.socket):
         return None
     try:
-        return request(payload, path=paths.socket_path())
+        return request(payload, path=args.paths.socket)
     except HookFailure as exc:
         if exc.code == "DAEMON_UNREACHABLE":
             return None
         raise HookdError.from_dict({"code": exc.code, "message": exc.message})
 
 
-def _local_machine():
+def _host(args):
+    """The host to act on: the one given to :func:`main`, else the real one."""
+    if args.host is not None:
+        return args.host
+    from .host import Host
+    return Host("/")
+
+
+def _local_machine(args):
     from . import log
-    from .host import open_host
     from .machine import Machine
     log.setup()
-    return Machine(open_host())
+    return Machine(_host(args))
 
 
 def cmd_status(args) -> int:
-    result = _daemon_request({"op": "status", "vm": args.vm})
+    result = _daemon_request(args, {"op": "status", "vm": args.vm})
     if result is None:
-        from .host import open_host
         from .machine import status_from_records
-        result = status_from_records(open_host(), args.vm)
+        result = status_from_records(_host(args), args.vm)
         source = "records (daemon not running)"
     else:
         source = "daemon"
@@ -62,7 +72,7 @@ def cmd_status(args) -> int:
         return 0
     vms = result["vms"]
     if not vms:
-        print(f"no VM records in {paths.run_dir()} (source: {source})")
+        print(f"no VM records in {args.paths.run_dir} (source: {source})")
         return 0
     for name, vm in sorted(vms.items()):
         print(f"{name}: {vm['phase']}")
@@ -102,11 +112,11 @@ def cmd_prepare(args) -> int:
             raise HookdError(errors.DOMAIN_XML_INVALID, f"{args.xml}: {exc.strerror}") from None
     if xml is None:
         from .profile import load_profile
-        if load_profile(args.vm).devices is None:
+        if load_profile(args.paths, args.vm).devices is None:
             xml = _domain_xml(args.vm)
-    result = _daemon_request({"op": "prepare", "vm": args.vm, "xml": xml})
+    result = _daemon_request(args, {"op": "prepare", "vm": args.vm, "xml": xml})
     if result is None:
-        rec = _local_machine().prepare(args.vm, xml)
+        rec = _local_machine(args).prepare(args.vm, xml)
         result = {"vm": args.vm, "phase": rec["phase"]}
     print(f"{result['vm']}: {result['phase']}")
     return 0
@@ -153,9 +163,9 @@ def cmd_release(args) -> int:
     paths.check_vm_name(args.vm)
     if not args.force:
         _refuse_if_running(args.vm)
-    result = _daemon_request({"op": "release", "vm": args.vm, "reason": "cli"})
+    result = _daemon_request(args, {"op": "release", "vm": args.vm, "reason": "cli"})
     if result is None:
-        rec = _local_machine().release(args.vm, "cli")
+        rec = _local_machine(args).release(args.vm, "cli")
         result = {"vm": args.vm, "phase": rec["phase"] if rec else "idle"}
     print(f"{result['vm']}: {result['phase']}")
     return 0
@@ -163,7 +173,7 @@ def cmd_release(args) -> int:
 
 def cmd_daemon(args) -> int:
     from .daemon import run
-    return run(args.host_root)
+    return run(args.paths, host=args.host)
 
 
 UNITS = ("vfio-hookd.service", "vfio-hookd.socket")
@@ -195,7 +205,7 @@ def cmd_install(args) -> int:
             with open(os.path.join(unit_dir, name), "w") as f:
                 f.write(unit)
             print(f"unit: {os.path.join(unit_dir, name)}")
-        os.makedirs(os.path.join(root, paths.config_dir().lstrip("/"), "vms"), exist_ok=True)
+        os.makedirs(os.path.join(root, args.paths.config_dir.lstrip("/"), "vms"), exist_ok=True)
     except OSError as exc:
         raise HookdError(errors.INSTALL_FAILED, f"{exc.filename}: {exc.strerror}") from None
     if root != "/" or args.no_reload:
@@ -236,7 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release even if libvirt says the VM is running")
     s.set_defaults(func=cmd_release)
     s = sub.add_parser("daemon", help="run the daemon (normally from systemd)")
-    s.add_argument("--host-root", help="act on this directory instead of / (simulated host)")
     s.set_defaults(func=cmd_daemon)
     s = sub.add_parser("install", help="install the libvirt hook and the systemd unit")
     s.add_argument("--root", default="/", help="install below this directory (packaging)")
@@ -247,9 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status."""
+def main(argv: list[str] | None = None, host=None) -> int:
+    """Console entry point; returns the exit status.
+
+    :param argv: the arguments (default ``sys.argv[1:]``).
+    :param host: the :class:`vfio_hookd.host.Host` to act on; None means the real one
+        (``Host("/")``).
+    """
     args = build_parser().parse_args(argv)
+    args.paths = paths.Paths.from_env()
+    args.host = host
     try:
         return args.func(args)
     except HookdError as exc:

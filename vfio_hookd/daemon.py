@@ -29,7 +29,8 @@ import threading
 
 from . import errors, paths, record
 from .errors import HookdError
-from .host import Host, open_host
+from .host import Host
+from .paths import Paths
 
 log = logging.getLogger("vfio_hookd")
 MAX_REQUEST = 4 * 1024 * 1024
@@ -50,14 +51,14 @@ def request_deadline_s(prof, n_devices: int) -> float:
 class Daemon:
     """The control-socket server.
 
-    :param host: the host to act on (default: :func:`vfio_hookd.host.open_host`).
-    :param socket_path: default :func:`vfio_hookd.paths.socket_path`.
+    :param host: the host to act on (default: the real one, ``Host("/")``).
+    :param socket_path: default ``Paths.from_env().socket`` (:class:`vfio_hookd.paths.Paths`).
     """
 
     def __init__(self, host: Host | None = None, socket_path: str | None = None, machine=None):
         from .machine import Machine
-        self.host = host or open_host()
-        self.socket_path = socket_path or paths.socket_path()
+        self.host = host or Host("/")
+        self.socket_path = socket_path or paths.Paths.from_env().socket
         self.machine = machine or Machine(self.host)
         self._sock: socket.socket | None = None
         self._busy = 0
@@ -279,7 +280,7 @@ class Daemon:
             if xml is not None and not isinstance(xml, str):
                 raise HookdError(errors.BAD_REQUEST, "field 'xml' must be a string")
             from .profile import load_profile
-            prof = load_profile(vm)
+            prof = load_profile(paths.Paths.from_env(), vm)
             send({"accepted": True, "deadline_s": request_deadline_s(prof, max(2, len(prof.devices or ())))})
             rec = self.machine.prepare(vm, xml)
             return {"vm": vm, "phase": rec["phase"]}
@@ -314,15 +315,20 @@ def preload() -> None:
     systemd.load_bindings()
 
 
-def run(host_root: str | None = None) -> int:
-    """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status."""
+def run(paths: Paths, host: Host | None = None) -> int:
+    """``vfio-hookd daemon``: serve on ``paths.socket`` until SIGTERM/SIGINT; returns the exit
+    status.
+
+    :param paths: the :class:`vfio_hookd.paths.Paths` in force (the entry point builds it).
+    :param host: the host to act on; None means the real one, ``Host("/")``.
+    """
     from . import log as logmod
     logmod.setup()
-    host = open_host(host_root)
-    daemon = Daemon(host)
+    host = host if host is not None else Host("/")
+    daemon = Daemon(host, paths.socket)
     daemon.bind()
-    log.info("vfio-hookd daemon listening on %s (host root %s%s)", daemon.socket_path,
-             host.root, ", simulated" if host.simulated else "")
+    log.info("vfio-hookd daemon listening on %s (host root %s, %s)", daemon.socket_path,
+             host.root, type(host).__name__)
     daemon.log_records()
 
     def on_signal(signum, _frame):

@@ -71,7 +71,7 @@ class Machine:
     def _locked(self, keys: list[str]):
         """Hold the in-process lock and the ``flock`` of every key (sorted: no deadlock)."""
         with ExitStack() as stack:
-            lockdir = os.path.join(paths.run_dir(), "locks")
+            lockdir = paths.Paths.from_env().locks_dir
             os.makedirs(lockdir, mode=0o700, exist_ok=True)
             for key in sorted(set(keys)):
                 with self._locks_guard:
@@ -104,7 +104,7 @@ class Machine:
             ``DOMAIN_XML_INVALID``, ``DEVICE_NOT_FOUND``, ``IOMMU_GROUP_INCOMPLETE``.
         """
         from . import profile as profiles
-        prof = profiles.load_profile(vm)
+        prof = profiles.load_profile(paths.Paths.from_env(), vm)
         if prof.devices is None:
             if not xml:
                 raise HookdError(errors.DOMAIN_XML_INVALID,
@@ -360,9 +360,10 @@ def status_from_records(host: Host, vm: str | None = None) -> dict:
                          {"code": errors.STATE_DRIFT, "message": str(exc)}}
             continue
         if rec is None:
-            if not profiles.is_managed(name):
+            where = paths.Paths.from_env()
+            if not profiles.is_managed(where, name):
                 raise HookdError(errors.NOT_MANAGED, f"{name!r} has no profile "
-                                                     f"({paths.profile_path(name)}) and no record")
+                                                     f"({where.profile_path(name)}) and no record")
             out[name] = {"phase": "idle", "steps": [], "devices": [], "error": None,
                          "release_errors": []}
             continue

@@ -1,6 +1,6 @@
 """Per-VM records: what prepare did, written atomically before and after every step.
 
-A record is ``<run>/vms/<domain name>.json`` (:func:`vfio_hookd.paths.record_path`)::
+A record is ``<run>/vms/<domain name>.json`` (:meth:`vfio_hookd.paths.Paths.record_path`)::
 
     {"version": 1, "vm": "win11", "phase": "prepared",
      "devices": ["0000:01:00.0", "0000:01:00.1"],
@@ -49,7 +49,7 @@ def save(rec: dict) -> None:
 
     :raises OSError: the run directory cannot be written.
     """
-    path = paths.record_path(rec["vm"])
+    path = paths.Paths.from_env().record_path(rec["vm"])
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     rec["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -65,7 +65,7 @@ def load(vm: str) -> dict | None:
 
     :raises ValueError: the file is not a record (corrupt JSON); the message names the file.
     """
-    path = paths.record_path(vm)
+    path = paths.Paths.from_env().record_path(vm)
     try:
         with open(path) as f:
             rec = json.load(f)
@@ -80,7 +80,7 @@ def load(vm: str) -> dict | None:
 
 def all_names() -> list[str]:
     """Names (str) of every VM that has a record, sorted."""
-    d = os.path.join(paths.run_dir(), "vms")
+    d = paths.Paths.from_env().records_dir
     try:
         return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".json"))
     except FileNotFoundError:
