@@ -180,13 +180,17 @@ def run_in_private_libvirt(state_dir: str | os.PathLike, command: list[str], hoo
         try:
             out, err = proc.communicate(timeout=timeout_s)  # select() on the pipes
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                out, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-            raise subprocess.TimeoutExpired(argv, timeout_s, out, err) from None
+            # keep draining the pipes (so the runner never blocks on a full one) while it is
+            # stopped; its end closes them
+            box: dict = {}
+            drain = threading.Thread(
+                target=lambda: box.update(zip(("out", "err"), proc.communicate())),
+                daemon=True, name="drain")
+            drain.start()
+            stop(proc, 30)
+            drain.join(30)
+            raise subprocess.TimeoutExpired(argv, timeout_s, box.get("out"),
+                                            box.get("err")) from None
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
