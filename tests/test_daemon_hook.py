@@ -339,3 +339,24 @@ def test_cli_release_refuses_while_libvirt_runs_the_vm(world):
     r = run_cli("release", "test", "--force", env=env, root=world.root)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
+
+
+@pytest.mark.parametrize("address", [None, "unix:path=/run/dbus/system_bus_socket"])
+def test_testbed_refuses_to_drive_this_machines_systemd(dirs, address):
+    """The test bed's daemon and CLI on a simulated host never talk to the real systemd."""
+    env = {k: v for k, v in os.environ.items() if k != "DBUS_SYSTEM_BUS_ADDRESS"}
+    if address:
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    root = str(dirs["host"])
+    for argv in ([sys.executable, "-m", "testbed.daemon", "--root", root],
+                 [sys.executable, "-m", "testbed.cli", "--root", root, "prepare", "win11"]):
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "refusing to start" in r.stderr, (argv, r.stderr)
+
+
+def test_a_daemon_that_exits_before_ready_fails_at_once_with_its_log(dirs, tmp_path):
+    from testbed.daemon import DaemonError
+    with pytest.raises(DaemonError) as exc:
+        DaemonProcess(tmp_path / "not-a-host", ready_timeout_s=60)
+    assert "exited with status 1 before READY=1" in str(exc.value)
+    assert "is not a simulated host" in str(exc.value)
