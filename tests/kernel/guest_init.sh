@@ -35,7 +35,7 @@ mount -t tmpfs tmpfs "$R/tmp"
 mkdir -p "$R$REPO"
 mount --move /rw/repo "$R$REPO"
 mkdir -p "$R/lib/modules/$KV" "$R/vfio-out"
-mount --bind "/host$REPO/.cache/kernel/$KV/lib/modules/$KV" "$R/lib/modules/$KV"
+mount --bind "/host$KMODS" "$R/lib/modules/$KV"
 mount --bind /out "$R/vfio-out"
 mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup" 2>/dev/null
 # The kernel's own module requests (request_module(): HDA codec drivers, char-major-* aliases)

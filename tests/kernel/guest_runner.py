@@ -12,9 +12,14 @@ Scenario ``libvirt`` also runs Debian's libvirtd in the guest (:class:`GuestLibv
 project's hook installed, so the whole path virsh -> libvirtd -> hook -> daemon -> kernel is real.
 
 What stands for the host's services: the project's simulated systemd on a private D-Bus bus
-(``vfio_hookd.sim.bus.SimBus`` with ``root="/"``: its ``gdm.service`` is a real process holding
-the guest's real ``/dev/dri/card0`` and the GPU's audio control node), and ``vfio-hookd daemon``
-acting on ``/`` (a real :class:`vfio_hookd.host.Host`; no ``/.sim`` exists in the guest).
+(``testbed.sim.bus.SimBus`` with ``root="/"``: its ``gdm.service`` is a real process holding
+the guest's real ``/dev/dri/card0`` and the GPU's audio control node), and vfio-hookd's daemon
+acting on ``/`` exactly as the service runs it (``python -m vfio_hookd daemon``, a real
+:class:`vfio_hookd.host.Host`), started and stopped by :class:`testbed.daemon.DaemonProcess`.
+
+The guest's state before and after is a flat tree of the paths the scenarios compare
+(:func:`tree`), and :func:`testbed.expected.classify_changes` -- the same comparison the
+simulated host's tests and the demo use -- says which differences are the kernel's own.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -35,17 +38,21 @@ with open(os.path.join(OUT, "boot.json")) as _f:
     CFG = json.load(_f)
 REPO = CFG["repo"]
 sys.path.insert(0, REPO)
-from vfio_hookd.sim.libvirtd import LIBVIRTD_CONF_EXTRA, QEMU_CONF_EXTRA  # noqa: E402
+from testbed import child_env  # noqa: E402
+from testbed.daemon import DaemonProcess  # noqa: E402
+from testbed.expected import FIRMWARE_FBS, classify_changes, framebuffer_removed  # noqa: E402
+from testbed.libvirtd import LIBVIRTD_CONF_EXTRA, QEMU_CONF_EXTRA  # noqa: E402
+from testbed.procs import stop as stop_process  # noqa: E402
 GPU, AUDIO = CFG["gpu_addr"], CFG["audio_addr"]
 FUNCS = (GPU, AUDIO)
 PY = os.path.join(REPO, ".venv", "bin", "python")
 WORK = "/tmp/vh"
-ENV = dict(os.environ, VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN="/run/vfio-hookd",
-           VFIO_HOOKD_HOST_ROOT="/", VFIO_HOOKD_LOG="stderr", PYTHONPATH=REPO)
+ENV = child_env(VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN="/run/vfio-hookd",
+                VFIO_HOOKD_LOG="stderr")
 VM = "guest"
-#: Modules that stay loaded after release by design (vfio-hookd never unloads vfio).
-VFIO_MODULES = {"vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "irqbypass",
-                "vfio_virqfd"}
+#: The framebuffer step's note for a firmware framebuffer the kernel removed ("DEV was removed
+#: by the kernel ...").
+FB_NOTE = "was removed by the kernel"
 _LOG = open(os.path.join(OUT, "runner.log"), "a", buffering=1)
 T0 = time.monotonic()
 
@@ -130,7 +137,7 @@ def vtcons() -> dict:
 
 def platform_fbs() -> dict:
     out = {}
-    for d in ("efi-framebuffer.0", "simple-framebuffer.0", "vesa-framebuffer.0"):
+    for d in FIRMWARE_FBS:
         if os.path.exists(f"/sys/bus/platform/devices/{d}"):
             out[d] = link(f"/sys/bus/platform/devices/{d}/driver")
     return out
@@ -156,27 +163,82 @@ def wait_sound_nodes(expected: list[str], timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def tree() -> dict:
+    """The guest's state the scenarios compare, as a flat tree ``{path: (kind, value)}`` in
+    :mod:`testbed.expected`'s shape: every PCI function's ``driver`` link, the GPU functions'
+    ``driver_override``, ``/sys/module/M`` for each loaded module, the vtconsoles (link,
+    directory, ``name``, ``bind``), ``/proc/fb``, the firmware framebuffer devices, and the
+    device nodes (``/dev/dri``, ``/dev/snd``, ``/dev/vfio/N``, ``/dev/fbN``)."""
+    out: dict = {}
+
+    def file(p: str) -> None:
+        try:
+            with open(p) as f:
+                out[p] = ("file", f.read())
+        except OSError:
+            pass
+
+    def symlink(p: str) -> None:
+        try:
+            out[p] = ("link", os.readlink(p))
+        except OSError:
+            pass
+
+    for a in sorted(os.listdir("/sys/bus/pci/devices")):
+        symlink(f"/sys/bus/pci/devices/{a}/driver")
+    for a in FUNCS:
+        file(f"/sys/bus/pci/devices/{a}/driver_override")
+    for m in sorted(modules()):
+        out[f"/sys/module/{m}"] = ("dir", None)
+    base = "/sys/devices/virtual/vtconsole"
+    for v in sorted(os.listdir("/sys/class/vtconsole")):
+        symlink(f"/sys/class/vtconsole/{v}")
+        out[f"{base}/{v}"] = ("dir", None)
+        file(f"{base}/{v}/name")
+        file(f"{base}/{v}/bind")
+    file("/proc/fb")
+    for dev in FIRMWARE_FBS:
+        top = f"/sys/devices/platform/{dev}"
+        if os.path.isdir(top):
+            out[top] = ("dir", None)
+            symlink(f"{top}/driver")
+        symlink(f"/sys/bus/platform/devices/{dev}")
+    for n in nodes():
+        if n != "/dev/vfio/vfio":
+            out[n] = ("node", None)
+    return out
+
+
 def snapshot(world, like: dict | None = None) -> dict:
-    """The state scenario 2 compares (drivers, overrides, modules, vtcon binds, /proc/fb,
-    device nodes, firmware framebuffers, DM unit state). With ``like`` (an earlier snapshot)
-    the sound nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
+    """``{"tree": tree(), "units": the DM's unit states}``. With ``like`` (an earlier
+    snapshot) the sound nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
     if like is not None:
-        wait_sound_nodes(like["nodes"])
-    return {
-        "drivers": {a: driver(a) for a in sorted(os.listdir("/sys/bus/pci/devices"))},
-        "overrides": {a: rd(f"/sys/bus/pci/devices/{a}/driver_override") for a in FUNCS},
-        "modules": sorted(modules() - VFIO_MODULES),
-        "vtcons": vtcons(),
-        "proc_fb": rd("/proc/fb", ""),
-        "nodes": [n for n in nodes() if n != "/dev/vfio/vfio"],
-        "platform_fbs": platform_fbs(),
-        "units": world.units(),
-    }
+        wait_sound_nodes(list(like["tree"]))
+    return {"tree": tree(), "units": world.units()}
 
 
-def diff(a: dict, b: dict) -> dict:
-    return {k: {"before": a.get(k), "after": b.get(k)} for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)}
+def tree_driver(snap: dict, addr: str):
+    """The driver of ``addr`` in snapshot ``snap`` (None: unbound)."""
+    value = snap["tree"].get(f"/sys/bus/pci/devices/{addr}/driver")
+    return os.path.basename(value[1]) if value else None
+
+
+def compare(before: dict, after: dict, notes=()) -> tuple[dict, list[str]]:
+    """``(left, expected)``: the differences between two snapshots that are not the kernel's
+    own (:func:`testbed.expected.classify_changes`; units included), and the expected lines.
+    A firmware framebuffer the kernel removed counts as expected only when the release said
+    so in its framebuffer step's ``notes``."""
+    expected, left = classify_changes(before["tree"], after["tree"])
+    left = {k: list(v) for k, v in left.items()}
+    if before["units"] != after["units"]:
+        left["units"] = [before["units"], after["units"]]
+    for line in expected:
+        if framebuffer_removed([line]):
+            dev = line.split()[2]    # "firmware framebuffer efi-framebuffer.0 removed: ..."
+            if not any(f"{dev} {FB_NOTE}" in n for n in notes):
+                left[f"notes: {dev}"] = [f"{dev} removed by the kernel but the release did "
+                                         f"not report it", list(notes)]
+    return left, expected
 
 
 # ---- the world: coldplug, simulated systemd, daemon ------------------------------------------
@@ -222,7 +284,7 @@ class World:
     control node, none when the GPU has no driver) on a private bus, and the daemon."""
 
     def __init__(self):
-        from vfio_hookd.sim.bus import SimBus
+        from testbed.sim.bus import SimBus
         from vfio_hookd.systemd import Systemd
         os.makedirs(f"{WORK}/etc/vms", exist_ok=True)
         shutil.rmtree(f"{WORK}/sim", ignore_errors=True)
@@ -251,35 +313,22 @@ class World:
     def restart_daemon(self, path_prefix: str | None = None) -> None:
         """Stop the daemon (SIGTERM, wait) and start it again, with ``path_prefix`` (a
         directory) first in its PATH when given."""
-        self.daemon.send_signal(signal.SIGTERM)
-        self.daemon.wait(60)
+        self.daemon.stop(60)
         self.start_daemon(path_prefix)
 
     def start_daemon(self, path_prefix: str | None = None) -> None:
-        path = f"{WORK}/notify"
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.settimeout(120)
-        env = dict(ENV, NOTIFY_SOCKET=path)
+        """``python -m vfio_hookd daemon`` on ``/`` (:class:`testbed.daemon.DaemonProcess`),
+        its log appended to ``OUT/daemon.log``, ready at ``READY=1``."""
+        env = dict(ENV)
         if path_prefix:
             env["PATH"] = f"{path_prefix}:{env['PATH']}"
-        logf = open(os.path.join(OUT, "daemon.log"), "ab")
-        t = time.monotonic()
-        self.daemon = subprocess.Popen([PY, "-m", "vfio_hookd.cli", "daemon"], env=env,
-                                       stdout=logf, stderr=subprocess.STDOUT)
-        try:
-            msg = sock.recv(4096).decode()
-        finally:
-            sock.close()
-        check("READY=1" in msg, f"daemon sent {msg!r}")
-        log(f"daemon ready in {time.monotonic() - t:.1f} s (pid {self.daemon.pid})")
+        self.daemon = DaemonProcess(None, env=env, python=PY, ready_timeout_s=120,
+                                    log_path=os.path.join(OUT, "daemon.log"))
+        log(f"daemon ready in {self.daemon.ready_ms / 1000:.1f} s (pid {self.daemon.pid})")
 
     def close(self) -> None:
-        if self.daemon and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            self.daemon.wait(60)
+        if self.daemon is not None:
+            self.daemon.stop(60)
         self.systemd.close()
         self.bus.stop()
 
@@ -290,8 +339,9 @@ def profile(extra: str = "") -> None:
 
 
 def cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    """``vfio-hookd ARGS...`` (``python -m vfio_hookd``) on the guest's ``/``."""
     t = time.monotonic()
-    r = subprocess.run([PY, "-m", "vfio_hookd.cli", *args], env=ENV, capture_output=True,
+    r = subprocess.run([PY, "-m", "vfio_hookd", *args], env=ENV, capture_output=True,
                        text=True, timeout=timeout)
     log(f"vfio-hookd {' '.join(args)} -> {r.returncode} in {time.monotonic() - t:.2f} s"
         + (f": {r.stderr.strip()}" if r.returncode else ""))
@@ -373,19 +423,11 @@ def sc_release(world) -> dict:
     after = snapshot(world, like=STATE["before"])
     st = status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
-    d = diff(STATE["before"], after)
     notes = [n for s in st["steps"] for n in (s.get("notes") or [])]
-    expected = {}
-    if "platform_fbs" in d and "efi-framebuffer.0" in (d["platform_fbs"]["before"] or {}) \
-            and "efi-framebuffer.0" not in (d["platform_fbs"]["after"] or {}):
-        check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
-              f"efi-framebuffer.0 gone but not reported as expected: {notes}")
-        expected["platform_fbs"] = d.pop("platform_fbs")
-        if "proc_fb" in d:
-            expected["proc_fb"] = d.pop("proc_fb")
-    check(not d, f"state after release differs from before prepare: {json.dumps(d)}")
+    left, expected = compare(STATE["before"], after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
     for a in FUNCS:
-        check(driver(a) == STATE["before"]["drivers"][a], f"{a} on {driver(a)}")
+        check(driver(a) == tree_driver(STATE["before"], a), f"{a} on {driver(a)}")
     dm = world.dm_pid()
     check(dm and os.path.exists(f"/proc/{dm}"), "display manager not running after release")
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected,
@@ -419,9 +461,8 @@ def sc_holders(world) -> dict:
         check(r.returncode != 0, "prepare succeeded although a process holds the GPU")
         check(r.stderr.startswith("DEVICE_BUSY:"), f"not DEVICE_BUSY: {r.stderr.strip()}")
         check(f"PID {h.pid}" in r.stderr, f"holder PID {h.pid} not named: {r.stderr.strip()}")
-        after = snapshot(world, like=before)
-        d = diff(before, after)
-        check(not d, f"state after the refused prepare differs: {json.dumps(d)}")
+        left, _ = compare(before, snapshot(world, like=before))
+        check(not left, f"state after the refused prepare differs: {json.dumps(left)}")
         check(h.poll() is None, "the holder was killed although on_busy is fail")
         st_fail = status()
         profile("on_busy: terminate\n")
@@ -434,9 +475,9 @@ def sc_holders(world) -> dict:
         st_ok = status()
         r = cli("release", VM)
         check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
-        d = diff(before, snapshot(world, like=before))
-        d.pop("platform_fbs", None), d.pop("proc_fb", None)
-        check(not d, f"state after terminate+release differs: {json.dumps(d)}")
+        notes = [n for s_ in status()["steps"] for n in (s_.get("notes") or [])]
+        left, _ = compare(before, snapshot(world, like=before), notes)
+        check(not left, f"state after terminate+release differs: {json.dumps(left)}")
         return {"refused": r.stderr.strip(), "steps_fail": step_times(st_fail),
                 "steps_terminate": step_times(st_ok)}
     finally:
@@ -474,9 +515,8 @@ def sc_fault(world) -> dict:
         check(r.returncode != 0, "prepare succeeded although vfio-pci cannot load")
         check(r.stderr.startswith("MODULE_FAILED: step bind_vfio: loading module vfio-pci"),
               f"unexpected: {r.stderr.strip()}")
-        after = snapshot(world, like=before)
-        d = diff(before, after)
-        check(not d, f"state after rollback differs: {json.dumps(d)}")
+        left, _ = compare(before, snapshot(world, like=before))
+        check(not left, f"state after rollback differs: {json.dumps(left)}")
         st = status()
         check(st["phase"] == "failed", f"phase {st['phase']}")
         steps = {s_["name"]: s_["status"] for s_ in st["steps"]}
@@ -520,7 +560,7 @@ def sc_fault_late(world) -> dict:
               and steps.get("vtconsoles") == "undone" and steps.get("units") == "undone",
               f"steps after the rollback: {steps}")
         notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
-        left, expected = _release_diff(before, snapshot(world, like=before), notes)
+        left, expected = compare(before, snapshot(world, like=before), notes)
         check(not left, f"state after the rollback differs: {json.dumps(left)}")
         new_dm = world.dm_pid()
         check(new_dm != dm and os.path.exists(f"/proc/{new_dm}"), "display manager not restarted")
@@ -551,7 +591,7 @@ class GuestLibvirt:
            "LANG": "C.UTF-8", "HOME": "/root"}
 
     def __init__(self):
-        from vfio_hookd.sim.libvirtd import _DirWatch
+        from testbed.libvirtd import _DirWatch
         for d in LIBVIRT_DIRS:
             os.makedirs(d, exist_ok=True)
             subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
@@ -601,13 +641,7 @@ class GuestLibvirt:
         return int(rd(f"/run/libvirt/qemu/{name}.pid", "0") or 0) or None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 60)
         self.logf.close()
         qlog = "/var/log/libvirt/qemu/guest.log"
         if os.path.exists(qlog):
@@ -631,21 +665,6 @@ def _wait_open(h: subprocess.Popen, path: str) -> None:
     check(_opened_by(h.pid, path), f"holder {h.pid} did not open {path}")
 
 
-def _release_diff(before: dict, after: dict, notes: list[str]) -> tuple[dict, dict]:
-    """``diff(before, after)`` minus the firmware framebuffer the kernel removed when a driver
-    took the boot GPU (only when the framebuffer step reported it): ``(left, expected)``."""
-    d = diff(before, after)
-    expected = {}
-    if "platform_fbs" in d and "efi-framebuffer.0" in (d["platform_fbs"]["before"] or {}) \
-            and "efi-framebuffer.0" not in (d["platform_fbs"]["after"] or {}):
-        check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
-              f"efi-framebuffer.0 gone but not reported as expected: {notes}")
-        for k in FB_KEYS:
-            if k in d:
-                expected[k] = d.pop(k)
-    return d, expected
-
-
 def sc_libvirt(world) -> dict:
     """Scenario 6: libvirtd in the guest, the hook in ``/etc/libvirt/hooks/qemu.d/``, a domain
     holding both functions as ``<hostdev managed='no'>`` and a profile with ``devices: auto``
@@ -664,7 +683,7 @@ def sc_libvirt(world) -> dict:
        ``DEVICE_BUSY: ...`` line in libvirt's error, the domain is shut off, the guest
        unchanged.
     """
-    import vfio_hookd.virt as virt
+    from testbed.domains import tiny_domain_xml
     out: dict = {}
     pfile = f"{WORK}/etc/vms/{VM}.yaml"
     if os.path.exists(pfile):
@@ -674,7 +693,7 @@ def sc_libvirt(world) -> dict:
     try:
         xml = f"{WORK}/{VM}.xml"
         with open(xml, "w") as f:
-            f.write(virt.tiny_domain_xml(VM, FUNCS, managed=False))
+            f.write(tiny_domain_xml(VM, FUNCS, managed=False))
         r = lv.virsh("define", xml)
         check(r.returncode == 0, f"virsh define: {r.stderr.strip()}")
         group = link(f"/sys/bus/pci/devices/{GPU}/iommu_group")
@@ -687,8 +706,8 @@ def sc_libvirt(world) -> dict:
         check(r.returncode != 0, "virsh start succeeded with both functions on their drivers")
         out["unprepared_error"] = r.stderr.strip()
         check(lv.domstate(VM) == "shut off", "domain not shut off after the refused start")
-        d = diff(before, snapshot(world, like=before))
-        check(not d, f"state after the refused start differs: {json.dumps(d)}")
+        left, _ = compare(before, snapshot(world, like=before))
+        check(not left, f"state after the refused start differs: {json.dumps(left)}")
 
         # b. with the profile: start prepares, destroy releases
         with open(pfile, "w") as f:
@@ -718,8 +737,8 @@ def sc_libvirt(world) -> dict:
         st = status()
         check(st["phase"] == "idle", f"status phase {st['phase']} after destroy")
         notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
-        left, out["expected_differences"] = _release_diff(before, snapshot(world, like=before),
-                                                          notes)
+        left, out["expected_differences"] = compare(before, snapshot(world, like=before),
+                                                    notes)
         check(not left, f"state after virsh destroy differs from before start: {json.dumps(left)}")
         check(os.path.exists(f"/proc/{world.dm_pid()}"), "display manager not running again")
         out["steps_release"] = step_times(st)
@@ -739,8 +758,8 @@ def sc_libvirt(world) -> dict:
             check(f"PID {h.pid}" in err, f"holder PID {h.pid} not named: {err}")
             check(lv.domstate(VM) == "shut off", "domain not shut off after the failed prepare")
             check(h.poll() is None, "the holder was killed although on_busy is fail")
-            d = diff(before, snapshot(world, like=before))
-            check(not d, f"state after the failed start differs: {json.dumps(d)}")
+            left, _ = compare(before, snapshot(world, like=before))
+            check(not left, f"state after the failed start differs: {json.dumps(left)}")
             st = status()
             check(st["phase"] == "failed" and (st["error"] or {}).get("code") == "DEVICE_BUSY",
                   f"status after the failed start: {st['phase']} {st['error']}")
@@ -754,9 +773,6 @@ def sc_libvirt(world) -> dict:
     return out
 
 
-FB_KEYS = ("platform_fbs", "proc_fb", "vtcons")
-
-
 def sc_efifb_prepare(world) -> dict:
     """OVMF, before any DRM driver is loaded: the console is on efifb (``efi-framebuffer.0``).
     Prepare unbinds the fbcon vtconsole and efi-framebuffer.0, binds both functions to
@@ -764,8 +780,8 @@ def sc_efifb_prepare(world) -> dict:
     profile()
     before = snapshot(world)
     STATE["efifb_before"] = before
-    check(before["platform_fbs"].get("efi-framebuffer.0") == "efi-framebuffer",
-          f"efi-framebuffer.0 not bound to efifb before: {before['platform_fbs']}")
+    check(platform_fbs().get("efi-framebuffer.0") == "efi-framebuffer",
+          f"efi-framebuffer.0 not bound to efifb before: {platform_fbs()}")
     check(driver(GPU) is None, f"GPU already on {driver(GPU)}")
     r = cli("prepare", VM)
     check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
@@ -792,19 +808,8 @@ def sc_efifb_release(world) -> dict:
     st = status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
     notes = [n for s in st["steps"] for n in (s.get("notes") or [])]
-    d = diff(STATE["efifb_before"], after)
-    expected = {}
-    if "efi-framebuffer.0" not in after["platform_fbs"]:
-        check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
-              f"efi-framebuffer.0 gone but not reported as expected: {notes}")
-        for k in FB_KEYS:
-            if k in d:
-                expected[k] = d.pop(k)
-        if "nodes" in d:   # /dev/fb0 went with efifb's framebuffer
-            gone = set(d["nodes"]["before"]) - set(d["nodes"]["after"])
-            if gone <= {"/dev/fb0"} and set(d["nodes"]["after"]) <= set(d["nodes"]["before"]):
-                expected["nodes"] = d.pop("nodes")
-    check(not d, f"state after release differs from before prepare: {json.dumps(d)}")
+    left, expected = compare(STATE["efifb_before"], after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected}
 
 
