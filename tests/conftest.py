@@ -163,3 +163,23 @@ def diff(before: dict, after: dict) -> dict:
 def python():
     """The interpreter running the tests (the repo's venv)."""
     return sys.executable
+
+
+#: The test tiers (pyproject.toml markers); every test is in exactly one.
+TIERS = ("unit", "dbus", "libvirt", "kernel")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put the tests of test_systemd.py that name no backend in the dbus tier, then refuse a
+    test that is in no tier or in two (so ``--fast``, ``-m unit``, cannot silently miss one)."""
+    wrong = []
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if not tiers and item.module.__name__ == "test_systemd":
+            item.add_marker(pytest.mark.dbus)
+            tiers = {"dbus"}
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: tiers {sorted(tiers) or 'none'}")
+    if wrong:
+        raise pytest.UsageError("every test needs exactly one tier marker "
+                                f"({', '.join(TIERS)}):\n" + "\n".join(wrong))

@@ -21,6 +21,8 @@ from testbed.daemon import DaemonProcess
 from testbed.domains import tiny_domain_xml
 from testbed.sim import faults
 
+pytestmark = pytest.mark.dbus
+
 HOOK = os.path.join(REPO, "hooks", "vfio-hookd")
 OPS = [("prepare", "begin"), ("start", "begin"), ("started", "begin"), ("stopped", "end"),
        ("release", "end"), ("migrate", "begin"), ("restore", "begin"), ("reconnect", "begin"),

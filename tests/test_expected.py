@@ -4,8 +4,12 @@ through a real leftover."""
 
 from __future__ import annotations
 
+import pytest
+
 from testbed import expected as kernel
 from testbed.expected import classify_changes
+
+pytestmark = pytest.mark.unit
 
 GPU = "0000:01:00.0"
 FB_REMOVED = kernel.fb_removed("efi-framebuffer.0")

@@ -237,6 +237,7 @@ def test_sigterm_to_runner_destroys_domain_and_stops_daemons(plenv, tmp_path):
     assert qemu_pidfiles == []  # libvirt removes it once QEMU is gone
 
 
+@pytest.mark.unit
 def test_runner_refuses_to_mount_outside_a_private_namespace(tmp_path, monkeypatch):
     """The safety net: the mounting part never runs in the caller's mount namespace."""
     args = plv._parser().parse_args(["--state", str(tmp_path / "s"), "--", "true"])
@@ -250,6 +251,7 @@ def test_runner_refuses_to_mount_outside_a_private_namespace(tmp_path, monkeypat
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.unit
 def test_tiny_domain_xml():
     xml = tiny_domain_xml("a&b", ["0000:01:00.0", "0000:01:00.1"])
     assert "<name>a&amp;b</name>" in xml

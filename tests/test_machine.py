@@ -15,6 +15,8 @@ from vfio_hookd.errors import HookdError
 from vfio_hookd.pci import current_driver
 from vfio_hookd.steps import STEP_NAMES, STEPS, Context
 
+pytestmark = pytest.mark.unit
+
 
 def kernel_only(before: dict, after: dict, fb_removed: bool = True,
                 vfio_loaded: bool = True) -> list[str]:

@@ -11,6 +11,8 @@ installed ``python -m vfio_hookd`` and ``vfio-hookd`` console script really run.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import shutil
 import subprocess
@@ -18,6 +20,8 @@ import sys
 import zipfile
 
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 _SKIP = {".venv", ".cache", ".git", "artefacts", "build", "__pycache__", ".pytest_cache"}
 

@@ -16,6 +16,8 @@ from vfio_hookd.errors import HookdError
 from vfio_hookd.paths import Paths
 from vfio_hookd.profile import AUTO, Deadlines, Profile, reader, rules
 
+pytestmark = pytest.mark.unit
+
 
 def PATHS():
     return Paths.from_env()

@@ -20,6 +20,8 @@ from testbed.sim.kernel import SimHost, load_state
 from vfio_hookd import errors
 from vfio_hookd.host import Host
 
+pytestmark = pytest.mark.unit
+
 T = 2.0  # generous deadline (s) for operations that must not hang
 GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
 AMD_GPU, AMD_AUDIO = "0000:03:00.0", "0000:03:00.1"

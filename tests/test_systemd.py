@@ -58,7 +58,8 @@ def dbus_host(tmp_path):
     yield from _dbus(tmp_path)
 
 
-@pytest.fixture(params=["dbus", "fake"])
+@pytest.fixture(params=[pytest.param("dbus", marks=pytest.mark.dbus),
+                        pytest.param("fake", marks=pytest.mark.unit)])
 def host(request, tmp_path):
     """``(root, backend, client)``: the SimBus and a Systemd client on it, or a FakeSystemd
     (backend and client in one)."""
