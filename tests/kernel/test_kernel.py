@@ -19,6 +19,8 @@ import pytest
 import kernel_harness as kh
 from kernel_plan import BOOTS, Boots
 
+pytestmark = pytest.mark.kernel
+
 
 
 @pytest.fixture(scope="session")
