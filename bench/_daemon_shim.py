@@ -1,10 +1,11 @@
-"""Run ``vfio-hookd daemon`` with measuring wrappers (benchmarks only; never installed).
+"""Run vfio-hookd's daemon with measuring wrappers (benchmarks only; never installed).
 
-``python bench/_daemon_shim.py daemon [--host-root DIR]`` is ``vfio-hookd daemon`` whose
-process also appends one JSON line per event to ``$VFIO_HOOKD_BENCH_SHIM_LOG``:
+``python bench/_daemon_shim.py --root DIR`` is ``python -m testbed.daemon --root DIR`` (the
+product's daemon on the simulated host ``DIR``) whose process also appends one JSON line per
+event to ``$VFIO_HOOKD_BENCH_SHIM_LOG``:
 
 - ``{"ev": "latency", "key": K, "configured_s": S, "slept_ms": MS}``: each simulated kernel
-  latency the fake kernel actually slept (:meth:`vfio_hookd.sim.kernel.SimHost._latency`);
+  latency the fake kernel actually slept (:meth:`testbed.sim.kernel.SimHost._latency`);
   ``slept_ms`` is measured around the original method (so it includes reading faults.json).
 - ``{"ev": "unit", "verb": "stop"|"start", "unit": U, "configured_s": S, "ms": MS}``: each
   systemd job the daemon waited for (:meth:`vfio_hookd.systemd.Systemd.stop` / ``start``);
@@ -12,9 +13,10 @@ process also appends one JSON line per event to ``$VFIO_HOOKD_BENCH_SHIM_LOG``:
   always incurs (the units step only stops active units and starts inactive ones).
 - ``{"ev": "kernelop", "op": "write"|"modprobe"|"rmmod", "target": T, "ms": MS, "step": S}``:
   each operation answered by the fake kernel (``SimHost._write_now`` -- run by
-  ``Host.write`` in its helper thread --, ``SimHost.modprobe``, ``SimHost.rmmod``), latency
-  included: ``ms`` minus the latency is the fake kernel's own bookkeeping (state file load and
-  save under its lock, fault rules, refcounts from a ``/proc`` scan), not the daemon's.
+  ``Host.write`` in its helper thread --, and ``SimHost.run_command`` for ``modprobe NAME`` /
+  ``rmmod NAME``), latency included: ``ms`` minus the latency is the fake kernel's own
+  bookkeeping (state file load and save under its lock, fault rules, refcounts from a
+  ``/proc`` scan), not the daemon's.
 - ``{"ev": "request", "op": OP, "ms": MS, "ok": bool}``: time of one request inside the daemon
   (:meth:`vfio_hookd.daemon.Daemon.dispatch`, from the parsed request to the result).
 - ``{"ev": "step", "step": NAME, "method": "observe"|"apply"|"undo", "ms": MS}``: each step
@@ -42,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 _LOG = os.environ["VFIO_HOOKD_BENCH_SHIM_LOG"]
+_ROOT = {"root": "/"}   # the simulated host (--root), for the fake systemd's latencies
 _lock = threading.Lock()
 _current = {"step": None}   # the step method running now (one request at a time in the bench)
 
@@ -58,7 +61,7 @@ def _emit(event: dict) -> None:
 
 def _install() -> None:
     from vfio_hookd import daemon, systemd
-    from vfio_hookd.sim import faults, kernel
+    from testbed.sim import faults, kernel
 
     orig_latency = kernel.SimHost._latency
 
@@ -74,27 +77,27 @@ def _install() -> None:
 
     kernel.SimHost._latency = latency
 
-    def kernel_wrapper(op, orig):
+    def kernel_wrapper(orig):
         @functools.wraps(orig)
         def wrapped(self, target, *args):
             step = _current["step"]
+            # _write_now(path, data) / run_command([modprobe|rmmod, NAME], timeout_s)
+            op, name = ("write", target) if isinstance(target, str) else (target[0], target[-1])
             t0 = time.perf_counter()
             try:
                 return orig(self, target, *args)
             finally:
-                _emit({"ev": "kernelop", "op": op, "target": target, "step": step,
+                _emit({"ev": "kernelop", "op": op, "target": name, "step": step,
                        "ms": round((time.perf_counter() - t0) * 1000, 3)})
         return wrapped
 
-    kernel.SimHost._write_now = kernel_wrapper("write", kernel.SimHost._write_now)
-    kernel.SimHost.modprobe = kernel_wrapper("modprobe", kernel.SimHost.modprobe)
-    kernel.SimHost.rmmod = kernel_wrapper("rmmod", kernel.SimHost.rmmod)
+    kernel.SimHost._write_now = kernel_wrapper(kernel.SimHost._write_now)
+    kernel.SimHost.run_command = kernel_wrapper(kernel.SimHost.run_command)
 
     def unit_wrapper(verb, orig):
         @functools.wraps(orig)
         def wrapped(self, unit, timeout_s):
-            root = os.environ.get("VFIO_HOOKD_HOST_ROOT", "/")
-            configured = faults.latency(root, "unit_" + verb)
+            configured = faults.latency(_ROOT["root"], "unit_" + verb)
             t0 = time.perf_counter()
             try:
                 return orig(self, unit, timeout_s)
@@ -155,6 +158,8 @@ def _preload() -> None:
 if __name__ == "__main__":
     if os.environ.get("VFIO_HOOKD_BENCH_PRELOAD") == "1":
         _preload()
+    args = sys.argv[1:]
+    _ROOT["root"] = args[args.index("--root") + 1] if "--root" in args else "/"
     _install()
-    from vfio_hookd.cli import main
-    sys.exit(main(sys.argv[1:]))
+    from testbed.daemon import main
+    sys.exit(main(args))

@@ -1,13 +1,15 @@
 """Shared helpers of the benchmark scripts in ``bench/`` (not a test module, not product code).
 
-Everything here works on a simulated host in a temporary directory (``vfio_hookd.sim``): the
-environment variables ``VFIO_HOOKD_CONFIG`` / ``VFIO_HOOKD_RUN`` / ``VFIO_HOOKD_HOST_ROOT`` of
-this process and of every child point into it, so nothing touches the real ``/sys``, ``/dev`` or
+Everything here works on a simulated host in a temporary directory (``testbed.sim``): the
+environment variables ``VFIO_HOOKD_CONFIG`` / ``VFIO_HOOKD_RUN`` of this process and of every
+child point into it, the daemon acts on the simulated host (``testbed.daemon``) and talks to
+the simulated systemd on a private bus, so nothing touches the real ``/sys``, ``/dev`` or
 ``/etc``. Every process started here is stopped by its PID.
 
 - :class:`SimEnv`: temp dirs + simulated host (+ its private bus and fake systemd) + profile.
-- :class:`DaemonProc`: ``vfio-hookd daemon`` in a subprocess, ready when it sends ``READY=1``
-  to ``$NOTIFY_SOCKET`` (no sleeping), optionally through ``bench/_daemon_shim.py``.
+- :class:`DaemonProc`: the daemon on the simulated host in a subprocess
+  (:class:`testbed.daemon.DaemonProcess`), ready when it sends ``READY=1`` to
+  ``$NOTIFY_SOCKET`` (no sleeping), optionally through ``bench/_daemon_shim.py``.
 - :func:`spawn_time_ms`: wall time (ms) of one fork+exec+wait of a command, stdin from a pipe.
 - :func:`stats`, :func:`table`, :func:`write_json`: summaries, text tables, result files.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,10 @@ REPO = os.path.dirname(BENCH)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from testbed import child_env  # noqa: E402
+from testbed.daemon import DaemonProcess  # noqa: E402
+from testbed.domains import tiny_domain_xml  # noqa: E402
+
 HOOK = os.path.join(REPO, "hooks", "vfio-hookd")
 #: Interpreter for the daemon and the CLI: the repo's venv (the team's rule), else this one.
 VENV_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
@@ -36,21 +41,11 @@ PYTHON = VENV_PYTHON if os.path.exists(VENV_PYTHON) else sys.executable
 #: Default directory for result files (outside the repo: no junk in the work tree).
 RESULTS_DIR = os.environ.get("VFIO_HOOKD_BENCH_OUT") or "/tmp/vfio-hookd-bench"
 
-DOMAIN_XML = """<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='KiB'>8388608</memory>
-  <vcpu>4</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <hostdev mode='subsystem' type='pci' managed='yes'>
-      <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source>
-    </hostdev>
-    <hostdev mode='subsystem' type='pci' managed='yes'>
-      <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source>
-    </hostdev>
-  </devices>
-</domain>
-"""
+
+
+def domain_xml(name: str, devices=("0000:01:00.0", "0000:01:00.1")) -> bytes:
+    """The domain XML libvirt hands the hook (stdin), with the GPU's functions as hostdevs."""
+    return tiny_domain_xml(name, devices).encode()
 
 
 # ---- numbers ------------------------------------------------------------------------------------
@@ -125,7 +120,7 @@ class SimEnv:
     """A temporary config/run/host tree with a simulated host of ``variant``.
 
     :param variant: ``"nvidia"`` (default) or ``"amd"``.
-    :param latency: per-operation latencies (s) for :func:`vfio_hookd.sim.make_host`.
+    :param latency: per-operation latencies (s) for :func:`testbed.sim.make_host`.
     :param bus: also start the private D-Bus bus with the fake systemd (needed for prepare).
     :param run_on_tmpfs: put the run directory (records, socket, locks) on ``/dev/shm`` when it
         is a tmpfs, as ``/run`` is on a systemd host (records are fsync'ed on every save, which
@@ -138,7 +133,7 @@ class SimEnv:
 
     def __init__(self, variant: str = "nvidia", latency: dict | None = None, bus: bool = True,
                  run_on_tmpfs: bool = True):
-        from vfio_hookd import sim
+        from testbed import sim
         self.tmp = tempfile.mkdtemp(prefix="vfio-hookd-bench-")
         self.config = os.path.join(self.tmp, "etc")
         self.root = os.path.join(self.tmp, "host")
@@ -152,19 +147,17 @@ class SimEnv:
         for d in (os.path.join(self.config, "vms"), self.run, self.root):
             os.makedirs(d)
         self.run_fs = fs_type(self.run)
-        self.env = dict(os.environ, VFIO_HOOKD_CONFIG=self.config, VFIO_HOOKD_RUN=self.run,
-                        VFIO_HOOKD_HOST_ROOT=self.root, VFIO_HOOKD_LOG="stderr",
-                        PYTHONPATH=REPO)
+        self.env = child_env(VFIO_HOOKD_CONFIG=self.config, VFIO_HOOKD_RUN=self.run,
+                             VFIO_HOOKD_LOG="stderr")
         self.env.pop("NOTIFY_SOCKET", None)
-        os.environ.update(VFIO_HOOKD_CONFIG=self.config, VFIO_HOOKD_RUN=self.run,
-                          VFIO_HOOKD_HOST_ROOT=self.root)
+        os.environ.update(VFIO_HOOKD_CONFIG=self.config, VFIO_HOOKD_RUN=self.run)
         self.variant = variant
         self.devices = sim.DEVICES[variant]
         self.bus = None
         try:
             sim.make_host(self.root, variant, latency)
             if bus:
-                from vfio_hookd.sim.bus import SimBus
+                from testbed.sim.bus import SimBus
                 self.bus = SimBus(self.root)
                 self.env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
         except BaseException:
@@ -173,7 +166,7 @@ class SimEnv:
 
     def set_latency(self, values: dict) -> None:
         """Replace the per-operation latencies (s) of the simulated host."""
-        from vfio_hookd.sim import faults
+        from testbed.sim import faults
         faults.set_latency(self.root, values)
 
     def write_profile(self, vm: str = "win11", text: str | None = None) -> str:
@@ -214,54 +207,35 @@ def fs_type(path: str) -> str:
     return kind
 
 
-class DaemonProc:
-    """``vfio-hookd daemon`` for ``simenv`` in a subprocess; ready at ``READY=1``.
+class DaemonProc(DaemonProcess):
+    """The daemon on ``simenv``'s simulated host in a subprocess (``python -m testbed.daemon
+    --root ROOT`` with the venv's interpreter), ready at ``READY=1``; its log in
+    ``simenv.tmp/daemon.log``.
 
     :param shim: run it through ``bench/_daemon_shim.py`` (records the simulated latencies it
         incurs and each request's time inside the daemon to ``shim_log``).
     :param ready_timeout_s: how long the start may take (s).
     :param preload: with ``shim``: import the lazily imported modules before the start (an
         experiment, see ``bench/_daemon_shim.py``).
-    :raises RuntimeError: the daemon did not send READY=1 in time (its log is in the message).
+    :raises testbed.daemon.DaemonError: the daemon did not send READY=1 in time (its log is
+        in the message).
     """
 
     def __init__(self, simenv: SimEnv, shim: bool = False, ready_timeout_s: float = 30.0,
                  preload: bool = False):
         self.simenv = simenv
-        notify_path = os.path.join(simenv.tmp, f"notify-{time.monotonic_ns()}")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.notify.bind(notify_path)
-        self.notify.settimeout(ready_timeout_s)
-        env = dict(simenv.env, NOTIFY_SOCKET=notify_path)
+        env = dict(simenv.env)
         self.shim_log = os.path.join(simenv.tmp, "shim.jsonl") if shim else None
+        argv = None
         if shim:
             env["VFIO_HOOKD_BENCH_SHIM_LOG"] = self.shim_log
             if preload:
                 env["VFIO_HOOKD_BENCH_PRELOAD"] = "1"
-            argv = [PYTHON, os.path.join(BENCH, "_daemon_shim.py"), "daemon"]
-        else:
-            argv = [PYTHON, "-m", "vfio_hookd.cli", "daemon"]
-        self.log_path = os.path.join(simenv.tmp, "daemon.log")
-        self.log = open(self.log_path, "a+")
+            argv = [PYTHON, os.path.join(BENCH, "_daemon_shim.py"), "--root", simenv.root]
         self._shim_offset = 0
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=simenv.tmp)
-        self.pid = self.proc.pid
-        try:
-            msg = self.notify.recv(4096).decode()
-        except socket.timeout:
-            self.stop()
-            raise RuntimeError("daemon not ready: " + self.read_log()) from None
-        self.ready_ms = (time.perf_counter() - t0) * 1000.0
-        if "READY=1" not in msg:
-            self.stop()
-            raise RuntimeError(f"daemon sent {msg!r} instead of READY=1")
-
-    def read_log(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        super().__init__(simenv.root, env=env, argv=argv, python=PYTHON,
+                         log_path=os.path.join(simenv.tmp, "daemon.log"),
+                         ready_timeout_s=ready_timeout_s, cwd=simenv.tmp)
 
     def shim_events(self) -> list[dict]:
         """Events the shim wrote since the last call (list of dicts), oldest first."""
@@ -275,29 +249,13 @@ class DaemonProc:
         self._shim_offset += len(data[:end].encode())
         return [json.loads(line) for line in data[:end].splitlines() if line]
 
-    def stop(self) -> int | None:
-        """SIGTERM by PID, wait (up to 30 s, then SIGKILL); return the exit status."""
-        rc = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                rc = self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                rc = self.proc.wait()
-        else:
-            rc = self.proc.returncode
-        self.notify.close()
-        self.log.close()
-        return rc
-
 
 def cli_json(simenv: SimEnv, *args: str) -> dict:
     """``vfio-hookd <args> --json`` parsed (through the daemon when it runs).
 
     :raises RuntimeError: non-zero exit (with stderr).
     """
-    r = subprocess.run([PYTHON, "-m", "vfio_hookd.cli", *args, "--json"], env=simenv.env,
+    r = subprocess.run([PYTHON, "-m", "vfio_hookd", *args, "--json"], env=simenv.env,
                        capture_output=True, text=True, timeout=60, cwd=simenv.tmp)
     if r.returncode != 0:
         raise RuntimeError(f"vfio-hookd {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")

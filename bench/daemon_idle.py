@@ -1,7 +1,7 @@
 """Benchmark: the idle daemon (no periodic wake-ups; resident memory <= 45 MB).
 
-``vfio-hookd daemon`` (unchanged, ``python -m vfio_hookd.cli daemon``) on a fresh simulated
-NVIDIA host with its fake systemd, ready at ``READY=1``. Measured twice: right after the start,
+vfio-hookd's daemon (unchanged: ``python -m testbed.daemon``, the product's ``run()`` with the
+simulated host) on a fresh simulated NVIDIA host with its fake systemd, ready at ``READY=1``. Measured twice: right after the start,
 and after one prepare/release cycle through the hook (``win11 prepare begin -`` /
 ``win11 release end -``, the default NVIDIA profile; zero simulated latencies, which do not
 matter here), when the lazy imports (yaml, gi/pydbus, psutil) and the systemd connection exist:
@@ -57,7 +57,7 @@ def idle_window(pid: int, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vfio_hookd.sim.faults import REALISTIC
+    from testbed.sim.faults import REALISTIC
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--window", type=float, default=5.0, help="idle window (s, default 5)")
     ap.add_argument("--out", help="JSON result file (default under /tmp/vfio-hookd-bench)")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         data["after_start"] = {"rss_kib": B.rss_kib(pid)}
         data["after_start"].update(idle_window(pid, opts.window))
         data["after_start"]["rss_kib_end"] = B.rss_kib(pid)
-        xml = B.DOMAIN_XML.format(name=VM).encode()
+        xml = B.domain_xml(VM, env.devices)
         cycle = {}
         for d, args in (("prepare", ["prepare", "begin", "-"]), ("release", ["release", "end", "-"])):
             ms, rc = B.spawn_time_ms([B.HOOK, VM, *args], xml, env.env)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         run = os.path.join(tmp, "run")   # no socket: the hook must not need the daemon
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C",
                "VFIO_HOOKD_CONFIG": config, "VFIO_HOOKD_RUN": run}
-        xml = B.DOMAIN_XML.format(name="gaming").encode()
+        xml = B.domain_xml("gaming")
         cases = [
             ("hook, VM without profile (prepare begin)", [B.HOOK, "gaming", "prepare", "begin", "-"]),
             ("hook, managed VM, ignored op (start begin)", [B.HOOK, "win11", "start", "begin", "-"]),

@@ -1,12 +1,12 @@
 """Benchmark: prepare and release through the real path (hook -> daemon) on the simulated host.
 
-Goal (issue): with realistic per-operation latencies (:data:`vfio_hookd.sim.faults.REALISTIC`:
+Goal (issue): with realistic per-operation latencies (:data:`testbed.sim.faults.REALISTIC`:
 display manager stop 800 ms, module unload 150 ms, unbind/probe 50 ms) the daemon's own
 overhead beyond the time the simulated operations themselves take is <= 50 ms per direction.
 
-Set-up: the default NVIDIA simulated host (:mod:`vfio_hookd.sim`), its private D-Bus bus and
+Set-up: the default NVIDIA simulated host (:mod:`testbed.sim`), its private D-Bus bus and
 fake systemd, the profile ``devices: [0000:01:00.0, 0000:01:00.1]`` +
-``stop_units: [nvidia-persistenced.service]``, and ``vfio-hookd daemon`` started through
+``stop_units: [nvidia-persistenced.service]``, and the daemon started through
 ``bench/_daemon_shim.py`` (the unchanged daemon plus wrappers that log every simulated latency
 it incurs, every systemd job it waits for, every step call and each request's time inside the
 daemon). Each direction is the hook executed as libvirt does (``win11 prepare begin -`` with
@@ -111,7 +111,7 @@ def run_phase(name: str, latency: dict, cycles: int, preload: bool = False) -> d
     try:
         env.write_profile(VM)
         daemon = B.DaemonProc(env, shim=True, preload=preload)
-        xml = B.DOMAIN_XML.format(name=VM).encode()
+        xml = B.domain_xml(VM, env.devices)
         out = {"latency_s": latency, "daemon_ready_ms": round(daemon.ready_ms, 1),
                "run_dir_fs": env.run_fs, "cycles": []}
         for _ in range(cycles):
@@ -186,7 +186,7 @@ def step_table(label: str, cycle: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vfio_hookd.sim.faults import REALISTIC
+    from testbed.sim.faults import REALISTIC
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cycles", type=int, default=6,
                     help="prepare/release cycles with realistic latencies (1 cold + rest warm)")

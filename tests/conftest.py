@@ -1,8 +1,13 @@
 """Shared fixtures: every test gets a fresh simulated host, config and run directory.
 
 Nothing here touches the machine's real /sys, /dev or /etc: the host is a directory under
-``tmp_path``, systemd is the simulated one on a private D-Bus bus, and the environment variables
-``VFIO_HOOKD_CONFIG``/``VFIO_HOOKD_RUN``/``VFIO_HOOKD_HOST_ROOT`` point into ``tmp_path``.
+``tmp_path`` (``testbed.sim``), systemd is a fake (in-process, ``testbed.fake_systemd``, or the
+simulated systemd on a private D-Bus bus, ``testbed.sim.bus.SimBus``), and the environment
+variables ``VFIO_HOOKD_CONFIG``/``VFIO_HOOKD_RUN`` point into ``tmp_path``.
+
+The repository root goes first on ``sys.path`` and on ``PYTHONPATH`` (for every child process):
+the tests import this checkout's ``vfio_hookd`` and ``testbed``, whatever an editable install
+in the venv points at.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ import textwrap
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[:1] != [REPO]:
+    sys.path.insert(0, REPO)
+
+from testbed import child_env  # noqa: E402
+
+os.environ["PYTHONPATH"] = child_env()["PYTHONPATH"]
 
 
 @pytest.fixture
@@ -26,6 +37,8 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("VFIO_HOOKD_CONFIG", str(d["config"]))
     monkeypatch.setenv("VFIO_HOOKD_RUN", str(d["run"]))
     monkeypatch.setenv("VFIO_HOOKD_LOG", "stderr")
+    # no bus until a test starts the simulated one: nothing reaches this machine's systemd
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
     return d
 
 
@@ -44,31 +57,59 @@ def write_profile(dirs, vm: str, text: str) -> str:
 
 
 class SimWorld:
-    """A simulated host + its systemd + a Machine acting on them."""
+    """A simulated host + its systemd + a Machine acting on them.
 
-    def __init__(self, dirs, variant: str = "nvidia"):
-        from vfio_hookd import sim
+    :param bus: False (default): systemd is :class:`testbed.fake_systemd.FakeSystemd`, in this
+        process (the fast tier: no dbus-daemon); True: the simulated systemd on a private bus
+        (:class:`testbed.sim.bus.SimBus`) with the product's D-Bus client, needed wherever
+        another process (the daemon, the CLI) talks to systemd; ``address`` is its address.
+    """
+
+    def __init__(self, dirs, variant: str = "nvidia", bus: bool = False):
+        from testbed import sim
+        from testbed.sim.kernel import SimHost
         from vfio_hookd.machine import Machine
         from vfio_hookd.paths import Paths
-        from vfio_hookd.sim.bus import SimBus
-        from vfio_hookd.sim.kernel import SimHost
-        from vfio_hookd.systemd import Systemd
         self.dirs = dirs
         self.root = str(dirs["host"])
         self.variant = variant
         self.devices = sim.DEVICES[variant]
         sim.make_host(self.root, variant)
-        self.bus = SimBus(self.root)
         self.host = SimHost(self.root)
         self.paths = Paths(config_dir=str(dirs["config"]), run_dir=str(dirs["run"]))
-        self.systemd = Systemd(self.bus.address)
-        self.machine = Machine(self.host, self.paths,
-                               systemd_factory=lambda: Systemd(self.bus.address))
+        # a short holders' grace period: DEVICE_BUSY tests need not wait the product's 2 s
+        grace = 0.3
+        self.bus = None
+        self.fake = None
+        if bus:
+            from testbed.sim.bus import SimBus
+            from vfio_hookd.systemd import Systemd
+            self.bus = SimBus(self.root)
+            self.address = self.bus.address
+            self.systemd = Systemd(self.address)
+            self.machine = Machine(self.host, self.paths, lambda: Systemd(self.address),
+                                   holders_grace_s=grace)
+        else:
+            from testbed.fake_systemd import FakeSystemd
+            self.fake = self.systemd = FakeSystemd(self.root)
+            self.machine = Machine(self.host, self.paths, lambda: self.fake,
+                                   holders_grace_s=grace)
 
     def snapshot(self) -> dict:
         """The whole fake kernel tree and the fake systemd's unit states."""
-        from vfio_hookd.sim import hosts
+        from testbed.sim import hosts
         return {"tree": hosts.snapshot(self.root), "units": self.systemd.list_units()}
+
+    def set_system_state(self, state: str) -> None:
+        """systemd's ``SystemState`` (``"stopping"``: the machine shuts down)."""
+        if self.fake is not None:
+            self.fake.set_system_state(state)
+            return
+        import subprocess
+        subprocess.run(["busctl", f"--address={self.address}", "call",
+                        "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                        "org.vfiohookd.Sim", "SetSystemState", "s", state],
+                       check=True, capture_output=True, timeout=10)
 
     def profile(self, vm: str = "win11", extra: str = "") -> str:
         """Write a profile for the GPU's functions; on the NVIDIA host nvidia-persistenced
@@ -81,12 +122,26 @@ class SimWorld:
 
     def close(self) -> None:
         self.systemd.close()
-        self.bus.stop()
+        if self.bus is not None:
+            self.bus.stop()
+        if self.fake is not None:
+            self.fake.kill_all()
 
 
 @pytest.fixture
 def world(dirs):
+    """The simulated NVIDIA host with the in-process fake systemd."""
     w = SimWorld(dirs)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def bus_world(dirs, monkeypatch):
+    """The simulated NVIDIA host with the simulated systemd on a private D-Bus bus, its
+    address in ``DBUS_SYSTEM_BUS_ADDRESS`` (for the daemon and the CLI in child processes)."""
+    w = SimWorld(dirs, bus=True)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", w.address)
     yield w
     w.close()
 
@@ -108,3 +163,23 @@ def diff(before: dict, after: dict) -> dict:
 def python():
     """The interpreter running the tests (the repo's venv)."""
     return sys.executable
+
+
+#: The test tiers (pyproject.toml markers); every test is in exactly one.
+TIERS = ("unit", "dbus", "libvirt", "kernel")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put the tests of test_systemd.py that name no backend in the dbus tier, then refuse a
+    test that is in no tier or in two (so ``--fast``, ``-m unit``, cannot silently miss one)."""
+    wrong = []
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if not tiers and item.module.__name__ == "test_systemd":
+            item.add_marker(pytest.mark.dbus)
+            tiers = {"dbus"}
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: tiers {sorted(tiers) or 'none'}")
+    if wrong:
+        raise pytest.UsageError("every test needs exactly one tier marker "
+                                f"({', '.join(TIERS)}):\n" + "\n".join(wrong))

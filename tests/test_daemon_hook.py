@@ -1,4 +1,10 @@
-"""The hook, the daemon and the CLI as separate processes, the way libvirt and a user use them."""
+"""The hook, the daemon and the CLI as separate processes, the way libvirt and a user use them.
+
+The daemon runs on the simulated host through :class:`testbed.daemon.DaemonProcess`
+(``python -m testbed.daemon --root ROOT``); the CLI without a daemon acts on it through
+``python -m testbed.cli --root ROOT``. Both talk to the simulated systemd on a private bus, so
+``world`` here is the bus-backed one.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import REPO, write_profile
-from vfio_hookd.sim import faults
+from testbed.daemon import DaemonProcess
+from testbed.domains import tiny_domain_xml
+from testbed.sim import faults
+
+pytestmark = pytest.mark.dbus
 
 HOOK = os.path.join(REPO, "hooks", "vfio-hookd")
 OPS = [("prepare", "begin"), ("start", "begin"), ("started", "begin"), ("stopped", "end"),
@@ -25,56 +34,30 @@ def run_hook(*args, stdin="<domain/>", env=None, timeout=60):
                           env=env or os.environ.copy(), timeout=timeout)
 
 
-def run_cli(*args, env=None):
-    """``vfio-hookd ARGS...`` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "vfio_hookd.cli", *args], capture_output=True,
-                          text=True, env=env)
+def run_cli(*args, env=None, root=None):
+    """``vfio-hookd ARGS...`` in a subprocess, as a user runs it; with ``root``, acting on that
+    simulated host (``python -m testbed.cli --root ROOT ARGS...``) instead of this machine."""
+    argv = [sys.executable, "-m", "vfio_hookd", *args] if root is None else \
+        [sys.executable, "-m", "testbed.cli", "--root", root, *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env)
 
 
-class DaemonProc:
-    """`vfio-hookd daemon` in a subprocess; ready when it sends READY=1 to $NOTIFY_SOCKET."""
+def start_daemon(world, tmp_path) -> DaemonProcess:
+    """The daemon on ``world``'s simulated host, its log in ``tmp_path/daemon.log``."""
+    return DaemonProcess(world.root, log_path=tmp_path / "daemon.log", ready_timeout_s=20)
 
-    def __init__(self, world, tmp_path):
-        notify_path = str(tmp_path / "notify")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(notify_path)
-        self.notify.settimeout(20)
-        env = os.environ.copy()
-        env.update(NOTIFY_SOCKET=notify_path, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address)
-        self.log = open(tmp_path / "daemon.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vfio_hookd.cli", "daemon"],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            msg = self.notify.recv(4096).decode()
-        except socket.timeout:
-            self.stop()
-            raise AssertionError("daemon not ready: " + self.read_log())
-        assert "READY=1" in msg
 
-    def read_log(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            rc = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()   # never leave a daemon behind, and fail the test
-            self.proc.wait()
-            raise AssertionError("daemon did not stop on SIGTERM: " + self.read_log())
-        finally:
-            self.notify.close()
-        return rc
+@pytest.fixture
+def world(bus_world):
+    """The simulated host with its systemd on a private bus (the daemon is another process)."""
+    return bus_world
 
 
 @pytest.fixture
 def daemon(world, tmp_path):
-    d = DaemonProc(world, tmp_path)
+    d = start_daemon(world, tmp_path)
     yield d
-    if d.proc.poll() is None:
-        d.stop()
+    assert d.stop() == 0, "the daemon did not stop on SIGTERM: " + d.read_log()
 
 
 @pytest.mark.parametrize("op,sub", OPS)
@@ -175,12 +158,7 @@ def test_hook_reports_a_bad_profile(world, daemon):
 
 def test_hook_uses_devices_from_the_domain_xml(world, daemon):
     write_profile(world.dirs, "win11", "devices: auto\nstop_units: [nvidia-persistenced.service]\n")
-    xml = """<domain type='kvm'><name>win11</name><devices>
-      <hostdev mode='subsystem' type='pci' managed='yes'><source>
-        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>
-      <hostdev mode='subsystem' type='pci' managed='yes'><source>
-        <address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source></hostdev>
-      </devices></domain>"""
+    xml = tiny_domain_xml("win11", world.devices)
     r = run_hook("win11", "prepare", "begin", "-", stdin=xml)
     assert (r.returncode, r.stderr) == (0, "")
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.1/driver") == "vfio-pci"
@@ -216,7 +194,7 @@ def test_daemon_rejects_bad_requests_and_changes_nothing(world, daemon, data, ne
     reply = _raw(os.path.join(world.dirs["run"], "vfio-hookd.sock"), data)
     assert reply["ok"] is False and needle in reply["error"]["message"]
     assert world.snapshot() == before
-    assert daemon.proc.poll() is None
+    assert daemon.running()
 
 
 def test_socket_is_root_only(world, daemon):
@@ -228,7 +206,7 @@ def test_socket_is_root_only(world, daemon):
 def test_daemon_logs_records_it_finds_at_start(world, tmp_path):
     world.profile()
     world.machine.prepare("win11")
-    d = DaemonProc(world, tmp_path)
+    d = start_daemon(world, tmp_path)
     try:
         assert "record found: phase prepared" in d.read_log()
     finally:
@@ -239,7 +217,7 @@ def test_daemon_logs_records_it_finds_at_start(world, tmp_path):
 def test_cli_status_works_without_the_daemon(world):
     world.profile()
     world.machine.prepare("win11")
-    r = run_cli("status", "win11")
+    r = run_cli("status", "win11", root=world.root)
     assert r.returncode == 0, r.stderr
     assert "win11: prepared" in r.stdout and "vfio-pci" in r.stdout
     assert "daemon not running" in r.stdout
@@ -248,11 +226,10 @@ def test_cli_status_works_without_the_daemon(world):
 
 def test_cli_prepare_release_without_daemon(world):
     world.profile()
-    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address)
-    r = run_cli("prepare", "win11", env=env)
+    r = run_cli("prepare", "win11", root=world.root)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "vfio-pci"
-    r = run_cli("release", "win11", env=env)
+    r = run_cli("release", "win11", root=world.root)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
 
@@ -278,9 +255,9 @@ def test_install_into_a_root(tmp_path, dirs):
 def test_cli_prepare_auto_devices_needs_the_domain_xml(world, tmp_path):
     write_profile(world.dirs, "win11", "devices: auto\nstop_units: [nvidia-persistenced.service]\n")
     before = world.snapshot()
-    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address,
+    env = dict(os.environ,
                LIBVIRT_DEFAULT_URI="qemu+unix:///system?socket=" + str(tmp_path / "none.sock"))
-    r = run_cli("prepare", "win11", env=env)
+    r = run_cli("prepare", "win11", env=env, root=world.root)
     assert r.returncode != 0
     assert r.stderr.startswith("DOMAIN_XML_INVALID: ") and "--xml" in r.stderr
     assert world.snapshot() == before
@@ -289,16 +266,16 @@ def test_cli_prepare_auto_devices_needs_the_domain_xml(world, tmp_path):
                    "domain='0' bus='1' slot='0' function='0'/></source></hostdev><hostdev "
                    "mode='subsystem' type='pci'><source><address domain='0' bus='1' slot='0' "
                    "function='1'/></source></hostdev></devices></domain>")
-    r = run_cli("prepare", "win11", "--xml", str(xml), env=env)
+    r = run_cli("prepare", "win11", "--xml", str(xml), env=env, root=world.root)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.1/driver") == "vfio-pci"
-    r = run_cli("release", "win11", env=env)
+    r = run_cli("release", "win11", env=env, root=world.root)
     assert r.returncode == 0, r.stderr
 
 
 ACTIVATE = ("import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
             "os.environ['LISTEN_FDS'] = '1'; "
-            "os.execv(sys.executable, [sys.executable, '-m', 'vfio_hookd.cli', 'daemon'])")
+            "os.execv(sys.executable, [sys.executable, '-m', 'testbed.daemon', '--root', {root!r}])")
 
 
 def test_socket_activation_answers_connections_made_before_the_daemon_ran(world, tmp_path):
@@ -311,10 +288,10 @@ def test_socket_activation_answers_connections_made_before_the_daemon_ran(world,
     early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     early.connect(path)          # queued in the kernel: nobody accepts yet
     early.sendall(b'{"op": "ping"}\n')
-    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address)
     fd = listener.fileno()
     # fd 3 in the child, as systemd passes it (close_fds would close it after preexec_fn)
-    proc = subprocess.Popen([sys.executable, "-c", ACTIVATE], env=env, close_fds=False,
+    proc = subprocess.Popen([sys.executable, "-c", ACTIVATE.format(root=world.root)],
+                            close_fds=False,
                             preexec_fn=lambda: os.dup2(fd, 3),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -337,7 +314,7 @@ def test_daemon_start_releases_a_record_left_mid_prepare(world, tmp_path):
     rec.phase = "preparing"
     rec.steps[-1].status = "applying"   # died while binding vfio-pci
     world.machine.records.save(rec)
-    d = DaemonProc(world, tmp_path)
+    d = start_daemon(world, tmp_path)
     try:
         # a release request waits for the VM's lock, so it returns once recovery is done
         reply = _raw(os.path.join(world.dirs["run"], "vfio-hookd.sock"),
@@ -356,11 +333,31 @@ def test_cli_release_refuses_while_libvirt_runs_the_vm(world):
     """libvirt's built-in test driver (test:///default) has a running domain named 'test'."""
     world.profile("test")
     world.machine.prepare("test")
-    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=world.bus.address,
-               LIBVIRT_DEFAULT_URI="test:///default")
-    r = run_cli("release", "test", env=env)
+    env = dict(os.environ, LIBVIRT_DEFAULT_URI="test:///default")
+    r = run_cli("release", "test", env=env, root=world.root)
     assert r.returncode != 0 and r.stderr.startswith("VM_RUNNING: libvirt says test is running")
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "vfio-pci"
-    r = run_cli("release", "test", "--force", env=env)
+    r = run_cli("release", "test", "--force", env=env, root=world.root)
     assert r.returncode == 0, r.stderr
     assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
+
+
+@pytest.mark.parametrize("address", [None, "unix:path=/run/dbus/system_bus_socket"])
+def test_testbed_refuses_to_drive_this_machines_systemd(dirs, address):
+    """The test bed's daemon and CLI on a simulated host never talk to the real systemd."""
+    env = {k: v for k, v in os.environ.items() if k != "DBUS_SYSTEM_BUS_ADDRESS"}
+    if address:
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    root = str(dirs["host"])
+    for argv in ([sys.executable, "-m", "testbed.daemon", "--root", root],
+                 [sys.executable, "-m", "testbed.cli", "--root", root, "prepare", "win11"]):
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "refusing to start" in r.stderr, (argv, r.stderr)
+
+
+def test_a_daemon_that_exits_before_ready_fails_at_once_with_its_log(dirs, tmp_path):
+    from testbed.daemon import DaemonError
+    with pytest.raises(DaemonError) as exc:
+        DaemonProcess(tmp_path / "not-a-host", ready_timeout_s=60)
+    assert "exited with status 1 before READY=1" in str(exc.value)
+    assert "is not a simulated host" in str(exc.value)

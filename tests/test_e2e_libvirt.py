@@ -1,11 +1,12 @@
 """End to end: Debian's real libvirtd runs the installed hook on ``virsh start``/``destroy``.
 
-Each test runs :func:`vfio_hookd.demo.run` on a fresh simulated NVIDIA host (``tmp_path``) with
-latencies off: the private libvirtd (``vfio_hookd.sim.libvirtd``) has ``hooks/vfio-hookd`` in
+Each test runs :func:`testbed.demo.run` on a fresh simulated NVIDIA host (``tmp_path``) with
+latencies off: the private libvirtd (``testbed.libvirtd``) has ``hooks/vfio-hookd`` in
 its ``qemu.d`` and the default ``/etc/vfio-hookd`` and ``/run/vfio-hookd`` bound into the state
-dir; ``vfio-hookd daemon`` runs on the simulated host; ``virsh`` and ``vfio-hookd status`` are
-the real commands. They need root and the packages ``scripts/setup`` installs; anything missing
-makes them fail, never skip. The QEMU capabilities cache is shared by the module.
+dir; the daemon runs on the simulated host (``testbed.daemon``); ``virsh`` and ``vfio-hookd
+status`` are the real commands; the kernel's own changes are named by ``testbed.expected``.
+They need root and the packages ``scripts/setup`` installs; anything missing makes them fail,
+never skip. The QEMU capabilities cache is shared by the module.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import json
 
 import pytest
 
-from vfio_hookd import demo
+from testbed import demo, expected as kernel
 
 GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
-FB_REMOVED = "firmware framebuffer efi-framebuffer.0 removed"
-PROC_FB = "/proc/fb: '0 EFI VGA' gone"
-VTCON_REMOVED = "vtcon1 ((M) frame buffer device) removed"
-VTCON_TAKEOVER = "vtcon0 ((S) dummy device) bound: it took the consoles over from fbcon's vtcon1"
-VFIO_LOADED = "vfio-pci left loaded by design (modules: vfio, vfio_iommu_type1, vfio_pci_core, vfio_pci)"
+FB_REMOVED = kernel.fb_removed("efi-framebuffer.0")
+PROC_FB = kernel.proc_fb_gone(["0 EFI VGA"])
+VTCON_REMOVED = kernel.vtcon_removed("vtcon1", "(M) frame buffer device")
+VTCON_TAKEOVER = kernel.vtcon_took_over("vtcon0", "(S) dummy device", ["vtcon1"])
+VFIO_LOADED = kernel.vfio_left_loaded(["vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci"])
 UNITS = {"gdm.service": "active", "nvidia-persistenced.service": "active", "sshd.service": "active"}
 
 pytestmark = pytest.mark.libvirt
@@ -43,9 +44,9 @@ def run_demo(tmp_path, libvirt_cache):
     return run
 
 
-def _starts(expected: list[str], *prefixes: str) -> bool:
-    return len(expected) == len(prefixes) and all(
-        e.startswith(p) for e, p in zip(expected, prefixes))
+def _starts(lines: list[str], *prefixes: str) -> bool:
+    return len(lines) == len(prefixes) and all(
+        e.startswith(p) for e, p in zip(lines, prefixes))
 
 
 def test_start_prepares_the_host_and_destroy_gives_it_back(run_demo):
@@ -118,48 +119,3 @@ def test_vm_without_a_profile_leaves_the_host_untouched(run_demo):
     assert sc["hook_connections"] == 0, why
     assert res["final"]["expected"] == [] and res["final"]["unexpected"] == {}, why
     assert res["ok"], why
-
-
-def test_classify_changes_flags_anything_but_the_kernels_own_changes():
-    """The comparison the tests above rely on: it must not wave through a real leftover."""
-    before = {
-        "/proc/fb": ("file", "0 EFI VGA\n"),
-        "/sys/devices/platform/efi-framebuffer.0": ("dir", None),
-        "/sys/devices/platform/efi-framebuffer.0/uevent": ("file", "DRIVER=efi-framebuffer\n"),
-        "/sys/bus/platform/devices/efi-framebuffer.0": ("link", "../x"),
-        "/sys/class/vtconsole/vtcon1": ("link", "../../devices/virtual/vtconsole/vtcon1"),
-        "/sys/devices/virtual/vtconsole/vtcon1": ("dir", None),
-        "/sys/devices/virtual/vtconsole/vtcon1/name": ("file", "(M) frame buffer device\n"),
-        f"/sys/bus/pci/devices/{GPU}/driver_override": ("file", "(null)\n"),
-    }
-    after = {k: v for k, v in before.items() if "efi-framebuffer" not in k and "vtcon1" not in k}
-    after["/proc/fb"] = ("file", "")
-    after["/sys/module/vfio_pci"] = ("dir", None)
-    expected, unexpected = demo.classify_changes(before, after)
-    assert _starts(expected, FB_REMOVED, PROC_FB, VTCON_REMOVED, "vfio-pci left loaded")
-    assert unexpected == {}
-    # the boot console driver holding the consoles since fbcon went is the kernel's doing too
-    before["/sys/devices/virtual/vtconsole/vtcon0/bind"] = ("file", "0\n")
-    before["/sys/devices/virtual/vtconsole/vtcon0/name"] = ("file", "(S) dummy device\n")
-    before["/sys/devices/virtual/vtconsole/vtcon1/bind"] = ("file", "1\n")
-    after["/sys/devices/virtual/vtconsole/vtcon0/bind"] = ("file", "1\n")
-    after["/sys/devices/virtual/vtconsole/vtcon0/name"] = ("file", "(S) dummy device\n")
-    expected, unexpected = demo.classify_changes(before, after)
-    assert _starts(expected, FB_REMOVED, PROC_FB, VTCON_REMOVED, VTCON_TAKEOVER,
-                   "vfio-pci left loaded")
-    assert unexpected == {}
-    # a driver_override left behind is not the kernel's doing
-    after[f"/sys/bus/pci/devices/{GPU}/driver_override"] = ("file", "vfio-pci\n")
-    _, unexpected = demo.classify_changes(before, after)
-    assert list(unexpected) == [f"/sys/bus/pci/devices/{GPU}/driver_override"]
-    # fbcon's vtconsole may only go with the last framebuffer
-    after2 = dict(after, **{"/proc/fb": ("file", "1 other\n")})
-    after2[f"/sys/bus/pci/devices/{GPU}/driver_override"] = ("file", "(null)\n")
-    _, unexpected = demo.classify_changes(before, after2)
-    assert "/sys/class/vtconsole/vtcon1" in unexpected and "/proc/fb" in unexpected
-    # a firmware framebuffer only half gone is a leftover, not the kernel's removal
-    after3 = dict(after, **{"/sys/devices/platform/efi-framebuffer.0": ("dir", None)})
-    after3[f"/sys/bus/pci/devices/{GPU}/driver_override"] = ("file", "(null)\n")
-    expected, unexpected = demo.classify_changes(before, after3)
-    assert not any(e.startswith(FB_REMOVED) for e in expected)
-    assert "/sys/devices/platform/efi-framebuffer.0/uevent" in unexpected

@@ -10,6 +10,8 @@ from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
 from vfio_hookd.host import Host
 
+pytestmark = pytest.mark.unit
+
 KMOD_FAILURE = """#!/bin/sh
 echo "modprobe: ERROR: Error running install command '/bin/false' for module vfio_pci: retcode 1" >&2
 echo "modprobe: ERROR: could not insert 'vfio_pci': Invalid argument" >&2

@@ -1,4 +1,4 @@
-"""The private libvirtd (vfio_hookd.sim.libvirtd) and the libvirt client (vfio_hookd.virt).
+"""The private libvirtd (testbed.libvirtd) and the libvirt client (vfio_hookd.virt).
 
 The ``libvirt`` tests run Debian's real libvirtd + QEMU (TCG) in a private mount namespace, with
 a small test hook in ``/etc/libvirt/hooks/qemu.d/``. They need root and the packages that
@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vfio_hookd.sim import libvirtd as plv
-from vfio_hookd.virt import tiny_domain_xml
+from testbed import libvirtd as plv
+from testbed.domains import tiny_domain_xml
 
 HOOK = """#!/bin/bash
 # Test hook: logs its arguments; fails while the flag file exists (libvirt docs/hooks.rst).
@@ -39,7 +39,8 @@ exit 0
 
 DRIVER = """
 import json, sys, time
-from vfio_hookd.virt import Libvirt, VirtError, tiny_domain_xml
+from testbed.domains import tiny_domain_xml
+from vfio_hookd.virt import Libvirt, VirtError
 
 name = sys.argv[1]
 out = {}
@@ -202,14 +203,15 @@ def test_sigterm_to_runner_destroys_domain_and_stops_daemons(plenv, tmp_path):
     script = tmp_path / "hold.py"
     script.write_text(textwrap.dedent("""\
         import sys
-        from vfio_hookd.virt import Libvirt, tiny_domain_xml
+        from testbed.domains import tiny_domain_xml
+        from vfio_hookd.virt import Libvirt
         lv = Libvirt()
         lv.define(tiny_domain_xml("held"))
         lv.start("held")
         print("started", flush=True)
         sys.stdin.read()   # until the runner's SIGTERM is forwarded to us
         """))
-    argv = [sys.executable, "-m", "vfio_hookd.sim.libvirtd", "--state", str(plenv.state),
+    argv = [sys.executable, "-m", "testbed.libvirtd", "--state", str(plenv.state),
             "--hook", str(plenv.hook), "--cache", str(plenv.cache), "--",
             sys.executable, str(script)]
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -235,6 +237,7 @@ def test_sigterm_to_runner_destroys_domain_and_stops_daemons(plenv, tmp_path):
     assert qemu_pidfiles == []  # libvirt removes it once QEMU is gone
 
 
+@pytest.mark.unit
 def test_runner_refuses_to_mount_outside_a_private_namespace(tmp_path, monkeypatch):
     """The safety net: the mounting part never runs in the caller's mount namespace."""
     args = plv._parser().parse_args(["--state", str(tmp_path / "s"), "--", "true"])
@@ -248,6 +251,7 @@ def test_runner_refuses_to_mount_outside_a_private_namespace(tmp_path, monkeypat
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.unit
 def test_tiny_domain_xml():
     xml = tiny_domain_xml("a&b", ["0000:01:00.0", "0000:01:00.1"])
     assert "<name>a&amp;b</name>" in xml

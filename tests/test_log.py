@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import logging
 
 from vfio_hookd import log as logmod
+
+pytestmark = pytest.mark.unit
 
 
 def test_journal_gets_vm_step_phase_duration_fields():

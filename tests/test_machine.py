@@ -2,41 +2,32 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 
 import pytest
 
 from conftest import diff, write_profile
+from testbed.expected import classify_changes, framebuffer_removed
+from testbed.sim import faults
 from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
-from vfio_hookd.sim import faults
 from vfio_hookd.pci import current_driver
 from vfio_hookd.steps import STEP_NAMES, STEPS, Context
 
-# What the kernel itself removes when a driver takes the boot VGA function: the firmware
-# framebuffer device, its /proc/fb line, and fbcon's vtconsole with the last framebuffer.
-FB_PATHS = ("efi-framebuffer", "/proc/fb", "vtconsole/vtcon1")
-# ... and with fbcon gone the boot console driver (vtcon0, "(S) dummy device") keeps the
-# consoles it took when fbcon was unbound: its bind goes from 0 to 1 for good (vt.c
-# do_unbind_con_driver; seen on Linux 6.1 in the OVMF guest of tests/kernel, efifb_release).
-BOOT_VTCON_BIND = "/sys/devices/virtual/vtconsole/vtcon0/bind"
-# vfio-pci is loaded by prepare and never unloaded (another VM may use it).
-VFIO_PATHS = ("/sys/bus/pci/drivers/vfio-pci", "/sys/module/vfio", "/dev/vfio/")
+pytestmark = pytest.mark.unit
 
 
-def evicted_only(d: dict, vfio_loaded: bool = True) -> bool:
-    """True when every difference is one the kernel makes on its own (the firmware framebuffer
-    removed), or vfio-pci left loaded; and the framebuffer did go."""
-    allowed = FB_PATHS + (VFIO_PATHS if vfio_loaded else ())
-    boot_vtcon_ok = d.get(BOOT_VTCON_BIND, (("file", "0\n"), ("file", "1\n"))) == \
-        (("file", "0\n"), ("file", "1\n"))
-    return boot_vtcon_ok and all(any(p in k for p in allowed) or k == BOOT_VTCON_BIND
-                                 for k in d) and any("efi-framebuffer" in k for k in d)
-
-
-def vfio_only(d: dict) -> bool:
-    """True when the only differences are vfio-pci and its modules, loaded and left loaded."""
-    return all(any(k.startswith(p) for p in VFIO_PATHS) or "/holders/vfio" in k for k in d)
+def kernel_only(before: dict, after: dict, fb_removed: bool = True,
+                vfio_loaded: bool = True) -> list[str]:
+    """Assert that the trees differ only by the kernel's own changes (testbed.expected: the
+    firmware framebuffer removed when vfio-pci took the boot VGA function, with what goes with
+    it) and vfio-pci left loaded, each exactly when asked for; return the expected lines."""
+    expected, unexpected = classify_changes(before, after)
+    assert unexpected == {}, unexpected
+    assert framebuffer_removed(expected) == fb_removed, expected
+    assert any(e.startswith("vfio-pci left loaded") for e in expected) == vfio_loaded, expected
+    return expected
 
 
 @pytest.fixture
@@ -82,8 +73,7 @@ def test_prepare_then_release_restores_the_host(world):
     assert [s.status for s in rec.steps] == ["undone"] * len(STEPS)
     after = world.snapshot()
     assert after["units"] == before["units"]
-    d = diff(before["tree"], after["tree"])
-    assert evicted_only(d), d
+    kernel_only(before["tree"], after["tree"])
     fb = next(s for s in rec.steps if s.name == "framebuffer")
     assert any("removed by the kernel" in n for n in fb.notes)
     for addr, drv in zip(world.devices, ("nvidia", "snd_hda_intel")):
@@ -98,7 +88,7 @@ def test_amd_host_round_trip_is_identical(amd_world):
     amd_world.machine.release("win11")
     after = amd_world.snapshot()
     assert after["units"] == before["units"]
-    assert vfio_only(diff(before["tree"], after["tree"]))
+    kernel_only(before["tree"], after["tree"], fb_removed=False)
 
 
 def _ctx(world, vm="win11"):
@@ -132,7 +122,7 @@ def test_each_step_undo_restores_exactly(world, holder, k):
     assert facts["plan"], f"step {STEPS[k].name} has nothing to do on the default host"
     STEPS[k].apply(ctx, facts)
     if foreign:  # the holders step changes processes, not the tree
-        assert foreign.wait(timeout=5) is not None
+        assert foreign.poll() == -signal.SIGTERM   # ended by the step, not later
         assert facts["terminated"][0]["pid"] == foreign.pid
     else:
         assert world.snapshot() != before, "apply changed nothing"
@@ -140,7 +130,7 @@ def test_each_step_undo_restores_exactly(world, holder, k):
     after = world.snapshot()
     d = diff(before["tree"], after["tree"])
     if STEPS[k].name == "bind_vfio":  # the kernel removes the firmware framebuffer for good
-        assert evicted_only(d, vfio_loaded=False), d
+        kernel_only(before["tree"], after["tree"], vfio_loaded=False)
     elif foreign:  # the terminated holder no longer counts in the module's refcnt
         assert set(d) == {"/sys/module/nvidia_drm/refcnt"}, d
     else:
@@ -187,11 +177,10 @@ def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
     assert all(statuses[n] == "pending" for n in STEP_NAMES[k + 1:])
     after = world.snapshot()
     assert after["units"] == before["units"]
-    d = diff(before["tree"], after["tree"])
     if k >= STEP_NAMES.index("bind_vfio"):
-        assert evicted_only(d), d
+        kernel_only(before["tree"], after["tree"])
     else:
-        assert d == {}, d
+        assert diff(before["tree"], after["tree"]) == {}
     if name == "bind_vfio":  # the first function went over and came back
         assert current_driver(world.host, "0000:01:00.0") == "nvidia"
     assert not rec.holds_host
@@ -264,7 +253,7 @@ def test_holder_is_terminated_with_on_busy_terminate(world, holder):
     p = holder("/dev/nvidia0")
     rec = world.machine.prepare("win11")
     assert rec.phase == "prepared"
-    assert p.wait(timeout=5) is not None
+    assert p.poll() == -signal.SIGTERM   # ended before prepare answered
     facts = next(s for s in rec.steps if s.name == "holders").facts
     assert [h["pid"] for h in facts["terminated"]] == [p.pid]
 
@@ -408,9 +397,7 @@ def test_release_runs_every_other_undo_when_one_raises(world, monkeypatch, k):
 def test_units_are_not_started_while_the_system_shuts_down(world):
     world.profile()
     world.machine.prepare("win11")
-    subprocess.run(["busctl", f"--address={world.bus.address}", "call", "org.freedesktop.systemd1",
-                    "/org/freedesktop/systemd1", "org.vfiohookd.Sim", "SetSystemState", "s",
-                    "stopping"], check=True, capture_output=True)
+    world.set_system_state("stopping")
     rec = world.machine.release("win11", "shutdown")
     assert rec.phase == "idle"
     units = world.systemd.list_units()
@@ -482,6 +469,7 @@ def test_a_failed_rollback_is_reported_with_the_original_error(world):
 def test_a_holder_on_its_way_out_does_not_fail_prepare(world):
     """A session process still ending after its display manager stopped is waited for."""
     world.profile()
+    world.machine.holders_grace_s = 2.0   # the product's default
     with open(world.host.path("/dev/dri/card0")) as f:
         leaving = subprocess.Popen(["sleep", "0.5"], stdin=f)
     try:

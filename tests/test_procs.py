@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from vfio_hookd import procs
 from vfio_hookd.host import Host
+
+pytestmark = pytest.mark.unit
 
 MMAP_HOLDER = """
 import mmap, os, sys

@@ -14,7 +14,9 @@ import pytest
 from vfio_hookd import errors, profile
 from vfio_hookd.errors import HookdError
 from vfio_hookd.paths import Paths
-from vfio_hookd.profile import AUTO, Deadlines, Profile
+from vfio_hookd.profile import AUTO, Deadlines, Profile, reader, rules
+
+pytestmark = pytest.mark.unit
 
 
 def PATHS():
@@ -241,26 +243,96 @@ def test_profile_round_trips_through_a_json_record():
     assert data["display_manager"] == "none" and data["modules"] == "none"
     assert data["vtconsoles"] == "none" and data["framebuffer"] == "auto"
     assert data["deadlines"]["terminate"] == 1.0
-    assert Profile.from_dict(data) == p
-    assert Profile.from_dict(defaults().to_dict()) == defaults()
+    assert profile.profile_from_dict(data) == p
+    assert profile.profile_from_dict(defaults().to_dict()) == defaults()
 
 
 def test_from_dict_validates_like_a_file():
     data = defaults().to_dict()
     data["modules"] = ["nvidia", "snd_hda_intel"]
     with pytest.raises(HookdError) as exc:
-        Profile.from_dict(data)
+        profile.profile_from_dict(data)
     assert exc.value.code == errors.PROFILE_INVALID
     assert exc.value.message.startswith(f"{FILE}: modules[1]: ")
     data = defaults().to_dict()
     data["on_bsy"] = "fail"
     with pytest.raises(HookdError, match="did you mean 'on_busy'"):
-        Profile.from_dict(data)
+        profile.profile_from_dict(data)
     data = defaults().to_dict()
     data["name"] = "a/b"
     with pytest.raises(HookdError) as exc:
-        Profile.from_dict(data)
+        profile.profile_from_dict(data)
     assert exc.value.code == errors.VM_NAME_INVALID
+
+
+def test_from_dict_of_a_non_mapping_or_without_path():
+    with pytest.raises(HookdError) as exc:
+        profile.profile_from_dict(["devices"])
+    assert exc.value.code == errors.PROFILE_INVALID
+    assert exc.value.message == "profile data: must be a mapping, got list"
+    assert profile.profile_from_dict({"name": "win10"}) == defaults("win10", "<record>")
+
+
+# With several mistakes the first one reported is: a problem reading a key (not a name,
+# duplicate, unknown) or its value, in file order; then a key without value, in file order; then
+# the values, key by key in the documented order (KEYS).
+FIRST = [
+    ("devices: 5\non_bsy: x\n", 2, None),
+    ("on_bsy: x\ndevices: !!python/object/apply:os.system [true]\n", 1, None),
+    ("devices: !!python/object/apply:os.system [true]\non_bsy: x\n", 1, "devices"),
+    ("deadlines:\n  unbind: 0\n  unbnd: 2\n", 3, "deadlines"),
+    ("on_busy: kill\nvtconsoles:\n", 2, "vtconsoles"),
+    ("on_busy: kill\ndevices: 5\n", 2, "devices"),
+    ("deadlines: {unbind: 0}\nmodules: [vfio]\n", 2, "modules[0]"),
+]
+
+
+@pytest.mark.parametrize("text,line,key", FIRST)
+def test_first_error_reported(text, line, key):
+    with pytest.raises(HookdError) as exc:
+        parse(text)
+    assert (exc.value.details["line"], exc.value.details["key"]) == (line, key), exc.value.message
+
+
+def test_deadlines_from_record_round_trips_to_dict():
+    d = Deadlines(unit_stop=1.5, unit_start=2.0, terminate=3.0, unbind=4.0, module_unload=5.0,
+                  module_load=6.0)
+    assert Deadlines.from_record(d.to_dict()) == d
+    assert Deadlines.from_record(Deadlines().to_dict()) == Deadlines()
+    back = Deadlines.from_record(json.loads(json.dumps(d.to_dict())))
+    assert back == d and all(type(v) is float for v in back.to_dict().values())
+
+
+def test_deadlines_from_record_ignores_unknown_keys():
+    data = {"unbind": 2, "gpu_reset": 9, "unbnd": 1, 5: 6, None: "x"}
+    assert Deadlines.from_record(data) == Deadlines(unbind=2.0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, float("inf"), float("-inf"), float("nan"), True,
+                                 False, None, "10", [10], {"s": 10}])
+def test_deadlines_from_record_takes_the_default_for_a_bad_value(bad):
+    got = Deadlines.from_record({"unbind": bad, "terminate": 7})
+    assert got == Deadlines(terminate=7.0)
+    assert got.unbind == profile.DEFAULT_DEADLINES["unbind"]
+
+
+def test_deadlines_from_record_keeps_what_prepare_ran_with():
+    # No MAX_DEADLINE_S here: the record holds what prepare used; release waits as long.
+    assert Deadlines.from_record({"unbind": 86400}).unbind == 86400.0
+    assert Deadlines.from_record({"unbind": 1e-3}).unbind == 1e-3
+
+
+@pytest.mark.parametrize("data", [{}, None, [], "unbind", 5])
+def test_deadlines_from_record_of_nothing_usable_is_the_defaults(data):
+    assert Deadlines.from_record(data) == Deadlines()
+
+
+def test_from_dict_non_string_key_is_refused_like_in_a_file():
+    data = defaults().to_dict()
+    data[1] = 2
+    with pytest.raises(HookdError) as exc:
+        profile.profile_from_dict(data)
+    assert exc.value.message == f"{FILE}: keys must be names such as 'devices', got 1"
 
 
 def test_profile_is_frozen():
@@ -496,3 +568,82 @@ def test_importing_profile_does_not_import_yaml_or_xml():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=30)
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_the_profile_package_imports_neither_yaml_nor_xml_etree():
+    code = ("import vfio_hookd.profile, sys; "
+            "print('yaml' in sys.modules, 'xml.etree.ElementTree' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=30)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("module", ["model", "reader", "rules", "files", "domain_xml"])
+def test_each_profile_module_imports_alone_and_cheaply(module):
+    # Alone in a fresh interpreter: an import cycle between the modules would fail here.
+    code = (f"import sys, vfio_hookd.profile.{module}; "
+            "print(sorted(m for m in ('yaml', 'xml.etree.ElementTree', 'difflib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=30)
+    assert out.stdout.strip() == "[]"
+
+
+def test_profile_modules_stay_small():
+    for path in (REPO / "vfio_hookd" / "profile").glob("*.py"):
+        assert len(path.read_text(encoding="utf-8").splitlines()) < 400, path.name
+
+
+# ---- the rule table and the reader -------------------------------------------------------
+
+def test_rule_table_is_in_the_documented_order_and_matches_profile():
+    assert tuple(r.key for r in rules.RULES) == profile.KEYS
+    assert rules.SECTIONS == {"deadlines"}
+    assert {r.key: r.keys for r in rules.RULES if r.keys} == {
+        "deadlines": tuple(profile.DEFAULT_DEADLINES)}
+    want = defaults()
+    assert rules.defaults() == {k: getattr(want, k) for k in profile.KEYS}
+
+
+def test_reader_records_lines_of_keys_items_and_section_keys():
+    text = ("# comment\n"
+            "devices:\n"
+            "  - 0000:01:00.0\n"
+            "  - '0000:01:00.1'\n"
+            "on_busy: fail\n"
+            "deadlines:\n"
+            "  unbind: 2\n")
+    fields = reader.read_yaml(text, FILE, rules.SECTIONS)
+    assert [(f.key, f.line) for f in fields] == [("devices", 2), ("on_busy", 5),
+                                                 ("deadlines", 6)]
+    devices, on_busy, deadlines = fields
+    assert devices.item_lines == [3, 4]
+    assert devices.item_texts == ["0000:01:00.0", "0000:01:00.1"]
+    assert devices.value == [60.0, "0000:01:00.1"]  # YAML 1.1; the rules use the text
+    assert on_busy.text == "fail"
+    assert [(f.key, f.value, f.line) for f in deadlines.sub] == [("deadlines.unbind", 2, 7)]
+
+
+def test_reader_gives_a_dict_the_same_structure_without_lines():
+    text = "devices: ['0000:01:00.0']\non_busy: fail\ndeadlines: {unbind: 2}\n"
+    data = {"devices": ["0000:01:00.0"], "on_busy": "fail", "deadlines": {"unbind": 2}}
+
+    def shape(fields):
+        return [(f.name, f.key, f.value, [(s.key, s.value) for s in f.sub or ()])
+                for f in fields]
+
+    from_yaml = reader.read_yaml(text, FILE, rules.SECTIONS)
+    from_dict = reader.read_data(data, FILE, rules.SECTIONS)
+    assert shape(from_yaml) == shape(from_dict)
+    assert all(f.line is None and f.item_lines is None for f in from_dict)
+    assert rules.build(from_yaml, FILE, "win10") == rules.build(from_dict, FILE, "win10")
+
+
+def test_reader_keeps_what_the_rules_judge():
+    # Unknown, repeated and non-name keys and unreadable values are kept for the rules.
+    text = "on_bsy: x\non_bsy: y\n1: 2\ndevices: !!python/object/apply:os.system [true]\n"
+    fields = reader.read_yaml(text, FILE, rules.SECTIONS)
+    assert [(f.name, f.shown, f.line) for f in fields] == [
+        ("on_bsy", "on_bsy", 1), ("on_bsy", "on_bsy", 2), (None, "1", 3),
+        ("devices", "devices", 4)]
+    assert fields[3].problem and fields[3].problem_line == 4 and fields[3].value is None

@@ -17,6 +17,8 @@ from vfio_hookd.record import VERSION, Record, RecordStore
 from vfio_hookd.status import status_from_records
 from vfio_hookd.steps import STEPS, Shape
 
+pytestmark = pytest.mark.unit
+
 
 def _restored(world, before) -> None:
     after = world.snapshot()

@@ -1,4 +1,9 @@
-"""The simulated kernel answers sysfs writes and module operations the way Linux does."""
+"""The simulated kernel answers sysfs writes and module commands the way Linux and kmod do.
+
+Module operations go through the product's :meth:`vfio_hookd.host.Host.modprobe` / ``rmmod``,
+which run :meth:`testbed.sim.kernel.SimHost.run_command`: the errors below are the product's
+reading of the exit status and message the simulated kmod gives.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ import time
 
 import pytest
 
+from testbed.sim import faults, hosts
+from testbed.sim.kernel import SimHost, load_state
 from vfio_hookd import errors
-from vfio_hookd.host import open_host
-from vfio_hookd.sim import faults, hosts
-from vfio_hookd.sim.kernel import SimHost, load_state
+from vfio_hookd.host import Host
+
+pytestmark = pytest.mark.unit
 
 T = 2.0  # generous deadline (s) for operations that must not hang
 GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
@@ -72,8 +79,28 @@ def module_error(fn, *args) -> str:
 
 
 # ---- the built hosts ------------------------------------------------------------------------
+def test_sim_host_replaces_only_the_kernel_and_kmod(host, tmp_path):
+    overridden = {n for n in vars(SimHost) if n in vars(Host) and not n.startswith("__")}
+    assert overridden == {"_write_now", "run_command"}
+    with pytest.raises(ValueError):
+        SimHost(str(tmp_path))   # no .sim/state.json: not a simulated host
+
+
+def test_run_command_answers_like_kmod(host):
+    assert host.run_command(["modprobe", "vfio-pci"], T) == (0, "")
+    assert host.run_command(["rmmod", "nvidia"], T) == (
+        1, "rmmod: ERROR: Module nvidia is in use by: nvidia_drm nvidia_modeset nvidia_uvm\n")
+    rc, out = host.run_command(["modprobe", "nouveau"], T)
+    assert rc == 1 and out.startswith("modprobe: FATAL: Module nouveau not found in directory "
+                                      "/lib/modules/")
+    faults.inject(host.root, "rmmod", "nvidia_drm", "hang", count=1)
+    with pytest.raises(TimeoutError):
+        host.run_command(["rmmod", "nvidia_drm"], 0.2)
+    with pytest.raises(OSError):
+        host.run_command(["insmod", "x.ko"], T)
+
+
 def test_nvidia_host_boots_like_a_real_one(host):
-    assert isinstance(open_host(host.root), SimHost)
     assert driver(host, GPU) == "nvidia" and driver(host, AUDIO) == "snd_hda_intel"
     assert host.resolve(f"/sys/bus/pci/devices/{GPU}/iommu_group") == "/sys/kernel/iommu_groups/1"
     assert host.listdir("/sys/kernel/iommu_groups/1/devices") == [GPU, AUDIO]
@@ -364,7 +391,8 @@ def test_vtconsoles_step_rebinds_through_the_taker_on_a_bios_host(amd_bios):
     from types import SimpleNamespace
     from vfio_hookd.steps import Context, Vtconsoles
     prof = SimpleNamespace(vtconsoles=True, deadlines=SimpleNamespace(unbind=T))
-    ctx = Context(vm="w", host=amd_bios, profile=prof, devices=(AMD_GPU, AMD_AUDIO),
+    ctx = Context(vm="w", host=amd_bios, profile=prof, deadlines=prof.deadlines,
+                  devices=(AMD_GPU, AMD_AUDIO),
                   drivers={}, systemd=lambda: None)
     before = vtcons(amd_bios)
     step = Vtconsoles()

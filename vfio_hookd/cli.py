@@ -46,7 +46,7 @@ class Env:
 
     :ivar paths: :class:`~vfio_hookd.paths.Paths` from the environment.
     :ivar host: the :class:`~vfio_hookd.host.Host` to act on (the real one, ``/``, unless a
-        caller of :func:`main` passes another, as the repository's testbed does).
+        caller of :func:`main` passes another, as the repository's tests do).
     :ivar systemd_factory: as for :class:`vfio_hookd.machine.Machine` (None: the system bus).
     """
 
@@ -124,13 +124,15 @@ def cmd_prepare(args, env: Env) -> int:
                 xml = f.read()
         except OSError as exc:
             raise HookdError(errors.DOMAIN_XML_INVALID, f"{args.xml}: {exc.strerror}") from None
+    prof = None
     if xml is None:
         from .profile import load_profile
-        if load_profile(paths, args.vm).devices is None:
+        prof = load_profile(paths, args.vm)
+        if prof.devices is None:
             xml = _domain_xml(args.vm)
     result = _daemon_request(paths, {"op": "prepare", "vm": args.vm, "xml": xml})
     if result is None:
-        rec = _local_machine(env).prepare(args.vm, xml)
+        rec = _local_machine(env).prepare(args.vm, xml, prof)
         result = {"vm": args.vm, "phase": rec.phase}
     print(f"{result['vm']}: {result['phase']}")
     return 0

@@ -3,8 +3,8 @@
 Every access to sysfs, ``/dev``, ``/proc/driver``, ``/proc/fb``, kernel modules and the process
 table goes through a :class:`Host`. Paths are always given as absolute host paths
 (``"/sys/bus/pci/drivers_probe"``) and resolved under :attr:`Host.root`, so the same code runs on
-the real host (root ``/``) and, in the repository's tests, on a simulated host (a subclass in
-the ``testbed`` package that answers writes and module commands the way the kernel and kmod do).
+the real host (root ``/``) and, in the repository's tests, on a simulated host (a subclass kept
+outside the product that answers writes and module commands the way the kernel and kmod do).
 
 Kernel behaviour relied on: ``Documentation/ABI/testing/sysfs-bus-pci`` (driver_override, bind,
 unbind, drivers_probe), ``Documentation/ABI/stable/sysfs-module`` (refcnt, holders). A sysfs

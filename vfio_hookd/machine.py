@@ -117,9 +117,9 @@ class Machine:
             log.error("cannot write the record: %s", exc, extra={"VM": rec.vm})
 
     # ---- plans --------------------------------------------------------------------------------
-    def plan_prepare(self, vm: str, xml: str | None = None) -> Plan:
+    def plan_prepare(self, vm: str, xml: str | None = None, profile=None) -> Plan:
         """:func:`vfio_hookd.plan.plan_prepare` on this machine's host and paths."""
-        return plans.plan_prepare(self.host, self.paths, check_vm_name(vm), xml)
+        return plans.plan_prepare(self.host, self.paths, check_vm_name(vm), xml, profile)
 
     def plan_release(self, vm: str) -> Plan:
         """:func:`vfio_hookd.plan.plan_release` from ``vm``'s record.
@@ -140,15 +140,16 @@ class Machine:
             return self._prepare(plan)
         return self._release(plan.vm, reason)
 
-    def prepare(self, vm: str, xml: str | None = None) -> Record:
+    def prepare(self, vm: str, xml: str | None = None, profile=None) -> Record:
         """Plan and take the host into passthrough state for ``vm``.
 
         :param xml: the domain XML (needed for ``devices: auto``).
+        :param profile: the profile, if the caller has read it already.
         :returns: the record in phase ``prepared``.
         :raises HookdError: a planning error (host untouched), ``DEVICE_CLAIMED``,
             ``STATE_DRIFT``, ``RECORD_INVALID``, or the failing step's error after the rollback.
         """
-        return self._prepare(self.plan_prepare(vm, xml))
+        return self._prepare(self.plan_prepare(vm, xml, profile))
 
     def release(self, vm: str, reason: str | None = None) -> Record | None:
         """Give the host back: undo, in reverse, every step the record says is held.

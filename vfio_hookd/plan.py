@@ -51,15 +51,19 @@ class Plan:
     shape: Shape | None = None
 
 
-def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None) -> Plan:
+def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=None) -> Plan:
     """Validate a prepare of ``vm`` without touching the host.
 
     :param xml: the domain XML (needed for ``devices: auto``).
+    :param profile: the profile if the caller has read it already (it is read once per
+        request); else it is read from ``paths``.
     :raises HookdError: ``VM_NAME_INVALID``, ``NOT_MANAGED``, ``PROFILE_INVALID``,
         ``DOMAIN_XML_INVALID``, ``DEVICE_NOT_FOUND``, ``IOMMU_GROUP_INCOMPLETE``.
     """
-    from .profile import load_profile
-    prof = load_profile(paths, vm)
+    if profile is None:
+        from .profile import load_profile
+        profile = load_profile(paths, vm)
+    prof = profile
     if prof.devices is None:
         from .profile import devices_from_domain_xml
         if not xml:

@@ -1,10 +1,12 @@
-"""A thin client of a libvirt daemon, for the demo and the end-to-end tests.
+"""A thin client of a libvirt daemon: the CLI asks it for a domain's XML and state; the demo and
+the end-to-end tests define, start and destroy domains with it.
 
 This is the only module that imports libvirt-python (Debian ``python3-libvirt``), and it does so
 lazily, in :class:`Libvirt`, so that the hook and the daemon never pay its import cost (about
 33 ms, FIELD-NOTES §4). The hook itself must never call libvirt (libvirt ``docs/hooks.rst``:
 "A hook script must not call back into libvirt"); this module is for the *client* side: the
-demo and the tests define, start and destroy domains and watch the hook's effect.
+demo and the tests define, start and destroy domains and watch the hook's effect (their small
+domain XML is in the repository's ``testbed/domains.py``, not here).
 
 Errors: every libvirt failure becomes :class:`VirtError` carrying libvirt's own message text. When
 a qemu hook exits non-zero, libvirt puts the hook's stderr in that text (FIELD-NOTES §1:
@@ -14,10 +16,7 @@ a qemu hook exits non-zero, libvirt puts the hook's stderr in that text (FIELD-N
 
 from __future__ import annotations
 
-import re
-from xml.sax.saxutils import escape
-
-__all__ = ["VirtError", "Libvirt", "tiny_domain_xml", "STATE_NAMES"]
+__all__ = ["VirtError", "Libvirt", "STATE_NAMES"]
 
 #: virDomainState (libvirt ``include/libvirt/libvirt-domain.h``) -> the word ``virsh domstate``
 #: prints for it (libvirt ``tools/virsh-domain-monitor.c``).
@@ -25,8 +24,6 @@ STATE_NAMES = {
     0: "no state", 1: "running", 2: "idle", 3: "paused", 4: "in shutdown", 5: "shut off",
     6: "crashed", 7: "pmsuspended",
 }
-
-_PCI_ADDR = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
 
 
 class VirtError(Exception):
@@ -44,59 +41,11 @@ class VirtError(Exception):
         super().__init__(self.message)
 
 
-def tiny_domain_xml(name: str, hostdevs: list[str] | tuple[str, ...] = (),
-                    managed: bool = True) -> str:
-    """Return the XML of the smallest domain that starts quickly under TCG.
-
-    ``<domain type='qemu'>`` (TCG: KVM cannot run a stock guest on the test machines), 64 MiB,
-    1 vCPU, machine ``pc``, no disk, no graphics, no video, no serial, USB controller
-    ``none``, memballoon ``none``, every lifecycle event ``destroy``. SeaBIOS finds nothing to
-    boot and idles, so the domain stays ``running`` until destroyed. Measured: ``virsh start``
-    returns in about 0.4 s (FIELD-NOTES §5).
-
-    :param name: the domain name (XML-escaped here; libvirt itself rejects ``/``).
-    :param hostdevs: PCI addresses such as ``"0000:01:00.0"``, each added as a
-        ``<hostdev mode='subsystem' type='pci'>``. Only useful where those functions exist
-        (libvirt checks ``/sys/bus/pci/devices/ADDR`` at start) or where only the XML matters.
-    :param managed: the hostdevs' ``managed`` attribute (libvirt detaches/reattaches managed
-        devices itself, ``src/util/virpci.c``).
-    :raises ValueError: a hostdev that is not a full lower-case PCI address.
-    """
-    devs = []
-    for addr in hostdevs:
-        m = _PCI_ADDR.match(addr)
-        if not m:
-            raise ValueError(f"not a PCI address (DDDD:BB:SS.F): {addr!r}")
-        dom, bus, slot, fn = m.groups()
-        devs.append(
-            f"    <hostdev mode='subsystem' type='pci' managed='{'yes' if managed else 'no'}'>\n"
-            f"      <source><address domain='0x{dom}' bus='0x{bus}' slot='0x{slot}'"
-            f" function='0x{fn}'/></source>\n"
-            f"    </hostdev>\n")
-    return (
-        "<domain type='qemu'>\n"
-        f"  <name>{escape(name)}</name>\n"
-        "  <memory unit='MiB'>64</memory>\n"
-        "  <vcpu>1</vcpu>\n"
-        "  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n"
-        "  <on_poweroff>destroy</on_poweroff>\n"
-        "  <on_reboot>destroy</on_reboot>\n"
-        "  <on_crash>destroy</on_crash>\n"
-        "  <devices>\n"
-        "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
-        "    <controller type='usb' model='none'/>\n"
-        "    <memballoon model='none'/>\n"
-        + "".join(devs) +
-        "  </devices>\n"
-        "</domain>\n"
-    )
-
-
 class Libvirt:
     """A connection to a libvirt daemon (libvirt-python ``virConnect``).
 
     :param uri: connection URI; ``qemu:///system`` reaches ``/run/libvirt/libvirt-sock``, which
-        inside :mod:`vfio_hookd.sim.libvirtd` is the private daemon's socket.
+        inside the repository's ``testbed/libvirtd.py`` is the private daemon's socket.
     :raises VirtError: the daemon cannot be reached (``libvirt.open`` failed) or
         libvirt-python is not installed (``apt-get install python3-libvirt``, see
         ``scripts/setup``).

@@ -35,9 +35,7 @@ mount -t tmpfs tmpfs "$R/tmp"
 mkdir -p "$R$REPO"
 mount --move /rw/repo "$R$REPO"
 mkdir -p "$R/lib/modules/$KV" "$R/vfio-out"
-# MODULES: the real path of the cache's modules (the repo's .cache may be a symlink to an
-# absolute path, e.g. in a git worktree, which this initramfs root would not resolve)
-mount --bind "/host$MODULES" "$R/lib/modules/$KV"
+mount --bind "/host$KMODS" "$R/lib/modules/$KV"
 mount --bind /out "$R/vfio-out"
 mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup" 2>/dev/null
 # The kernel's own module requests (request_module(): HDA codec drivers, char-major-* aliases)

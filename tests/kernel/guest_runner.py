@@ -8,9 +8,10 @@ for each scenario (``{"ok": bool, "error": str|null, "wall_s": float, ...}``), t
 to ``OUTDIR/daemon.log`` and its own to ``OUTDIR/runner.log``. Exit status 0 when every
 scenario passed, 1 otherwise.
 
-Importing this module only defines names: :func:`main` reads ``boot.json`` and builds the one
-:class:`Ctx` (configuration, paths, environment, log) that everything else is handed; what
-the scenarios of one phase hand on to each other lives in that phase's :class:`Phase`.
+Importing this module only defines names (the kernel tests import it on the host): :func:`main`
+reads ``boot.json``, puts its ``repo`` first on ``sys.path`` and builds the one :class:`Ctx`
+(configuration, paths, environment, log) that everything else is handed; what the scenarios of
+one phase hand on to each other lives in that phase's :class:`Phase`.
 
 Each scenario declares the state it needs (:data:`SCENARIOS`): :data:`BASELINE` (the guest as
 its phase's coldplug left it, nothing held) or :data:`PREPARED`. The runner establishes it
@@ -29,9 +30,18 @@ Scenario ``libvirt`` also runs Debian's libvirtd in the guest (:class:`GuestLibv
 project's hook installed, so the whole path virsh -> libvirtd -> hook -> daemon -> kernel is real.
 
 What stands for the host's services: the project's simulated systemd on a private D-Bus bus
-(``vfio_hookd.sim.bus.SimBus`` with ``root="/"``: its ``gdm.service`` is a real process holding
-the guest's real ``/dev/dri/card0`` and the GPU's audio control node), and ``vfio-hookd daemon``
-acting on ``/`` (a real :class:`vfio_hookd.host.Host`; no ``/.sim`` exists in the guest).
+(``testbed.sim.bus.SimBus`` with ``root="/"``: its ``gdm.service`` is a real process holding
+the guest's real ``/dev/dri/card0`` and the GPU's audio control node), and vfio-hookd's daemon
+acting on ``/`` exactly as the service runs it (``python -m vfio_hookd daemon``, a real
+:class:`vfio_hookd.host.Host`), started and stopped by :class:`testbed.daemon.DaemonProcess`.
+
+The guest's state before and after is a flat tree of the paths the scenarios compare
+(:func:`tree`), and :func:`testbed.expected.classify_changes` -- the same comparison the
+simulated host's tests and the demo use -- says which differences are the kernel's own
+(:func:`compare`); the baseline check of the preconditions uses it too, so a change the kernel
+made for good (the firmware framebuffer removed once a driver took the boot GPU) is no
+difference to restore. ``testbed`` and ``vfio_hookd`` are imported inside the functions that
+use them, from the repository :func:`main` puts first on ``sys.path`` (``boot.json``'s ``repo``).
 """
 
 from __future__ import annotations
@@ -39,8 +49,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -55,9 +63,9 @@ WORK = "/tmp/vh"
 #: The daemon's run directory (socket, records).
 RUN_DIR = "/run/vfio-hookd"
 VM = "guest"
-#: Modules that stay loaded after release by design (vfio-hookd never unloads vfio).
-VFIO_MODULES = frozenset({"vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "irqbypass",
-                          "vfio_virqfd"})
+#: The framebuffer step's note for a firmware framebuffer the kernel removed ("DEV was removed
+#: by the kernel ...").
+FB_NOTE = "was removed by the kernel"
 
 
 class Ctx:
@@ -67,28 +75,29 @@ class Ctx:
     :ivar cfg: ``boot.json`` (dict).
     :ivar repo: the repository whose code runs (``cfg["repo"]``); ``py`` its venv's Python.
     :ivar gpu: the GPU's PCI address; ``audio`` its audio function's; ``funcs`` both.
-    :ivar env: environment of the CLI and the daemon (:class:`World` adds its bus address).
+    :ivar env: environment of the CLI and the daemon (:class:`World` adds its bus address); the
+        repository first on ``PYTHONPATH`` (:func:`testbed.child_env`).
+
+    Built once ``cfg["repo"]`` is on ``sys.path`` (:func:`main`): it imports :mod:`testbed`.
     """
 
     def __init__(self, out: str, cfg: dict, logf):
+        from testbed import child_env
         self.out = out
         self.cfg = cfg
         self.repo = cfg["repo"]
         self.gpu, self.audio = cfg["gpu_addr"], cfg["audio_addr"]
         self.funcs = (self.gpu, self.audio)
         self.py = os.path.join(self.repo, ".venv", "bin", "python")
-        self.env = dict(os.environ, VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN=RUN_DIR,
-                        VFIO_HOOKD_HOST_ROOT="/", VFIO_HOOKD_LOG="stderr",
-                        PYTHONPATH=self.repo)
+        self.env = child_env(VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN=RUN_DIR,
+                             VFIO_HOOKD_LOG="stderr")
         self._logf = logf
         self._t0 = time.monotonic()
 
     @classmethod
-    def load(cls, out: str) -> "Ctx":
-        """The context of the boot whose artefact directory is ``out``: reads ``boot.json``,
-        opens ``runner.log`` (appending)."""
-        with open(os.path.join(out, "boot.json")) as f:
-            cfg = json.load(f)
+    def load(cls, out: str, cfg: dict) -> "Ctx":
+        """The context of the boot whose artefact directory is ``out`` and configuration
+        ``cfg`` (its ``boot.json``, read by :func:`main`): opens ``runner.log`` (appending)."""
         return cls(out, cfg, open(os.path.join(out, "runner.log"), "a", buffering=1))
 
     def close(self) -> None:
@@ -105,8 +114,9 @@ class Ctx:
             f.write(f"devices: ['{self.gpu}', '{self.audio}']\n{extra}")
 
     def cli(self, *args, timeout=300) -> subprocess.CompletedProcess:
+        """``vfio-hookd ARGS...`` (``python -m vfio_hookd``) on the guest's ``/``."""
         t = time.monotonic()
-        r = subprocess.run([self.py, "-m", "vfio_hookd.cli", *args], env=self.env,
+        r = subprocess.run([self.py, "-m", "vfio_hookd", *args], env=self.env,
                            capture_output=True, text=True, timeout=timeout)
         self.log(f"vfio-hookd {' '.join(args)} -> {r.returncode} in {time.monotonic() - t:.2f} s"
                  + (f": {r.stderr.strip()}" if r.returncode else ""))
@@ -135,22 +145,12 @@ class Ctx:
         return mods
 
     def snapshot(self, world, like: dict | None = None) -> dict:
-        """The state scenario 2 compares (drivers, overrides, modules, vtcon binds, /proc/fb,
-        device nodes, firmware framebuffers, DM unit state). With ``like`` (an earlier
-        snapshot) the sound nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
+        """``{"tree": tree(funcs), "units": the DM's unit states}``: what the scenarios and the
+        baseline check compare (:func:`compare`). With ``like`` (an earlier snapshot) the sound
+        nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
         if like is not None:
-            wait_sound_nodes(like["nodes"])
-        return {
-            "drivers": {a: driver(a) for a in sorted(os.listdir("/sys/bus/pci/devices"))},
-            "overrides": {a: rd(f"/sys/bus/pci/devices/{a}/driver_override")
-                          for a in self.funcs},
-            "modules": sorted(modules() - VFIO_MODULES),
-            "vtcons": vtcons(),
-            "proc_fb": rd("/proc/fb", ""),
-            "nodes": [n for n in nodes() if n != "/dev/vfio/vfio"],
-            "platform_fbs": platform_fbs(),
-            "units": world.units(),
-        }
+            wait_sound_nodes(list(like["tree"]))
+        return {"tree": tree(self.funcs), "units": world.units()}
 
 
 class Fail(Exception):
@@ -208,8 +208,9 @@ def vtcons() -> dict:
 
 
 def platform_fbs() -> dict:
+    from testbed.expected import FIRMWARE_FBS
     out = {}
-    for d in ("efi-framebuffer.0", "simple-framebuffer.0", "vesa-framebuffer.0"):
+    for d in FIRMWARE_FBS:
         if os.path.exists(f"/sys/bus/platform/devices/{d}"):
             out[d] = link(f"/sys/bus/platform/devices/{d}/driver")
     return out
@@ -235,9 +236,82 @@ def wait_sound_nodes(expected: list[str], timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def diff(a: dict, b: dict) -> dict:
-    return {k: {"before": a.get(k), "after": b.get(k)} for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)}
+def tree(funcs: tuple) -> dict:
+    """The guest's state the scenarios compare, as a flat tree ``{path: (kind, value)}`` in
+    :mod:`testbed.expected`'s shape: every PCI function's ``driver`` link, the GPU functions'
+    (``funcs``) ``driver_override``, ``/sys/module/M`` for each loaded module, the vtconsoles
+    (link, directory, ``name``, ``bind``), ``/proc/fb``, the firmware framebuffer devices, and
+    the device nodes (``/dev/dri``, ``/dev/snd``, ``/dev/vfio/N``, ``/dev/fbN``)."""
+    from testbed.expected import FIRMWARE_FBS
+    out: dict = {}
+
+    def file(p: str) -> None:
+        try:
+            with open(p) as f:
+                out[p] = ("file", f.read())
+        except OSError:
+            pass
+
+    def symlink(p: str) -> None:
+        try:
+            out[p] = ("link", os.readlink(p))
+        except OSError:
+            pass
+
+    for a in sorted(os.listdir("/sys/bus/pci/devices")):
+        symlink(f"/sys/bus/pci/devices/{a}/driver")
+    for a in funcs:
+        file(f"/sys/bus/pci/devices/{a}/driver_override")
+    for m in sorted(modules()):
+        out[f"/sys/module/{m}"] = ("dir", None)
+    base = "/sys/devices/virtual/vtconsole"
+    for v in sorted(os.listdir("/sys/class/vtconsole")):
+        symlink(f"/sys/class/vtconsole/{v}")
+        out[f"{base}/{v}"] = ("dir", None)
+        file(f"{base}/{v}/name")
+        file(f"{base}/{v}/bind")
+    file("/proc/fb")
+    for dev in FIRMWARE_FBS:
+        top = f"/sys/devices/platform/{dev}"
+        if os.path.isdir(top):
+            out[top] = ("dir", None)
+            symlink(f"{top}/driver")
+        symlink(f"/sys/bus/platform/devices/{dev}")
+    for n in nodes():
+        if n != "/dev/vfio/vfio":
+            out[n] = ("node", None)
+    return out
+
+
+def tree_driver(snap: dict, addr: str):
+    """The driver of ``addr`` in snapshot ``snap`` (None: unbound)."""
+    value = snap["tree"].get(f"/sys/bus/pci/devices/{addr}/driver")
+    return os.path.basename(value[1]) if value else None
+
+
+def tree_modules(snap: dict) -> set[str]:
+    """The modules loaded in snapshot ``snap``."""
+    return {p[len("/sys/module/"):] for p in snap["tree"] if p.startswith("/sys/module/")}
+
+
+def compare(before: dict, after: dict, notes=()) -> tuple[dict, list[str]]:
+    """``(left, expected)``: the differences between two snapshots that are not the kernel's
+    own (:func:`testbed.expected.classify_changes`; units included), and the expected lines.
+    A firmware framebuffer the kernel removed counts as expected only when the release said
+    so in its framebuffer step's ``notes``; ``notes`` None: not asked (the baseline check of
+    the preconditions, where no release of this comparison's own reports it)."""
+    from testbed.expected import classify_changes, framebuffer_removed
+    expected, left = classify_changes(before["tree"], after["tree"])
+    left = {k: list(v) for k, v in left.items()}
+    if before["units"] != after["units"]:
+        left["units"] = [before["units"], after["units"]]
+    for line in expected if notes is not None else ():
+        if framebuffer_removed([line]):
+            dev = line.split()[2]    # "firmware framebuffer efi-framebuffer.0 removed: ..."
+            if not any(f"{dev} {FB_NOTE}" in n for n in notes):
+                left[f"notes: {dev}"] = [f"{dev} removed by the kernel but the release did "
+                                         f"not report it", list(notes)]
+    return left, expected
 
 
 # ---- the world: coldplug, simulated systemd, daemon ------------------------------------------
@@ -283,7 +357,7 @@ class World:
     control node, none when the GPU has no driver) on a private bus, and the daemon."""
 
     def __init__(self, ctx: Ctx):
-        from vfio_hookd.sim.bus import SimBus
+        from testbed.sim.bus import SimBus
         from vfio_hookd.systemd import Systemd
         os.makedirs(f"{WORK}/etc/vms", exist_ok=True)
         shutil.rmtree(f"{WORK}/sim", ignore_errors=True)
@@ -315,36 +389,25 @@ class World:
     def restart_daemon(self, path_prefix: str | None = None) -> None:
         """Stop the daemon (SIGTERM, wait) and start it again, with ``path_prefix`` (a
         directory) first in its PATH when given."""
-        self.daemon.send_signal(signal.SIGTERM)
-        self.daemon.wait(60)
+        self.daemon.stop(60)
         self.start_daemon(path_prefix)
 
     def start_daemon(self, path_prefix: str | None = None) -> None:
-        path = f"{WORK}/notify"
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.settimeout(120)
-        env = dict(self.ctx.env, NOTIFY_SOCKET=path)
+        """``python -m vfio_hookd daemon`` on ``/`` (:class:`testbed.daemon.DaemonProcess`),
+        its log appended to ``OUT/daemon.log``, ready at ``READY=1``."""
+        from testbed.daemon import DaemonProcess
+        env = dict(self.ctx.env)
         if path_prefix:
             env["PATH"] = f"{path_prefix}:{env['PATH']}"
         self.path_prefix = path_prefix
-        logf = open(os.path.join(self.ctx.out, "daemon.log"), "ab")
-        t = time.monotonic()
-        self.daemon = subprocess.Popen([self.ctx.py, "-m", "vfio_hookd.cli", "daemon"], env=env,
-                                       stdout=logf, stderr=subprocess.STDOUT)
-        try:
-            msg = sock.recv(4096).decode()
-        finally:
-            sock.close()
-        check("READY=1" in msg, f"daemon sent {msg!r}")
-        self.ctx.log(f"daemon ready in {time.monotonic() - t:.1f} s (pid {self.daemon.pid})")
+        self.daemon = DaemonProcess(None, env=env, python=self.ctx.py, ready_timeout_s=120,
+                                    log_path=os.path.join(self.ctx.out, "daemon.log"))
+        self.ctx.log(f"daemon ready in {self.daemon.ready_ms / 1000:.1f} s "
+                     f"(pid {self.daemon.pid})")
 
     def close(self) -> None:
-        if self.daemon and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            self.daemon.wait(60)
+        if self.daemon is not None:
+            self.daemon.stop(60)
         self.systemd.close()
         self.bus.stop()
 
@@ -419,19 +482,11 @@ def sc_release(ctx: Ctx, ph: Phase) -> dict:
     after = ctx.snapshot(world, like=before)
     st = ctx.status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
-    d = diff(before, after)
     notes = [n for s in st["steps"] for n in (s.get("notes") or [])]
-    expected = {}
-    if "platform_fbs" in d and "efi-framebuffer.0" in (d["platform_fbs"]["before"] or {}) \
-            and "efi-framebuffer.0" not in (d["platform_fbs"]["after"] or {}):
-        check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
-              f"efi-framebuffer.0 gone but not reported as expected: {notes}")
-        expected["platform_fbs"] = d.pop("platform_fbs")
-        if "proc_fb" in d:
-            expected["proc_fb"] = d.pop("proc_fb")
-    check(not d, f"state after release differs from before prepare: {json.dumps(d)}")
+    left, expected = compare(before, after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
     for a in ctx.funcs:
-        check(driver(a) == before["drivers"][a], f"{a} on {driver(a)}")
+        check(driver(a) == tree_driver(before, a), f"{a} on {driver(a)}")
     dm = world.dm_pid()
     check(dm and os.path.exists(f"/proc/{dm}"), "display manager not running after release")
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected,
@@ -466,9 +521,8 @@ def sc_holders(ctx: Ctx, ph: Phase) -> dict:
         check(r.returncode != 0, "prepare succeeded although a process holds the GPU")
         check(r.stderr.startswith("DEVICE_BUSY:"), f"not DEVICE_BUSY: {r.stderr.strip()}")
         check(f"PID {h.pid}" in r.stderr, f"holder PID {h.pid} not named: {r.stderr.strip()}")
-        after = ctx.snapshot(world, like=before)
-        d = diff(before, after)
-        check(not d, f"state after the refused prepare differs: {json.dumps(d)}")
+        left, _ = compare(before, ctx.snapshot(world, like=before))
+        check(not left, f"state after the refused prepare differs: {json.dumps(left)}")
         check(h.poll() is None, "the holder was killed although on_busy is fail")
         st_fail = ctx.status()
         ctx.profile("on_busy: terminate\n")
@@ -481,9 +535,9 @@ def sc_holders(ctx: Ctx, ph: Phase) -> dict:
         st_ok = ctx.status()
         r = ctx.cli("release", VM)
         check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
-        d = diff(before, ctx.snapshot(world, like=before))
-        d.pop("platform_fbs", None), d.pop("proc_fb", None)
-        check(not d, f"state after terminate+release differs: {json.dumps(d)}")
+        notes = [n for s_ in ctx.status()["steps"] for n in (s_.get("notes") or [])]
+        left, _ = compare(before, ctx.snapshot(world, like=before), notes)
+        check(not left, f"state after terminate+release differs: {json.dumps(left)}")
         return {"refused": r.stderr.strip(), "steps_fail": step_times(st_fail),
                 "steps_terminate": step_times(st_ok)}
     finally:
@@ -522,9 +576,8 @@ def sc_fault(ctx: Ctx, ph: Phase) -> dict:
         check(r.returncode != 0, "prepare succeeded although vfio-pci cannot load")
         check(r.stderr.startswith("MODULE_FAILED: step bind_vfio: loading module vfio-pci"),
               f"unexpected: {r.stderr.strip()}")
-        after = ctx.snapshot(world, like=before)
-        d = diff(before, after)
-        check(not d, f"state after rollback differs: {json.dumps(d)}")
+        left, _ = compare(before, ctx.snapshot(world, like=before))
+        check(not left, f"state after rollback differs: {json.dumps(left)}")
         st = ctx.status()
         check(st["phase"] == "failed", f"phase {st['phase']}")
         steps = {s_["name"]: s_["status"] for s_ in st["steps"]}
@@ -569,7 +622,7 @@ def sc_fault_late(ctx: Ctx, ph: Phase) -> dict:
               and steps.get("vtconsoles") == "undone" and steps.get("units") == "undone",
               f"steps after the rollback: {steps}")
         notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
-        left, expected = _release_diff(before, ctx.snapshot(world, like=before), notes)
+        left, expected = compare(before, ctx.snapshot(world, like=before), notes)
         check(not left, f"state after the rollback differs: {json.dumps(left)}")
         new_dm = world.dm_pid()
         check(new_dm != dm and os.path.exists(f"/proc/{new_dm}"), "display manager not restarted")
@@ -583,7 +636,7 @@ def libvirt_conf() -> tuple[str, str]:
     """``(qemu.conf, libvirtd.conf)`` of the guest's libvirtd (FIELD-NOTES §5): the private
     test daemon's settings (root QEMU, no relabelling, no cgroups, no private /dev, so QEMU
     sees the guest's /dev/vfio) plus QEMU's log to a plain file (no virtlogd to start)."""
-    from vfio_hookd.sim.libvirtd import LIBVIRTD_CONF_EXTRA, QEMU_CONF_EXTRA
+    from testbed.libvirtd import LIBVIRTD_CONF_EXTRA, QEMU_CONF_EXTRA
     return QEMU_CONF_EXTRA + 'stdio_handler = "file"\n', LIBVIRTD_CONF_EXTRA
 
 
@@ -603,7 +656,7 @@ class GuestLibvirt:
            "LANG": "C.UTF-8", "HOME": "/root"}
 
     def __init__(self, ctx: Ctx):
-        from vfio_hookd.sim.libvirtd import _DirWatch
+        from testbed.libvirtd import _DirWatch
         self.ctx = ctx
         qemu_conf, libvirtd_conf = libvirt_conf()
         for d in LIBVIRT_DIRS:
@@ -655,13 +708,8 @@ class GuestLibvirt:
         return int(rd(f"/run/libvirt/qemu/{name}.pid", "0") or 0) or None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from testbed.procs import stop as stop_process
+        stop_process(self.proc, 60)
         self.logf.close()
         qlog = "/var/log/libvirt/qemu/guest.log"
         if os.path.exists(qlog):
@@ -685,21 +733,6 @@ def _wait_open(h: subprocess.Popen, path: str) -> None:
     check(_opened_by(h.pid, path), f"holder {h.pid} did not open {path}")
 
 
-def _release_diff(before: dict, after: dict, notes: list[str]) -> tuple[dict, dict]:
-    """``diff(before, after)`` minus the firmware framebuffer the kernel removed when a driver
-    took the boot GPU (only when the framebuffer step reported it): ``(left, expected)``."""
-    d = diff(before, after)
-    expected = {}
-    if "platform_fbs" in d and "efi-framebuffer.0" in (d["platform_fbs"]["before"] or {}) \
-            and "efi-framebuffer.0" not in (d["platform_fbs"]["after"] or {}):
-        check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
-              f"efi-framebuffer.0 gone but not reported as expected: {notes}")
-        for k in FB_KEYS:
-            if k in d:
-                expected[k] = d.pop(k)
-    return d, expected
-
-
 def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
     """Scenario 6: libvirtd in the guest, the hook in ``/etc/libvirt/hooks/qemu.d/``, a domain
     holding both functions as ``<hostdev managed='no'>`` and a profile with ``devices: auto``
@@ -719,7 +752,7 @@ def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
        unchanged.
     """
     world = ph.world
-    import vfio_hookd.virt as virt
+    from testbed.domains import tiny_domain_xml
     out: dict = {}
     pfile = f"{WORK}/etc/vms/{VM}.yaml"
     if os.path.exists(pfile):
@@ -729,7 +762,7 @@ def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
     try:
         xml = f"{WORK}/{VM}.xml"
         with open(xml, "w") as f:
-            f.write(virt.tiny_domain_xml(VM, ctx.funcs, managed=False))
+            f.write(tiny_domain_xml(VM, ctx.funcs, managed=False))
         r = lv.virsh("define", xml)
         check(r.returncode == 0, f"virsh define: {r.stderr.strip()}")
         group = link(f"/sys/bus/pci/devices/{ctx.gpu}/iommu_group")
@@ -742,8 +775,8 @@ def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
         check(r.returncode != 0, "virsh start succeeded with both functions on their drivers")
         out["unprepared_error"] = r.stderr.strip()
         check(lv.domstate(VM) == "shut off", "domain not shut off after the refused start")
-        d = diff(before, ctx.snapshot(world, like=before))
-        check(not d, f"state after the refused start differs: {json.dumps(d)}")
+        left, _ = compare(before, ctx.snapshot(world, like=before))
+        check(not left, f"state after the refused start differs: {json.dumps(left)}")
 
         # b. with the profile: start prepares, destroy releases
         with open(pfile, "w") as f:
@@ -773,8 +806,8 @@ def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
         st = ctx.status()
         check(st["phase"] == "idle", f"status phase {st['phase']} after destroy")
         notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
-        left, out["expected_differences"] = _release_diff(before, ctx.snapshot(world, like=before),
-                                                          notes)
+        left, out["expected_differences"] = compare(before, ctx.snapshot(world, like=before),
+                                                    notes)
         check(not left, f"state after virsh destroy differs from before start: {json.dumps(left)}")
         check(os.path.exists(f"/proc/{world.dm_pid()}"), "display manager not running again")
         out["steps_release"] = step_times(st)
@@ -794,8 +827,8 @@ def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
             check(f"PID {h.pid}" in err, f"holder PID {h.pid} not named: {err}")
             check(lv.domstate(VM) == "shut off", "domain not shut off after the failed prepare")
             check(h.poll() is None, "the holder was killed although on_busy is fail")
-            d = diff(before, ctx.snapshot(world, like=before))
-            check(not d, f"state after the failed start differs: {json.dumps(d)}")
+            left, _ = compare(before, ctx.snapshot(world, like=before))
+            check(not left, f"state after the failed start differs: {json.dumps(left)}")
             st = ctx.status()
             check(st["phase"] == "failed" and (st["error"] or {}).get("code") == "DEVICE_BUSY",
                   f"status after the failed start: {st['phase']} {st['error']}")
@@ -809,9 +842,6 @@ def sc_libvirt(ctx: Ctx, ph: Phase) -> dict:
     return out
 
 
-FB_KEYS = ("platform_fbs", "proc_fb", "vtcons")
-
-
 def sc_efifb_prepare(ctx: Ctx, ph: Phase) -> dict:
     """OVMF, before any DRM driver is loaded: the console is on efifb (``efi-framebuffer.0``).
     Prepare unbinds the fbcon vtconsole and efi-framebuffer.0, binds both functions to
@@ -819,8 +849,8 @@ def sc_efifb_prepare(ctx: Ctx, ph: Phase) -> dict:
     world = ph.world
     ctx.profile()
     before = ctx.snapshot(world)
-    check(before["platform_fbs"].get("efi-framebuffer.0") == "efi-framebuffer",
-          f"efi-framebuffer.0 not bound to efifb before: {before['platform_fbs']}")
+    check(platform_fbs().get("efi-framebuffer.0") == "efi-framebuffer",
+          f"efi-framebuffer.0 not bound to efifb before: {platform_fbs()}")
     check(driver(ctx.gpu) is None, f"GPU already on {driver(ctx.gpu)}")
     r = ctx.cli("prepare", VM)
     check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
@@ -849,26 +879,15 @@ def sc_efifb_release(ctx: Ctx, ph: Phase) -> dict:
     st = ctx.status()
     check(st["phase"] == "idle", f"status phase {st['phase']}")
     notes = [n for s in st["steps"] for n in (s.get("notes") or [])]
-    d = diff(before, after)
-    expected = {}
-    if "efi-framebuffer.0" not in after["platform_fbs"]:
-        check(any("efi-framebuffer.0 was removed by the kernel" in n for n in notes),
-              f"efi-framebuffer.0 gone but not reported as expected: {notes}")
-        for k in FB_KEYS:
-            if k in d:
-                expected[k] = d.pop(k)
-        if "nodes" in d:   # /dev/fb0 went with efifb's framebuffer
-            gone = set(d["nodes"]["before"]) - set(d["nodes"]["after"])
-            if gone <= {"/dev/fb0"} and set(d["nodes"]["after"]) <= set(d["nodes"]["before"]):
-                expected["nodes"] = d.pop("nodes")
-    check(not d, f"state after release differs from before prepare: {json.dumps(d)}")
+    left, expected = compare(before, after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected}
 
 
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
-#: world was ready), nothing held by a record, the daemon running as started, the default
-#: profile.
+#: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
+#: by a record, the daemon running as started, the default profile.
 BASELINE = "baseline"
 #: Prepared from the baseline: both functions on vfio-pci, the record ``prepared``.
 PREPARED = "prepared"
@@ -922,8 +941,6 @@ class Phase:
     :ivar baseline: the snapshot taken when the world was ready (see :data:`BASELINE`).
     :ivar prepared_from: the snapshot taken before the prepare that left the guest prepared
         (None while it is not prepared): what a release must give back.
-    :ivar rebased: the differences the kernel made for good that the baseline took over
-        (:func:`kernel_removed_fb`).
     :ivar inject: the injection point of the running entry (None: none).
     """
 
@@ -933,7 +950,6 @@ class Phase:
         self.world = world
         self.baseline = baseline
         self.prepared_from: dict | None = None
-        self.rebased: dict = {}
         self.inject: str | None = None
 
     def injection(self, point: str) -> None:
@@ -962,57 +978,37 @@ def record_phase(ctx: Ctx) -> str:
 
 def daemon_off(ph: Phase) -> str | None:
     """Why the phase's daemon is not as it was started (exited, or a fault PATH), or None."""
-    d = ph.world.daemon
-    if d is None or d.poll() is not None:
-        return f"exited ({None if d is None else d.returncode})"
+    d = ph.world.daemon             # a testbed.daemon.DaemonProcess
+    if d is None or not d.running():
+        return f"exited ({None if d is None else d.proc.returncode})"
     if ph.world.path_prefix:
         return f"runs with {ph.world.path_prefix} first in its PATH"
     return None
 
 
-def kernel_removed_fb(d: dict) -> dict:
-    """The part of ``d`` (a :func:`diff` from a snapshot with ``efi-framebuffer.0``) that the
-    kernel made for good: when a driver takes the boot GPU (vfio-pci too, since 6.1) the kernel
-    removes the firmware framebuffer device, and its ``/proc/fb`` line, vtconsole and
-    ``/dev/fb0`` go with it (release reports it; the scenarios check that report). Popped
-    from ``d``."""
-    fbs = d.get("platform_fbs")
-    if not fbs or "efi-framebuffer.0" not in (fbs["before"] or {}) \
-            or "efi-framebuffer.0" in (fbs["after"] or {}):
-        return {}
-    out = {k: d.pop(k) for k in FB_KEYS if k in d}
-    if "nodes" in d:
-        before, after = set(d["nodes"]["before"]), set(d["nodes"]["after"])
-        if before - after <= {"/dev/fb0"} and after <= before:
-            out["nodes"] = d.pop("nodes")
-    return out
-
-
-def off_baseline(ctx: Ctx, ph: Phase) -> dict:
-    """How the guest differs from the phase's baseline, as :func:`diff` entries plus
-    ``record`` and ``daemon`` (empty: it is at the baseline). Once the functions are back on
-    their baseline drivers, the sound nodes are waited for (:func:`wait_sound_nodes`) and a
-    firmware framebuffer the kernel removed for good (:func:`kernel_removed_fb`) becomes part
-    of the baseline (logged, and kept in the result's ``precondition.rebased``)."""
-    d = {}
+def off_baseline(ctx: Ctx, ph: Phase) -> tuple[dict, list[str]]:
+    """How the guest differs from the phase's baseline: ``(off, kernel)``. ``off`` holds
+    :func:`compare`'s differences (``{path: [before, after]}``, ``units``) plus ``record`` and
+    ``daemon`` (``{"before": ..., "after": ...}``); empty: the guest is at the baseline.
+    ``kernel`` lists the changes the kernel itself made since
+    (:func:`testbed.expected.classify_changes`' lines, e.g. the firmware framebuffer removed
+    once a driver took the boot GPU, with its ``/proc/fb`` line, fbcon's vtconsole and
+    ``/dev/fbN``): nothing can restore them before a reboot, they are no difference (the
+    release that caused them reported them, which the scenarios check). Once the functions are
+    back on their baseline drivers, the sound nodes are waited for
+    (:func:`wait_sound_nodes`)."""
+    off = {}
     phase = record_phase(ctx)
     if phase not in NOTHING_HELD:
-        d["record"] = {"before": "idle or failed", "after": phase}
+        off["record"] = {"before": "idle or failed", "after": phase}
     why = daemon_off(ph)
     if why:
-        d["daemon"] = {"before": "running", "after": why}
+        off["daemon"] = {"before": "running", "after": why}
     base = ph.baseline
-    settled = all(driver(a) == base["drivers"][a] for a in ctx.funcs)
-    sd = diff(base, ctx.snapshot(ph.world, like=base if settled else None))
-    if settled and "modules" not in sd and "drivers" not in sd:
-        gone = kernel_removed_fb(sd)
-        if gone:
-            ctx.log(f"baseline: the kernel removed efi-framebuffer.0 for good: {json.dumps(gone)}")
-            for k, v in gone.items():
-                base[k] = v["after"]
-            ph.rebased.update(gone)
-    d.update(sd)
-    return d
+    settled = all(driver(a) == tree_driver(base, a) for a in ctx.funcs)
+    left, kernel = compare(base, ctx.snapshot(ph.world, like=base if settled else None), None)
+    off.update(left)
+    return off, kernel
 
 
 def _write(path: str, value: str, actions: list[str]) -> None:
@@ -1028,7 +1024,9 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
     daemon as started, then the product's own release of whatever the record holds
     (``vfio-hookd release VM --force``), then by hand what is still off: the functions'
     drivers (``driver_override`` cleared, unbind, the baseline's modules, ``drivers_probe``),
-    the vtconsole binds, the units. Returns what was done (list of str)."""
+    the vtconsole binds :func:`compare` still finds off (not one the kernel changed itself:
+    the console that took over from fbcon's removed one), the units. Returns what was done
+    (list of str)."""
     w = ph.world
     actions = []
     why = daemon_off(ph)
@@ -1039,31 +1037,35 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
     actions.append(f"vfio-hookd release {VM} --force: exit {r.returncode}"
                    + (f": {r.stderr.strip()}" if r.returncode else ""))
     base = ph.baseline
-    if all(driver(a) == base["drivers"][a] for a in ctx.funcs) \
-            and set(base["modules"]) <= modules():
-        wait_sound_nodes(base["nodes"])
+    base_modules = tree_modules(base)
+    if all(driver(a) == tree_driver(base, a) for a in ctx.funcs) \
+            and base_modules <= modules():
+        wait_sound_nodes(list(base["tree"]))
     else:
         for a in ctx.funcs:
-            want, have = base["drivers"][a], driver(a)
+            want, have = tree_driver(base, a), driver(a)
             if have != want:
                 _write(f"/sys/bus/pci/devices/{a}/driver_override", "\n", actions)
                 if have:
                     _write(f"/sys/bus/pci/devices/{a}/driver/unbind", a, actions)
                     actions.append(f"{a}: unbound from {have}")
-        missing = sorted(set(base["modules"]) - modules())
+        missing = sorted(base_modules - modules())
         if missing:
             r = subprocess.run(["modprobe", "-a", *missing], capture_output=True, text=True)
             actions.append(f"modprobe -a {' '.join(missing)}: exit {r.returncode}")
         for a in ctx.funcs:
-            if base["drivers"][a] and not driver(a):
+            if tree_driver(base, a) and not driver(a):
                 _write("/sys/bus/pci/drivers_probe", a, actions)
                 actions.append(f"{a}: probed, now on {driver(a)}")
-        wait_sound_nodes(base["nodes"])
-    now = vtcons()
-    for v, (name, bind) in base["vtcons"].items():
-        if v in now and now[v][1] != bind:
-            _write(f"/sys/class/vtconsole/{v}/bind", bind, actions)
-            actions.append(f"{v} ({name}): bind {bind}")
+        wait_sound_nodes(list(base["tree"]))
+    left, _ = compare(base, ctx.snapshot(w), None)
+    vtbase = "/sys/devices/virtual/vtconsole/"
+    for path, (was, now) in left.items():
+        if path.startswith(vtbase) and path.endswith("/bind") and was and now:
+            v = path[len(vtbase):].split("/")[0]
+            name = ((base["tree"].get(f"{vtbase}{v}/name") or ("file", ""))[1] or "").strip()
+            _write(path, was[1], actions)
+            actions.append(f"{v} ({name}): bind {was[1].strip()}")
     units = w.units()
     for unit, state in base["units"].items():
         if state == "active" and units.get(unit) != "active":
@@ -1080,29 +1082,29 @@ def establish_baseline(ctx: Ctx, ph: Phase) -> dict:
     when it differs (:func:`restore_baseline`).
 
     :returns: the report (``needs``, ``restored``; after a restore ``was``: the differences
-        found, ``actions``).
+        found, ``actions``; ``kernel_changes``: the kernel's own changes since the baseline,
+        which are no difference, when there are any).
     :raises Fail: ``precondition baseline not reached: <differences>``.
     """
     ctx.profile()
-    rebased = set(ph.rebased)
-    off = off_baseline(ctx, ph)
+    off, kernel = off_baseline(ctx, ph)
     if not off:
         ph.prepared_from = None
         report = {"needs": BASELINE, "restored": False}
-        if set(ph.rebased) != rebased:
-            report["rebased"] = {k: v for k, v in ph.rebased.items() if k not in rebased}
+        if kernel:
+            report["kernel_changes"] = kernel
         return report
     ctx.log(f"precondition baseline: the guest differs from it: {json.dumps(off)}; restoring")
     actions = restore_baseline(ctx, ph)
-    left = off_baseline(ctx, ph)
+    left, kernel = off_baseline(ctx, ph)
     if left:
         raise Fail(f"precondition baseline not reached: {json.dumps(left)} "
                    f"(differences found first: {json.dumps(off)}; restore: {actions})")
     ph.prepared_from = None
     ctx.log(f"precondition baseline: restored ({'; '.join(actions)})")
     report = {"needs": BASELINE, "restored": True, "was": off, "actions": actions}
-    if set(ph.rebased) != rebased:
-        report["rebased"] = {k: v for k, v in ph.rebased.items() if k not in rebased}
+    if kernel:
+        report["kernel_changes"] = kernel
     return report
 
 
@@ -1237,9 +1239,14 @@ def run_phase(ctx: Ctx, name: str, entries: list[str], skip: tuple, more: bool) 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ctx = Ctx.load(argv[0] if argv else "/vfio-out")
+    out = argv[0] if argv else "/vfio-out"
+    with open(os.path.join(out, "boot.json")) as f:
+        cfg = json.load(f)
+    # the repo's vfio_hookd and testbed, imported by the functions that use them (Ctx first)
+    if sys.path[:1] != [cfg["repo"]]:
+        sys.path.insert(0, cfg["repo"])
+    ctx = Ctx.load(out, cfg)
     try:
-        sys.path.insert(0, ctx.repo)      # the repo's vfio_hookd, for World and GuestLibvirt
         entries = ctx.cfg["scenarios"]
         ctx.log(f"guest runner: {ctx.cfg['name']} kernel {os.uname().release} "
                 f"scenarios {entries}")

@@ -35,6 +35,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from testbed.pdeathsig import parent_death_signal
+from testbed.procs import stop as stop_process
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CACHE = os.path.join(REPO, ".cache", "kernel")
@@ -307,20 +310,20 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
 
     :raises HarnessError: the kernel or a package is missing.
     """
-    from vfio_hookd.sim.pdeathsig import parent_death_signal
     kv = kernel_version()
     initrd = build_initramfs(kv)
     outdir = os.path.join(ARTEFACTS, name)
     shutil.rmtree(outdir, ignore_errors=True)
     os.makedirs(os.path.join(outdir, "results"))
-    # the real path: .cache may be a link to an absolute path (a git worktree's), which the
-    # guest's initramfs, with this machine's root at /host, would not resolve
-    modules = os.path.realpath(os.path.join(CACHE, kv, "lib", "modules", kv))
     with open(os.path.join(outdir, "boot.env"), "w") as f:
-        # sourced by the guest's /init (busybox sh): every value shell-quoted
+        # sourced by the guest's /init (busybox sh): every value shell-quoted. KMODS is the
+        # kernel's module tree with symlinks resolved: /init bind-mounts it from the 9p view
+        # of this machine's root, where an absolute symlink (a worktree's .cache linking to
+        # another checkout's) would point into the initramfs instead
+        kmods = os.path.realpath(os.path.join(CACHE, kv, "lib", "modules", kv))
         f.write("".join(f"{k}={shlex.quote(v)}\n" for k, v in
-                        (("KV", kv), ("REPO", REPO), ("SCENARIOS", " ".join(scenarios)),
-                         ("MODULES", modules))))
+                        (("KV", kv), ("REPO", REPO), ("KMODS", kmods),
+                         ("SCENARIOS", " ".join(scenarios)))))
     cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
            "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR}
     cfg.update(extra or {})
@@ -336,12 +339,10 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog,
                                 start_new_session=True,
                                 preexec_fn=parent_death_signal(signal.SIGKILL))
-        try:
-            boot.rc = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            boot.timed_out = True
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        # the guest powers itself off (isa-debug-exit); SIGKILL by PID at the deadline
+        rc = stop_process(proc, timeout_s, sig=None)
+        boot.timed_out = rc == -signal.SIGKILL
+        boot.rc = None if boot.timed_out else rc
     boot.wall_s = round(time.monotonic() - t0, 1)
     rdir = os.path.join(outdir, "results")
     for entry in sorted(os.listdir(rdir)):

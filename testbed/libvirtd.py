@@ -2,7 +2,7 @@
 
 Usage (as root)::
 
-    python -m vfio_hookd.sim.libvirtd --state DIR [--hook FILE ...] [--bind SRC:DST ...]
+    python -m testbed.libvirtd --state DIR [--hook FILE ...] [--bind SRC:DST ...]
         [--cache DIR] -- COMMAND ARGS...
 
 runs Debian 12's own ``/usr/sbin/virtlogd`` and ``/usr/sbin/libvirtd`` (libvirt 9.0, no
@@ -78,7 +78,9 @@ import threading
 import time
 from pathlib import Path
 
+from . import child_env
 from .pdeathsig import parent_death_signal
+from .procs import stop, wait_exit
 
 __all__ = ["run_in_private_libvirt", "main", "LIBVIRTD", "VIRTLOGD", "UNSHARE", "DEFAULT_URI"]
 
@@ -99,7 +101,7 @@ DAEMON_ENV = {
 }
 
 QEMU_CONF_EXTRA = """
-# --- added by vfio_hookd.sim.libvirtd (private test daemon; see that module) ---
+# --- added by testbed.libvirtd (private test daemon; see that module) ---
 user = "root"
 group = "root"
 dynamic_ownership = 0
@@ -110,7 +112,7 @@ namespaces = [ ]
 """
 
 LIBVIRTD_CONF_EXTRA = """
-# --- added by vfio_hookd.sim.libvirtd (private test daemon; see that module) ---
+# --- added by testbed.libvirtd (private test daemon; see that module) ---
 auth_unix_ro = "none"
 auth_unix_rw = "none"
 """
@@ -146,7 +148,9 @@ def run_in_private_libvirt(state_dir: str | os.PathLike, command: list[str], hoo
         before libvirtd starts (libvirt discovers hooks at daemon start: FIELD-NOTES §1). A
         hook is a copy: it must not depend on its own location.
     :param binds: ``(src, dst)`` pairs (or ``"SRC:DST"`` strings) bind-mounted inside.
-    :param env: COMMAND's environment (default: this process's).
+    :param env: COMMAND's environment (default: this process's); the repository goes first
+        on its ``PYTHONPATH`` (:func:`testbed.child_env`: the runner is ``python -m
+        testbed.libvirtd``).
     :param timeout_s: deadline (s) for the whole run. On expiry the runner gets SIGTERM (it
         terminates COMMAND and stops the daemons), then SIGKILL after 30 s more, and
         :class:`subprocess.TimeoutExpired` is raised.
@@ -156,7 +160,7 @@ def run_in_private_libvirt(state_dir: str | os.PathLike, command: list[str], hoo
     :returns: ``CompletedProcess`` with COMMAND's exit status (or the runner's: 70 when the
         daemons could not be started, messages on stderr).
     """
-    argv = [sys.executable, "-m", "vfio_hookd.sim.libvirtd", "--state", os.fspath(state_dir)]
+    argv = [sys.executable, "-m", "testbed.libvirtd", "--state", os.fspath(state_dir)]
     for h in hooks:
         argv += ["--hook", os.fspath(h)]
     for b in binds:
@@ -164,10 +168,11 @@ def run_in_private_libvirt(state_dir: str | os.PathLike, command: list[str], hoo
     if cache_dir is not None:
         argv += ["--cache", os.fspath(cache_dir)]
     argv += ["--", *command]
+    env = child_env(env)
     if not capture:
         with subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL) as proc:
-            if not _wait_pid(proc.pid, timeout_s):
-                _stop(proc, 30)
+            if not wait_exit(proc.pid, timeout_s):
+                stop(proc, 30)
                 raise subprocess.TimeoutExpired(argv, timeout_s)
         return subprocess.CompletedProcess(argv, proc.returncode)
     with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -175,13 +180,17 @@ def run_in_private_libvirt(state_dir: str | os.PathLike, command: list[str], hoo
         try:
             out, err = proc.communicate(timeout=timeout_s)  # select() on the pipes
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                out, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-            raise subprocess.TimeoutExpired(argv, timeout_s, out, err) from None
+            # keep draining the pipes (so the runner never blocks on a full one) while it is
+            # stopped; its end closes them
+            box: dict = {}
+            drain = threading.Thread(
+                target=lambda: box.update(zip(("out", "err"), proc.communicate())),
+                daemon=True, name="drain")
+            drain.start()
+            stop(proc, 30)
+            drain.join(30)
+            raise subprocess.TimeoutExpired(argv, timeout_s, box.get("out"),
+                                            box.get("err")) from None
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
@@ -289,29 +298,6 @@ class _DirWatch:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def _wait_pid(pid: int, timeout_s: float) -> bool:
-    """Wait (pidfd, no polling) until process ``pid`` exits; True if it did in time."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([pidfd], [], [], max(0.0, timeout_s))
-        return bool(ready)
-    finally:
-        os.close(pidfd)
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """SIGTERM, wait up to ``timeout_s``, SIGKILL, reap."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    if not _wait_pid(proc.pid, timeout_s):
-        proc.kill()
-    proc.wait()
 
 
 def _in_thread(fn, deadline: float, watch: subprocess.Popen | None = None):
@@ -483,7 +469,7 @@ def _kill_leftover_qemu(run_dir: Path) -> None:
         except (ValueError, OSError):
             continue
         _log(f"killed leftover QEMU pid {pid}")
-        _wait_pid(pid, 10)
+        wait_exit(pid, 10)   # reaped by the _Reaper
 
 
 def _require_private_ns() -> None:
@@ -610,10 +596,10 @@ def _inside(args) -> int:
             except Exception as exc:  # noqa: BLE001 - cleanup goes on
                 _log(f"could not destroy running domains: {exc}")
         if lvd is not None:
-            _stop(lvd)
+            stop(lvd)
         _kill_leftover_qemu(run_dir)
         if "virtlogd" in daemons:
-            _stop(daemons["virtlogd"])
+            stop(daemons["virtlogd"])
         timings["stop_s"] = round(time.monotonic() - t0, 3)
         reaper.close()
         (state / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
@@ -622,7 +608,7 @@ def _inside(args) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vfio_hookd.sim.libvirtd",
+        prog="python -m testbed.libvirtd",
         description="Run COMMAND next to a real libvirtd in a private mount namespace.")
     p.add_argument("--state", required=True, help="state directory (created if missing)")
     p.add_argument("--hook", action="append", default=[], metavar="FILE",
@@ -638,7 +624,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m vfio_hookd.sim.libvirtd``; returns the exit status."""
+    """Entry point of ``python -m testbed.libvirtd``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -655,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             return 70
         env = dict(os.environ, **{ENV_MARK: f"{os.getpid()}:{_mntns()}"})
         os.execve(UNSHARE, [UNSHARE, "--mount", "--propagation", "private", "--",
-                            sys.executable, "-m", "vfio_hookd.sim.libvirtd", *argv], env)
+                            sys.executable, "-m", "testbed.libvirtd", *argv], env)
     try:
         return _inside(args)
     except PrivateLibvirtError as exc:

@@ -1,7 +1,7 @@
-"""Fault injection and simulated latencies for the embedded simulated host.
+"""Fault injection and simulated latencies for the simulated host.
 
-Shared by the simulated kernel (:mod:`vfio_hookd.sim.kernel`) and the simulated systemd
-(:mod:`vfio_hookd.sim.systemd`). The settings live in ``<root>/.sim/faults.json`` so that every
+Shared by the simulated kernel (:mod:`testbed.sim.kernel`) and the simulated systemd
+(:mod:`testbed.sim.systemd`). The settings live in ``<root>/.sim/faults.json`` so that every
 process working on the simulated host (daemon, fake systemd, tests) sees the same ones::
 
     {"rules": [{"op": "write", "target": "/sys/bus/pci/drivers_probe",

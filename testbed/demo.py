@@ -1,19 +1,21 @@
 """The demo: a real libvirtd runs vfio-hookd's hook on ``virsh start`` / ``virsh destroy``.
 
-``scripts/demo`` (as root) runs ``python -m vfio_hookd.demo``. What happens:
+``scripts/demo`` (as root) runs ``python -m testbed.demo``. What happens:
 
 1. A fresh state directory (printed; removed on success unless ``--keep``, kept on failure)
-   gets the simulated single-GPU NVIDIA host (:func:`vfio_hookd.sim.make_host`, realistic
-   latencies from :data:`vfio_hookd.sim.faults.REALISTIC`) and its systemd on a private bus
-   (:class:`vfio_hookd.sim.bus.SimBus`).
-2. :func:`vfio_hookd.sim.libvirtd.run_in_private_libvirt` starts Debian's libvirtd in a private
+   gets the simulated single-GPU NVIDIA host (:func:`testbed.sim.make_host`, realistic
+   latencies from :data:`testbed.sim.faults.REALISTIC`) and its systemd on a private bus
+   (:class:`testbed.sim.bus.SimBus`).
+2. :func:`testbed.libvirtd.run_in_private_libvirt` starts Debian's libvirtd in a private
    mount namespace with ``hooks/vfio-hookd`` in its ``qemu.d``, and bind mounts that make the
    *default* paths ``/etc/vfio-hookd`` and ``/run/vfio-hookd`` point into the state directory
    (libvirtd gives the hook no environment of ours: it must find the daemon where a real
    install puts it).
-3. Inside (``python -m vfio_hookd.demo --inner STATE ...``): ``vfio-hookd daemon`` is started
-   on the simulated host (its log lines stream to the terminal, prefixed ``daemon |``) and
-   waited for (``READY=1`` on ``$NOTIFY_SOCKET``, sd_notify(3)); the profile is written; then
+3. Inside (``python -m testbed.demo --inner STATE ...``): vfio-hookd's daemon is started on
+   the simulated host (:class:`testbed.daemon.DaemonProcess`: ``python -m testbed.daemon``,
+   the product's ``vfio_hookd.daemon.run`` with the simulated host; its log lines stream to
+   the terminal, prefixed ``daemon |``) and waited for (``READY=1`` on ``$NOTIFY_SOCKET``,
+   sd_notify(3)); the profile is written; then
    the scenarios run with the real ``virsh`` and ``vfio-hookd status``:
 
    - ``passthrough``: ``virsh start`` takes the host into passthrough state, ``vfio-hookd
@@ -26,9 +28,10 @@
      nothing for such a request, so a socket of the demo's stands in for it meanwhile:
      :class:`SocketStandIn`).
 
-4. The host is compared with its state at the start (:func:`vfio_hookd.sim.hosts.snapshot`
+4. The host is compared with its state at the start (:func:`testbed.sim.hosts.snapshot`
    plus the simulated systemd's units). The changes the kernel itself makes are expected and
-   listed as such (:func:`classify_changes`); any other difference fails the run.
+   listed as such (:func:`testbed.expected.classify_changes`); any other difference fails the
+   run.
 
 The same machinery drives the end-to-end tests (``tests/test_e2e_libvirt.py``) through
 :func:`run`, with latencies off.
@@ -59,13 +62,16 @@ import tempfile
 import threading
 import time
 import traceback
-from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .sim.pdeathsig import parent_death_signal
+from . import REPO, child_env
+from .daemon import DaemonProcess
+from .expected import FIRMWARE_FBS, classify_changes
+from .pdeathsig import parent_death_signal
+from .procs import stop as stop_process
 
-__all__ = ["run", "classify_changes", "main", "Terminated", "SCENARIOS", "DEFAULT_VM",
-           "UNMANAGED_VM", "CONFIG_DIR", "RUN_DIR", "URI"]
+__all__ = ["run", "main", "Terminated", "SCENARIOS", "DEFAULT_VM", "UNMANAGED_VM",
+           "CONFIG_DIR", "RUN_DIR", "URI"]
 
 SCENARIOS = ("passthrough", "failure", "unmanaged")
 DEMO_SCENARIOS = ("passthrough", "failure")
@@ -75,17 +81,10 @@ URI = "qemu:///system"
 #: The daemon's and the hook's default paths (vfio_hookd.paths); bind-mounted in the namespace.
 CONFIG_DIR = "/etc/vfio-hookd"
 RUN_DIR = "/run/vfio-hookd"
-REPO = Path(__file__).resolve().parent.parent
-HOOK = REPO / "hooks" / "vfio-hookd"
+HOOK = Path(REPO) / "hooks" / "vfio-hookd"
 
-#: Platform device name -> its ``/proc/fb`` name (the kernel's efifb, simplefb, vesafb).
-FIRMWARE_FBS = {"efi-framebuffer.0": "EFI VGA", "simple-framebuffer.0": "simple",
-                "vesa-framebuffer.0": "VESA VGA"}
-#: vfio-pci and the modules it pulls in (left loaded by design: unloading them on release
-#: breaks another VM that uses vfio-pci; FIELD-NOTES §6).
-VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
 #: The environment variables that would move vfio-hookd away from its default paths.
-PATH_VARS = ("VFIO_HOOKD_CONFIG", "VFIO_HOOKD_RUN", "VFIO_HOOKD_HOST_ROOT")
+PATH_VARS = ("VFIO_HOOKD_CONFIG", "VFIO_HOOKD_RUN")
 DAEMON_READY_TIMEOUT_S = 20.0
 DAEMON_STOP_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 120.0
@@ -104,7 +103,8 @@ def section(title: str) -> None:
 
 
 def _env_without_paths() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in PATH_VARS}
+    """This environment without :data:`PATH_VARS`, the repository first on ``PYTHONPATH``."""
+    return child_env({k: v for k, v in os.environ.items() if k not in PATH_VARS})
 
 
 #: The signals that end a run early; each leads to the same cleanup as Ctrl-C.
@@ -121,126 +121,18 @@ class Terminated(BaseException):
 
 
 # ---------------------------------------------------------------------------------------------
-# Comparing the host with its earlier state
-
-
-def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
-    """Split the differences between two :func:`vfio_hookd.sim.hosts.snapshot` results into
-    the ones the kernel itself makes and everything else.
-
-    Expected (Linux ``drivers/video/aperture.c``, ``drivers/video/fbdev/core/fbcon.c``,
-    FIELD-NOTES §2):
-
-    - a firmware framebuffer platform device (``efi-framebuffer.0``, ``simple-framebuffer.0``,
-      ``vesa-framebuffer.0``) *removed*, entirely: the kernel deletes it when vfio-pci (or a
-      DRM driver) takes the boot VGA function; nothing can bring it back before a reboot;
-    - its line *removed* from ``/proc/fb`` (other lines unchanged);
-    - fbcon's vtconsole (name containing ``frame buffer``) *removed*, entirely, when
-      ``/proc/fb`` is left empty: fbcon unregisters with the last framebuffer; if it was
-      bound, another vtconsole's ``bind`` going from 0 to 1 (the driver that took the consoles
-      over, ``drivers/tty/vt/vt.c`` ``do_unbind_con_driver``; nothing else of it changed);
-    - ``/sys/module/<m>`` for :data:`VFIO_MODULES` and ``/sys/bus/pci/drivers/vfio-pci``
-      *added*: vfio-pci is left loaded by design.
-
-    :param before: ``{host path: ("dir"|"link"|"file", value)}``.
-    :param after: the same shape, later.
-    :returns: ``(expected, unexpected)``: human-readable lines for each expected change that
-        occurred, and ``{path: (before value or None, after value or None)}`` for the rest.
-    """
-    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
-    expected: list[str] = []
-
-    def under(path: str, top: str) -> bool:
-        return path == top or path.startswith(top + "/")
-
-    def claim(paths: set, kind: str) -> bool:
-        """True when ``paths`` is non-empty and every path was purely removed/added."""
-        if not paths:
-            return False
-        if kind == "removed":
-            ok = all(p in before and p not in after for p in paths)
-        else:
-            ok = all(p in after and p not in before for p in paths)
-        if ok:
-            changed.difference_update(paths)
-        return ok
-
-    removed_fbs = []
-    for dev, fbname in FIRMWARE_FBS.items():
-        top = f"/sys/devices/platform/{dev}"
-        if not (top in before and top not in after):
-            continue
-        paths = {p for p in changed if under(p, top)
-                 or p == f"/sys/bus/platform/devices/{dev}"
-                 or fnmatchcase(p, f"/sys/bus/platform/drivers/*/{dev}")}
-        if claim(paths, "removed"):
-            removed_fbs.append(fbname)
-            expected.append(f"firmware framebuffer {dev} removed: the kernel deletes it when "
-                            f"vfio-pci takes the boot VGA function (aperture eviction)")
-
-    fb_before = (before.get("/proc/fb") or ("file", ""))[1] or ""
-    fb_after = (after.get("/proc/fb") or ("file", ""))[1] or ""
-    if "/proc/fb" in changed:
-        lines_b, lines_a = fb_before.splitlines(), fb_after.splitlines()
-        gone = [ln for ln in lines_b if ln not in lines_a]
-        if (gone and [ln for ln in lines_b if ln not in gone] == lines_a
-                and all(ln.partition(" ")[2] in removed_fbs for ln in gone)):
-            changed.discard("/proc/fb")
-            expected.append(f"/proc/fb: {', '.join(repr(g) for g in gone)} gone with it")
-
-    base = "/sys/devices/virtual/vtconsole"
-    fbcon_gone = []
-    if fb_after.strip() == "":
-        for p in sorted(changed):
-            m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
-            if not m or p not in before or p in after:
-                continue
-            v = m.group(1)
-            name = (before.get(f"{base}/{v}/name") or ("file", ""))[1] or ""
-            if "frame buffer" not in name:
-                continue
-            if claim({q for q in changed if q == p or under(q, f"{base}/{v}")}, "removed"):
-                expected.append(f"{v} ({name.strip()}) removed: fbcon unregistered with the "
-                                f"last framebuffer")
-                if (before.get(f"{base}/{v}/bind") or ("", ""))[1] == "1\n":
-                    fbcon_gone.append(v)
-    if fbcon_gone:
-        # the consoles fbcon held went to another console driver (vt.c do_unbind_con_driver),
-        # which keeps them: its bind reads 1 now, nothing else of it changed
-        for p in sorted(changed):
-            m = re.fullmatch(re.escape(base) + r"/(vtcon\d+)/bind", p)
-            if (m and before.get(p) == ("file", "0\n") and after.get(p) == ("file", "1\n")
-                    and not any(q != p and under(q, f"{base}/{m.group(1)}") for q in changed)):
-                changed.discard(p)
-                name = ((after.get(f"{base}/{m.group(1)}/name") or ("", ""))[1] or "").strip()
-                expected.append(f"{m.group(1)} ({name}) bound: it took the consoles over from "
-                                f"fbcon's {', '.join(fbcon_gone)}")
-
-    loaded = [m for m in VFIO_MODULES
-              if claim({p for p in changed if under(p, f"/sys/module/{m}")}, "added")]
-    drv = claim({p for p in changed if under(p, "/sys/bus/pci/drivers/vfio-pci")}, "added")
-    if loaded or drv:
-        expected.append(f"vfio-pci left loaded by design (modules: {', '.join(loaded) or '-'})")
-    return expected, {p: (before.get(p), after.get(p)) for p in sorted(changed)}
+# Comparing the host with its earlier state (the kernel's own changes: testbed.expected)
 
 
 def _units(address: str) -> dict[str, str]:
-    from .systemd import Systemd
+    from vfio_hookd.systemd import Systemd
     with Systemd(address) as sd:
         return sd.list_units()
 
 
 def _snapshot(root: str, address: str) -> dict:
-    from .sim import hosts
+    from testbed.sim import hosts
     return {"tree": hosts.snapshot(root), "units": _units(address)}
-
-
-def _tree_json(tree: dict) -> dict:
-    return {k: list(v) for k, v in tree.items()}
-
-
-def _tree_from_json(data: dict) -> dict:
-    return {k: tuple(v) for k, v in data.items()}
 
 
 def compare(before: dict, after: dict) -> dict:
@@ -279,84 +171,18 @@ def _fmt_units(units: dict) -> str:
 # The inner part (runs inside the private mount namespace, next to libvirtd)
 
 
-class DaemonProcess:
-    """``vfio-hookd daemon`` on the simulated host, its log streamed to the terminal.
+def start_daemon(root: str, address: str) -> DaemonProcess:
+    """vfio-hookd's daemon on the simulated host ``root`` (:class:`testbed.daemon.DaemonProcess`:
+    ``python -m testbed.daemon --root ROOT``), its systemd the simulated one at ``address``,
+    its log lines streamed to the terminal (prefixed ``daemon |``), ready at ``READY=1``.
 
-    :param root: simulated host root; :param address: the simulated system bus's D-Bus address.
-    Ready when it sends ``READY=1`` to ``$NOTIFY_SOCKET`` (an abstract unix datagram socket
-    here; sd_notify(3)); the daemon's exit while waiting fails at once.
-
-    :raises RuntimeError: not ready within :data:`DAEMON_READY_TIMEOUT_S` or exited first.
+    :raises testbed.daemon.DaemonError: not ready within :data:`DAEMON_READY_TIMEOUT_S` or
+        exited first.
     """
-
-    def __init__(self, root: str, address: str):
-        self.lines: list[str] = []
-        exe = Path(sys.executable).parent / "vfio-hookd"
-        argv = [str(exe), "daemon"] if exe.exists() else [sys.executable, "-m", "vfio_hookd.cli",
-                                                           "daemon"]
-        notify_name = f"vfio-hookd-demo-{os.getpid()}-{time.monotonic_ns()}"
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._notify.bind("\0" + notify_name)
-        env = _env_without_paths()
-        env.update(VFIO_HOOKD_HOST_ROOT=root, DBUS_SYSTEM_BUS_ADDRESS=address,
-                   VFIO_HOOKD_LOG="stderr", NOTIFY_SOCKET="@" + notify_name,
-                   PYTHONUNBUFFERED="1")
-        t0 = time.monotonic()
-        # own session: a Ctrl-C in the terminal does not reach it; we stop it by PID (and it
-        # gets SIGTERM if this process dies without doing so)
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     preexec_fn=parent_death_signal(signal.SIGTERM))
-        self._reader = threading.Thread(target=self._pump, daemon=True, name="daemon-log")
-        self._reader.start()
-        try:
-            self._wait_ready(time.monotonic() + DAEMON_READY_TIMEOUT_S)
-        except BaseException:
-            self.stop()
-            raise
-        self.ready_ms = round((time.monotonic() - t0) * 1000, 1)
-
-    def _pump(self) -> None:
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            say(f"    daemon | {line}")
-
-    def _wait_ready(self, deadline: float) -> None:
-        pidfd = os.pidfd_open(self.proc.pid)
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError("vfio-hookd daemon: no READY=1 within "
-                                       f"{DAEMON_READY_TIMEOUT_S:g} s")
-                ready, _, _ = select.select([self._notify, pidfd], [], [], left)
-                if pidfd in ready:
-                    self._reader.join(5)  # its last lines, for the message
-                    raise RuntimeError(f"vfio-hookd daemon exited with status "
-                                       f"{self.proc.wait()} before READY=1: "
-                                       + " | ".join(self.lines[-5:]))
-                if self._notify in ready:
-                    msg = self._notify.recv(4096).decode(errors="replace")
-                    if "READY=1" in msg.split("\n"):
-                        return
-        finally:
-            os.close(pidfd)
-
-    def stop(self) -> int | None:
-        """SIGTERM by PID, wait (it finishes requests in flight), SIGKILL after
-        :data:`DAEMON_STOP_TIMEOUT_S`; returns its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(DAEMON_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        self._notify.close()
-        return self.proc.returncode
+    env = _env_without_paths()
+    env.update(DBUS_SYSTEM_BUS_ADDRESS=address, VFIO_HOOKD_LOG="stderr", PYTHONUNBUFFERED="1")
+    return DaemonProcess(root, env=env, echo=lambda line: say(f"    daemon | {line}"),
+                         ready_timeout_s=DAEMON_READY_TIMEOUT_S)
 
 
 def _cmd(argv: list[str], env: dict | None = None, show: bool = True) -> dict:
@@ -449,16 +275,17 @@ class Inner:
     """
 
     def __init__(self, state: Path, address: str, vm: str):
-        from .host import open_host
+        from testbed.sim import DEVICES
+        from testbed.sim.kernel import SimHost
         self.state, self.address, self.vm = state, address, vm
         self.root = str(state / "host")
-        self.host = open_host(self.root)
-        from .sim import DEVICES
+        self.host = SimHost(self.root)
         self.devices = list(DEVICES["nvidia"])
         self.daemon: DaemonProcess | None = None
         self.results: dict = {"vm": vm, "scenarios": {}, "checks": [], "problems": []}
+        # `vfio-hookd status` as a user runs it: it asks the daemon (the repository's code
+        # through PYTHONPATH, whatever the venv's editable install points at)
         self.cli_env = _env_without_paths()
-        self.cli_env.update(VFIO_HOOKD_HOST_ROOT=self.root, DBUS_SYSTEM_BUS_ADDRESS=address)
         exe = Path(sys.executable).parent / "vfio-hookd"
         self.cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "vfio_hookd.cli"]
 
@@ -508,7 +335,7 @@ class Inner:
         return _cmd(["virsh", "-c", URI, *args])
 
     def domain_state(self, vm: str) -> list:
-        from .virt import Libvirt
+        from vfio_hookd.virt import Libvirt
         with Libvirt(URI) as lv:
             return list(lv.state_reason(vm))
 
@@ -556,7 +383,7 @@ class Inner:
         self.check(sc, "units as before", cmp["units_equal"])
 
     def failure(self) -> None:
-        from .sim import faults
+        from testbed.sim import faults
         vm, sc = self.vm, "failure"
         res: dict = self.results["scenarios"].setdefault(sc, {})
         before = self.snap()
@@ -619,16 +446,18 @@ class Inner:
 
     # ---- the whole inner run ----------------------------------------------------------------
     def run(self, scenarios: list[str]) -> int:
-        from .virt import Libvirt, tiny_domain_xml
+        from vfio_hookd.virt import Libvirt
+
+        from .domains import tiny_domain_xml
         section("Simulated host before anything runs")
         self.show_host()
         section("Starting vfio-hookd daemon (log lines prefixed 'daemon |')")
-        self.daemon = DaemonProcess(self.root, self.address)
+        self.daemon = start_daemon(self.root, self.address)
         self.results["daemon_ready_ms"] = self.daemon.ready_ms
         say(f"  daemon pid {self.daemon.proc.pid}, READY=1 after {self.daemon.ready_ms:.0f} ms")
         prof = Path(CONFIG_DIR) / "vms" / f"{self.vm}.yaml"
         prof.parent.mkdir(parents=True, exist_ok=True)
-        prof.write_text("# written by vfio_hookd.demo\n"
+        prof.write_text("# written by testbed.demo\n"
                         f"devices: [{', '.join(repr(a) for a in self.devices)}]\n"
                         "stop_units: [nvidia-persistenced.service]\n")
         section(f"Profile {prof}")
@@ -637,7 +466,7 @@ class Inner:
             for name in (self.vm, UNMANAGED_VM):
                 lv.define(tiny_domain_xml(name))
         say(f"  defined domains {self.vm!r} and {UNMANAGED_VM!r} (TCG, 64 MiB, no disk; "
-            "vfio_hookd.virt.tiny_domain_xml)")
+            "testbed.domains.tiny_domain_xml)")
         for sc in scenarios:
             getattr(self, sc)()
         return 0 if all(c["ok"] for c in self.results["checks"]) else 1
@@ -646,7 +475,7 @@ class Inner:
         """Destroy our domains if still running (while the daemon can still release), then
         stop the daemon by PID."""
         try:
-            from .virt import Libvirt
+            from vfio_hookd.virt import Libvirt
             with Libvirt(URI) as lv:
                 for name in lv.active_names():
                     if name in (self.vm, UNMANAGED_VM):
@@ -655,7 +484,7 @@ class Inner:
         except Exception as exc:  # noqa: BLE001 - cleanup goes on
             self.results["problems"].append(f"cleanup: destroy failed: {exc}")
         if self.daemon is not None:
-            rc = self.daemon.stop()
+            rc = self.daemon.stop(DAEMON_STOP_TIMEOUT_S)
             self.results["daemon_exit"] = rc
             self.results["daemon_log"] = self.daemon.lines
             say(f"  daemon pid {self.daemon.proc.pid} stopped (exit status {rc})")
@@ -664,7 +493,7 @@ class Inner:
 
 
 def inner_main(args) -> int:
-    """``python -m vfio_hookd.demo --inner STATE --bus ADDRESS [--vm VM] [--scenario S ...]``:
+    """``python -m testbed.demo --inner STATE --bus ADDRESS [--vm VM] [--scenario S ...]``:
     runs inside the private namespace; writes ``STATE/result.json``; returns the exit status."""
     state = Path(args.inner).resolve()
     for var in PATH_VARS:
@@ -707,12 +536,12 @@ def inner_main(args) -> int:
 
 
 class BusProcess:
-    """``python -m vfio_hookd.sim.bus --root ROOT`` (the private bus and the simulated
+    """``python -m testbed.sim.bus --root ROOT`` (the private bus and the simulated
     systemd) in a session of its own, so that a Ctrl-C in the terminal does not stop it while
     the inner part still needs it to give the host back. Ready when it prints the address.
 
     It must not outlive this process: it gets ``PR_SET_PDEATHSIG`` = SIGTERM (on which it
-    stops the simulated systemd, its unit processes and dbus-daemon; :mod:`.sim.pdeathsig`).
+    stops the simulated systemd, its unit processes and dbus-daemon; :mod:`.pdeathsig`).
     Its stdin is a pipe only this process holds (closed by :meth:`stop`, and by the kernel
     when this process dies), for the bus runner to stop on end of file; it does not watch
     stdin yet, so today the parent-death signal is what stops it after a SIGKILL here.
@@ -721,9 +550,9 @@ class BusProcess:
     """
 
     def __init__(self, root: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "vfio_hookd.sim.bus", "--root", root],
+        self.proc = subprocess.Popen([sys.executable, "-m", "testbed.sim.bus", "--root", root],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     start_new_session=True,
+                                     env=child_env(), start_new_session=True,
                                      preexec_fn=parent_death_signal(signal.SIGTERM))
         try:
             ready, _, _ = select.select([self.proc.stdout], [], [], 20.0)
@@ -740,13 +569,7 @@ class BusProcess:
         """Close its stdin, SIGTERM by PID (it stops the simulated systemd, then the bus),
         wait, SIGKILL after 15 s."""
         self.proc.stdin.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         self.proc.stdout.close()
 
 
@@ -780,7 +603,7 @@ def run(state: str | os.PathLike, scenarios: list[str] | tuple[str, ...] = DEMO_
 
     Signal handlers are installed for the call (main thread only) and restored afterwards.
     """
-    from .sim import make_host
+    from testbed.sim import make_host
     for sc in scenarios:
         if sc not in SCENARIOS:
             raise ValueError(f"unknown scenario {sc!r} (one of {', '.join(SCENARIOS)})")
@@ -828,13 +651,13 @@ def run(state: str | os.PathLike, scenarios: list[str] | tuple[str, ...] = DEMO_
 
 def _signal_runner(signum: int, bus: "BusProcess | None") -> None:
     """Send ``signum`` to this process's private-libvirtd runner (a child running
-    ``vfio_hookd.sim.libvirtd``: the PID :func:`vfio_hookd.sim.libvirtd.run_in_private_libvirt`
+    ``testbed.libvirtd``: the PID :func:`testbed.libvirtd.run_in_private_libvirt`
     does not hand out), by PID."""
     import psutil
     for child in psutil.Process().children():
         try:
             if ((bus is None or child.pid != bus.proc.pid)
-                    and "vfio_hookd.sim.libvirtd" in child.cmdline()):
+                    and "testbed.libvirtd" in child.cmdline()):
                 child.send_signal(signum)
         except psutil.Error:
             pass  # gone meanwhile
@@ -843,13 +666,13 @@ def _signal_runner(signum: int, bus: "BusProcess | None") -> None:
 def _run_with_bus(state: Path, root: Path, bus: "BusProcess", scenarios, vm: str, cache_dir,
                   capture: bool, timeout_s: float, deferring: list[bool]) -> dict:
     """:func:`run` once the bus is up; returns the result without ``timings`` and ``ok``."""
-    from .sim import libvirtd
+    from . import libvirtd
     result: dict = {"checks": [], "scenarios": {}, "problems": [], "rc": None}
     before = _snapshot(str(root), bus.address)
     for d in ("etc-vfio-hookd", "run-vfio-hookd"):
         (state / d).mkdir()
     (state / "etc-vfio-hookd" / "vms").mkdir()
-    command = [sys.executable, "-m", "vfio_hookd.demo", "--inner", str(state),
+    command = [sys.executable, "-m", "testbed.demo", "--inner", str(state),
                "--bus", bus.address, "--vm", vm]
     for sc in scenarios:
         command += ["--scenario", sc]
@@ -884,7 +707,7 @@ def _outer_main(args) -> int:
         if shutil.which(exe) is None:
             print(f"demo: {exe} not found: run scripts/setup", file=sys.stderr)
             return 2
-    from .sim import faults
+    from testbed.sim import faults
     latency = None if args.no_latency else faults.REALISTIC
     state = Path(tempfile.mkdtemp(prefix="vfio-hookd-demo-"))
     say(f"vfio-hookd demo: state directory {state}")
@@ -961,7 +784,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m vfio_hookd.demo``; returns the exit status."""
+    """Entry point of ``python -m testbed.demo``; returns the exit status."""
     args = _parser().parse_args(argv)
     if args.inner:
         return inner_main(args)

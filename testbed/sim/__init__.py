@@ -1,8 +1,11 @@
-"""The embedded simulated host: a fake kernel rooted in a directory (:mod:`.kernel`, built by
+"""The simulated host: a fake kernel rooted in a directory (:mod:`.kernel`, built by
 :mod:`.hosts`), a fake systemd on a private D-Bus bus (:mod:`.systemd`, :mod:`.bus`), and fault
 injection / latencies shared by both (:mod:`.faults`). Used by the demo, the tests and the
-benchmarks; the product's code runs against it unchanged through :class:`vfio_hookd.host.Host`
-and :class:`vfio_hookd.systemd.Systemd`.
+benchmarks; the product's code runs against it unchanged: :class:`.kernel.SimHost` is a
+:class:`vfio_hookd.host.Host` subclass handed to the product's API (``Machine(SimHost(root), paths)``,
+``vfio_hookd.daemon.run(paths, host=SimHost(root))``), and the fake systemd answers
+:class:`vfio_hookd.systemd.Systemd` on a private bus (or :mod:`testbed.fake_systemd` stands in
+for that client in-process).
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""The simulated kernel: a directory tree that answers writes the way Linux does.
+"""The simulated kernel: a directory tree that answers writes the way Linux does, and module
+commands the way kmod does.
 
-:class:`SimHost` is the :class:`~vfio_hookd.host.Host` of the embedded simulated host (a directory
-holding ``.sim/``, built by :mod:`vfio_hookd.sim.hosts`). The state lives in the tree itself --
+:class:`SimHost` is the :class:`~vfio_hookd.host.Host` of the simulated host (a directory
+holding ``.sim/``, built by :mod:`testbed.sim.hosts`); it replaces only the product's two doors
+to the kernel, one sysfs write and one ``modprobe``/``rmmod`` command, and raises what those
+raise (``OSError``, ``TimeoutError``) or answers what they answer (exit status and message):
+never a product error. The state lives in the tree itself --
 real directories, regular files, relative symlinks that stay inside the root, exactly where sysfs
 has them -- plus ``<root>/.sim/state.json`` for what a tree cannot hold (see :data:`STATE_DOC`).
 Every operation takes an ``flock`` on ``<root>/.sim/kernel.lock`` so the daemon, the fake
@@ -48,8 +52,9 @@ import shutil
 import threading
 import time
 
-from .. import errors
-from ..host import Host, identity_of
+from vfio_hookd.deadline import run_with_deadline
+from vfio_hookd.host import Host, identity_of
+
 from . import faults
 
 #: The schema of ``<root>/.sim/state.json`` (documentation only).
@@ -88,32 +93,23 @@ class _Hang(Exception):
     released first, then the calling thread blocks forever."""
 
 
+class KmodError(Exception):
+    """A ``modprobe`` / ``rmmod`` that failed the way kmod's does: ``status`` (its exit status)
+    and ``text`` (what it printed on stderr, e.g. ``rmmod: ERROR: Module nvidia is in use by:
+    nvidia_modeset``). :meth:`SimHost.run_command` turns it into ``(status, text)``: the
+    simulated host answers like the commands, the product decides what that means."""
+
+    def __init__(self, text: str, status: int = 1):
+        super().__init__(text)
+        self.text = text
+        self.status = status
+
+
 def _hang() -> None:
     threading.Event().wait()
 
 
-def _with_deadline(fn, timeout_s: float, what: str) -> None:
-    """Run ``fn()`` in a daemon thread; raise HookdError TIMEOUT if it has not returned in
-    ``timeout_s`` seconds (the thread is abandoned, like :meth:`Host.write`)."""
-    result: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            fn()
-            result.append(None)
-        except BaseException as exc:  # handed to the caller's thread
-            result.append(exc)
-
-    worker = threading.Thread(target=run, name=what, daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if not result:
-        raise errors.HookdError(errors.TIMEOUT, f"{what} did not finish within {timeout_s:g} s")
-    if result[0] is not None:
-        raise result[0]
-
-
-# ---- tree primitives (shared with vfio_hookd.sim.hosts) -------------------------------------
+# ---- tree primitives (shared with testbed.sim.hosts) -------------------------------------
 def real(root: str, p: str) -> str:
     """Filesystem path of host path ``p`` under ``root``."""
     return root + p
@@ -198,8 +194,8 @@ class Kernel:
     """The kernel logic on one loaded state; use through :func:`locked_kernel`.
 
     Every method works on host paths and raises ``OSError`` with the errno the kernel returns,
-    :class:`HookdError` (``MODULE_FAILED``) for module operations, or :class:`_Hang` when the
-    kernel would block.
+    :class:`KmodError` (kmod's exit status and message) for module operations, or
+    :class:`_Hang` when the kernel would block.
     """
 
     def __init__(self, root: str, state: dict, proc: str = "/proc"):
@@ -659,14 +655,12 @@ class Kernel:
     def modprobe(self, name: str) -> None:
         """Load module ``name`` (``-`` or ``_``) with its deps; no-op when loaded.
 
-        :raises HookdError: ``MODULE_FAILED`` for an unknown module."""
+        :raises KmodError: an unknown module, or one whose init fails."""
         m = module_name(name)
         info = self.st["modules"].get(m)
         if info is None:
-            raise errors.HookdError(
-                errors.MODULE_FAILED,
-                f"loading module {name}: modprobe: FATAL: Module {name} not found in directory "
-                f"/lib/modules/{self.st.get('kernel', '6.1.0-sim')}")
+            raise KmodError(f"modprobe: FATAL: Module {name} not found in directory "
+                            f"/lib/modules/{self.st.get('kernel', '6.1.0-sim')}")
         if self.loaded(m):
             return
         for dep in info.get("deps", []):
@@ -695,32 +689,23 @@ class Kernel:
                 # ("NVRM: No NVIDIA devices probed", nv.c returns -ENODEV), e.g. while the
                 # GPU is still on vfio-pci
                 self.rmmod(m)
-                raise errors.HookdError(
-                    errors.MODULE_FAILED,
-                    f"loading module {name}: modprobe: ERROR: could not insert '{m}': "
-                    f"No such device")
+                raise KmodError(f"modprobe: ERROR: could not insert '{m}': No such device")
 
     def rmmod(self, name: str) -> None:
         """Unload module ``name`` only.
 
-        :raises HookdError: ``MODULE_FAILED`` with kmod's message; :class:`_Hang`."""
+        :raises KmodError: with kmod's message; :class:`_Hang`."""
         m = module_name(name)
         info = self.st["modules"].get(m)
-        what = f"unloading module {name}"
         if info is None or not self.loaded(m):
-            raise errors.HookdError(errors.MODULE_FAILED,
-                                    f"{what}: rmmod: ERROR: Module {m} is not currently loaded")
+            raise KmodError(f"rmmod: ERROR: Module {m} is not currently loaded")
         if info.get("builtin"):
-            raise errors.HookdError(errors.MODULE_FAILED,
-                                    f"{what}: rmmod: ERROR: Module {m} is builtin.")
+            raise KmodError(f"rmmod: ERROR: Module {m} is builtin.")
         holders = sorted(os.listdir(self.r(f"/sys/module/{m}/holders")))
         if holders:
-            raise errors.HookdError(
-                errors.MODULE_FAILED,
-                f"{what}: rmmod: ERROR: Module {m} is in use by: {' '.join(holders)}")
+            raise KmodError(f"rmmod: ERROR: Module {m} is in use by: {' '.join(holders)}")
         if self.pinned_count(m):
-            raise errors.HookdError(errors.MODULE_FAILED,
-                                    f"{what}: rmmod: ERROR: Module {m} is in use")
+            raise KmodError(f"rmmod: ERROR: Module {m} is in use")
         drv = info.get("pci_driver")
         if drv:
             bound = [a for a in sorted(self.st["devices"]) if self.driver_of(a) == drv]
@@ -744,7 +729,7 @@ class Kernel:
     @staticmethod
     def classify(rp: str) -> tuple[str, tuple]:
         """Kind of the sysfs attribute at resolved host path ``rp`` and its parameters; the
-        kind names the latency key in :mod:`vfio_hookd.sim.faults` (``plain`` has none)."""
+        kind names the latency key in :mod:`testbed.sim.faults` (``plain`` has none)."""
         if rp == "/sys/bus/pci/drivers_probe":
             return "drivers_probe", ()
         m = re.fullmatch(r"/sys/bus/pci/drivers/([^/]+)/(bind|unbind)", rp)
@@ -804,28 +789,31 @@ class Kernel:
 
 
 class SimHost(Host):
-    """The :class:`Host` of a simulated host directory (one holding ``.sim/state.json``).
+    """The :class:`~vfio_hookd.host.Host` of a simulated host directory (one holding
+    ``.sim/state.json``, built by :mod:`testbed.sim.hosts`).
 
-    Writes, ``modprobe`` and ``rmmod`` are answered by :class:`Kernel` under the kernel lock.
-    Before each operation the fault rules of :mod:`vfio_hookd.sim.faults` are consulted (op
+    Only the two places where the product meets the kernel and kmod are replaced:
+    :meth:`_write_now` (one ``write(2)`` to a sysfs attribute) and :meth:`run_command` (a
+    ``modprobe NAME`` / ``rmmod NAME`` command); both are answered by :class:`Kernel` under the
+    kernel lock. Everything else (reads, deadlines, turning exit statuses into errors) is the
+    product's own :class:`~vfio_hookd.host.Host` code.
+
+    Before each operation the fault rules of :mod:`testbed.sim.faults` are consulted (op
     ``write`` with the host path as given and as resolved, ``modprobe``/``rmmod`` with the module
-    name as given and canonical): ``fail`` raises ``OSError(errno)`` for a write and
-    ``HookdError(MODULE_FAILED)`` for a module, ``hang`` blocks so the caller's deadline fires.
-    Then the configured latency (s) for the operation is slept: the only sleep, modelling the
-    kernel's time.
+    name as given and canonical): ``fail`` raises ``OSError(errno)`` for a write and makes the
+    command exit 1 with kmod's message for a module; ``hang`` blocks so the caller's deadline
+    fires. Then the configured latency (s) for the operation is slept: the only sleep,
+    modelling the kernel's time.
 
     :param root: the simulated host directory (str).
     :param proc: process table scanned for holders of the simulated nodes (real processes).
-    :raises HookdError: ``HOST_IO`` when ``root`` holds no ``.sim/state.json``.
+    :raises ValueError: ``root`` holds no ``.sim/state.json``.
     """
-
-    simulated = True
 
     def __init__(self, root: str, proc: str = "/proc"):
         super().__init__(root, proc)
         if not os.path.isfile(os.path.join(self.root, ".sim", "state.json")):
-            raise errors.HookdError(errors.HOST_IO,
-                                    f"{root} is not a simulated host (no .sim/state.json)")
+            raise ValueError(f"{root} is not a simulated host (no .sim/state.json)")
 
     def _fault(self, op: str, targets: list[str]) -> dict | None:
         for t in dict.fromkeys(targets):
@@ -840,6 +828,12 @@ class SimHost(Host):
             time.sleep(delay)  # the kernel's time for this operation (the one allowed sleep)
 
     def _write_now(self, p: str, data: str) -> None:
+        """One write of ``data`` to host path ``p``, answered like the kernel.
+
+        :raises OSError: the kernel's errno (``ENODEV``, ``EBUSY``, ``ENOENT``, ...) or the
+            injected one. Blocks for good where the kernel would (the product's deadline
+            thread is abandoned then).
+        """
         try:
             rp = Kernel(self.root, {}, self.proc).resolve(p)
         except OSError:
@@ -859,49 +853,40 @@ class SimHost(Host):
         except _Hang:
             _hang()
 
-    def modprobe(self, name: str, timeout_s: float) -> None:
-        """Load module ``name`` and its dependencies, then probe its PCI driver's functions.
+    def run_command(self, argv: list[str], timeout_s: float) -> tuple[int, str]:
+        """Emulate ``modprobe NAME`` (load NAME and its dependencies, probe its PCI driver's
+        functions) and ``rmmod NAME`` (unload NAME only; its PCI driver's functions are
+        unbound): ``(exit status, stderr text)`` as kmod gives them, e.g. ``(1, "rmmod:
+        ERROR: Module nvidia is in use by: nvidia_modeset")`` or ``(1, "modprobe: FATAL:
+        Module x not found in directory /lib/modules/6.1.0-sim")``.
 
-        :raises HookdError: ``MODULE_FAILED`` ("modprobe: FATAL: Module X not found ..."),
-            ``TIMEOUT`` after ``timeout_s`` (s).
+        :raises TimeoutError: it has not finished within ``timeout_s`` (s): a hang fault, or
+            a module whose unbind blocks (:func:`vfio_hookd.deadline.run_with_deadline`).
+        :raises OSError: ``ENOENT`` for any other command (the simulated host has no others).
         """
-        def run() -> None:
-            rule = self._fault("modprobe", [name, module_name(name)])
+        if len(argv) != 2 or argv[0] not in ("modprobe", "rmmod"):
+            raise OSError(errno.ENOENT, "the simulated host runs only 'modprobe NAME' and "
+                          "'rmmod NAME'", " ".join(argv))
+        cmd, name = argv
+
+        def run() -> tuple[int, str]:
+            rule = self._fault(cmd, [name, module_name(name)])
             if rule:
                 if rule["action"] == "hang":
                     _hang()
-                raise errors.HookdError(
-                    errors.MODULE_FAILED,
-                    f"loading module {name}: modprobe: ERROR: could not insert "
-                    f"'{module_name(name)}': {os.strerror(int(rule.get('errno') or errno.EIO))}")
-            self._latency("modprobe")
-            with locked_kernel(self.root, self.proc) as k:
-                k.modprobe(name)
-                k.refresh_refcnts()
-
-        _with_deadline(run, timeout_s, f"loading module {name}")
-
-    def rmmod(self, name: str, timeout_s: float) -> None:
-        """Unload module ``name`` (not its dependencies); its PCI driver's functions are unbound.
-
-        :raises HookdError: ``MODULE_FAILED`` with kmod's message ("rmmod: ERROR: Module nvidia
-            is in use by: nvidia_modeset ..."), ``TIMEOUT`` after ``timeout_s`` (s).
-        """
-        def run() -> None:
-            rule = self._fault("rmmod", [name, module_name(name)])
-            if rule:
-                if rule["action"] == "hang":
-                    _hang()
-                raise errors.HookdError(
-                    errors.MODULE_FAILED,
-                    f"unloading module {name}: rmmod: ERROR: could not remove module "
-                    f"{module_name(name)}: {os.strerror(int(rule.get('errno') or errno.EIO))}")
-            self._latency("rmmod")
+                why = os.strerror(int(rule.get("errno") or errno.EIO))
+                if cmd == "modprobe":
+                    return 1, f"modprobe: ERROR: could not insert '{module_name(name)}': {why}\n"
+                return 1, f"rmmod: ERROR: could not remove module {module_name(name)}: {why}\n"
+            self._latency(cmd)
             try:
                 with locked_kernel(self.root, self.proc) as k:
-                    k.rmmod(name)
+                    getattr(k, cmd)(name)
                     k.refresh_refcnts()
+            except KmodError as exc:
+                return exc.status, exc.text + "\n"
             except _Hang:
                 _hang()
+            return 0, ""
 
-        _with_deadline(run, timeout_s, f"unloading module {name}")
+        return run_with_deadline(run, timeout_s, " ".join(argv))

@@ -1,7 +1,7 @@
 """Builders of simulated hosts: a directory laid out like a booted Linux machine.
 
-:func:`build_host` makes ``root`` a simulated host (``root/.sim/state.json`` plus the tree) that
-:func:`vfio_hookd.host.open_host` turns into a :class:`~vfio_hookd.sim.kernel.SimHost`. The
+:func:`build_host` makes ``root`` a simulated host (``root/.sim/state.json`` plus the tree) for
+:class:`testbed.sim.kernel.SimHost` (``SimHost(root)``) to act on. The
 tree is built the way the kernel would have built it at boot: the static topology (PCI
 functions, IOMMU groups, vtconsole 0, the firmware framebuffer) is laid out, then the boot
 modules are loaded through the simulated kernel, whose drivers probe the functions and create

@@ -1,7 +1,7 @@
 """A private system-like D-Bus bus with the simulated systemd on it.
 
 :class:`SimBus` starts ``dbus-daemon`` (bus type ``system``, a unix socket under
-``<root>/.sim/``, an allow-all policy) and :mod:`vfio_hookd.sim.systemd` on it, and waits for
+``<root>/.sim/``, an allow-all policy) and :mod:`testbed.sim.systemd` on it, and waits for
 both to be ready by reading their stdout (``--print-address`` and ``READY``), never by sleeping.
 Point a client at it with ``DBUS_SYSTEM_BUS_ADDRESS=<address>`` or
 ``vfio_hookd.systemd.Systemd(address)``. Recipe: FIELD-NOTES §5 "A systemd to talk to".
@@ -12,7 +12,7 @@ SIGKILL, the simulated systemd SIGTERM (it then SIGKILLs its unit processes, as 
 so a SIGKILLed test run leaves none of them behind. Create the :class:`SimBus` in a thread that
 lives as long as the bus is used (e.g. the main thread).
 
-``python -m vfio_hookd.sim.bus --root R`` runs both in the foreground, prints the address on one
+``python -m testbed.sim.bus --root R`` runs both in the foreground, prints the address on one
 line and stops them on SIGTERM / SIGINT (or when either exits). Logs of both go to
 ``<root>/.sim/dbus-daemon.log`` and ``<root>/.sim/systemd.log``.
 """
@@ -30,7 +30,9 @@ import tempfile
 import time
 import weakref
 
-from .pdeathsig import parent_death_signal
+from .. import child_env
+from ..pdeathsig import parent_death_signal
+from ..procs import stop
 
 #: AF_UNIX ``sun_path`` is 108 bytes including the terminating NUL (``unix(7)``).
 _SUN_PATH_MAX = 107
@@ -81,20 +83,9 @@ def _read_line(proc: subprocess.Popen, deadline: float, what: str) -> str:
     return buf.split(b"\n", 1)[0].decode().strip()
 
 
-def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout_s: float = 5.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _cleanup(procs: list, tmpdir: str | None) -> None:
     for p in procs:
-        _stop(p)
+        stop(p, 5.0)
     for p in procs:
         if p is not None and p.stdout:
             p.stdout.close()
@@ -155,11 +146,11 @@ class SimBus:
             deadline = time.monotonic() + ready_timeout_s
             with open(os.path.join(simdir, "systemd.log"), "ab") as log:
                 sim = subprocess.Popen(
-                    [sys.executable, "-m", "vfio_hookd.sim.systemd", "--root", self.root,
+                    [sys.executable, "-m", "testbed.sim.systemd", "--root", self.root,
                      "--state-root", self.state_root,
                      "--address", self.address, "--exit-on-stdin-eof"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                    env=_child_env(), start_new_session=True,
+                    env=child_env(), start_new_session=True,
                     # SIGTERM, not SIGKILL: it then ends its unit processes before exiting
                     preexec_fn=parent_death_signal(signal.SIGTERM))
             self._procs.insert(0, sim)   # stopped first: it ends the unit processes
@@ -182,17 +173,9 @@ class SimBus:
         self.stop()
 
 
-def _child_env() -> dict:
-    """The environment for ``python -m vfio_hookd.sim.systemd``: this package importable."""
-    env = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vfio_hookd.sim.bus --root R``: print the address, run until SIGTERM/SIGINT."""
-    ap = argparse.ArgumentParser(prog="python -m vfio_hookd.sim.bus")
+    """``python -m testbed.sim.bus --root R``: print the address, run until SIGTERM/SIGINT."""
+    ap = argparse.ArgumentParser(prog="python -m testbed.sim.bus")
     ap.add_argument("--root", required=True)
     opts = ap.parse_args(argv)
 
@@ -209,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             if signal.sigwait(waited) != signal.SIGCHLD:
                 break
             if any(p.poll() is not None for p in sb._procs):
-                print("vfio_hookd.sim.bus: a child exited; stopping", file=sys.stderr)
+                print("testbed.sim.bus: a child exited; stopping", file=sys.stderr)
                 break
     return 0
 

@@ -1,7 +1,11 @@
 """A simulated systemd for the simulated host: ``org.freedesktop.systemd1`` on a private bus.
 
-Run as ``python -m vfio_hookd.sim.systemd --root SIMROOT --address ADDR`` (normally through
-:class:`vfio_hookd.sim.bus.SimBus`). It owns ``org.freedesktop.systemd1`` on the bus at ``ADDR``
+The unit model (units, their processes, states, fault rules) is :mod:`testbed.sim.units`,
+shared with the in-process fake of the client, :mod:`testbed.fake_systemd`; this module is the
+D-Bus face of it, on GLib.
+
+Run as ``python -m testbed.sim.systemd --root SIMROOT --address ADDR`` (normally through
+:class:`testbed.sim.bus.SimBus`). It owns ``org.freedesktop.systemd1`` on the bus at ``ADDR``
 and answers the part of ``org.freedesktop.systemd1(5)`` that vfio-hookd uses, with systemd's own
 object paths and D-Bus error names:
 
@@ -38,7 +42,7 @@ Jobs follow systemd's job model (``systemd.job`` in ``org.freedesktop.systemd1(5
 stop returns a job path at once; ``JobRemoved(id, job, unit, result)`` reports the end, with
 ``result`` ``done``, ``failed`` or ``canceled``. A stop sends SIGTERM to the unit's process and
 ends when the process has exited (GLib child watch) and the ``unit_stop`` latency of
-:mod:`vfio_hookd.sim.faults` has passed; a start waits ``unit_start`` and then opens the unit's
+:mod:`testbed.sim.faults` has passed; a start waits ``unit_start`` and then opens the unit's
 holds; if none of them exists (the GPU is on vfio-pci, ``/dev/dri/card0`` is gone) the job fails
 and the unit is ``failed``, like a display manager without a GPU. Fault rules ``stop`` / ``start``:
 ``fail`` ends the job ``failed`` (a failed stop leaves the process running and the unit
@@ -64,15 +68,15 @@ Readiness: once the name is owned the process prints ``READY`` on stdout. SIGTER
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import signal
 import sys
 
 from gi.repository import Gio, GLib
 
-from . import faults
+from ..procs import stop
+from . import faults, units as model
+from .units import Unit as _Unit
 
 BUS_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -87,9 +91,6 @@ ERR_DESTRUCTIVE = "org.freedesktop.systemd1.TransactionIsDestructive"
 ERR_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 JOB_MODES = ("replace", "fail", "isolate", "ignore-dependencies", "ignore-requirements",
              "replace-irreversibly", "flush")
-#: Exit signals systemd counts as a clean service exit (``SuccessExitStatus=`` default,
-#: ``systemd.service(5)``): such an exit leaves the unit ``inactive``, anything else ``failed``.
-CLEAN_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
 
 INTROSPECTION = """
 <node>
@@ -162,20 +163,6 @@ def unit_path(name: str) -> str:
     return UNIT_PREFIX + bus_label(name)
 
 
-class _Unit:
-    def __init__(self, uid: str, spec: dict):
-        self.id = uid
-        self.aliases = list(spec.get("aliases", []))
-        self.holds = list(spec.get("holds", []))
-        self.description = str(spec.get("description", uid))
-        self.load_state = "loaded"
-        self.active_state = "inactive"
-        self.sub_state = "dead"
-        self.pid = 0
-        self.job: _Job | None = None
-        self.reg_ids: list[int] = []
-
-
 class _Job:
     def __init__(self, jid: int, unit: _Unit, jtype: str):
         self.id = jid
@@ -196,8 +183,8 @@ class SimSystemd:
     :param con: a ``Gio.DBusConnection`` to the private bus (not yet owning the name).
     :param state_root: the directory whose ``.sim/`` holds ``units.json``, the unit states,
         the unit executables and the fault rules (str; default ``root``). The kernel tests give
-        ``root="/"`` (a real kernel's ``/dev/dri/card0``) and a scratch directory here, since a
-        ``/.sim`` would make :func:`vfio_hookd.host.open_host` pick the simulated kernel.
+        ``root="/"`` (a real kernel's ``/dev/dri/card0``) and a scratch directory here: nothing
+        may be written under the guest's ``/`` itself.
     """
 
     def __init__(self, root: str, con: Gio.DBusConnection, state_root: str | None = None):
@@ -222,17 +209,8 @@ class SimSystemd:
 
     # ---- setup -----------------------------------------------------------------------------
     def _load(self) -> None:
-        path = os.path.join(self.state_root, ".sim", "units.json")
-        try:
-            with open(path) as f:
-                table = json.load(f)
-        except FileNotFoundError:
-            table = {}
-        for uid, spec in table.items():
-            unit = _Unit(uid, spec or {})
-            self.units[uid] = unit
-            for n in [uid, *unit.aliases]:
-                self.names[n] = unit
+        table = model.load_table(self.state_root)
+        self.units, self.names = model.build(table)
         for unit in self.units.values():
             if (table[unit.id] or {}).get("active"):
                 self._activate(unit)
@@ -266,13 +244,7 @@ class SimSystemd:
             self.subscribers.discard(name)
 
     def _persist(self) -> None:
-        state = {u.id: {"active_state": u.active_state, "sub_state": u.sub_state,
-                        "pid": u.pid or None} for u in self.units.values()}
-        path = os.path.join(self.state_root, ".sim", "units-state.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(state, f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        model.save_states(self.state_root, self.units.values())
 
     def _set_state(self, unit: _Unit, active: str, sub: str) -> None:
         unit.active_state, unit.sub_state = active, sub
@@ -284,41 +256,16 @@ class SimSystemd:
                                      "(sa{sv}as)", ("org.freedesktop.systemd1.Unit", changed, [])))
 
     # ---- unit processes ----------------------------------------------------------------------
-    def _host(self, p: str) -> str:
-        return self.root.rstrip("/") + "/" + p.lstrip("/")
-
-    def _executable(self, unit: _Unit) -> str:
-        """A symlink to sleep(1) named after the unit: the kernel takes ``comm`` from it."""
-        name = unit.id.rsplit(".", 1)[0] or "unit"
-        link = os.path.join(self.bindir, name)
-        if not os.path.islink(link):
-            os.makedirs(self.bindir, exist_ok=True)
-            os.symlink(shutil.which("sleep") or "/bin/sleep", link)
-        return link
-
     def _activate(self, unit: _Unit) -> bool:
         """Open the unit's holds in a new process; False (unit ``failed``) if none exists."""
         if unit.pid:   # still running (a stop job was canceled before it sent SIGTERM)
             self._set_state(unit, "active", "running")
             return True
-        if not unit.holds:
+        how, pid = model.spawn(unit, self.root, self.bindir)
+        if how == "exited":
             self._set_state(unit, "active", "exited")
             return True
-        present = [h for h in unit.holds if os.path.exists(self._host(h))]
-        if not present:
-            self._set_state(unit, "failed", "failed")
-            return False
-        exe = self._executable(unit)
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                   (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
-        for fd, h in enumerate(present, start=3):
-            actions.append((os.POSIX_SPAWN_OPEN, fd, self._host(h), os.O_RDONLY, 0))
-        try:
-            pid = os.posix_spawn(exe, [os.path.basename(exe), "infinity"], os.environ,
-                                 file_actions=actions, setsid=True)
-        except OSError as e:
-            print(f"sim-systemd: cannot start {unit.id}: {e}", file=sys.stderr)
+        if how == "failed":
             self._set_state(unit, "failed", "failed")
             return False
         unit.pid = pid
@@ -338,21 +285,16 @@ class SimSystemd:
             self._persist()
             self._stop_progress(job)
             return
-        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 or (
-            os.WIFSIGNALED(status) and os.WTERMSIG(status) in CLEAN_SIGNALS)
-        if clean:
+        if model.clean_exit(status):
             self._set_state(unit, "inactive", "dead")
         else:
             self._set_state(unit, "failed", "failed")
 
     def kill_all(self) -> None:
-        """SIGKILL every unit process still running and reap it."""
+        """Stop every unit process still running (:func:`testbed.procs.stop`: SIGTERM, SIGKILL
+        after 5 s, reap)."""
         for pid in list(self.procs):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            stop(pid, 5.0)
             self.procs.pop(pid, None)
 
     # ---- jobs ----------------------------------------------------------------------------------
@@ -410,14 +352,9 @@ class SimSystemd:
                 return
             self._finish(old, "canceled")
         job = self._new_job(unit, jtype)
-        rule = faults.match(self.state_root, "stop" if jtype != "start" else "start", unit.id)
-        if rule is None and jtype == "restart":
-            rule = faults.match(self.state_root, "start", unit.id)
+        rule = model.job_rule(self.state_root, jtype, unit.id)
         op = rule["op"] if rule else jtype
-        noop = rule is None and (
-            (jtype == "stop" and unit.active_state in ("inactive", "failed")) or
-            (jtype == "start" and unit.active_state == "active"))
-        if noop:
+        if model.is_noop(unit, jtype, rule):
             # Ends before the reply on purpose (see the module docstring).
             self._finish(job, "done")
             invocation.return_value(GLib.Variant("(o)", (job.path,)))
@@ -574,7 +511,7 @@ def _own_name(con: Gio.DBusConnection) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: ``--root SIMROOT --address ADDR [--state-root DIR]
     [--exit-on-stdin-eof]``; exit 0."""
-    ap = argparse.ArgumentParser(prog="python -m vfio_hookd.sim.systemd")
+    ap = argparse.ArgumentParser(prog="python -m testbed.sim.systemd")
     ap.add_argument("--root", required=True)
     ap.add_argument("--state-root", help="directory holding .sim/ (units.json, faults); "
                     "default: --root")

@@ -1,0 +1,172 @@
+"""The changes the kernel itself makes during a prepare/release cycle: the one definition.
+
+A release gives the host back as it was, except for what the kernel does on its own when
+vfio-pci takes the boot VGA function, and for vfio-pci, which stays loaded by design. The
+demo, the tests on the simulated host and the kernel tests on a real kernel all compare the
+host before and after with :func:`classify_changes`, and name the expected changes with the
+functions below (so a test can ask for exactly these lines).
+
+Expected (Linux ``drivers/video/aperture.c``, ``drivers/video/fbdev/core/fbcon.c``,
+``drivers/tty/vt/vt.c``; FIELD-NOTES §2, §6; seen on Linux 6.1 in the kernel tests' guests):
+
+- a firmware framebuffer platform device (:data:`FIRMWARE_FBS`) *removed*, entirely: the
+  kernel deletes it when vfio-pci (or a DRM driver) takes the boot VGA function; nothing can
+  bring it back before a reboot;
+- its line *removed* from ``/proc/fb`` (other lines unchanged), and its ``/dev/fbN`` node;
+- fbcon's vtconsole (name containing ``frame buffer``) *removed*, entirely, when ``/proc/fb``
+  is left empty: fbcon unregisters with the last framebuffer; if it was bound, another
+  vtconsole's ``bind`` going from 0 to 1 (the driver that took the consoles over,
+  ``do_unbind_con_driver``; nothing else of it changed);
+- ``/sys/module/<m>`` for :data:`VFIO_MODULES` and ``/sys/bus/pci/drivers/vfio-pci`` *added*.
+
+Snapshots are flat trees ``{host path: (kind, value)}``, kind ``"dir"`` (value None),
+``"link"`` (its target) or ``"file"`` (its text, or None): :func:`testbed.sim.hosts.snapshot`
+gives the whole simulated host; the kernel tests' guest builds the same shape from the real
+``/sys``, ``/proc/fb`` and ``/dev`` for the paths it compares.
+"""
+
+from __future__ import annotations
+
+import re
+from fnmatch import fnmatchcase
+
+#: Firmware framebuffer platform device -> its ``/proc/fb`` name (efifb, simplefb, vesafb).
+FIRMWARE_FBS = {"efi-framebuffer.0": "EFI VGA", "simple-framebuffer.0": "simple",
+                "vesa-framebuffer.0": "VESA VGA"}
+#: vfio-pci and the modules it pulls in: left loaded by design (unloading them on release
+#: breaks another VM that uses vfio-pci; FIELD-NOTES §6). ``irqbypass`` and ``vfio_virqfd``
+#: come with it on a real kernel.
+VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass",
+                "vfio_virqfd")
+VTCONSOLES = "/sys/devices/virtual/vtconsole"
+
+
+# ---- the lines naming each expected change --------------------------------------------------
+
+def fb_removed(dev: str) -> str:
+    """Firmware framebuffer device ``dev`` (``efi-framebuffer.0``) removed by the kernel."""
+    return (f"firmware framebuffer {dev} removed: the kernel deletes it when vfio-pci takes the "
+            f"boot VGA function (aperture eviction)")
+
+
+def proc_fb_gone(lines: list[str]) -> str:
+    """Its ``/proc/fb`` lines (``["0 EFI VGA"]``) gone with it."""
+    return f"/proc/fb: {', '.join(repr(g) for g in lines)} gone with it"
+
+
+def fb_node_gone(node: str) -> str:
+    """Its ``/dev/fbN`` node gone with it."""
+    return f"{node} gone with it"
+
+
+def vtcon_removed(vtcon: str, name: str) -> str:
+    """fbcon's vtconsole ``vtcon`` (name ``(M) frame buffer device``) gone."""
+    return f"{vtcon} ({name}) removed: fbcon unregistered with the last framebuffer"
+
+
+def vtcon_took_over(vtcon: str, name: str, fbcons: list[str]) -> str:
+    """``vtcon`` (``(S) dummy device``) bound now: it took the consoles of ``fbcons``."""
+    return f"{vtcon} ({name}) bound: it took the consoles over from fbcon's {', '.join(fbcons)}"
+
+
+def vfio_left_loaded(modules: list[str]) -> str:
+    """vfio-pci (``modules`` of :data:`VFIO_MODULES` that were loaded) left loaded."""
+    return f"vfio-pci left loaded by design (modules: {', '.join(modules) or '-'})"
+
+
+# ---- the comparison ----------------------------------------------------------------------------
+
+def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
+    """Split the differences between two snapshots (module docstring) into the ones the
+    kernel itself makes and everything else.
+
+    :param before: ``{host path: ("dir"|"link"|"file", value)}``.
+    :param after: the same shape, later.
+    :returns: ``(expected, unexpected)``: the lines above for each expected change that
+        occurred (in this order: framebuffer device, ``/proc/fb``, ``/dev/fbN``, fbcon's
+        vtconsole, the takeover, vfio-pci), and ``{path: (before value or None, after value or
+        None)}`` for every other difference.
+    """
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    expected: list[str] = []
+
+    def under(path: str, top: str) -> bool:
+        return path == top or path.startswith(top + "/")
+
+    def claim(paths: set, kind: str) -> bool:
+        """True when ``paths`` is non-empty and every path was purely removed/added."""
+        if not paths:
+            return False
+        if kind == "removed":
+            ok = all(p in before and p not in after for p in paths)
+        else:
+            ok = all(p in after and p not in before for p in paths)
+        if ok:
+            changed.difference_update(paths)
+        return ok
+
+    removed_fbs = []
+    for dev, fbname in FIRMWARE_FBS.items():
+        top = f"/sys/devices/platform/{dev}"
+        if not (top in before and top not in after):
+            continue
+        paths = {p for p in changed if under(p, top)
+                 or p == f"/sys/bus/platform/devices/{dev}"
+                 or fnmatchcase(p, f"/sys/bus/platform/drivers/*/{dev}")}
+        if claim(paths, "removed"):
+            removed_fbs.append(fbname)
+            expected.append(fb_removed(dev))
+
+    fb_before = (before.get("/proc/fb") or ("file", ""))[1] or ""
+    fb_after = (after.get("/proc/fb") or ("file", ""))[1] or ""
+    if "/proc/fb" in changed:
+        lines_b, lines_a = fb_before.splitlines(), fb_after.splitlines()
+        gone = [ln for ln in lines_b if ln not in lines_a]
+        if (gone and [ln for ln in lines_b if ln not in gone] == lines_a
+                and all(ln.partition(" ")[2] in removed_fbs for ln in gone)):
+            changed.discard("/proc/fb")
+            expected.append(proc_fb_gone(gone))
+            for ln in gone:
+                node = f"/dev/fb{ln.partition(' ')[0]}"
+                if claim({node} & changed, "removed"):
+                    expected.append(fb_node_gone(node))
+
+    fbcon_gone = []
+    if fb_after.strip() == "":
+        for p in sorted(changed):
+            m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
+            if not m or p not in before or p in after:
+                continue
+            v = m.group(1)
+            name = (before.get(f"{VTCONSOLES}/{v}/name") or ("file", ""))[1] or ""
+            if "frame buffer" not in name:
+                continue
+            if claim({q for q in changed if q == p or under(q, f"{VTCONSOLES}/{v}")}, "removed"):
+                expected.append(vtcon_removed(v, name.strip()))
+                if (before.get(f"{VTCONSOLES}/{v}/bind") or ("", ""))[1] == "1\n":
+                    fbcon_gone.append(v)
+    if fbcon_gone:
+        # the consoles fbcon held went to another console driver (vt.c do_unbind_con_driver),
+        # which keeps them: its bind reads 1 now, nothing else of it changed
+        for p in sorted(changed):
+            m = re.fullmatch(re.escape(VTCONSOLES) + r"/(vtcon\d+)/bind", p)
+            if (m and before.get(p) == ("file", "0\n") and after.get(p) == ("file", "1\n")
+                    and not any(q != p and under(q, f"{VTCONSOLES}/{m.group(1)}")
+                                for q in changed)):
+                changed.discard(p)
+                v = m.group(1)
+                name = ((after.get(f"{VTCONSOLES}/{v}/name") or ("", ""))[1] or "").strip()
+                expected.append(vtcon_took_over(v, name, fbcon_gone))
+
+    loaded = [m for m in VFIO_MODULES
+              if claim({p for p in changed if under(p, f"/sys/module/{m}")}, "added")]
+    drv = claim({p for p in changed if under(p, "/sys/bus/pci/drivers/vfio-pci")}, "added")
+    if loaded or drv:
+        expected.append(vfio_left_loaded(loaded))
+    return expected, {p: (before.get(p), after.get(p)) for p in sorted(changed)}
+
+
+def framebuffer_removed(expected: list[str]) -> bool:
+    """True when ``expected`` (from :func:`classify_changes`) holds a firmware framebuffer
+    removal: the product's release must then have said so in its framebuffer step's notes."""
+    return any(line.startswith("firmware framebuffer ") for line in expected)

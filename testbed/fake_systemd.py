@@ -1,0 +1,301 @@
+"""An in-process fake of vfio-hookd's systemd client, for the fast tests: no ``dbus-daemon``.
+
+:class:`FakeSystemd` has the interface of :class:`vfio_hookd.systemd.Systemd` (``connect``,
+``close``, ``resolve``, ``active_state``, ``shutting_down``, ``list_units``, ``stop``,
+``start``, context manager) with the same results and the same errors (:class:`HookdError`
+with ``UNIT_FAILED`` "unit X not found" / "stopping X: job result failed", ``TIMEOUT``
+"stopping X: job J did not end within S s"), and is both that client and the systemd it talks
+to. Give it to the state machine: ``Machine(host, paths, systemd_factory=lambda: fake)``.
+
+It runs the same unit model as the simulated systemd on D-Bus (:mod:`testbed.sim.units`): units
+from ``<state_root>/.sim/units.json``, states written to ``units-state.json``, each active unit
+with ``holds`` a real process holding those nodes of the simulated host (so the holders step
+still finds real holders), fault rules ``stop``/``start`` and the ``unit_stop``/``unit_start``
+latencies of :mod:`testbed.sim.faults`. Jobs follow the same rules (:mod:`testbed.sim.systemd`):
+a stop sends SIGTERM and ends once the process has exited and the latency has passed; a start
+waits the latency, then starts the process, and fails when none of its holds exists; ``fail``
+ends a job ``failed``, ``hang`` never ends it; a job of the other type replaces a pending one
+(``canceled``), one of the same type is merged. Jobs run in background threads, so a job that
+outlives its caller's deadline goes on, as in systemd.
+
+:meth:`FakeSystemd.kill_all` ends the unit processes (tests call it at teardown; ``close`` only
+closes "the connection", as for the real client). :meth:`FakeSystemd.set_system_state` stands
+for the D-Bus fake's ``SetSystemState`` (``"stopping"``: a shutdown in progress).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from vfio_hookd.errors import TIMEOUT, UNIT_FAILED, HookdError
+
+from .procs import stop as stop_process
+from testbed.sim import faults, units as model
+
+JOB_PREFIX = "/org/freedesktop/systemd1/job/"
+
+
+class _Job:
+    def __init__(self, jid: int, unit: model.Unit, jtype: str):
+        self.id = jid
+        self.path = f"{JOB_PREFIX}{jid}"
+        self.unit = unit
+        self.type = jtype                  # "start" | "stop"
+        self.waiting: set[str] = set()     # what a running stop still waits for
+        self.result: str | None = None
+        self.ended = threading.Event()
+
+
+class FakeSystemd:
+    """The fake manager and its client in one object (module docstring). Thread-safe.
+
+    :param root: the simulated host root (str): the units' ``holds`` are host paths under it.
+    :param state_root: the directory whose ``.sim/`` holds ``units.json``, the unit states, the
+        unit executables and the fault rules (str; default ``root``).
+    """
+
+    def __init__(self, root: str, state_root: str | None = None):
+        self.root = os.path.abspath(root)
+        self.state_root = os.path.abspath(state_root or root)
+        self.bindir = os.path.join(self.state_root, ".sim", "bin")
+        self._lock = threading.RLock()
+        self._next_job = 1
+        self.system_state = "running"
+        self.connected = False
+        self.procs: dict[int, model.Unit] = {}
+        self._watchers: dict[int, threading.Thread] = {}
+        table = model.load_table(self.state_root)
+        self.units, self.names = model.build(table)
+        with self._lock:
+            for unit in self.units.values():
+                if (table.get(unit.id) or {}).get("active"):
+                    self._activate(unit)
+            self._persist()
+
+    # ---- the client's interface ------------------------------------------------------------
+    def connect(self) -> None:
+        """Nothing to connect to; kept for the interface."""
+        self.connected = True
+
+    def close(self) -> None:
+        """"Close the connection": the next call "reconnects" (the units keep running)."""
+        self.connected = False
+
+    def __enter__(self) -> "FakeSystemd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def resolve(self, name: str) -> str:
+        """The real unit id of ``name`` (an alias resolves to its unit).
+
+        :raises HookdError: ``UNIT_FAILED`` "unit X not found".
+        """
+        self.connected = True
+        unit = self.names.get(name)
+        if unit is None:
+            raise HookdError(UNIT_FAILED, f"unit {name} not found", {"unit": name})
+        return unit.id
+
+    def active_state(self, unit: str) -> str:
+        """``ActiveState`` of ``unit``; a unit that is not loaded is ``inactive``."""
+        self.connected = True
+        with self._lock:
+            u = self.names.get(unit)
+            return u.active_state if u is not None else "inactive"
+
+    def shutting_down(self) -> bool:
+        """True while the (fake) system shuts down (:meth:`set_system_state` ``stopping``)."""
+        self.connected = True
+        return self.system_state == "stopping"
+
+    def list_units(self) -> dict[str, str]:
+        """``{unit id: ActiveState}`` of every unit (aliases not listed)."""
+        self.connected = True
+        with self._lock:
+            return {u.id: u.active_state for u in self.units.values()}
+
+    def stop(self, unit: str, timeout_s: float) -> str:
+        """Stop ``unit`` and wait for its job, as :meth:`vfio_hookd.systemd.Systemd.stop`.
+
+        :returns: ``"done"``.
+        :raises HookdError: ``UNIT_FAILED`` (unknown unit, job result other than ``done``),
+            ``TIMEOUT`` (the job has not ended by the deadline; it stays pending).
+        """
+        return self._job("stop", "stopping", unit, timeout_s)
+
+    def start(self, unit: str, timeout_s: float) -> str:
+        """Start ``unit`` and wait for its job, as :meth:`vfio_hookd.systemd.Systemd.start`."""
+        return self._job("start", "starting", unit, timeout_s)
+
+    # ---- for the tests -----------------------------------------------------------------------
+    def set_system_state(self, state: str) -> None:
+        """Set ``SystemState`` (``"running"``, ``"stopping"``, ...)."""
+        self.system_state = state
+
+    def kill_all(self) -> None:
+        """End every unit process still running (:func:`testbed.procs.stop`) and let the
+        watchers record it."""
+        with self._lock:
+            pids = list(self.procs)
+        for pid in pids:
+            stop_process(pid, 5.0)
+        for pid in pids:
+            w = self._watchers.get(pid)
+            if w is not None:
+                w.join(5)
+
+    # ---- jobs --------------------------------------------------------------------------------
+    def _job(self, jtype: str, verb: str, name: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        self.connected = True
+        what = f"{verb} {name}"
+        with self._lock:
+            unit = self.names.get(name)
+            if unit is None:
+                raise HookdError(UNIT_FAILED, f"unit {name} not found", {"unit": name})
+            old = unit.job
+            if old is not None and old.type == jtype:
+                job = old                       # merged into the pending job
+            else:
+                if old is not None:
+                    self._finish(old, "canceled")
+                job = self._enqueue(unit, jtype)
+        if not job.ended.wait(max(0.0, deadline - time.monotonic())):
+            raise HookdError(TIMEOUT, f"{what}: job {job.path} did not end within "
+                             f"{timeout_s:g} s", {"unit": name, "job": job.path})
+        if job.result != "done":
+            raise HookdError(UNIT_FAILED, f"{what}: job result {job.result}",
+                             {"unit": name, "job": job.path, "result": job.result})
+        return job.result
+
+    def _enqueue(self, unit: model.Unit, jtype: str) -> _Job:
+        """A new job (called with the lock held); it runs in the background."""
+        job = _Job(self._next_job, unit, jtype)
+        self._next_job += 1
+        unit.job = job
+        rule = model.job_rule(self.state_root, jtype, unit.id)
+        if model.is_noop(unit, jtype, rule):
+            self._finish(job, "done")
+            return job
+        if rule and rule["action"] == "hang":
+            if rule["op"] == "stop":
+                self._set_state(unit, "deactivating", "stop-sigterm")
+            else:
+                self._set_state(unit, "activating", "start")
+            return job                           # never ends (unless replaced)
+        if rule and rule["action"] == "fail":
+            if rule["op"] == "start":
+                self._set_state(unit, "failed", "failed")
+            self._finish(job, "failed")
+            return job
+        if jtype == "start":
+            self._set_state(unit, "activating", "start")
+            self._after(job, faults.latency(self.state_root, "unit_start"), self._start_done)
+        else:
+            self._stop_job(job)
+        return job
+
+    def _after(self, job: _Job, seconds: float, then) -> None:
+        """Call ``then(job)`` under the lock after ``seconds`` (the simulated latency), unless
+        the job has ended meanwhile (canceled)."""
+        def fire() -> None:
+            with self._lock:
+                if not job.ended.is_set():
+                    then(job)
+        timer = threading.Timer(max(0.0, seconds), fire)
+        timer.daemon = True
+        timer.start()
+
+    def _start_done(self, job: _Job) -> None:
+        self._finish(job, "done" if self._activate(job.unit) else "failed")
+
+    def _stop_job(self, job: _Job) -> None:
+        unit = job.unit
+        if unit.active_state in ("inactive", "failed"):
+            self._stop_progress(job)
+            return
+        self._set_state(unit, "deactivating", "stop-sigterm")
+        job.waiting = {"latency"}
+        if unit.pid:
+            job.waiting.add("exit")
+            try:
+                os.kill(unit.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass   # the watcher reports the exit
+
+        def latency_over(j: _Job) -> None:
+            j.waiting.discard("latency")
+            self._stop_progress(j)
+        self._after(job, faults.latency(self.state_root, "unit_stop"), latency_over)
+
+    def _stop_progress(self, job: _Job) -> None:
+        if job.waiting:
+            return
+        self._set_state(job.unit, "inactive", "dead")
+        self._finish(job, "done")
+
+    def _finish(self, job: _Job, result: str) -> None:
+        if job.ended.is_set():
+            return
+        job.result = result
+        if job.unit.job is job:
+            job.unit.job = None
+        self._persist()
+        job.ended.set()
+
+    # ---- unit processes ------------------------------------------------------------------------
+    def _activate(self, unit: model.Unit) -> bool:
+        if unit.pid:   # still running (a stop job was replaced before it sent SIGTERM)
+            self._set_state(unit, "active", "running")
+            return True
+        how, pid = model.spawn(unit, self.root, self.bindir)
+        if how == "exited":
+            self._set_state(unit, "active", "exited")
+            return True
+        if how == "failed":
+            self._set_state(unit, "failed", "failed")
+            return False
+        unit.pid = pid
+        self.procs[pid] = unit
+        w = threading.Thread(target=self._watch, args=(pid, unit), daemon=True,
+                             name=f"unit {unit.id}")
+        self._watchers[pid] = w
+        w.start()
+        self._set_state(unit, "active", "running")
+        return True
+
+    def _watch(self, pid: int, unit: model.Unit) -> None:
+        """Reap the unit process ``pid`` (this process is its parent) and record its exit."""
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:   # reaped by kill_all's stop
+            status = signal.SIGTERM  # a wait status: killed by SIGTERM (clean)
+        with self._lock:
+            self.procs.pop(pid, None)
+            self._watchers.pop(pid, None)
+            if unit.pid != pid:
+                return
+            unit.pid = 0
+            job = unit.job
+            if job is not None and job.type == "stop" and "exit" in job.waiting:
+                job.waiting.discard("exit")
+                self._persist()
+                self._stop_progress(job)
+                return
+            if model.clean_exit(status):
+                self._set_state(unit, "inactive", "dead")
+            else:
+                self._set_state(unit, "failed", "failed")
+
+    # ---- state -----------------------------------------------------------------------------------
+    def _set_state(self, unit: model.Unit, active: str, sub: str) -> None:
+        unit.active_state, unit.sub_state = active, sub
+        self._persist()
+
+    def _persist(self) -> None:
+        model.save_states(self.state_root, self.units.values())

@@ -1,0 +1,142 @@
+"""The simulated host's systemd units: the model both fakes of systemd share.
+
+Two fakes answer for systemd on a simulated host, with one behaviour:
+
+- :mod:`testbed.sim.systemd`: ``org.freedesktop.systemd1`` on a private D-Bus bus, for the
+  product's real client (:class:`vfio_hookd.systemd.Systemd`) and for the daemon in a child
+  process;
+- :mod:`testbed.fake_systemd`: an in-process stand-in for that client, for the fast tests.
+
+What they share is here (standard library only: no GLib): the unit table
+(``<state_root>/.sim/units.json``, see :mod:`testbed.sim.systemd`), the unit states written to
+``<state_root>/.sim/units-state.json`` on every change, the unit processes (an active unit with
+``holds`` is a real ``sleep infinity`` process, named after the unit, holding those host paths
+open on fds 3, 4, ...; it cannot start when none of them exists), the exit statuses that count
+as a clean stop, and which fault rule of :mod:`testbed.sim.faults` a job meets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+from . import faults
+
+#: Exit signals systemd counts as a clean service exit (``SuccessExitStatus=`` default,
+#: ``systemd.service(5)``): such an exit leaves the unit ``inactive``, anything else ``failed``.
+CLEAN_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
+
+
+class Unit:
+    """One unit: its names, what its process holds, its state and pending job."""
+
+    def __init__(self, uid: str, spec: dict):
+        self.id = uid
+        self.aliases = list(spec.get("aliases", []))
+        self.holds = list(spec.get("holds", []))
+        self.description = str(spec.get("description", uid))
+        self.load_state = "loaded"
+        self.active_state = "inactive"
+        self.sub_state = "dead"
+        self.pid = 0
+        self.job = None            # the fake's pending job object, if any
+        self.reg_ids: list[int] = []   # D-Bus object registrations (testbed.sim.systemd)
+
+
+def load_table(state_root: str) -> dict[str, dict]:
+    """``units.json`` of ``state_root`` (``{unit id: spec}``; ``{}`` when absent)."""
+    try:
+        with open(os.path.join(state_root, ".sim", "units.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def build(table: dict[str, dict]) -> tuple[dict[str, Unit], dict[str, Unit]]:
+    """``(units by id, units by id and alias)`` for ``table`` (all inactive still)."""
+    units: dict[str, Unit] = {}
+    names: dict[str, Unit] = {}
+    for uid, spec in table.items():
+        unit = Unit(uid, spec or {})
+        units[uid] = unit
+        for n in [uid, *unit.aliases]:
+            names[n] = unit
+    return units, names
+
+
+def save_states(state_root: str, units) -> None:
+    """Write ``units-state.json``: ``{id: {"active_state", "sub_state", "pid"}}``."""
+    state = {u.id: {"active_state": u.active_state, "sub_state": u.sub_state,
+                    "pid": u.pid or None} for u in units}
+    path = os.path.join(state_root, ".sim", "units-state.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def host_path(root: str, p: str) -> str:
+    """Real path of host path ``p`` under ``root``."""
+    return root.rstrip("/") + "/" + p.lstrip("/")
+
+
+def executable(bindir: str, unit: Unit) -> str:
+    """A symlink to sleep(1) named after the unit: the kernel takes ``comm`` from it, so a
+    holder list shows e.g. ``gdm``."""
+    name = unit.id.rsplit(".", 1)[0] or "unit"
+    link = os.path.join(bindir, name)
+    if not os.path.islink(link):
+        os.makedirs(bindir, exist_ok=True)
+        os.symlink(shutil.which("sleep") or "/bin/sleep", link)
+    return link
+
+
+def spawn(unit: Unit, root: str, bindir: str) -> tuple[str, int]:
+    """Start ``unit``'s process if it has ``holds``: ``("running", pid)``; a unit without
+    holds is ``("exited", 0)`` (active, no process); ``("failed", 0)`` when none of its holds
+    exists (a display manager without its GPU) or the process cannot start. The process runs
+    in a session of its own; the caller reaps it."""
+    if not unit.holds:
+        return "exited", 0
+    present = [h for h in unit.holds if os.path.exists(host_path(root, h))]
+    if not present:
+        return "failed", 0
+    exe = executable(bindir, unit)
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
+    for fd, h in enumerate(present, start=3):
+        actions.append((os.POSIX_SPAWN_OPEN, fd, host_path(root, h), os.O_RDONLY, 0))
+    try:
+        pid = os.posix_spawn(exe, [os.path.basename(exe), "infinity"], os.environ,
+                             file_actions=actions, setsid=True)
+    except OSError:
+        return "failed", 0
+    return "running", pid
+
+
+def clean_exit(status: int) -> bool:
+    """True when wait status ``status`` is a clean service exit (exit 0 or a
+    :data:`CLEAN_SIGNALS` signal)."""
+    return (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0) or (
+        os.WIFSIGNALED(status) and os.WTERMSIG(status) in CLEAN_SIGNALS)
+
+
+def job_rule(state_root: str, jtype: str, unit_id: str) -> dict | None:
+    """The fault rule a new job of ``jtype`` (``start``, ``stop``, ``restart``) on ``unit_id``
+    meets (consuming one of its ``count``), or None: a stop or restart meets ``stop`` rules,
+    a restart without one meets ``start`` rules."""
+    rule = faults.match(state_root, "stop" if jtype != "start" else "start", unit_id)
+    if rule is None and jtype == "restart":
+        rule = faults.match(state_root, "start", unit_id)
+    return rule
+
+
+def is_noop(unit: Unit, jtype: str, rule: dict | None) -> bool:
+    """True for a job with nothing to do: a stop of an inactive/failed unit, a start of an
+    active one (and no fault rule)."""
+    return rule is None and (
+        (jtype == "stop" and unit.active_state in ("inactive", "failed")) or
+        (jtype == "start" and unit.active_state == "active"))
