@@ -84,6 +84,19 @@ def current_driver(host: Host, addr: str) -> str | None:
     return host.link_name(path(addr, "driver"))
 
 
+def shows_boot_display(host: Host, functions) -> bool:
+    """True when one of ``functions`` is the GPU the firmware's console and framebuffer are on:
+    the function whose ``boot_vga`` reads 1 (the VGA arbiter's boot device; sysfs-bus-pci), or,
+    on a host where no function says so (no VGA-class device, e.g. an OVMF boot on a display
+    controller), any display-class (0x03) function handed over when it is the only one or
+    when the host has several and none is marked (then the consoles may be on it)."""
+    marked = [e for e in host.listdir("/sys/bus/pci/devices")
+              if host.read_or(path(e, "boot_vga")) == "1"]
+    if marked:
+        return any(a in marked for a in functions)
+    return any((host.read_or(path(a, "class"), "") or "").startswith("0x03") for a in functions)
+
+
 def driver_registered(host: Host, driver: str) -> bool:
     """True when PCI driver ``driver`` is registered (``/sys/bus/pci/drivers/DRV`` exists)."""
     return host.exists(f"/sys/bus/pci/drivers/{driver}")
