@@ -108,6 +108,15 @@ class FakeSystemd:
             u = self.names.get(unit)
             return u.active_state if u is not None else "inactive"
 
+    def unit_of_pid(self, pid: int) -> str | None:
+        """The unit whose process ``pid`` is (its main process), or None."""
+        self.connected = True
+        with self._lock:
+            for u in self.units.values():
+                if u.pid and u.pid == pid:
+                    return u.id
+        return None
+
     def shutting_down(self) -> bool:
         """True while the (fake) system shuts down (:meth:`set_system_state` ``stopping``)."""
         self.connected = True

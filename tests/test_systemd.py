@@ -327,3 +327,10 @@ def test_fake_kill_all_ends_unit_processes(tmp_path):
     fake.kill_all()
     assert not any(os.path.exists(f"/proc/{p}") for p in pids)   # reaped: no zombies
     assert fake.list_units()["gdm.service"] == "inactive"
+
+
+def test_unit_of_pid_names_the_unit_of_a_process(host):
+    root, _backend, sd = host
+    pid = unit_pid(root, "gdm.service")
+    assert sd.unit_of_pid(pid) == "gdm.service"
+    assert sd.unit_of_pid(os.getpid()) is None   # this test runner belongs to no fake unit

@@ -105,6 +105,10 @@ def cmd_status(args, env: Env) -> int:
                 print(f"    error: {s['error']}")
             for note in s.get("notes") or []:
                 print(f"    note: {note}")
+            for warning in s.get("warnings") or []:
+                print(f"    warning: {warning}")
+            for skipped in s.get("skipped") or []:
+                print(f"    left alone: {skipped}")
         if vm.get("error"):
             e = vm["error"]
             print(f"  last prepare failed at step {e.get('step')}: {e['code']}: {e['message']}")

@@ -217,6 +217,8 @@ class Machine:
             t0 = time.monotonic()
             try:
                 entry.facts = step.observe(ctx)
+                for warning in entry.facts.get("warnings", []):
+                    slog.warning("%s", warning)
                 entry.status = "applying"
                 self.records.save(rec)   # the facts are on disk before anything changes
                 step.apply(ctx, entry.facts)

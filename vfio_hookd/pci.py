@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from . import errors
@@ -83,6 +84,19 @@ def current_driver(host: Host, addr: str) -> str | None:
     return host.link_name(path(addr, "driver"))
 
 
+def shows_boot_display(host: Host, functions) -> bool:
+    """True when one of ``functions`` is the GPU the firmware's console and framebuffer are on:
+    the function whose ``boot_vga`` reads 1 (the VGA arbiter's boot device; sysfs-bus-pci), or,
+    on a host where no function says so (no VGA-class device, e.g. an OVMF boot on a display
+    controller), any display-class (0x03) function handed over when it is the only one or
+    when the host has several and none is marked (then the consoles may be on it)."""
+    marked = [e for e in host.listdir("/sys/bus/pci/devices")
+              if host.read_or(path(e, "boot_vga")) == "1"]
+    if marked:
+        return any(a in marked for a in functions)
+    return any((host.read_or(path(a, "class"), "") or "").startswith("0x03") for a in functions)
+
+
 def driver_registered(host: Host, driver: str) -> bool:
     """True when PCI driver ``driver`` is registered (``/sys/bus/pci/drivers/DRV`` exists)."""
     return host.exists(f"/sys/bus/pci/drivers/{driver}")
@@ -133,12 +147,6 @@ def module_of_driver(host: Host, driver: str) -> str:
     return host.link_name(f"/sys/bus/pci/drivers/{driver}/module") or driver.replace("-", "_")
 
 
-def other_functions_of(host: Host, driver: str, functions) -> list[str]:
-    """PCI functions bound to ``driver`` that are not in ``functions`` (str list)."""
-    return [e for e in host.listdir(f"/sys/bus/pci/drivers/{driver}")
-            if ADDRESS_RE.fullmatch(e) and e not in functions]
-
-
 def child_modules(host: Host, addr: str) -> list[str]:
     """Modules of the drivers bound to the child devices of PCI function ``addr`` (str list).
 
@@ -160,6 +168,95 @@ def child_modules(host: Host, addr: str) -> list[str]:
         if mod and mod not in mods:
             mods.append(mod)
     return mods
+
+
+def devices_of_module(host: Host, module: str) -> list[str]:
+    """Every device (host path, symlinks resolved) bound to a driver that ``module`` registers,
+    on any bus: the device links in ``/sys/bus/*/drivers/DRV/`` whose ``module`` link names
+    ``module`` (sysfs-bus-*; Documentation/driver-api/driver-model/driver.rst)."""
+    out: list[str] = []
+    for bus in host.listdir("/sys/bus"):
+        base = f"/sys/bus/{bus}/drivers"
+        for drv in host.listdir(base):
+            if host.link_name(f"{base}/{drv}/module") != module:
+                continue
+            for entry in host.listdir(f"{base}/{drv}"):
+                if entry == "module" or host.link_name(f"{base}/{drv}/{entry}") is None:
+                    continue
+                try:
+                    out.append(host.resolve(f"{base}/{drv}/{entry}"))
+                except (HookdError, OSError):
+                    continue
+    return sorted(set(out))
+
+
+def unload_plan(host: Host, roots: list[str], functions) -> tuple[list[str], dict[str, str]]:
+    """Which of the modules ``roots`` (and the modules holding them) may be unloaded when
+    ``functions`` (PCI addresses) are handed over, in unload order, and why each was taken or
+    kept: ``(order, {module: why})``.
+
+    A module is unloaded only when every device its drivers drive (:func:`devices_of_module`:
+    PCI functions, their child devices, devices elsewhere on the host) is one of ``functions``
+    or below one of them, and every module holding it may be unloaded too (rmmod needs its
+    holders gone first; sysfs-module ``holders/``). So shared subsystem modules (usbcore,
+    xhci_hcd, i2c_core, typec, snd core, drm core) stay while the rest of the host uses them:
+    a GPU's USB-C controller (xHCI) and its root hubs on usbcore take no USB module from the
+    host's own controller and keyboard. Modules never unloaded (:func:`never_unload_reason`),
+    not loaded or built in are left out.
+    """
+    tops = []
+    for addr in functions:
+        try:
+            tops.append(host.resolve(path(addr)))
+        except (HookdError, OSError):
+            continue
+
+    def ours(dev: str) -> bool:
+        return any(dev == t or dev.startswith(t + "/") for t in tops)
+
+    verdict: dict[str, tuple[bool, str]] = {}
+
+    def check(mod: str, trail: tuple) -> tuple[bool, str]:
+        if mod in verdict:
+            return verdict[mod]
+        if mod in trail:   # a holder cycle cannot happen in the kernel
+            return True, "cycle"
+        why_never = never_unload_reason(mod)
+        if why_never:
+            verdict[mod] = (False, f"never unloaded: {why_never}")
+            return verdict[mod]
+        devices = devices_of_module(host, mod)
+        outside = [d for d in devices if not ours(d)]
+        if outside:
+            shown = ", ".join(os.path.basename(d) for d in outside[:3])
+            more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+            verdict[mod] = (False, f"also drives {shown}{more}, not handed over")
+            return verdict[mod]
+        for holder in host.listdir(f"/sys/module/{mod}/holders"):
+            if not host.module_loaded(holder) or host.module_builtin(holder):
+                continue
+            ok, why = check(holder, trail + (mod,))
+            if not ok:
+                verdict[mod] = (False, f"held by {holder}, which is kept ({why})")
+                return verdict[mod]
+        shown = ", ".join(sorted({os.path.basename(d) for d in devices})) or "no device"
+        verdict[mod] = (True, f"drives {shown}" if devices else "drives no device; holds a "
+                                                                  "module unloaded here")
+        return verdict[mod]
+
+    wanted: list[str] = []
+    todo = [m.replace("-", "_") for m in roots]
+    while todo:
+        mod = todo.pop(0)
+        if mod in wanted or not host.module_loaded(mod) or host.module_builtin(mod):
+            continue
+        ok, _why = check(mod, ())
+        if not ok:
+            continue
+        wanted.append(mod)
+        todo.extend(host.listdir(f"/sys/module/{mod}/holders"))
+    why = {m: v[1] for m, v in verdict.items()}
+    return unload_order(host, wanted, with_holders=False), why
 
 
 def unload_order(host: Host, roots: list[str], with_holders: bool = True) -> list[str]:

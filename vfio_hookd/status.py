@@ -12,7 +12,7 @@ from .record import Record, RecordStore
 
 def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict:
     """``{"vms": {NAME: {"phase", "updated", "steps": [{"name", "status", "duration_ms",
-    "undo_ms", "error", "notes"}], "devices": [{"address", "driver", "driver_before"}],
+    "undo_ms", "error", "notes", "warnings", "skipped"}], "devices": [{"address", "driver", "driver_before"}],
     "error", "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
     with its ``RECORD_INVALID`` error.
 
@@ -49,7 +49,9 @@ def _vm_status(host: Host, rec: Record) -> dict:
         steps.append({"name": s.name, "status": s.status, "duration_ms": s.duration_ms,
                       "undo_ms": s.undo_ms,
                       "error": f"{err['code']}: {err['message']}" if err else None,
-                      "notes": list(s.notes)})
+                      "notes": list(s.notes),
+                      "warnings": list(s.facts.get("warnings", [])),
+                      "skipped": list(s.facts.get("skipped", []))})
     return {
         "phase": rec.phase, "updated": rec.updated, "steps": steps,
         "devices": [{"address": a, "driver": pci.current_driver(host, a),

@@ -50,6 +50,8 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 _NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+_NO_UNIT_FOR_PID = "org.freedesktop.systemd1.NoUnitForPID"
+_NO_SUCH_PROCESS = "org.freedesktop.systemd1.NoSuchProcess"
 _ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
 #: D-Bus errors meaning systemd is not (or no longer) on the bus.
 _UNREACHABLE = {
@@ -213,6 +215,27 @@ class Systemd:
             return self._get(path, UNIT_IFACE, "ActiveState")
         except GLib.Error as e:
             raise self._fail(e, f"reading the state of {unit}", unit) from None
+
+    def unit_of_pid(self, pid: int) -> str | None:
+        """The unit (id, str) process ``pid`` belongs to: its service, or the scope of its login
+        session (``session-2.scope``), from ``Manager.GetUnitByPID`` (org.freedesktop.systemd1(5));
+        None when systemd knows no unit for it (``NoUnitForPID``, or the process is gone).
+
+        :raises HookdError: ``SYSTEMD_UNAVAILABLE``; ``TIMEOUT``.
+        """
+        from gi.repository import GLib
+
+        _, manager = self._connect()
+        try:
+            try:
+                path = manager.GetUnitByPID(pid, timeout=self._call_timeout_s)
+            except GLib.Error as e:
+                if _error_name(e) in (_NO_SUCH_UNIT, _NO_UNIT_FOR_PID, _NO_SUCH_PROCESS):
+                    return None
+                raise
+            return self._get(path, UNIT_IFACE, "Id")
+        except GLib.Error as e:
+            raise self._fail(e, f"asking which unit PID {pid} belongs to") from None
 
     def shutting_down(self) -> bool:
         """True while the system shuts down: ``Manager.SystemState`` is ``stopping``.

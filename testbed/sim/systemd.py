@@ -84,6 +84,7 @@ UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
 JOB_PREFIX = "/org/freedesktop/systemd1/job/"
 MANAGER = "org.freedesktop.systemd1.Manager"
 ERR_NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+ERR_NO_UNIT_FOR_PID = "org.freedesktop.systemd1.NoUnitForPID"
 ERR_NO_SUCH_JOB = "org.freedesktop.systemd1.NoSuchJob"
 ERR_ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
 ERR_NOT_SUBSCRIBED = "org.freedesktop.systemd1.NotSubscribed"
@@ -100,6 +101,8 @@ INTROSPECTION = """
   <method name="GetUnit"><arg name="name" type="s" direction="in"/>
    <arg name="unit" type="o" direction="out"/></method>
   <method name="LoadUnit"><arg name="name" type="s" direction="in"/>
+   <arg name="unit" type="o" direction="out"/></method>
+  <method name="GetUnitByPID"><arg name="pid" type="u" direction="in"/>
    <arg name="unit" type="o" direction="out"/></method>
   <method name="StartUnit"><arg name="name" type="s" direction="in"/>
    <arg name="mode" type="s" direction="in"/><arg name="job" type="o" direction="out"/></method>
@@ -446,6 +449,13 @@ class SimSystemd:
                 return
             jtype = {"StartUnit": "start", "StopUnit": "stop", "RestartUnit": "restart"}[method]
             self._enqueue(unit, jtype, args[1], invocation)
+        elif method == "GetUnitByPID":
+            unit = next((u for u in self.units.values() if u.pid and u.pid == args[0]), None)
+            if unit is None:
+                invocation.return_dbus_error(ERR_NO_UNIT_FOR_PID,
+                                             f"PID {args[0]} does not belong to any loaded unit.")
+            else:
+                invocation.return_value(GLib.Variant("(o)", (unit_path(unit.id),)))
         elif method == "ListUnits":
             rows = []
             for u in self.units.values():

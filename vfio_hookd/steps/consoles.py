@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from .. import errors
 from ..errors import HookdError
+from ..pci import shows_boot_display
 from .base import Context, Shape, Step, _write
+
+#: Why the console steps leave a host alone whose boot display is not handed over.
+NOT_BOOT_DISPLAY = ("no function handed over shows the boot display: the consoles and the "
+                    "firmware framebuffer stay on the GPU that shows them")
+#: The VGA text console driver's name in ``/sys/class/vtconsole/vtconN/name`` (vgacon.c).
+VGACON = "VGA+"
 
 FIRMWARE_FRAMEBUFFERS = ("efi-framebuffer.0", "simple-framebuffer.0", "vesa-framebuffer.0")
 
@@ -12,19 +19,39 @@ class Vtconsoles(Step):
     """Unbind the frame-buffer vtconsoles (``/sys/class/vtconsole/vtconN/bind``; those whose
     ``name`` contains "frame buffer"), reading ``bind`` back because the kernel reports
     success even when it did nothing (Documentation/driver-api/console.rst). Undo rebinds only
-    those that were bound. Facts: ``{"plan": ["vtcon1"], "done": [...]}``.
+    those that were bound. Only when the boot display is handed over
+    (:func:`vfio_hookd.pci.shows_boot_display`): on a two-GPU host the consoles stay on the
+    other GPU. A VGA text console (vgacon, ``(S) VGA+``, BIOS boots with ``nomodeset``) on the
+    boot GPU is recorded: the kernel's VGA arbiter removes it when vfio-pci takes that GPU
+    ("vgaarb: deactivate vga console") and it does not come back; undo says so, or rebinds it
+    if the kernel still offers it. Facts: ``{"plan": ["vtcon1"], "done": [...],
+    "text_consoles": ["vtcon0"], "warnings": [...], "skipped": [...]}``.
     """
     name = "vtconsoles"
     BASE = "/sys/class/vtconsole"
 
     def observe(self, ctx: Context) -> dict:
-        plan = []
-        if ctx.profile.vtconsoles:
-            for vt in ctx.host.listdir(self.BASE):
-                name = ctx.host.read_or(f"{self.BASE}/{vt}/name", "") or ""
-                if "frame buffer" in name and ctx.host.read_or(f"{self.BASE}/{vt}/bind") == "1":
-                    plan.append(vt)
-        return {"plan": plan}
+        plan: list[str] = []
+        text: list[str] = []
+        if not ctx.profile.vtconsoles:
+            return {"plan": plan, "skipped": ["vtconsoles: none in the profile"]}
+        if not shows_boot_display(ctx.host, ctx.devices):
+            return {"plan": plan, "skipped": [NOT_BOOT_DISPLAY]}
+        for vt in ctx.host.listdir(self.BASE):
+            name = ctx.host.read_or(f"{self.BASE}/{vt}/name", "") or ""
+            bound = ctx.host.read_or(f"{self.BASE}/{vt}/bind") == "1"
+            if "frame buffer" in name and bound:
+                plan.append(vt)
+            elif VGACON in name and bound:
+                text.append(vt)
+        facts: dict = {"plan": plan, "text_consoles": text}
+        if text:
+            facts["warnings"] = [
+                f"the boot GPU shows a VGA text console ({', '.join(text)}): the kernel removes "
+                f"it when vfio-pci takes the GPU (vgaarb: deactivate vga console) and it does "
+                f"not come back until reboot; a framebuffer console (the GPU driver's fbdev) "
+                f"avoids this"]
+        return facts
 
     def _set(self, ctx: Context, vt: str, value: str) -> None:
         path = f"{self.BASE}/{vt}/bind"
@@ -77,8 +104,23 @@ class Vtconsoles(Step):
                              f"{vt}: bind reads {now!r} after writing '1'"
                              + (f" and unbinding {', '.join(takers)}" if takers else ""))
 
-    def undo(self, ctx: Context, facts: dict) -> list[str]:
+    def _text_consoles_after(self, ctx: Context, facts: dict) -> list[str]:
+        """Notes on the VGA text consoles seen at prepare; rebinds one the kernel still
+        offers unbound."""
         notes = []
+        for vt in facts.get("text_consoles", []):
+            name = ctx.host.read_or(f"{self.BASE}/{vt}/name", "") or ""
+            if VGACON not in name:
+                notes.append(f"the VGA text console ({vt}) was removed by the kernel's VGA "
+                             f"arbiter when vfio-pci took the boot GPU (vgaarb: deactivate vga "
+                             f"console); text consoles stay blank until reboot"
+                             + (f"; {vt} is now {name.strip()!r}" if name else ""))
+            elif ctx.host.read_or(f"{self.BASE}/{vt}/bind") != "1":
+                self._set(ctx, vt, "1")
+        return notes
+
+    def undo(self, ctx: Context, facts: dict) -> list[str]:
+        notes = self._text_consoles_after(ctx, facts)
         for vt in reversed(self.undo_items(facts)):
             if not ctx.host.exists(f"{self.BASE}/{vt}"):
                 notes.append(f"{vt} no longer exists")
@@ -106,11 +148,14 @@ class Framebuffer(Step):
 
     def observe(self, ctx: Context) -> dict:
         plan = []
-        if ctx.profile.framebuffer:
-            for dev in FIRMWARE_FRAMEBUFFERS:
-                drv = ctx.host.link_name(f"{self.DEVS}/{dev}/driver")
-                if drv:
-                    plan.append([dev, drv])
+        if not ctx.profile.framebuffer:
+            return {"plan": plan, "skipped": ["framebuffer: none in the profile"]}
+        if not shows_boot_display(ctx.host, ctx.devices):
+            return {"plan": plan, "skipped": [NOT_BOOT_DISPLAY]}
+        for dev in FIRMWARE_FRAMEBUFFERS:
+            drv = ctx.host.link_name(f"{self.DEVS}/{dev}/driver")
+            if drv:
+                plan.append([dev, drv])
         return {"plan": plan}
 
     def max_apply_s(self, profile, shape: Shape) -> float:

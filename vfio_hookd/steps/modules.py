@@ -11,34 +11,34 @@ from .base import Context, Shape, Step, _write
 class Modules(Step):
     """Unload the GPU's driver modules in dependency order (holders first), e.g. ``nvidia_drm
     nvidia_modeset nvidia_uvm nvidia``. ``modules: auto`` starts from the functions' drivers
-    before prepare; an explicit list is unloaded as given, ordered by dependency. Built-ins
+    before prepare and unloads a module only when every device it drives is handed over
+    (:func:`vfio_hookd.pci.unload_plan`); an explicit list is unloaded as given, ordered by dependency. Built-ins
     (no ``/sys/module/M/refcnt``) are skipped; vfio-pci and snd_hda_intel never unloaded.
     Undo loads them again, last unloaded first; a PCI driver binds the functions it finds
     unbound when it registers, and undo then checks that every function that had a driver
     before prepare and is no longer on vfio-pci has it again (probing once more if needed).
-    Facts: ``{"plan": [modules], "done": [...]}``.
+    Facts: ``{"plan": [modules], "why": {module: reason taken or kept}, "done": [...]}``.
     """
     name = "modules"
 
     def observe(self, ctx: Context) -> dict:
         mods = ctx.profile.modules
         if mods == "auto":
-            # A PCI driver that still drives other functions once ours are on vfio-pci is a
-            # bus driver (virtio-pci under virtio-vga: its module also carries the disks and
-            # 9p shares); unloading it would take them away. Seen in a QEMU guest, Linux 6.1.
+            # The functions' drivers' modules, and those of drivers bound to their child
+            # devices (virtio-vga's virtio_gpu on virtio0; an xHCI function's root hubs on
+            # usbcore), but not under a driver we never unload: snd_hda_intel's codec children
+            # serve the onboard audio too. unload_plan keeps every module that also drives a
+            # device not handed over (a bus driver such as virtio-pci, which also carries the
+            # disks; usbcore and xhci_hcd while the host's own USB controller runs).
             roots = [module_of_driver(ctx.host, d) for d in ctx.drivers.values()
-                     if d and d != VFIO_DRIVER
-                     and not pcimod.other_functions_of(ctx.host, d, ctx.devices)]
-            # modules of drivers bound to child devices (virtio-vga's virtio_gpu on virtio0),
-            # but not under a driver we never unload: snd_hda_intel's codec children
-            # (snd_hda_codec_*) serve the onboard audio too and stay in use while it is loaded
+                     if d and d != VFIO_DRIVER]
             roots += [m for addr, mods in ctx.child_modules.items() for m in mods
                       if not never_unload_reason(
                           module_of_driver(ctx.host, ctx.drivers.get(addr) or ""))]
-            plan = unload_order(ctx.host, roots, with_holders=True)
-        else:
-            plan = unload_order(ctx.host, list(mods), with_holders=False)
-        return {"plan": plan}
+            plan, why = pcimod.unload_plan(ctx.host, roots, ctx.devices)
+            return {"plan": plan, "why": why}
+        return {"plan": unload_order(ctx.host, list(mods), with_holders=False),
+                "why": {m: "listed in the profile" for m in mods}}
 
     #: The most modules ``modules: auto`` unloads for one GPU, for the declared deadline
     #: (NVIDIA: nvidia_drm nvidia_modeset nvidia_uvm nvidia, plus the holders' helpers).
