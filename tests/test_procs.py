@@ -66,3 +66,31 @@ def test_terminate_ends_with_sigterm_then_sigkill(tmp_path):
     assert left == []
     assert polite.wait(timeout=5) == -15
     assert stubborn.wait(timeout=5) == -9
+
+
+def test_terminate_waits_once_for_all_holders(monkeypatch):
+    """Three processes that ignore SIGTERM: one wait for all of them (not one per process),
+    then SIGKILL to all at once and one more wait: at most twice the deadline in all."""
+    code = ("import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            "print('ready', flush=True); sys.stdin.read()")
+    stubborn = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in stubborn:
+        assert p.stdout.readline().strip() == "ready"
+    waits = []
+    real = procs._wait_all
+
+    def counted(pidfds, pids, timeout_s):
+        waits.append((sorted(pids), timeout_s))
+        return real(pidfds, pids, timeout_s)
+    monkeypatch.setattr(procs, "_wait_all", counted)
+    pids = sorted(p.pid for p in stubborn)
+    try:
+        assert procs.terminate(pids, timeout_s=0.3) == []
+        assert waits == [(pids, 0.3), (pids, 0.3)]
+        assert [p.wait(timeout=5) for p in stubborn] == [-9, -9, -9]
+    finally:
+        for p in stubborn:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
