@@ -109,6 +109,8 @@ def cmd_status(args, env: Env) -> int:
                 print(f"    warning: {warning}")
             for skipped in s.get("skipped") or []:
                 print(f"    left alone: {skipped}")
+            for what, why in sorted((s.get("why") or {}).items()):
+                print(f"    {what}: {why}")
         if vm.get("error"):
             e = vm["error"]
             print(f"  last prepare failed at step {e.get('step')}: {e['code']}: {e['message']}")

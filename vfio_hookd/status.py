@@ -12,7 +12,7 @@ from .record import Record, RecordStore
 
 def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict:
     """``{"vms": {NAME: {"phase", "updated", "steps": [{"name", "status", "duration_ms",
-    "undo_ms", "error", "notes", "warnings", "skipped"}], "devices": [{"address", "driver", "driver_before"}],
+    "undo_ms", "error", "notes", "warnings", "skipped", "why"}], "devices": [{"address", "driver", "driver_before"}],
     "error", "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
     with its ``RECORD_INVALID`` error.
 
@@ -51,7 +51,8 @@ def _vm_status(host: Host, rec: Record) -> dict:
                       "error": f"{err['code']}: {err['message']}" if err else None,
                       "notes": list(s.notes),
                       "warnings": list(s.facts.get("warnings", [])),
-                      "skipped": list(s.facts.get("skipped", []))})
+                      "skipped": list(s.facts.get("skipped", [])),
+                      "why": dict(s.facts.get("why", {}))})
     return {
         "phase": rec.phase, "updated": rec.updated, "steps": steps,
         "devices": [{"address": a, "driver": pci.current_driver(host, a),
