@@ -27,6 +27,9 @@ UNITS = {
         "sddm.service": {"aliases": ["display-manager.service"], "active": True,
                          "holds": ["/dev/dri/card0", "/dev/dri/renderD128"]},
         "sshd.service": {"active": True, "holds": []},
+        # a ROCm user (ollama with ROCm holds /dev/kfd and the render node), not started at
+        # boot: a test starts it to have a holder of /dev/kfd
+        "ollama.service": {"active": False, "holds": ["/dev/kfd", "/dev/dri/renderD128"]},
     },
 }
 
