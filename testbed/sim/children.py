@@ -12,8 +12,10 @@ Two node kinds of :data:`testbed.sim.kernel.STATE_DOC` live here:
   /sys/class/CLASS``, ``/sys/class/CLASS/NAME`` and a ``device`` link to ``parent`` (relative
   path, ``""`` the function itself, null for a virtual device: no link); ``attrs`` are read-only
   files; ``uevent`` is written after ``MAJOR``/``MINOR``/``DEVNAME`` when ``devnum``/``dev``
-  are set, and ``dev`` (``input/event3``) is the ``/dev`` node, pinning ``module`` while open;
-  ``links`` are more host paths linking to it (``/sys/class/i2c-adapter/i2c-5``). Removing it
+  are set, and ``dev`` (``input/event3``) is the ``/dev`` node, pinning ``module`` (or each
+  of a list) while open; ``unbind_waits``: while that node is open, the remove() of the
+  function's driver blocks (an i2c adapter's ``/dev/i2c-N``); ``links`` are more host paths
+  linking to it (``/sys/class/i2c-adapter/i2c-5``). Removing it
   removes the whole directory, its links and node, and the class glue directory
   (``.../input``, ``.../i2c-dev``) left empty, as ``device_del`` does.
 - ``bind``: the device at ``path`` bound to ``driver`` on ``bus``: ``path/driver ->

@@ -95,7 +95,7 @@ STATE_DOC = """
  "fbs": {"0": "EFI VGA"},                     # registered framebuffers (/proc/fb)
  "counters": {NAME: {"mode": "lowest"|"next", ...}},  # run-time numbers (testbed.sim.children)
  "vars": {ADDR: {VAR: N}},                    # the numbers a function's nodes got
- "live": {PATH: {"id": ID, "module": M|null}},    # node files that exist
+ "live": {PATH: {"id": ID, "module": M|[M]|null}},  # node files that exist; pin M
  "stale": [{"path": PATH, "id": ID, "module": M|null}]}  # removed but maybe still open
 SPEC: {"kind": "dev", "path": "/dev/nvidia0", "module": M}
     | {"kind": "proc", "path": "/proc/driver/nvidia/gpus/ADDR/information", "text": str}
@@ -321,10 +321,14 @@ class Kernel:
         return [tuple(live[p]["id"]) for p in paths if p in live]
 
     def pinned_count(self, module: str) -> int:
-        """Open descriptors on nodes (live or removed) that pin ``module``."""
+        """Open descriptors on nodes (live or removed) that pin ``module`` (a node's
+        ``module`` may be a list: /dev/i2c-5 pins i2c_dev, whose file it is, and the adapter's
+        owner, ``i2c_get_adapter``)."""
+        def pins(m) -> bool:
+            return m == module or (isinstance(m, list) and module in m)
         opened = self.open_files()
-        ids = [tuple(v["id"]) for v in self.st.get("live", {}).values() if v["module"] == module]
-        ids += [tuple(v["id"]) for v in self.st.get("stale", []) if v["module"] == module]
+        ids = [tuple(v["id"]) for v in self.st.get("live", {}).values() if pins(v["module"])]
+        ids += [tuple(v["id"]) for v in self.st.get("stale", []) if pins(v["module"])]
         return sum(opened.get(i, 0) for i in ids)
 
     def refresh_refcnts(self) -> None:
@@ -632,17 +636,22 @@ class Kernel:
                 self.create_node(addr, spec)
 
     def unbind_blocks(self, drv: str, addr: str) -> bool:
-        """True when ``drv``'s remove() would wait for the holders of the function's nodes."""
+        """True when ``drv``'s remove() would wait for the holders of the function's nodes:
+        all of them for a driver that ``unbind_waits_for_holders``; else those of child nodes
+        marked ``unbind_waits`` (an i2c adapter's ``/dev/i2c-N``: ``i2c_del_adapter`` waits
+        for the adapter's last reference, which an open i2c-dev file holds)."""
         info = self.st["drivers"].get(drv, {})
-        if not info.get("unbind_waits_for_holders"):
-            return False
-        paths = [s["path"] if s["kind"] == "dev" else f"/dev/{s['dev']}"
+        paths = ["/dev/" + children.fmt(self, addr, s["dev"])
                  for s in self.binding_nodes(drv, addr)
-                 if s["kind"] == "dev" or (s["kind"] == "class" and s.get("dev"))]
-        paths += info.get("hold_nodes", [])
-        if drv == "vfio-pci":
-            paths.append(self._group_node(addr))
-        return self.held(self.node_ids(paths))
+                 if s.get("unbind_waits") and children.present(self, addr, s)]
+        if info.get("unbind_waits_for_holders"):
+            paths += [s["path"] if s["kind"] == "dev" else f"/dev/{s['dev']}"
+                      for s in self.binding_nodes(drv, addr)
+                      if s["kind"] == "dev" or (s["kind"] == "class" and s.get("dev"))]
+            paths += info.get("hold_nodes", [])
+            if drv == "vfio-pci":
+                paths.append(self._group_node(addr))
+        return bool(paths) and self.held(self.node_ids(paths))
 
     def detach(self, drv: str, addr: str) -> None:
         """device_release_driver(): the driver's remove() tears down its nodes, then the links.
