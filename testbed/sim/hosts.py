@@ -34,6 +34,9 @@ boot) holds /dev/kfd and renderD128 when a test starts it.
 Both: vfio_pci (deps vfio_pci_core, vfio, vfio_iommu_type1; driver ``vfio-pci``) is not loaded;
 ``vt`` and ``drm`` are built in; ``/dev/vfio/vfio`` exists.
 
+The host shapes ``turing``, ``twogpu``, ``twogpu-vfio`` and ``bios-text`` are built by
+:mod:`testbed.sim.shapes` on the same skeleton.
+
 Firmware (``firmware=``): ``"efi"`` (default) as above: the boot console driver is
 ``vtcon0 (S) dummy device`` and ``efi-framebuffer.0`` exists. ``"bios"``: no firmware
 framebuffer device; the boot console is vgacon, ``vtcon0 (S) VGA+``. A driver that evicts the
@@ -353,16 +356,22 @@ def build_amd_host(root: str, firmware: str = "efi") -> None:
     _boot(root, ["snd_hda_intel", "amdgpu"], firmware)
 
 
-def build_host(root: str, variant: str = "nvidia", firmware: str = "efi") -> None:
-    """Build simulated host ``variant`` (``"nvidia"`` or ``"amd"``) booted by ``firmware``
-    (``"efi"`` or ``"bios"``, see the module docstring) in the empty dir ``root``.
+def build_host(root: str, variant: str = "nvidia", firmware: str | None = None) -> None:
+    """Build simulated host ``variant`` in the empty dir ``root``: ``"nvidia"``, ``"amd"``
+    (this module's docstring), ``"turing"``, ``"twogpu"``, ``"twogpu-vfio"``, ``"bios-text"``
+    (:mod:`testbed.sim.shapes`), booted by ``firmware`` (``"efi"`` or ``"bios"``; default the
+    variant's own: ``"bios"`` for bios-text, else ``"efi"``).
 
     :raises ValueError: unknown variant or firmware, or ``root`` not empty.
     """
-    builders = {"nvidia": build_nvidia_host, "amd": build_amd_host}
+    from . import shapes
+    builders = {"nvidia": build_nvidia_host, "amd": build_amd_host, **shapes.BUILDERS}
     if variant not in builders:
         raise ValueError(f"variant must be one of {sorted(builders)}, not {variant!r}")
-    builders[variant](root, firmware)
+    if firmware is None:
+        builders[variant](root)
+    else:
+        builders[variant](root, firmware)
 
 
 def snapshot(root: str) -> dict:
