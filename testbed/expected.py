@@ -17,6 +17,18 @@ Expected (Linux ``drivers/video/aperture.c``, ``drivers/video/fbdev/core/fbcon.c
   is left empty: fbcon unregisters with the last framebuffer; if it was bound, another
   vtconsole's ``bind`` going from 0 to 1 (the driver that took the consoles over,
   ``do_unbind_con_driver``; nothing else of it changed);
+- vgacon *deactivated* (a BIOS host in VGA text mode, ``nomodeset``): when vfio-pci (or a DRM
+  driver) takes the boot VGA function, the VGA arbiter replaces the bound VGA text console by
+  dummycon (``drivers/pci/vgaarb.c`` ``vga_remove_vgacon``): vgacon's vtconsole (``(S) VGA+``)
+  *removed*, entirely, and one ``(M) dummy device`` *added*, bound, entirely (FIELD-NOTES §7;
+  nothing brings vgacon back before a reboot);
+- devices *renumbered* below a function that was unbound and bound again: its driver creates
+  its child devices anew and the kernel numbers them again -- i2c adapters take the lowest free
+  number (``idr_alloc``: an adapter may come back as another ``i2c-N``, with its clients
+  ``N-00XX`` and ``/dev/i2c-N``), HID devices (``0003:VVVV:PPPP.NNNN``) and input devices
+  (``inputN``) take the next number of counters that only grow. Claimed only when the changed
+  paths and values, with those numbers blanked, are the same before and after: a device that
+  did not come back is not a renumbering;
 - ``/sys/module/<m>`` for :data:`VFIO_MODULES` and ``/sys/bus/pci/drivers/vfio-pci`` *added*.
 
 Snapshots are flat trees ``{host path: (kind, value)}``, kind ``"dir"`` (value None),
@@ -28,6 +40,7 @@ gives the whole simulated host; the kernel tests' guest builds the same shape fr
 from __future__ import annotations
 
 import re
+from collections import Counter
 from fnmatch import fnmatchcase
 
 #: Firmware framebuffer platform device -> its ``/proc/fb`` name (efifb, simplefb, vesafb).
@@ -39,6 +52,22 @@ FIRMWARE_FBS = {"efi-framebuffer.0": "EFI VGA", "simple-framebuffer.0": "simple"
 VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci", "irqbypass",
                 "vfio_virqfd")
 VTCONSOLES = "/sys/devices/virtual/vtconsole"
+
+#: Families of names the kernel numbers at run time: ``(patterns naming a device (regex,
+#: replacement with the number blanked), patterns of numbers in values of those devices' own
+#: files, the pattern of a device directory's name)``.
+RENUMBERED = {
+    "i2c adapters": (
+        [(re.compile(r"\bi2c-\d+\b"), "i2c-#"),
+         (re.compile(r"(?<=/)\d+-00([0-9a-f]{2})\b"), r"#-00\1")],
+        [(re.compile(r"^89:\d+$", re.M), "89:#"), (re.compile(r"\bMINOR=\d+"), "MINOR=#")],
+        re.compile(r"i2c-\d+|\d+-00[0-9a-f]{2}")),
+    "HID and input devices": (
+        [(re.compile(r"\b([0-9A-F]{4}:[0-9A-F]{4}:[0-9A-F]{4})\.[0-9A-F]{4}\b"), r"\1.#"),
+         (re.compile(r"\binput\d+\b"), "input#")],
+        [],
+        re.compile(r"[0-9A-F]{4}:[0-9A-F]{4}:[0-9A-F]{4}\.[0-9A-F]{4}|input\d+")),
+}
 
 
 # ---- the lines naming each expected change --------------------------------------------------
@@ -69,6 +98,21 @@ def vtcon_took_over(vtcon: str, name: str, fbcons: list[str]) -> str:
     return f"{vtcon} ({name}) bound: it took the consoles over from fbcon's {', '.join(fbcons)}"
 
 
+def vgacon_deactivated(vtcon: str, dummy: str | None) -> str:
+    """vgacon's ``vtcon`` (``(S) VGA+``) gone; ``dummy`` (``(M) dummy device``) took over."""
+    took = f"; {dummy} ((M) dummy device) holds the consoles" if dummy else ""
+    return (f"{vtcon} ((S) VGA+) removed: the VGA arbiter deactivated the VGA text console when "
+            f"the boot VGA function got a driver (vga_remove_vgacon){took}; it does not come back")
+
+
+def renumbered(family: str, pairs: list[tuple[str, str]]) -> str:
+    """``family`` (:data:`RENUMBERED`) devices created again with new numbers, ``pairs`` of
+    (before, after) names."""
+    names = ", ".join(f"{b} -> {a}" for b, a in pairs) or "same names, other devices"
+    return (f"{family} renumbered by the kernel when they were created again ({names}, "
+            f"with what is below them)")
+
+
 def vfio_left_loaded(modules: list[str]) -> str:
     """vfio-pci (``modules`` of :data:`VFIO_MODULES` that were loaded) left loaded."""
     return f"vfio-pci left loaded by design (modules: {', '.join(modules) or '-'})"
@@ -84,7 +128,8 @@ def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
     :param after: the same shape, later.
     :returns: ``(expected, unexpected)``: the lines above for each expected change that
         occurred (in this order: framebuffer device, ``/proc/fb``, ``/dev/fbN``, fbcon's
-        vtconsole, the takeover, vfio-pci), and ``{path: (before value or None, after value or
+        vtconsole, the takeover, vgacon, renumbered i2c adapters, renumbered HID and input
+        devices, vfio-pci), and ``{path: (before value or None, after value or
         None)}`` for every other difference.
     """
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
@@ -158,12 +203,91 @@ def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
                 name = ((after.get(f"{VTCONSOLES}/{v}/name") or ("", ""))[1] or "").strip()
                 expected.append(vtcon_took_over(v, name, fbcon_gone))
 
+    vgacons = []
+    for p in sorted(changed):
+        m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
+        if not m or p not in before or p in after:
+            continue
+        v = m.group(1)
+        if ((before.get(f"{VTCONSOLES}/{v}/name") or ("", ""))[1] != "(S) VGA+\n"
+                or any(under(q, f"{VTCONSOLES}/{v}") for q in after)):   # all of it gone
+            continue
+        if claim({q for q in changed if q == p or under(q, f"{VTCONSOLES}/{v}")}, "removed"):
+            bound = (before.get(f"{VTCONSOLES}/{v}/bind") or ("", ""))[1] == "1\n"
+            vgacons.append((v, bound))
+    for v, bound in vgacons:
+        dummy = None
+        for p in sorted(changed) if bound else []:
+            m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
+            if not m or p in before or p not in after:
+                continue
+            d = m.group(1)
+            name = (after.get(f"{VTCONSOLES}/{d}/name") or ("", ""))[1]
+            if (not any(under(q, f"{VTCONSOLES}/{d}") for q in before)
+                    and name == "(M) dummy device\n"
+                    and (after.get(f"{VTCONSOLES}/{d}/bind") or ("", ""))[1] == "1\n"
+                    and claim({q for q in changed
+                               if q == p or under(q, f"{VTCONSOLES}/{d}")}, "added")):
+                dummy = d
+                break
+        expected.append(vgacon_deactivated(v, dummy))
+
+    for family, (names, numbers, leaf) in RENUMBERED.items():
+        line = _renumbered(family, names, numbers, leaf, before, after, changed)
+        if line:
+            expected.append(line)
+
     loaded = [m for m in VFIO_MODULES
               if claim({p for p in changed if under(p, f"/sys/module/{m}")}, "added")]
     drv = claim({p for p in changed if under(p, "/sys/bus/pci/drivers/vfio-pci")}, "added")
     if loaded or drv:
         expected.append(vfio_left_loaded(loaded))
     return expected, {p: (before.get(p), after.get(p)) for p in sorted(changed)}
+
+
+def _renumbered(family, names, numbers, leaf, before, after, changed: set) -> str | None:
+    """The line for ``family`` when the changed paths it names are the same before and after
+    once their numbers are blanked (then they leave ``changed``); else None."""
+    def blank(text, pats):
+        for rx, rep in pats:
+            text = rx.sub(rep, text)
+        return text
+
+    def value(v):
+        kind, text = v
+        return (kind, blank(blank(text, names), numbers) if isinstance(text, str) else text)
+
+    def named(p: str) -> bool:
+        vals = [v[1] for v in (before.get(p), after.get(p)) if v and isinstance(v[1], str)]
+        return blank(p, names) != p or any(blank(t, names) != t for t in vals)
+
+    cands = {p for p in changed if named(p)}
+    if not cands:
+        return None
+    was = Counter((blank(p, names), value(before[p])) for p in cands if p in before)
+    now = Counter((blank(p, names), value(after[p])) for p in cands if p in after)
+    if was != now:
+        return None
+    changed.difference_update(cands)
+    # the renumbered devices at the top (not below another one), each side's names in order
+    keys = {blank(p, names) for p in cands
+            if leaf.fullmatch(p.rsplit("/", 1)[-1])
+            and blank(p.rsplit("/", 1)[0], names) == p.rsplit("/", 1)[0]
+            and "dir" in {(before.get(p) or ("",))[0], (after.get(p) or ("",))[0]}}
+
+    def names_at(tree: dict, key: str) -> list[str]:
+        parent = key.rsplit("/", 1)[0] + "/"
+        return sorted((p.rsplit("/", 1)[-1] for p, v in tree.items()
+                       if v[0] == "dir" and p.startswith(parent) and "/" not in p[len(parent):]
+                       and blank(p, names) == key), key=_natural)
+
+    pairs = [(b, a) for key in sorted(keys)
+             for b, a in zip(names_at(before, key), names_at(after, key)) if b != a]
+    return renumbered(family, pairs)
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def framebuffer_removed(expected: list[str]) -> bool:

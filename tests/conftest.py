@@ -112,11 +112,14 @@ class SimWorld:
                        check=True, capture_output=True, timeout=10)
 
     def profile(self, vm: str = "win11", extra: str = "") -> str:
-        """Write a profile for the GPU's functions; on the NVIDIA host nvidia-persistenced
-        (which holds /dev/nvidia0) is stopped too, unless ``extra`` sets stop_units."""
+        """Write a profile for the GPU's functions; on the NVIDIA hosts (nvidia, turing,
+        bios-text) nvidia-persistenced (which holds /dev/nvidia0) is stopped too, unless
+        ``extra`` sets stop_units."""
+        from testbed import sim
         devs = ", ".join(f'"{a}"' for a in self.devices)
         text = f"devices: [{devs}]\n"
-        if self.variant == "nvidia" and "stop_units" not in extra:
+        if ("nvidia-persistenced.service" in sim.UNITS[self.variant]
+                and "stop_units" not in extra):
             text += "stop_units: [nvidia-persistenced.service]\n"
         return write_profile(self.dirs, vm, text + textwrap.dedent(extra))
 
@@ -149,6 +152,42 @@ def bus_world(dirs, monkeypatch):
 @pytest.fixture
 def amd_world(dirs):
     w = SimWorld(dirs, "amd")
+    yield w
+    w.close()
+
+
+# The host shapes of testbed.sim.shapes, with the in-process fake systemd.
+@pytest.fixture
+def turing_world(dirs):
+    """An NVIDIA Turing card (VGA, HDMI audio, xHCI, UCSI in one group) beside the host's own
+    USB controller and keyboard (held by systemd-logind)."""
+    w = SimWorld(dirs, "turing")
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def twogpu_world(dirs):
+    """A desktop on the integrated GPU (0000:00:02.0, i915); the AMD GPU 0000:01:00.x on
+    amdgpu, held by nobody."""
+    w = SimWorld(dirs, "twogpu")
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def twogpu_vfio_world(dirs):
+    """twogpu booted with vfio-pci.ids=: the AMD GPU on vfio-pci from the start, amdgpu not
+    loaded."""
+    w = SimWorld(dirs, "twogpu-vfio")
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def bios_text_world(dirs):
+    """The NVIDIA host booted by a BIOS in VGA text mode (nomodeset): vgacon, no framebuffer."""
+    w = SimWorld(dirs, "bios-text")
     yield w
     w.close()
 

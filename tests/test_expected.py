@@ -88,3 +88,83 @@ def test_vfio_left_loaded_is_expected_only_as_an_addition():
     assert list(unexpected) == ["/sys/module/nvidia"]   # a GPU module not given back
     lines, unexpected = classify_changes(after, {})
     assert lines == [] and len(unexpected) == 3           # vfio unloaded: not the kernel's doing
+
+
+VT = "/sys/devices/virtual/vtconsole"
+
+
+def _vtcon(v: str, name: str, bind: str) -> dict:
+    return {f"/sys/class/vtconsole/{v}": ("link", f"../../devices/virtual/vtconsole/{v}"),
+            f"{VT}/{v}": ("dir", None), f"{VT}/{v}/name": ("file", name + "\n"),
+            f"{VT}/{v}/bind": ("file", bind + "\n"), f"{VT}/{v}/uevent": ("file", "")}
+
+
+def test_vgacon_deactivated_is_the_kernels_own_change():
+    """A BIOS host in VGA text mode: vfio-pci on the boot VGA retires vgacon for good, and
+    dummycon, registered anew and bound, holds the consoles (vgaarb.c vga_remove_vgacon)."""
+    before = _vtcon("vtcon0", "(S) VGA+", "1")
+    after = _vtcon("vtcon1", "(M) dummy device", "1")
+    lines, unexpected = classify_changes(before, after)
+    assert lines == [kernel.vgacon_deactivated("vtcon0", "vtcon1")] and unexpected == {}
+    assert "does not come back" in lines[0]
+    # a dummy console that does not hold the consoles is no takeover of vgacon's
+    lines, unexpected = classify_changes(before, _vtcon("vtcon1", "(M) dummy device", "0"))
+    assert lines == [kernel.vgacon_deactivated("vtcon0", None)]
+    assert set(unexpected) == set(_vtcon("vtcon1", "", "0"))
+    # an unbound vgacon is unregistered with no takeover: a new console is not the kernel's
+    lines, unexpected = classify_changes(_vtcon("vtcon0", "(S) VGA+", "0"), after)
+    assert lines == [kernel.vgacon_deactivated("vtcon0", None)] and set(unexpected) == set(after)
+    # vgacon half gone, or another console driver gone, is a leftover
+    half = dict(after, **{f"{VT}/vtcon0/name": ("file", "(S) VGA+\n")})
+    lines, unexpected = classify_changes(before, half)
+    assert lines == [] and "/sys/class/vtconsole/vtcon0" in unexpected
+    lines, unexpected = classify_changes(_vtcon("vtcon0", "(S) dummy device", "1"), after)
+    assert lines == [] and len(unexpected) == 10
+
+
+FN = "/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.3"
+
+
+def _adapter(n: int, name: str, fn: str = FN) -> dict:
+    a = f"{fn}/i2c-{n}"
+    return {a: ("dir", None), f"{a}/name": ("file", name + "\n"),
+            f"{a}/{n}-0008": ("dir", None),
+            f"{a}/i2c-dev/i2c-{n}/dev": ("file", f"89:{n}\n"),
+            f"{a}/i2c-dev/i2c-{n}/uevent": ("file", f"MAJOR=89\nMINOR={n}\nDEVNAME=i2c-{n}\n"),
+            f"/sys/bus/i2c/devices/i2c-{n}": ("link", f"../../..{a}"),
+            f"/dev/i2c-{n}": ("file", "")}
+
+
+def test_i2c_adapters_renumbered_only_when_the_same_adapters_came_back():
+    smbus = _adapter(0, "SMBus I801 adapter", "/sys/devices/pci0000:00/0000:00:1f.4")
+    before = {**smbus, **_adapter(5, "NVIDIA GPU I2C adapter")}
+    after = {**smbus, **_adapter(1, "NVIDIA GPU I2C adapter")}
+    lines, unexpected = classify_changes(before, after)
+    assert lines == [kernel.renumbered("i2c adapters", [("i2c-5", "i2c-1")])]
+    assert unexpected == {}
+    # an adapter that did not come back, or came back as another one, is not a renumbering
+    lines, unexpected = classify_changes(before, smbus)
+    assert lines == [] and set(unexpected) == set(_adapter(5, ""))
+    other = {**smbus, **_adapter(1, "NVIDIA i2c adapter 1 at 1:00.0")}
+    lines, unexpected = classify_changes(before, other)
+    assert lines == [] and f"{FN}/i2c-1/name" in unexpected and f"{FN}/i2c-5" in unexpected
+
+
+def test_hid_and_input_devices_renumbered():
+    intf = "/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.2/usb3/3-1/3-1:1.0"
+
+    def hid(h: str, i: int) -> dict:
+        d = f"{intf}/0003:046D:C077.{h}"
+        return {d: ("dir", None), f"{d}/input/input{i}": ("dir", None),
+                f"{d}/input/input{i}/event4/dev": ("file", "13:68\n"),
+                f"/sys/class/input/input{i}": ("link", f"../../..{d}/input/input{i}"),
+                "/sys/class/input/event4": ("link", f"../../..{d}/input/input{i}/event4"),
+                f"/sys/bus/hid/devices/0003:046D:C077.{h}": ("link", f"../../..{d}")}
+    lines, unexpected = classify_changes(hid("0002", 4), hid("0003", 5))
+    assert lines == [kernel.renumbered("HID and input devices",
+                                       [("0003:046D:C077.0002", "0003:046D:C077.0003")])]
+    assert unexpected == {}
+    gone = hid("0003", 5)
+    del gone["/sys/class/input/event4"]
+    lines, unexpected = classify_changes(hid("0002", 4), gone)
+    assert lines == [] and "/sys/class/input/event4" in unexpected

@@ -13,30 +13,54 @@ from __future__ import annotations
 import json
 import os
 
+_NVIDIA_UNITS = {
+    "gdm.service": {"aliases": ["display-manager.service"], "active": True,
+                    "holds": ["/dev/dri/card0", "/dev/nvidia0", "/dev/nvidiactl",
+                              "/dev/nvidia-modeset"]},
+    "nvidia-persistenced.service": {"active": True, "holds": ["/dev/nvidiactl", "/dev/nvidia0"]},
+    "sshd.service": {"active": True, "holds": []},
+}
+
 #: Units of each simulated host variant (``<root>/.sim/units.json``): the display manager is a
 #: real process holding the GPU's nodes; nvidia-persistenced holds the NVIDIA control nodes.
 UNITS = {
-    "nvidia": {
-        "gdm.service": {"aliases": ["display-manager.service"], "active": True,
-                        "holds": ["/dev/dri/card0", "/dev/nvidia0", "/dev/nvidiactl",
-                                  "/dev/nvidia-modeset"]},
-        "nvidia-persistenced.service": {"active": True, "holds": ["/dev/nvidiactl", "/dev/nvidia0"]},
-        "sshd.service": {"active": True, "holds": []},
-    },
+    "nvidia": _NVIDIA_UNITS,
     "amd": {
         "sddm.service": {"aliases": ["display-manager.service"], "active": True,
                          "holds": ["/dev/dri/card0", "/dev/dri/renderD128"]},
         "sshd.service": {"active": True, "holds": []},
+        # a ROCm user (ollama with ROCm holds /dev/kfd and the render node), not started at
+        # boot: a test starts it to have a holder of /dev/kfd
+        "ollama.service": {"active": False, "holds": ["/dev/kfd", "/dev/dri/renderD128"]},
     },
+    # as nvidia, plus systemd-logind watching the host's USB keyboard ("Watching system
+    # buttons on /dev/input/event3"): it keeps evdev and the host's USB stack in use
+    "turing": {**_NVIDIA_UNITS,
+               "systemd-logind.service": {"active": True, "holds": ["/dev/input/event3"]}},
+    # the display manager on the integrated GPU only; the discrete GPU is nobody's
+    "twogpu": {
+        "gdm.service": {"aliases": ["display-manager.service"], "active": True,
+                        "holds": ["/dev/dri/card0", "/dev/dri/renderD128"]},
+        "sshd.service": {"active": True, "holds": []},
+    },
+    "bios-text": _NVIDIA_UNITS,
 }
+UNITS["twogpu-vfio"] = UNITS["twogpu"]
 
-#: The GPU functions of each variant (for profiles in the demo and tests).
-DEVICES = {"nvidia": ("0000:01:00.0", "0000:01:00.1"), "amd": ("0000:03:00.0", "0000:03:00.1")}
+#: The GPU functions of each variant: those a VM is handed (for profiles in the demo and
+#: tests).
+DEVICES = {"nvidia": ("0000:01:00.0", "0000:01:00.1"), "amd": ("0000:03:00.0", "0000:03:00.1"),
+           "turing": ("0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"),
+           "twogpu": ("0000:01:00.0", "0000:01:00.1"),
+           "twogpu-vfio": ("0000:01:00.0", "0000:01:00.1"),
+           "bios-text": ("0000:01:00.0", "0000:01:00.1")}
 
 
 def make_host(root: str, variant: str = "nvidia", latency: dict[str, float] | None = None) -> str:
-    """Build a simulated host of ``variant`` ("nvidia" or "amd") in directory ``root`` with its
-    systemd units; set per-operation ``latency`` (s, keys in :mod:`.faults`). Returns ``root``.
+    """Build a simulated host of ``variant`` (a key of :data:`UNITS`: "nvidia", "amd",
+    "turing", "twogpu", "twogpu-vfio", "bios-text"; :mod:`.hosts`, :mod:`.shapes`) in directory
+    ``root`` with its systemd units; set per-operation ``latency`` (s, keys in
+    :mod:`.faults`). Returns ``root``.
 
     :raises ValueError: unknown variant.
     """

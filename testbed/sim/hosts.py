@@ -22,10 +22,20 @@ no aperture eviction, so ``efi-framebuffer.0`` is still there and bound (``/proc
 ``amd``: GPU ``0000:03:00.0`` (1002:73bf, boot VGA, amdgpu with deps drm_ttm_helper and ttm,
 card0/renderD128 and the ``amdgpudrmfb`` framebuffer) and audio ``0000:03:00.1`` (1002:ab28) in
 group 1. amdgpu evicted the firmware framebuffer at boot: no ``efi-framebuffer.0``, ``/proc/fb``
-is ``0 amdgpudrmfb``, vtcon1 bound.
+is ``0 amdgpudrmfb``, vtcon1 bound. amdgpu's ROCm part (kfd, built into amdgpu) gives
+``/dev/kfd`` (major 236, dynamic) with the virtual device ``/sys/devices/virtual/kfd/kfd``
+(``/sys/class/kfd/kfd``, its ``dev`` file) while amdgpu is loaded, and the topology
+``/sys/class/kfd/kfd/topology/nodes/N``: node 0 the CPU, node 1 the GPU while amdgpu drives it,
+whose ``properties`` name its PCI function (``domain``, ``location_id`` = bus << 8 | devfn, 768
+for 03:00.0) and its render node (``drm_render_minor 128``): the way to tell which GPU a
+holder of /dev/kfd uses (:func:`kfd_gpu_node`). The unit ``ollama.service`` (not started at
+boot) holds /dev/kfd and renderD128 when a test starts it.
 
 Both: vfio_pci (deps vfio_pci_core, vfio, vfio_iommu_type1; driver ``vfio-pci``) is not loaded;
 ``vt`` and ``drm`` are built in; ``/dev/vfio/vfio`` exists.
+
+The host shapes ``turing``, ``twogpu``, ``twogpu-vfio`` and ``bios-text`` are built by
+:mod:`testbed.sim.shapes` on the same skeleton.
 
 Firmware (``firmware=``): ``"efi"`` (default) as above: the boot console driver is
 ``vtcon0 (S) dummy device`` and ``efi-framebuffer.0`` exists. ``"bios"``: no firmware
@@ -66,6 +76,51 @@ def _sound_card(card: int, nodes: list[tuple[str, int]]) -> list[dict]:
                       "dev": f"snd/{name}", "devnum": f"116:{minor}", "module": "snd_hda_intel",
                       "requires": None})
     return specs
+
+
+KFD = "/sys/devices/virtual/kfd/kfd"
+#: /dev/kfd's major: a dynamic char major (``register_chrdev(0, "kfd")``), 236 here.
+KFD_DEVNUM = "236:0"
+
+
+def kfd_nodes() -> list[dict]:
+    """What amdgpu's init creates for ROCm/HSA (``kfd_chardev_init``, ``kfd_topology_init``;
+    ``CONFIG_HSA_AMD=y`` in Debian's 6.1): the ``kfd`` class with the virtual device
+    ``/sys/devices/virtual/kfd/kfd`` (``dev`` 236:0, ``/sys/class/kfd/kfd``) and ``/dev/kfd``,
+    which exists while amdgpu is loaded, with or without a GPU, and pins amdgpu while open;
+    its ``topology`` with node 0, the CPU. The GPUs are further topology nodes
+    (:func:`kfd_gpu_node`)."""
+    cpu = ("cpu_cores_count 16\nsimd_count 0\nmem_banks_count 1\ncaches_count 0\n"
+           "io_links_count 1\ncpu_core_id_base 0\nsimd_id_base 0\nvendor_id 0\n"
+           "device_id 0\nlocation_id 0\ndomain 0\ndrm_render_minor 0\nhive_id 0")
+    return [
+        {"kind": "dir", "path": "/sys/class/kfd"},
+        {"kind": "device", "path": KFD, "class": "kfd", "parent": None, "dev": "kfd",
+         "devnum": KFD_DEVNUM, "module": "amdgpu"},
+        {"kind": "device", "path": f"{KFD}/topology",
+         "attrs": {"generation_id": "1", "system_properties":
+                   "platform_oem 0\nplatform_id 0\nplatform_rev 0"}},
+        {"kind": "device", "path": f"{KFD}/topology/nodes/0",
+         "attrs": {"gpu_id": "0", "name": "", "properties": cpu}},
+    ]
+
+
+def kfd_gpu_node(addr: str, node: int, render_minor: int, device_id: int, gpu_id: int,
+                 name: str = "gfx1030") -> dict:
+    """The kfd topology node of the AMD GPU ``addr`` (``kfd_topology_add_device`` when amdgpu
+    binds it, gone when it unbinds): ``/sys/devices/virtual/kfd/kfd/topology/nodes/N`` whose
+    ``properties`` tie it to the PCI function (``domain``, ``location_id`` = bus << 8 | devfn)
+    and to its render node (``drm_render_minor``), as ROCm's ``rocminfo`` reads them."""
+    dom, bus, slot_fn = addr.split(":")
+    slot, fn = slot_fn.split(".")
+    location = int(bus, 16) << 8 | int(slot, 16) << 3 | int(fn)
+    props = (f"cpu_cores_count 0\nsimd_count 144\nmem_banks_count 1\ncaches_count 0\n"
+             f"io_links_count 1\ncpu_core_id_base 0\nsimd_id_base 2147487744\n"
+             f"max_waves_per_simd 16\nwave_front_size 32\ngfx_target_version 100300\n"
+             f"vendor_id 4098\ndevice_id {device_id}\nlocation_id {location}\n"
+             f"domain {int(dom, 16)}\ndrm_render_minor {render_minor}\nhive_id 0")
+    return {"kind": "device", "path": f"{KFD}/topology/nodes/{node}",
+            "attrs": {"gpu_id": str(gpu_id), "name": name, "properties": props}}
 
 
 def _vfio_modules() -> dict:
@@ -153,7 +208,7 @@ def _amd_state() -> dict:
         "ttm": {"builtin": False, "deps": [], "pci_driver": None, "nodes": []},
         "drm_ttm_helper": {"builtin": False, "deps": ["ttm"], "pci_driver": None, "nodes": []},
         "amdgpu": {"builtin": False, "deps": ["drm_ttm_helper", "ttm"], "pci_driver": "amdgpu",
-                   "nodes": []},
+                   "nodes": kfd_nodes()},
     })
     drivers = _common_drivers()
     drivers["amdgpu"] = {"module": "amdgpu", "evicts_firmware_fb": True,
@@ -170,7 +225,8 @@ def _amd_state() -> dict:
         "drivers": drivers,
         "driver_nodes": {
             "amdgpu": {gpu: [_drm("card0", 0, "amdgpu"), _drm("renderD128", 128, "amdgpu"),
-                             {"kind": "fb", "name": "amdgpudrmfb"}]},
+                             {"kind": "fb", "name": "amdgpudrmfb"},
+                             kfd_gpu_node(gpu, 1, 128, 0x73bf, 40461)]},
             "snd_hda_intel": {
                 ONBOARD_AUDIO: _sound_card(0, [("controlC0", 11), ("pcmC0D0p", 3)]),
                 audio: _sound_card(1, [("controlC1", 31), ("pcmC1D3p", 19)]),
@@ -203,7 +259,12 @@ def _pci_function(root: str, parent: str, addr: str, vendor: str, device: str, c
     return d
 
 
-def _skeleton(root: str, state: dict, functions: list[tuple], firmware: str = "efi") -> None:
+def _skeleton(root: str, state: dict, functions: list[tuple], firmware: str = "efi",
+              dirs: tuple = (), cmdline: str | None = None) -> None:
+    """Lay out the static tree: the bridge and onboard audio, ``functions`` (``(addr, vendor,
+    device, class, boot_vga)``, behind the bridge in IOMMU group 1, or with ``group`` and
+    ``parent`` directory added), the built-in modules, more directories ``dirs`` (of
+    built-in buses and classes), ``/proc/cmdline`` when given, the firmware framebuffer."""
     if os.path.isdir(os.path.join(root, ".sim")) or (os.path.isdir(root) and os.listdir(root)):
         raise ValueError(f"{root} is not empty: a simulated host is built in an empty directory")
     os.makedirs(os.path.join(root, ".sim"), exist_ok=True)
@@ -219,8 +280,14 @@ def _skeleton(root: str, state: dict, functions: list[tuple], firmware: str = "e
     K.mkfile(root, "/proc/fb", "", 0o444)
     bridge = _pci_function(root, ROOT_BUS, BRIDGE, "0x8086", "0xa8b8", "0x060400", "0")
     _pci_function(root, ROOT_BUS, ONBOARD_AUDIO, "0x8086", "0x7ad0", "0x040300", "2")
-    for addr, vendor, device, cls, boot_vga in functions:
-        _pci_function(root, bridge, addr, vendor, device, cls, "1", boot_vga)
+    for f in functions:
+        addr, vendor, device, cls, boot_vga = f[:5]
+        group, parent = (f[5], f[6]) if len(f) > 5 else ("1", bridge)
+        _pci_function(root, parent, addr, vendor, device, cls, group, boot_vga)
+    for p in dirs:
+        K.mkdir(root, p)
+    if cmdline is not None:
+        K.mkfile(root, "/proc/cmdline", cmdline + "\n", 0o444)
     for m, info in state["modules"].items():
         if info["builtin"]:
             K.mkdir(root, f"/sys/module/{m}/parameters")
@@ -289,16 +356,22 @@ def build_amd_host(root: str, firmware: str = "efi") -> None:
     _boot(root, ["snd_hda_intel", "amdgpu"], firmware)
 
 
-def build_host(root: str, variant: str = "nvidia", firmware: str = "efi") -> None:
-    """Build simulated host ``variant`` (``"nvidia"`` or ``"amd"``) booted by ``firmware``
-    (``"efi"`` or ``"bios"``, see the module docstring) in the empty dir ``root``.
+def build_host(root: str, variant: str = "nvidia", firmware: str | None = None) -> None:
+    """Build simulated host ``variant`` in the empty dir ``root``: ``"nvidia"``, ``"amd"``
+    (this module's docstring), ``"turing"``, ``"twogpu"``, ``"twogpu-vfio"``, ``"bios-text"``
+    (:mod:`testbed.sim.shapes`), booted by ``firmware`` (``"efi"`` or ``"bios"``; default the
+    variant's own: ``"bios"`` for bios-text, else ``"efi"``).
 
     :raises ValueError: unknown variant or firmware, or ``root`` not empty.
     """
-    builders = {"nvidia": build_nvidia_host, "amd": build_amd_host}
+    from . import shapes
+    builders = {"nvidia": build_nvidia_host, "amd": build_amd_host, **shapes.BUILDERS}
     if variant not in builders:
         raise ValueError(f"variant must be one of {sorted(builders)}, not {variant!r}")
-    builders[variant](root, firmware)
+    if firmware is None:
+        builders[variant](root)
+    else:
+        builders[variant](root, firmware)
 
 
 def snapshot(root: str) -> dict:

@@ -25,12 +25,27 @@ Behaviour modelled, with its source:
   so does vfio-pci's while the IOMMU group node is open (``vfio_unregister_group_dev``). A DRM
   driver's unbind succeeds with ``card0`` open, but the stale file keeps the module pinned.
 - Binding vfio-pci or an evicting DRM driver to the boot VGA function removes the firmware
-  framebuffer platform device (``drivers/video/aperture.c``). When the last framebuffer goes
+  framebuffer platform device (``drivers/video/aperture.c``) and retires a bound VGA text
+  console (``drivers/pci/vgaarb.c`` ``vga_remove_vgacon``: dummycon takes the consoles as a new
+  ``(M) dummy device`` vtconsole, vgacon's vtconsole disappears for good, so a write to its
+  ``bind`` finds no file: ENOENT). When the last framebuffer goes
   and the fbcon vtconsole is unbound, fbcon unregisters its console driver and the vtconsole
   disappears; the next framebuffer brings it back bound (``drivers/video/fbdev/core/fbcon.c``
   ``fbcon_fb_unregistered`` / ``fbcon_fb_registered``).
+- A function without ``driver_override`` is matched by a driver's id table (``native``) or
+  its dynamic ids (``vfio-pci.ids=``, ``ids``); ``drivers_probe`` binds the first matching
+  driver in registration order (``bus_for_each_drv``), so vfio-pci with ids, loaded first,
+  takes a function back from a native driver loaded later.
+- Child devices (:mod:`testbed.sim.children`): what a driver creates below its function -- USB
+  root hubs and devices, i2c adapters and clients, HID and input devices -- on their buses and
+  classes, bound to bus drivers of other modules (usbcore's ``usb``, usbhid), with ``/dev``
+  nodes; they go with the function's driver and with any module they need, and names the
+  kernel numbers at run time come back as the kernel numbers them (lowest free, or only
+  growing). devtmpfs drops the ``/dev`` directories a removed node leaves empty below the
+  second level (``/dev/bus/usb/003``).
 - ``modprobe`` loads dependencies, creates ``/sys/module/M`` (``refcnt``, ``holders/``), the PCI
-  driver directory, and probes matching unbound functions. ``rmmod`` refuses built-ins, modules
+  driver directory and the module's drivers on other buses, and probes matching unbound
+  functions. ``rmmod`` refuses built-ins, modules
   with holders or open files (kmod's messages), else unbinds the driver's functions and unloads
   (``Documentation/ABI/stable/sysfs-module``). ``refcnt`` = holders + open files on the module's
   nodes, recomputed at each driver or module operation.
@@ -55,7 +70,7 @@ import time
 from vfio_hookd.deadline import run_with_deadline
 from vfio_hookd.host import Host, identity_of
 
-from . import faults
+from . import children, faults
 
 #: The schema of ``<root>/.sim/state.json`` (documentation only).
 STATE_DOC = """
@@ -65,23 +80,32 @@ STATE_DOC = """
  "modules": {M: {"builtin": bool,             # built-in: /sys/module/M without refcnt
                  "deps": [M, ...],            # loaded first, each gets holders/M
                  "pci_driver": DRV|null,      # PCI driver the module registers
+                 "bus_drivers": [[BUS, DRV]], # drivers on other buses (usb: usbhid)
                  "needs_device": bool,        # init fails (ENODEV) when it binds no device
                  "nodes": [SPEC, ...]}},      # nodes the module creates at load (/dev/nvidiactl)
  "drivers": {DRV: {"module": M|null,          # null: built-in driver (pcieport)
                    "evicts_firmware_fb": bool,    # aperture eviction on the boot VGA function
                    "unbind_waits_for_holders": bool,  # unbind blocks while nodes are held
-                   "hold_nodes": [PATH, ...]}},   # extra nodes counted for that (nvidiactl)
+                   "hold_nodes": [PATH, ...],     # extra nodes counted for that (nvidiactl)
+                   "ids": ["1002:73bf", ...]}},   # dynamic ids (vfio-pci.ids=): match too
+ "pci_drivers": [DRV, ...],                   # registration order: the first match binds
  "driver_nodes": {DRV: {ADDR: [SPEC, ...]}},  # what DRV creates when it binds ADDR
  "boot_vga": ADDR|null,
  "platform": {NAME: {"driver": PDRV, "fb": "EFI VGA", "firmware_fb": bool}},
  "fbs": {"0": "EFI VGA"},                     # registered framebuffers (/proc/fb)
- "live": {PATH: {"id": ID, "module": M|null}},    # node files that exist
+ "counters": {NAME: {"mode": "lowest"|"next", ...}},  # run-time numbers (testbed.sim.children)
+ "vars": {ADDR: {VAR: N}},                    # the numbers a function's nodes got
+ "live": {PATH: {"id": ID, "module": M|[M]|null}},  # node files that exist; pin M
  "stale": [{"path": PATH, "id": ID, "module": M|null}]}  # removed but maybe still open
 SPEC: {"kind": "dev", "path": "/dev/nvidia0", "module": M}
     | {"kind": "proc", "path": "/proc/driver/nvidia/gpus/ADDR/information", "text": str}
     | {"kind": "class", "class": "drm"|"sound", "name": "card0", "parent": "card1"|null,
        "dev": "dri/card0"|null, "devnum": "226:0"|null, "module": M, "requires": M|null}
     | {"kind": "fb", "name": "amdgpudrmfb"}
+    | {"kind": "dir", "path": "/sys/bus/usb/devices"}
+    | {"kind": "device", "path": "usb3/3-1", "bus": "usb"|null, "class": "input"|null, ...}
+    | {"kind": "bind", "path": "usb3/3-1", "bus": "usb", "driver": "usb", ...}
+    (device and bind: testbed.sim.children; "requires" may be a list: every module loaded)
 ID: ["f", st_dev, st_ino] (see vfio_hookd.host.identity_of)
 """
 
@@ -297,10 +321,14 @@ class Kernel:
         return [tuple(live[p]["id"]) for p in paths if p in live]
 
     def pinned_count(self, module: str) -> int:
-        """Open descriptors on nodes (live or removed) that pin ``module``."""
+        """Open descriptors on nodes (live or removed) that pin ``module`` (a node's
+        ``module`` may be a list: /dev/i2c-5 pins i2c_dev, whose file it is, and the adapter's
+        owner, ``i2c_get_adapter``)."""
+        def pins(m) -> bool:
+            return m == module or (isinstance(m, list) and module in m)
         opened = self.open_files()
-        ids = [tuple(v["id"]) for v in self.st.get("live", {}).values() if v["module"] == module]
-        ids += [tuple(v["id"]) for v in self.st.get("stale", []) if v["module"] == module]
+        ids = [tuple(v["id"]) for v in self.st.get("live", {}).values() if pins(v["module"])]
+        ids += [tuple(v["id"]) for v in self.st.get("stale", []) if pins(v["module"])]
         return sum(opened.get(i, 0) for i in ids)
 
     def refresh_refcnts(self) -> None:
@@ -324,6 +352,15 @@ class Kernel:
         if entry is not None:
             self.st.setdefault("stale", []).append({"path": p, **entry})
         remove(self.root, p)
+        # devtmpfs removes the directories a node leaves empty (delete_path); the first two
+        # levels (/dev/dri, /dev/bus/usb) are kept here, as the host was built with them
+        parent = os.path.dirname(p)
+        while parent.startswith("/dev/") and parent.count("/") >= 4:
+            try:
+                os.rmdir(self.r(parent))
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
 
     def _class_dir(self, addr: str, spec: dict) -> str:
         parts = [self.dev_dir(addr), spec["class"]]
@@ -360,6 +397,8 @@ class Kernel:
             self.register_fb(spec["name"])
         elif kind == "dir":
             mkdir(self.root, spec["path"])
+        elif kind in ("device", "bind"):
+            children.create(self, addr, spec)
 
     def remove_node(self, addr: str, spec: dict) -> None:
         """Tear down one node created by :meth:`create_node` (absent parts are skipped)."""
@@ -384,6 +423,8 @@ class Kernel:
             self.unregister_fb(spec["name"])
         elif kind == "dir":
             remove(self.root, spec["path"])
+        elif kind in ("device", "bind"):
+            children.remove(self, addr, spec)
 
     def _node_present(self, addr: str, spec: dict) -> bool:
         kind = spec["kind"]
@@ -391,11 +432,17 @@ class Kernel:
             return os.path.lexists(self.r(spec["path"]))
         if kind == "class":
             return os.path.lexists(self.r(f"/sys/class/{spec['class']}/{spec['name']}"))
+        if kind in ("device", "bind"):
+            return children.present(self, addr, spec)
         return spec["name"] in self.st.setdefault("fbs", {}).values()
 
     def binding_nodes(self, drv: str, addr: str) -> list[dict]:
         """Node specs ``drv`` creates when it binds ``addr`` (see :data:`STATE_DOC`)."""
         return self.st.get("driver_nodes", {}).get(drv, {}).get(addr, [])
+
+    def ready(self, spec: dict) -> bool:
+        """True when every module ``spec`` requires is loaded."""
+        return all(self.loaded(m) for m in children.requires_of(spec))
 
     # ---- framebuffers and fbcon ----------------------------------------------------------
     def _write_proc_fb(self) -> None:
@@ -556,12 +603,20 @@ class Kernel:
             remove(self.root, dev)
 
     # ---- PCI driver core -----------------------------------------------------------------
+    def pci_id(self, addr: str) -> str:
+        """``vendor:device`` of function ``addr`` (``10de:1e87``)."""
+        return ":".join((self.read(f"/sys/bus/pci/devices/{addr}/{a}") or "0x")[2:]
+                        for a in ("vendor", "device"))
+
     def matches(self, drv: str, addr: str) -> bool:
-        """pci_match_device(): the override decides when set, else the id table (native)."""
+        """pci_match_device(): the override decides when set, else the dynamic ids
+        (``new_id``, ``vfio-pci.ids=``) and the id table (native)."""
         override = self.override_of(addr)
         if override is not None:
             return override == drv
-        return self.st["devices"][addr].get("native") == drv
+        if self.st["devices"][addr].get("native") == drv:
+            return True
+        return self.pci_id(addr) in self.st["drivers"].get(drv, {}).get("ids", [])
 
     def _group_node(self, addr: str) -> str:
         return f"/dev/vfio/{self.st['devices'][addr]['group']}"
@@ -577,21 +632,26 @@ class Kernel:
         if drv == "vfio-pci" and not os.path.lexists(self.r(self._group_node(addr))):
             self._make_dev(self._group_node(addr), None)
         for spec in self.binding_nodes(drv, addr):
-            if not spec.get("requires") or self.loaded(spec["requires"]):
+            if self.ready(spec):
                 self.create_node(addr, spec)
 
     def unbind_blocks(self, drv: str, addr: str) -> bool:
-        """True when ``drv``'s remove() would wait for the holders of the function's nodes."""
+        """True when ``drv``'s remove() would wait for the holders of the function's nodes:
+        all of them for a driver that ``unbind_waits_for_holders``; else those of child nodes
+        marked ``unbind_waits`` (an i2c adapter's ``/dev/i2c-N``: ``i2c_del_adapter`` waits
+        for the adapter's last reference, which an open i2c-dev file holds)."""
         info = self.st["drivers"].get(drv, {})
-        if not info.get("unbind_waits_for_holders"):
-            return False
-        paths = [s["path"] if s["kind"] == "dev" else f"/dev/{s['dev']}"
+        paths = ["/dev/" + children.fmt(self, addr, s["dev"])
                  for s in self.binding_nodes(drv, addr)
-                 if s["kind"] == "dev" or (s["kind"] == "class" and s.get("dev"))]
-        paths += info.get("hold_nodes", [])
-        if drv == "vfio-pci":
-            paths.append(self._group_node(addr))
-        return self.held(self.node_ids(paths))
+                 if s.get("unbind_waits") and children.present(self, addr, s)]
+        if info.get("unbind_waits_for_holders"):
+            paths += [s["path"] if s["kind"] == "dev" else f"/dev/{s['dev']}"
+                      for s in self.binding_nodes(drv, addr)
+                      if s["kind"] == "dev" or (s["kind"] == "class" and s.get("dev"))]
+            paths += info.get("hold_nodes", [])
+            if drv == "vfio-pci":
+                paths.append(self._group_node(addr))
+        return bool(paths) and self.held(self.node_ids(paths))
 
     def detach(self, drv: str, addr: str) -> None:
         """device_release_driver(): the driver's remove() tears down its nodes, then the links.
@@ -604,6 +664,7 @@ class Kernel:
         d = self.dev_dir(addr)
         remove(self.root, f"{d}/driver")
         remove(self.root, f"/sys/bus/pci/drivers/{drv}/{addr}")
+        self.st.get("vars", {}).pop(addr, None)
         if drv == "vfio-pci":
             group = self.st["devices"][addr]["group"]
             if not any(self.driver_of(a) == "vfio-pci" for a, i in self.st["devices"].items()
@@ -611,13 +672,17 @@ class Kernel:
                 self._drop_dev(self._group_node(addr))
 
     def probe(self, addr: str) -> None:
-        """device_attach(): bind the first registered driver that matches; none is fine."""
+        """device_attach(): bind the first registered driver that matches, in registration
+        order (bus_for_each_drv); none is fine."""
         if self.driver_of(addr):
             return
         override = self.override_of(addr)
-        drv = override if override is not None else self.st["devices"][addr].get("native")
-        if drv and self.driver_registered(drv) and self.matches(drv, addr):
-            self.attach(drv, addr)
+        native = self.st["devices"][addr].get("native")
+        order = self.st.get("pci_drivers") or ([native] if native else [])
+        for drv in [override] if override is not None else order:
+            if drv and self.driver_registered(drv) and self.matches(drv, addr):
+                self.attach(drv, addr)
+                return
 
     def pci_bind(self, drv: str, addr: str) -> None:
         """Write to ``drivers/DRV/bind``.
@@ -647,6 +712,9 @@ class Kernel:
         if module:
             mklink(self.root, f"{base}/module", f"/sys/module/{module}")
             mklink(self.root, f"/sys/module/{module}/drivers/pci:{drv}", base)
+        order = self.st.setdefault("pci_drivers", [])
+        if drv not in order:
+            order.append(drv)
         for addr in sorted(self.st["devices"]):
             if not self.driver_of(addr) and self.matches(drv, addr):
                 self.attach(drv, addr)
@@ -673,12 +741,16 @@ class Kernel:
             mklink(self.root, f"/sys/module/{dep}/holders/{m}", base)
         for spec in info.get("nodes", []):
             self.create_node("", spec)
-        # nodes of drivers already bound that this module provides (nvidia_drm -> card0)
+        for bus, drv in info.get("bus_drivers", []):
+            children.register_bus_driver(self, m, bus, drv)
+        # nodes of drivers already bound that this module provides (nvidia_drm -> card0,
+        # usbhid -> the HID devices of the USB keyboards found)
         for drv, per in self.st.get("driver_nodes", {}).items():
             for addr, specs in per.items():
                 if self.driver_of(addr) == drv:
                     for spec in specs:
-                        if spec.get("requires") == m and not self._node_present(addr, spec):
+                        if (m in children.requires_of(spec) and self.ready(spec)
+                                and not self._node_present(addr, spec)):
                             self.create_node(addr, spec)
         if info.get("pci_driver"):
             self.register_pci_driver(info["pci_driver"], m)
@@ -714,11 +786,17 @@ class Kernel:
             for addr in bound:
                 self.detach(drv, addr)
             remove(self.root, f"/sys/bus/pci/drivers/{drv}")
+            if drv in self.st.get("pci_drivers", []):
+                self.st["pci_drivers"].remove(drv)
         for d, per in self.st.get("driver_nodes", {}).items():
             for addr, specs in per.items():
+                if self.driver_of(addr) != d:
+                    continue
                 for spec in reversed(specs):
-                    if spec.get("requires") == m and self._node_present(addr, spec):
+                    if m in children.requires_of(spec) and self._node_present(addr, spec):
                         self.remove_node(addr, spec)
+        for bus, drv in info.get("bus_drivers", []):
+            children.unregister_bus_driver(self, bus, drv)
         for spec in reversed(info.get("nodes", [])):
             self.remove_node("", spec)
         for dep in info.get("deps", []):
