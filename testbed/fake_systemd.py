@@ -66,6 +66,7 @@ class FakeSystemd:
         self.system_state = "running"
         self.connected = False
         self.procs: dict[int, model.Unit] = {}
+        self.adopted: dict[int, str] = {}
         self._watchers: dict[int, threading.Thread] = {}
         table = model.load_table(self.state_root)
         self.units, self.names = model.build(table)
@@ -108,9 +109,16 @@ class FakeSystemd:
             u = self.names.get(unit)
             return u.active_state if u is not None else "inactive"
 
+    def adopt(self, pid: int, unit: str) -> None:
+        """Make ``unit_of_pid(pid)`` answer ``unit`` (e.g. ``session-2.scope``): a process of a
+        login session or unit that this fake did not start."""
+        self.adopted[pid] = unit
+
     def unit_of_pid(self, pid: int) -> str | None:
-        """The unit whose process ``pid`` is (its main process), or None."""
+        """The unit whose process ``pid`` is (its main process, or :meth:`adopt`), or None."""
         self.connected = True
+        if pid in self.adopted:
+            return self.adopted[pid]
         with self._lock:
             for u in self.units.values():
                 if u.pid and u.pid == pid:

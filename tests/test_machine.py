@@ -472,6 +472,7 @@ def test_a_holder_on_its_way_out_does_not_fail_prepare(world):
     world.machine.holders_grace_s = 2.0   # the product's default
     with open(world.host.path("/dev/dri/card0")) as f:
         leaving = subprocess.Popen(["sleep", "0.5"], stdin=f)
+    world.systemd.adopt(leaving.pid, "session-2.scope")   # the greeter's session, ending
     try:
         assert world.machine.prepare("win11").phase == "prepared"
         assert leaving.poll() is not None

@@ -50,3 +50,174 @@ def test_the_units_step_says_why_it_stops_the_display_manager(world):
     assert "(unit gdm.service)" in why["gdm.service"]
     assert why["nvidia-persistenced.service"] == "stop_units in the profile"
     world.machine.release("win11")
+
+
+# ---- the shapes users have: prepare/release on each (testbed.sim.shapes) -----------------------
+import subprocess  # noqa: E402
+
+from conftest import SimWorld, diff  # noqa: E402
+from testbed.expected import classify_changes  # noqa: E402
+from testbed.sim import faults  # noqa: E402
+from vfio_hookd import errors  # noqa: E402
+from vfio_hookd.errors import HookdError  # noqa: E402
+from vfio_hookd.steps import STEP_NAMES  # noqa: E402
+
+HOST_USB = "0000:00:14.0"
+HOST_KEYBOARD = "/sys/bus/usb/devices/1-2"
+USB_MODULES = ("usbcore", "xhci_hcd", "xhci_pci", "usbhid")
+SHAPES = ("turing", "twogpu", "twogpu-vfio", "bios-text", "amd", "nvidia")
+
+
+def _restored(before, after, allowed=()):
+    """Only the kernel's own changes (testbed.expected) between two snapshots, same units."""
+    assert after["units"] == before["units"]
+    _expected, left = classify_changes(before["tree"], after["tree"])
+    assert left == {}, left
+
+
+def _host_usb_bound(w) -> None:
+    host = w.host
+    assert host.link_name(f"/sys/bus/pci/devices/{HOST_USB}/driver") == "xhci_hcd"
+    assert host.link_name(f"{HOST_KEYBOARD}/driver") == "usb"
+    assert host.link_name(f"{HOST_KEYBOARD}/1-2:1.0/driver") == "usbhid"
+    for m in USB_MODULES:
+        assert host.module_loaded(m), m
+
+
+@pytest.fixture(params=SHAPES)
+def shape(request, dirs):
+    w = SimWorld(dirs, request.param)
+    yield w
+    w.close()
+
+
+def test_each_shape_round_trips_to_the_same_host(shape):
+    shape.profile()
+    before = shape.snapshot()
+    rec = shape.machine.prepare("win11")
+    for addr in shape.devices:
+        assert shape.host.link_name(f"/sys/bus/pci/devices/{addr}/driver") == "vfio-pci"
+    shape.machine.release("win11")
+    _restored(before, shape.snapshot())
+    assert [s.status for s in rec.steps] == ["done"] * len(STEP_NAMES)
+
+
+def test_a_gpu_with_a_usb_c_controller_leaves_the_hosts_usb_alone(turing_world):
+    w = turing_world
+    w.profile()
+    _host_usb_bound(w)
+    rec = w.machine.prepare("win11")
+    _host_usb_bound(w)   # the keyboard stays while the VM runs
+    why = rec.step("modules").facts["why"]
+    plan = rec.step("modules").facts["plan"]
+    assert not set(plan) & set(USB_MODULES), plan
+    assert why["usbcore"].startswith("also drives usb1")
+    assert why["xhci_pci"] == f"also drives {HOST_USB}, not handed over"
+    assert "i2c_nvidia_gpu" in plan   # the UCSI function's driver drives only that function
+    # the xHCI and UCSI functions were simply unbound, like the others
+    assert w.host.listdir("/sys/bus/pci/devices/0000:01:00.2/") and \
+        not w.host.exists("/sys/bus/pci/devices/0000:01:00.2/usb3")
+    w.machine.release("win11")
+    _host_usb_bound(w)
+
+
+def test_a_busy_usb_module_does_not_fail_the_start(turing_world):
+    """With the keyboard's event node held (systemd-logind) usbhid cannot go: it is not asked."""
+    w = turing_world
+    w.profile()
+    rec = w.machine.prepare("win11")
+    assert "usbhid" not in rec.step("modules").facts["plan"]
+    assert w.systemd.list_units()["systemd-logind.service"] == "active"
+    w.machine.release("win11")
+
+
+@pytest.mark.parametrize("variant", ["twogpu", "twogpu-vfio"])
+def test_a_second_gpu_is_handed_over_with_the_desktop_running(dirs, variant):
+    w = SimWorld(dirs, variant)
+    try:
+        w.profile()
+        dm_pid = w.systemd.procs and next(p for p, u in w.systemd.procs.items()
+                                          if u.id == "gdm.service")
+        before = w.snapshot()
+        rec = w.machine.prepare("win11")
+        units = rec.step("units").facts
+        assert units["plan"] == [] and units["skipped"][0].startswith("gdm.service (left running")
+        for step in ("vtconsoles", "framebuffer"):
+            assert rec.step(step).facts["plan"] == []
+            assert "shows the boot display" in rec.step(step).facts["skipped"][0]
+        assert w.systemd.unit_of_pid(dm_pid) == "gdm.service"   # same process throughout
+        assert w.systemd.list_units() == before["units"]
+        w.machine.release("win11")
+        assert w.systemd.unit_of_pid(dm_pid) == "gdm.service"
+        _restored(before, w.snapshot())
+        if variant == "twogpu-vfio":   # nothing to do at all: the host did not change
+            assert diff(before["tree"], w.snapshot()["tree"]) == {}
+            assert rec.step("bind_vfio").facts["done"] == []
+    finally:
+        w.close()
+
+
+def test_a_vga_text_console_is_warned_of_and_its_removal_reported(bios_text_world):
+    w = bios_text_world
+    w.profile()
+    rec = w.machine.prepare("win11")
+    warning = rec.step("vtconsoles").facts["warnings"][0]
+    assert "VGA text console (vtcon0)" in warning and "until reboot" in warning
+    rec = w.machine.release("win11")
+    notes = rec.step("vtconsoles").notes
+    assert notes and "removed by the kernel's VGA arbiter" in notes[0]
+    st = w.machine.status("win11")["vms"]["win11"]
+    vt = next(s for s in st["steps"] if s["name"] == "vtconsoles")
+    assert vt["notes"] == notes and vt["warnings"] == [warning]
+
+
+def test_a_holder_nothing_stopped_fails_the_start_at_once(world, monkeypatch):
+    """No grace period for a process no stopped unit or session owns: it is named at once."""
+    from vfio_hookd import procs
+    waited = []
+    monkeypatch.setattr(procs, "wait_gone", lambda pid, t: waited.append(pid) or False)
+    world.profile()
+    with open(world.host.path("/dev/dri/card0")) as f:
+        stranger = subprocess.Popen(["sleep", "60"], stdin=f)
+    try:
+        with pytest.raises(HookdError) as exc:
+            world.machine.prepare("win11")
+        assert exc.value.code == errors.DEVICE_BUSY and f"PID {stranger.pid}" in exc.value.message
+        assert waited == []
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+@pytest.mark.parametrize("k", range(len(STEP_NAMES)), ids=STEP_NAMES)
+def test_turing_fault_at_each_step_rolls_back(turing_world, k):
+    w = turing_world
+    w.profile()
+    name = STEP_NAMES[k]
+    # fail the step's first host operation
+    target = {"units": ("stop", "gdm.service"), "holders": None,
+              "vtconsoles": ("write", "/sys/class/vtconsole/vtcon1/bind"),
+              "framebuffer": ("write", "/sys/bus/platform/drivers/efi-framebuffer/unbind"),
+              "modules": ("rmmod", "nvidia_drm"),
+              "bind_vfio": ("write", "/sys/bus/pci/drivers_probe")}[name]
+    if target is None:   # holders: a stranger holds the UCSI function's i2c node
+        f = open(w.host.path("/dev/i2c-5"))
+        p = subprocess.Popen(["sleep", "60"], stdin=f)
+        f.close()
+    else:
+        faults.inject(w.root, target[0], target[1], "fail", errno=5, count=1)
+        p = None
+    if p:   # the stranger's open node is part of the host as it was; the simulated kernel
+        # updates refcnt on its next operation (a no-op write here)
+        w.host.write("/sys/bus/pci/devices/0000:01:00.3/driver_override", "\n", 5)
+    before = w.snapshot()
+    try:
+        with pytest.raises(HookdError) as exc:
+            w.machine.prepare("win11")
+        assert exc.value.details["step"] == name
+        _host_usb_bound(w)
+        _restored(before, w.snapshot())
+    finally:
+        if p:
+            p.kill()
+            p.wait()

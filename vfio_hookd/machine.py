@@ -106,7 +106,8 @@ class Machine:
                        devices=tuple(rec.devices), drivers=dict(rec.drivers),
                        systemd=self.systemd, log=logger,
                        child_modules=dict(rec.child_modules),
-                       holders_grace_s=self.holders_grace_s)
+                       holders_grace_s=self.holders_grace_s,
+                       stopped_units=tuple(_stopped_units(rec)))
 
     def _save(self, rec: Record) -> None:
         """Save ``rec``; on failure log it and go on (an undo must not stop because /run is
@@ -342,6 +343,14 @@ class Machine:
         """The status document (:func:`vfio_hookd.status.status_from_records`)."""
         from .status import status_from_records
         return status_from_records(self.host, self.paths, vm)
+
+
+def _stopped_units(rec: Record) -> list[str]:
+    """The units the units step of ``rec`` has stopped so far."""
+    for s in rec.steps:
+        if s.name == "units":
+            return list(s.facts.get("done", []))
+    return []
 
 
 def _as_error(exc: BaseException, step: str) -> HookdError:

@@ -290,33 +290,33 @@ def unload_order(host: Host, roots: list[str], with_holders: bool = True) -> lis
 
 
 def device_nodes(host: Host, addr: str) -> list[str]:
-    """Device nodes (host paths) that belong to PCI function ``addr``: DRM nodes under
-    ``/sys/class/drm``, sound nodes under ``/sys/class/sound`` (including those of child
-    devices, e.g. virtio-gpu's ``virtio0``), and for NVIDIA ``/dev/nvidiaN`` from
-    ``/proc/driver/nvidia/gpus/ADDR/information`` plus the driver-wide control nodes."""
+    """Device nodes (host paths) that belong to PCI function ``addr`` or to any device below it:
+    every ``DEVNAME=`` in a ``uevent`` file of the function's sysfs subtree (DRM and sound
+    nodes, the DDC and UCSI i2c adapters' ``/dev/i2c-N``, the nodes of a USB controller's
+    devices and their input/hidraw children, ``/dev/fbN``; sysfs-devices-uevent), plus
+    ``/dev/kfd`` for a function amdgpu drives (it pins amdgpu), and for NVIDIA ``/dev/nvidiaN``
+    from ``/proc/driver/nvidia/gpus/ADDR/information`` and the driver-wide nodes
+    (``/dev/nvidiactl``, ``/dev/nvidia-modeset``, ``/dev/nvidia-uvm*``,
+    ``/dev/nvidia-caps/*``)."""
     nodes: list[str] = []
     try:
-        dev = host.resolve(path(addr))
+        top = host.resolve(path(addr))
     except (HookdError, OSError):
         return nodes
-    for cls in ("drm", "sound"):
-        for entry in host.listdir(f"/sys/class/{cls}"):
-            try:
-                where = host.resolve(f"/sys/class/{cls}/{entry}")
-            except (HookdError, OSError):
-                continue
-            if not where.startswith(dev + "/"):
-                continue
-            devname = None
-            for line in (host.read_or(f"/sys/class/{cls}/{entry}/uevent", "") or "").splitlines():
-                if line.startswith("DEVNAME="):
-                    devname = line[len("DEVNAME="):]
-            if devname:
-                nodes.append("/dev/" + devname)
+    todo = [top]
+    while todo:
+        d = todo.pop()
+        for line in (host.read_or(f"{d}/uevent", "") or "").splitlines():
+            if line.startswith("DEVNAME="):
+                nodes.append("/dev/" + line[len("DEVNAME="):])
+        todo.extend(f"{d}/{e}" for e in reversed(host.subdirs(d)))
+    if current_driver(host, addr) == "amdgpu" and host.exists("/dev/kfd"):
+        nodes.append("/dev/kfd")
     info = host.read_or(f"/proc/driver/nvidia/gpus/{addr}/information")
     if info is not None:
         for line in info.splitlines():
             if line.replace(" ", "").lower().startswith("deviceminor:"):
                 nodes.append(f"/dev/nvidia{line.split(':', 1)[1].strip()}")
         nodes.extend(n for n in NVIDIA_SHARED_NODES if host.exists(n))
-    return nodes
+        nodes.extend(f"/dev/nvidia-caps/{n}" for n in host.listdir("/dev/nvidia-caps"))
+    return list(dict.fromkeys(nodes))

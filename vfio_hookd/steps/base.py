@@ -65,6 +65,8 @@ class Context:
         :func:`vfio_hookd.pci.child_modules`).
     :param holders_grace_s: how long (s) holders may take to exit by themselves with
         ``on_busy: fail`` (capped by ``deadlines.terminate``).
+    :param stopped_units: the units this prepare's units step stopped (their processes, and
+        those of login sessions, get the holders' grace period).
     """
     vm: str
     host: Host
@@ -77,6 +79,7 @@ class Context:
         default_factory=lambda: logging.getLogger("vfio_hookd"))
     child_modules: dict[str, list[str]] = field(default_factory=dict)
     holders_grace_s: float = 2.0
+    stopped_units: tuple[str, ...] = ()
 
 
 pci = pcimod.path

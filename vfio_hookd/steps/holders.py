@@ -12,9 +12,10 @@ from .base import Context, Shape, Step
 class Holders(Step):
     """Deal with processes that still hold the GPU's device nodes once the units are stopped.
 
-    ``on_busy: fail`` refuses with ``DEVICE_BUSY`` listing PID, command and node, after giving
-    the holders up to ``ctx.holders_grace_s`` (or ``deadlines.terminate`` if shorter) to exit on their
-    own (the session of a display manager that was just stopped may still be ending);
+    ``on_busy: fail`` refuses with ``DEVICE_BUSY`` listing PID, command and node. Holders that
+    belong to a unit the units step just stopped, or to a login session (its end follows the
+    display manager's), first get up to ``ctx.holders_grace_s`` (or ``deadlines.terminate`` if
+    shorter) to exit on their own; a holder nothing stopped fails the start at once;
     ``on_busy: terminate`` sends SIGTERM, then SIGKILL after ``deadlines.terminate`` s.
     Unbinding a GPU someone holds can block the kernel forever (NVIDIA) or leave a stale
     DRM node (FIELD-NOTES §2), so this is checked before any unbind. Undo: ended processes
@@ -32,12 +33,17 @@ class Holders(Step):
     def apply(self, ctx: Context, facts: dict) -> None:
         from .. import procs
         holders = procs.find_holders(ctx.host, facts["plan"])
-        if holders and ctx.profile.on_busy != "terminate":
-            # processes of the session that was just stopped may still be on their way out
+        if holders and ctx.profile.on_busy != "terminate" and ctx.stopped_units:
+            # processes of a unit or login session that was just stopped may still be on
+            # their way out: they get the grace period; a holder nothing stopped fails at once
+            sd = ctx.systemd()
+            leaving = sorted({h.pid for h in holders
+                              if _ending(sd.unit_of_pid(h.pid), ctx.stopped_units)})
             deadline = time.monotonic() + min(ctx.deadlines.terminate, ctx.holders_grace_s)
-            for pid in sorted({h.pid for h in holders}):
+            for pid in leaving:
                 procs.wait_gone(pid, max(0.0, deadline - time.monotonic()))
-            holders = procs.find_holders(ctx.host, facts["plan"])
+            if leaving:
+                holders = procs.find_holders(ctx.host, facts["plan"])
         if not holders:
             return
         listing = "; ".join(str(h) for h in holders)
@@ -71,3 +77,11 @@ class Holders(Step):
             return ["terminated processes are not restarted: " + ", ".join(
                 f"PID {h['pid']} ({h['command']})" for h in facts["terminated"])]
         return []
+
+
+def _ending(unit: str | None, stopped: tuple) -> bool:
+    """True for a process of a unit the units step just stopped, or of a login session's scope
+    (``session-N.scope``): the display manager's stop ends the seat's sessions, whose
+    processes may still be exiting (FIELD-NOTES §7: within about a second)."""
+    return bool(unit) and (unit in stopped or (unit.startswith("session-")
+                                               and unit.endswith(".scope")))
