@@ -59,11 +59,11 @@ def test_the_wheel_holds_the_product_only_and_runs(tmp_path):
     # install it where nothing of the repository is importable, and run it
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv])
     py = os.path.join(venv, "bin", "python")
-    # from tmp_path: in the repository, a vfio_hookd.egg-info (the editable install's) on the
-    # re-executed pip's path would read as "already installed"
-    _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index",
-          wheel], cwd=str(tmp_path))
+    # without the repository on the path (conftest puts it on PYTHONPATH): the editable
+    # install's vfio_hookd.egg-info there would read as "already installed" to pip
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index",
+          wheel], cwd=str(tmp_path), env=env)
     where = _run([py, "-c", "import vfio_hookd; print(vfio_hookd.__file__)"], env=env,
                  cwd=str(tmp_path)).stdout.strip()
     assert where.startswith(os.path.join(venv, "lib")), where
