@@ -26,7 +26,9 @@ class BindVfio(Step):
             override = ctx.host.read_or(pci(addr, "driver_override"), "(null)")
             plan.append({"address": addr, "driver": ctx.drivers.get(addr),
                          "override": None if override in ("(null)", "") else override})
-        return {"plan": plan}
+        skipped = [f"{a} already on vfio-pci: left as it is, not given back on release"
+                   for a in ctx.devices if ctx.drivers.get(a) == VFIO_DRIVER]
+        return {"plan": plan, "skipped": skipped} if skipped else {"plan": plan}
 
     def apply(self, ctx: Context, facts: dict) -> None:
         facts["done"] = []
