@@ -17,6 +17,14 @@ Expected (Linux ``drivers/video/aperture.c``, ``drivers/video/fbdev/core/fbcon.c
   is left empty: fbcon unregisters with the last framebuffer; if it was bound, another
   vtconsole's ``bind`` going from 0 to 1 (the driver that took the consoles over,
   ``do_unbind_con_driver``; nothing else of it changed);
+- the VGA text console's vtconsole (vgacon, name containing ``VGA+``, bound) *removed*,
+  entirely, and the console driver that took its consoles over (name containing ``dummy
+  device``) bound: *added* with ``bind`` 1, or an existing one's ``bind`` going from 0 to 1.
+  The VGA arbiter does this when vfio-pci (or a DRM driver) takes the boot VGA function
+  (``vga_remove_vgacon``: "vgaarb: deactivate vga console"; ``drivers/pci/vgaarb.c``,
+  ``drivers/video/aperture.c``); vgacon does not come back before a reboot. Seen on Linux 6.1
+  in the kernel tests' guest (SeaBIOS, ``nomodeset``): ``vtcon0`` ``(S) VGA+`` gone,
+  ``vtcon1`` ``(M) dummy device`` added, bound;
 - ``/sys/module/<m>`` for :data:`VFIO_MODULES` and ``/sys/bus/pci/drivers/vfio-pci`` *added*.
 
 Snapshots are flat trees ``{host path: (kind, value)}``, kind ``"dir"`` (value None),
@@ -69,6 +77,20 @@ def vtcon_took_over(vtcon: str, name: str, fbcons: list[str]) -> str:
     return f"{vtcon} ({name}) bound: it took the consoles over from fbcon's {', '.join(fbcons)}"
 
 
+def vgacon_replaced(vtcon: str, name: str, by: str, by_name: str) -> str:
+    """The VGA text console's vtconsole ``vtcon`` (``(S) VGA+``) removed by the VGA arbiter;
+    ``by`` (``(M) dummy device``) holds its consoles now."""
+    return (f"{vtcon} ({name}) removed: the VGA arbiter deactivated the VGA text console when "
+            f"vfio-pci took the boot VGA function; {by} ({by_name}) holds the consoles")
+
+
+def text_consoles_replaced(expected: list[str]) -> list[str]:
+    """The vtconsoles (``vtcon0``) of the :func:`vgacon_replaced` lines in ``expected``: the
+    product's release must have reported each removal in its vtconsoles step's notes."""
+    return [line.split()[0] for line in expected
+            if "removed: the VGA arbiter deactivated the VGA text console" in line]
+
+
 def vfio_left_loaded(modules: list[str]) -> str:
     """vfio-pci (``modules`` of :data:`VFIO_MODULES` that were loaded) left loaded."""
     return f"vfio-pci left loaded by design (modules: {', '.join(modules) or '-'})"
@@ -84,7 +106,7 @@ def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
     :param after: the same shape, later.
     :returns: ``(expected, unexpected)``: the lines above for each expected change that
         occurred (in this order: framebuffer device, ``/proc/fb``, ``/dev/fbN``, fbcon's
-        vtconsole, the takeover, vfio-pci), and ``{path: (before value or None, after value or
+        vtconsole, the takeover, the VGA text console's replacement, vfio-pci), and ``{path: (before value or None, after value or
         None)}`` for every other difference.
     """
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
@@ -157,6 +179,39 @@ def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
                 v = m.group(1)
                 name = ((after.get(f"{VTCONSOLES}/{v}/name") or ("", ""))[1] or "").strip()
                 expected.append(vtcon_took_over(v, name, fbcon_gone))
+
+    def vt_name(tree: dict, v: str) -> str:
+        return ((tree.get(f"{VTCONSOLES}/{v}/name") or ("file", ""))[1] or "").strip()
+
+    for p in sorted(changed):
+        m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
+        if not m or p not in before or p in after:
+            continue
+        v = m.group(1)
+        if "VGA+" not in vt_name(before, v) or \
+                (before.get(f"{VTCONSOLES}/{v}/bind") or ("", ""))[1] != "1\n":
+            continue
+        # the console driver that took vgacon's consoles (vgaarb.c vga_remove_vgacon ->
+        # do_take_over_console(&dummy_con)): a new vtconsole, bound, or one bound now
+        takers = []
+        for q in sorted(changed):
+            t = re.fullmatch(re.escape(VTCONSOLES) + r"/(vtcon\d+)/bind", q)
+            if not t or t.group(1) == v or "dummy device" not in vt_name(after, t.group(1)):
+                continue
+            w = t.group(1)
+            mine = {c for c in changed if c == f"/sys/class/vtconsole/{w}"
+                    or under(c, f"{VTCONSOLES}/{w}")}
+            if after.get(q) != ("file", "1\n"):
+                continue
+            if before.get(q) is None and all(c in after and c not in before for c in mine):
+                takers.append((w, mine))
+            elif before.get(q) == ("file", "0\n") and mine == {q}:
+                takers.append((w, mine))
+        gone = {c for c in changed if c == p or under(c, f"{VTCONSOLES}/{v}")}
+        if len(takers) == 1 and claim(gone, "removed"):
+            w, mine = takers[0]
+            changed.difference_update(mine)
+            expected.append(vgacon_replaced(v, vt_name(before, v), w, vt_name(after, w)))
 
     loaded = [m for m in VFIO_MODULES
               if claim({p for p in changed if under(p, f"/sys/module/{m}")}, "added")]

@@ -88,3 +88,40 @@ def test_vfio_left_loaded_is_expected_only_as_an_addition():
     assert list(unexpected) == ["/sys/module/nvidia"]   # a GPU module not given back
     lines, unexpected = classify_changes(after, {})
     assert lines == [] and len(unexpected) == 3           # vfio unloaded: not the kernel's doing
+
+
+def _vtcon(v: str, name: str, bind: str) -> dict:
+    d = f"/sys/devices/virtual/vtconsole/{v}"
+    return {f"/sys/class/vtconsole/{v}": ("link", f"../../devices/virtual/vtconsole/{v}"),
+            d: ("dir", None), f"{d}/name": ("file", f"{name}\n"), f"{d}/bind": ("file", bind)}
+
+
+def test_the_vga_text_console_replaced_by_the_dummy_console_is_the_kernels_doing():
+    # seen on Linux 6.1 (SeaBIOS, nomodeset): vfio-pci takes the boot VGA function, the VGA
+    # arbiter removes vgacon's vtcon0 and registers the dummy console as vtcon1, bound
+    before = {"/proc/fb": ("file", ""), **_vtcon("vtcon0", "(S) VGA+", "1\n")}
+    after = {"/proc/fb": ("file", ""), **_vtcon("vtcon1", "(M) dummy device", "1\n"),
+             "/sys/module/vfio_pci": ("dir", None)}
+    line = kernel.vgacon_replaced("vtcon0", "(S) VGA+", "vtcon1", "(M) dummy device")
+    expected, unexpected = classify_changes(before, after)
+    assert expected == [line, kernel.vfio_left_loaded(["vfio_pci"])] and unexpected == {}
+    assert kernel.text_consoles_replaced(expected) == ["vtcon0"]
+    assert kernel.text_consoles_replaced([FB_REMOVED]) == []
+    # or a dummy console registered before takes the consoles: its bind goes from 0 to 1
+    before2 = {**before, **_vtcon("vtcon1", "(M) dummy device", "0\n")}
+    after2 = {**after, **_vtcon("vtcon1", "(M) dummy device", "1\n")}
+    expected, unexpected = classify_changes(before2, after2)
+    assert expected[0] == line and unexpected == {}
+    # vgacon gone with nothing holding the consoles is no kernel change it makes
+    expected, unexpected = classify_changes(before, {"/proc/fb": ("file", "")})
+    assert expected == [] and "/sys/class/vtconsole/vtcon0" in unexpected
+    # nor a vgacon that was not bound, nor a takeover by anything but the dummy console
+    unbound = {**before, "/sys/devices/virtual/vtconsole/vtcon0/bind": ("file", "0\n")}
+    assert classify_changes(unbound, after)[0] == [kernel.vfio_left_loaded(["vfio_pci"])]
+    other = {"/proc/fb": ("file", ""), **_vtcon("vtcon1", "(M) frame buffer device", "1\n")}
+    expected, unexpected = classify_changes(before, other)
+    assert expected == [] and "/sys/class/vtconsole/vtcon1" in unexpected
+    # a dummy console that changed in more than its bind is a leftover
+    odd = {**after2, "/sys/devices/virtual/vtconsole/vtcon1/name": ("file", "(S) dummy device\n")}
+    expected, unexpected = classify_changes(before2, odd)
+    assert not kernel.text_consoles_replaced(expected)
