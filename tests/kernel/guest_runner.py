@@ -3,7 +3,8 @@
 the guest's real kernel. Started by ``tests/kernel/guest_init.sh``; never run it on a real host.
 
 ``python guest_runner.py OUTDIR``: reads ``OUTDIR/boot.json`` (``scenarios``, ``gpu``,
-``firmware``, ``gpu_addr``, ``audio_addr``, ``repo``), writes ``OUTDIR/results/<scenario>.json``
+``firmware``, ``gpu_addr``, ``audio_addr``, ``repo``; the hardware shape's ``funcs``,
+``desktop_gpu``, ``own_usb``, ``usb_devices``), writes ``OUTDIR/results/<scenario>.json``
 for each scenario (``{"ok": bool, "error": str|null, "wall_s": float, ...}``), the daemon's log
 to ``OUTDIR/daemon.log`` and its own to ``OUTDIR/runner.log``. Exit status 0 when every
 scenario passed, 1 otherwise.
@@ -21,6 +22,11 @@ half-way (``vfio-hookd release VM --force``, then by hand drivers, vtconsoles, u
 result's ``precondition`` says what was done (``restored``, ``prepared_by_runner``); when the
 state cannot be reached the scenario does not run and fails with ``precondition <state> not
 reached: <differences>``, so one failure does not cascade into the next scenarios' checks.
+
+The scenarios run in phases (:data:`PHASES`, each scenario names its own): each phase sets the
+guest up (:func:`setup_phase`: the firmware framebuffer alone, the functions on vfio-pci from
+boot on, or every driver loaded), coldplugs it, starts its :class:`World` and takes its
+baseline.
 
 An entry ``SCENARIO.fail-POINT`` in ``scenarios`` runs SCENARIO with a failure injected at its
 injection point POINT (:meth:`Phase.injection`); the entry passes when SCENARIO failed there.
@@ -66,6 +72,8 @@ VM = "guest"
 #: The framebuffer step's note for a firmware framebuffer the kernel removed ("DEV was removed
 #: by the kernel ...").
 FB_NOTE = "was removed by the kernel"
+#: The vtconsoles step's note for a VGA text console the kernel's VGA arbiter removed.
+VGACON_NOTE = "the VGA text console ({vt}) was removed by the kernel's VGA arbiter"
 
 
 class Ctx:
@@ -74,7 +82,12 @@ class Ctx:
     :ivar out: the artefact directory (the guest's writable share).
     :ivar cfg: ``boot.json`` (dict).
     :ivar repo: the repository whose code runs (``cfg["repo"]``); ``py`` its venv's Python.
-    :ivar gpu: the GPU's PCI address; ``audio`` its audio function's; ``funcs`` both.
+    :ivar gpu: the GPU's PCI address; ``audio`` its audio function's; ``funcs`` the functions
+        a profile hands over (``boot.json``'s ``funcs``: the GPU, its audio function, and on
+        the ``usb-c`` shape its xHCI function).
+    :ivar desktop_gpu: the GPU the desktop runs on when it is not :attr:`gpu` (the ``two-gpu``
+        shape; None: the desktop runs on :attr:`gpu`).
+    :ivar own_usb: the guest's own xHCI controller (``usb-c`` shape), or None.
     :ivar env: environment of the CLI and the daemon (:class:`World` adds its bus address); the
         repository first on ``PYTHONPATH`` (:func:`testbed.child_env`).
 
@@ -87,7 +100,9 @@ class Ctx:
         self.cfg = cfg
         self.repo = cfg["repo"]
         self.gpu, self.audio = cfg["gpu_addr"], cfg["audio_addr"]
-        self.funcs = (self.gpu, self.audio)
+        self.funcs = tuple(cfg.get("funcs") or (self.gpu, self.audio))
+        self.desktop_gpu = cfg.get("desktop_gpu")
+        self.own_usb = cfg.get("own_usb")
         self.py = os.path.join(self.repo, ".venv", "bin", "python")
         self.env = child_env(VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN=RUN_DIR,
                              VFIO_HOOKD_LOG="stderr")
@@ -109,9 +124,10 @@ class Ctx:
         self._logf.write(line + "\n")
 
     def profile(self, extra: str = "") -> None:
-        """Write the VM's profile: both functions, then ``extra`` (YAML lines)."""
+        """Write the VM's profile: the functions handed over (:attr:`funcs`), then ``extra``
+        (YAML lines)."""
         with open(f"{WORK}/etc/vms/{VM}.yaml", "w") as f:
-            f.write(f"devices: ['{self.gpu}', '{self.audio}']\n{extra}")
+            f.write(f"devices: [{', '.join(repr(a) for a in self.funcs)}]\n{extra}")
 
     def cli(self, *args, timeout=300) -> subprocess.CompletedProcess:
         """``vfio-hookd ARGS...`` (``python -m vfio_hookd``) on the guest's ``/``."""
@@ -147,9 +163,9 @@ class Ctx:
     def snapshot(self, world, like: dict | None = None) -> dict:
         """``{"tree": tree(funcs), "units": the DM's unit states}``: what the scenarios and the
         baseline check compare (:func:`compare`). With ``like`` (an earlier snapshot) the sound
-        nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
+        nodes and USB devices it lists are waited for first (:func:`settle`)."""
         if like is not None:
-            wait_sound_nodes(list(like["tree"]))
+            settle(list(like["tree"]))
         return {"tree": tree(self.funcs), "units": world.units()}
 
 
@@ -236,12 +252,51 @@ def wait_sound_nodes(expected: list[str], timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def usb_below(addr: str) -> dict:
+    """``{name: driver}`` of the USB devices and interfaces below PCI function ``addr`` (an
+    xHCI controller): its root hubs (``usb3``), their hub interfaces (``3-0:1.0``), the
+    devices on its ports (``3-1``) and their interfaces (``3-1:1.0``)."""
+    base = "/sys/bus/usb/devices"
+    top = os.path.realpath(f"/sys/bus/pci/devices/{addr}")
+    out = {}
+    for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        if os.path.realpath(f"{base}/{d}").startswith(top + "/"):
+            out[d] = link(f"{base}/{d}/driver")
+    return out
+
+
+def wait_usb(want: dict, timeout_s: float = 20.0) -> dict:
+    """Wait until every USB device and interface of ``want`` (``{path: ...}``, paths
+    ``/sys/bus/usb/devices/NAME/driver`` of a snapshot's tree) is bound again, or ``timeout_s``
+    has passed; returns the names still unbound. A hub enumerates its ports in its own work
+    item (``hub_event``): the devices come some time after the controller's driver is bound
+    (polled: no event to wait on from a chroot without udev)."""
+    names = [p.split("/")[5] for p in want
+             if p.startswith("/sys/bus/usb/devices/") and p.endswith("/driver")]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [n for n in names if not os.path.exists(f"/sys/bus/usb/devices/{n}/driver")]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def settle(paths: list[str]) -> None:
+    """Wait for what a function given back brings back asynchronously among ``paths`` (a
+    snapshot's tree): its sound nodes (:func:`wait_sound_nodes`) and the USB devices below an
+    xHCI function (:func:`wait_usb`)."""
+    wait_sound_nodes(paths)
+    wait_usb(paths)
+
+
 def tree(funcs: tuple) -> dict:
     """The guest's state the scenarios compare, as a flat tree ``{path: (kind, value)}`` in
     :mod:`testbed.expected`'s shape: every PCI function's ``driver`` link, the GPU functions'
     (``funcs``) ``driver_override``, ``/sys/module/M`` for each loaded module, the vtconsoles
-    (link, directory, ``name``, ``bind``), ``/proc/fb``, the firmware framebuffer devices, and
-    the device nodes (``/dev/dri``, ``/dev/snd``, ``/dev/vfio/N``, ``/dev/fbN``)."""
+    (link, directory, ``name``, ``bind``), ``/proc/fb``, the firmware framebuffer devices, the
+    device nodes (``/dev/dri``, ``/dev/snd``, ``/dev/vfio/N``, ``/dev/fbN``), and every USB
+    device and interface (its link in ``/sys/bus/usb/devices``, which names the controller it
+    is below, and its ``driver`` link)."""
     from testbed.expected import FIRMWARE_FBS
     out: dict = {}
 
@@ -260,6 +315,10 @@ def tree(funcs: tuple) -> dict:
 
     for a in sorted(os.listdir("/sys/bus/pci/devices")):
         symlink(f"/sys/bus/pci/devices/{a}/driver")
+    usb = "/sys/bus/usb/devices"
+    for d in sorted(os.listdir(usb)) if os.path.isdir(usb) else []:
+        symlink(f"{usb}/{d}")
+        symlink(f"{usb}/{d}/driver")
     for a in funcs:
         file(f"/sys/bus/pci/devices/{a}/driver_override")
     for m in sorted(modules()):
@@ -297,10 +356,11 @@ def tree_modules(snap: dict) -> set[str]:
 def compare(before: dict, after: dict, notes=()) -> tuple[dict, list[str]]:
     """``(left, expected)``: the differences between two snapshots that are not the kernel's
     own (:func:`testbed.expected.classify_changes`; units included), and the expected lines.
-    A firmware framebuffer the kernel removed counts as expected only when the release said
-    so in its framebuffer step's ``notes``; ``notes`` None: not asked (the baseline check of
+    A firmware framebuffer the kernel removed, or a VGA text console it replaced, counts as
+    expected only when the release said so in its framebuffer or vtconsoles step's ``notes``
+    (:data:`FB_NOTE`, :data:`VGACON_NOTE`); ``notes`` None: not asked (the baseline check of
     the preconditions, where no release of this comparison's own reports it)."""
-    from testbed.expected import classify_changes, framebuffer_removed
+    from testbed.expected import classify_changes, framebuffer_removed, text_consoles_replaced
     expected, left = classify_changes(before["tree"], after["tree"])
     left = {k: list(v) for k, v in left.items()}
     if before["units"] != after["units"]:
@@ -311,16 +371,54 @@ def compare(before: dict, after: dict, notes=()) -> tuple[dict, list[str]]:
             if not any(f"{dev} {FB_NOTE}" in n for n in notes):
                 left[f"notes: {dev}"] = [f"{dev} removed by the kernel but the release did "
                                          f"not report it", list(notes)]
+        for vt in text_consoles_replaced([line]):
+            if not any(VGACON_NOTE.format(vt=vt) in n for n in notes):
+                left[f"notes: {vt}"] = [f"the VGA text console {vt} was replaced by the "
+                                        f"kernel but the release did not report it",
+                                        list(notes)]
     return left, expected
 
 
 # ---- the world: coldplug, simulated systemd, daemon ------------------------------------------
-def coldplug(skip: tuple = ()) -> None:
+#: The buses whose devices :func:`coldplug` loads modules for: PCI, the virtio devices below
+#: virtio-pci (virtio-gpu, 9p), the USB devices and interfaces below an xHCI controller
+#: (usbhid for the keyboard and the tablet) and the HID devices below those (hid-generic).
+COLDPLUG_BUSES = ("pci", "virtio", "usb", "hid")
+
+
+def bus_drivers() -> dict:
+    """``{bus/device: driver}`` over :data:`COLDPLUG_BUSES`."""
+    out = {}
+    for bus in COLDPLUG_BUSES:
+        base = f"/sys/bus/{bus}/devices"
+        for d in os.listdir(base) if os.path.isdir(base) else []:
+            out[f"{bus}/{d}"] = link(f"{base}/{d}/driver")
+    return out
+
+
+def usb_ports_filled(usb_devices: dict, timeout_s: float = 20.0) -> None:
+    """Wait until each xHCI controller of ``usb_devices`` (``{PCI address: how many USB
+    devices on its ports}``) that has a driver shows that many devices (``3-1``; root hubs
+    and interfaces not counted), or ``timeout_s`` has passed (the hub enumerates its ports
+    in its own work item after the controller's driver is bound; polled)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(not driver(a) or sum(1 for d in usb_below(a) if "-" in d and ":" not in d) >= n
+               for a, n in usb_devices.items()):
+            return
+        time.sleep(0.05)
+
+
+def coldplug(skip: tuple = (), usb_devices: dict | None = None) -> None:
     """Load the modules of every device but ``skip`` (PCI addresses), as udev's coldplug does
-    (``modprobe -a MODALIAS``), until no new driver binds."""
+    (``modprobe -a MODALIAS``), until no new driver binds (a driver binding may add devices
+    that need modules of their own: an xHCI's USB devices, a keyboard's HID device, which
+    come once the devices of ``usb_devices`` (:func:`usb_ports_filled`) are there)."""
     for _ in range(4):
+        if usb_devices:
+            usb_ports_filled(usb_devices)
         aliases = []
-        for bus in ("pci", "virtio"):
+        for bus in COLDPLUG_BUSES:
             base = f"/sys/bus/{bus}/devices"
             for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
                 if d not in skip and not os.path.exists(f"{base}/{d}/driver"):
@@ -329,9 +427,9 @@ def coldplug(skip: tuple = ()) -> None:
                         aliases.append(a)
         if not aliases:
             return
-        before = {d: driver(d) for d in os.listdir("/sys/bus/pci/devices")}
+        before = bus_drivers()
         subprocess.run(["modprobe", "-a", "-q", "-b", *aliases], check=False)
-        after = {d: driver(d) for d in os.listdir("/sys/bus/pci/devices")}
+        after = bus_drivers()
         if after == before and not os.path.isdir("/sys/bus/virtio/devices"):
             return
 
@@ -354,7 +452,8 @@ def static_nodes(ctx: Ctx) -> None:
 
 class World:
     """The simulated systemd (``gdm.service`` holding the GPU's card and the GPU audio's
-    control node, none when the GPU has no driver) on a private bus, and the daemon."""
+    control node, none when the GPU has no driver; on the ``two-gpu`` shape the card of the
+    desktop's own GPU, :attr:`Ctx.desktop_gpu`, alone) on a private bus, and the daemon."""
 
     def __init__(self, ctx: Ctx):
         from testbed.sim.bus import SimBus
@@ -365,9 +464,12 @@ class World:
         # the DM holds the GPU's card and the GPU audio's control node; with no DRM driver
         # (the OVMF efifb phase) there is no session on the GPU and it holds nothing
         self.ctx = ctx
-        card = [n for n in function_nodes(ctx.gpu) if "/card" in n][:1]
-        holds = card + ([n for n in function_nodes(ctx.audio) if "/controlC" in n][:1]
-                        if card else [])
+        if ctx.desktop_gpu:
+            holds = [n for n in function_nodes(ctx.desktop_gpu) if "/card" in n][:1]
+        else:
+            card = [n for n in function_nodes(ctx.gpu) if "/card" in n][:1]
+            holds = card + ([n for n in function_nodes(ctx.audio) if "/controlC" in n][:1]
+                            if card else [])
         self.holds = holds
         with open(f"{WORK}/sim/.sim/units.json", "w") as f:
             json.dump({"gdm.service": {"aliases": ["display-manager.service"], "active": True,
@@ -477,7 +579,7 @@ def sc_release(ctx: Ctx, ph: Phase) -> dict:
     (the firmware framebuffer removed by the kernel is reported as expected)."""
     world = ph.world
     before, ph.prepared_from = ph.prepared_from, None
-    r = ctx.cli("release", VM)
+    r, release_s = timed_cli(ctx, "release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
     after = ctx.snapshot(world, like=before)
     st = ctx.status()
@@ -489,8 +591,8 @@ def sc_release(ctx: Ctx, ph: Phase) -> dict:
         check(driver(a) == tree_driver(before, a), f"{a} on {driver(a)}")
     dm = world.dm_pid()
     check(dm and os.path.exists(f"/proc/{dm}"), "display manager not running after release")
-    return {"steps": step_times(st), "notes": notes, "expected_differences": expected,
-            "after": after}
+    return {"release_s": release_s, "steps": step_times(st), "notes": notes,
+            "expected_differences": expected, "after": after}
 
 
 def _holder(path: str) -> subprocess.Popen:
@@ -884,6 +986,31 @@ def sc_efifb_release(ctx: Ctx, ph: Phase) -> dict:
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected}
 
 
+# ---- the shapes of issue 7 ("take only what the VM needs") ----------------------------------
+def record_steps() -> dict:
+    """``{step name: its record entry}`` (``facts``, ``status``, ``duration_ms``, ...) of the
+    VM's record (``RUN_DIR/vms/VM.json``): the facts ``status --json`` does not show (the
+    modules step's ``why``, the holders step's ``terminated``)."""
+    with open(f"{RUN_DIR}/vms/{VM}.json") as f:
+        return {s_["name"]: s_ for s_ in json.load(f)["steps"]}
+
+
+def timed_cli(ctx: Ctx, *args) -> tuple[subprocess.CompletedProcess, float]:
+    """``ctx.cli(*args)`` and its wall time (s), for the scenario's result (never asserted)."""
+    t = time.monotonic()
+    r = ctx.cli(*args)
+    return r, round(time.monotonic() - t, 2)
+
+
+def check_one_group(ctx: Ctx) -> str:
+    """The IOMMU group of the functions handed over (one for all), ``/dev/vfio/N`` present."""
+    groups = {a: link(f"/sys/bus/pci/devices/{a}/iommu_group") for a in ctx.funcs}
+    check(len(set(groups.values())) == 1, f"the functions are in several groups: {groups}")
+    group = groups[ctx.gpu]
+    check(os.path.exists(f"/dev/vfio/{group}"), f"/dev/vfio/{group} missing")
+    return group
+
+
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
 #: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
@@ -897,16 +1024,24 @@ NOTHING_HELD = ("idle", "failed")
 INJECTED = "injected failure"
 
 
+#: The phases of a boot, in the order they run (:func:`setup_phase`): the firmware
+#: framebuffer alone, the functions on vfio-pci from boot on, then every driver loaded.
+EFIFB, VFIO_AT_BOOT, DRM = "efifb", "vfio_at_boot", "drm"
+PHASES = (EFIFB, VFIO_AT_BOOT, DRM)
+
+
 class Scenario(NamedTuple):
-    """A scenario: the function and the state it needs (:data:`BASELINE` or
-    :data:`PREPARED`), which the runner establishes before it runs."""
+    """A scenario: the function, the state it needs (:data:`BASELINE` or
+    :data:`PREPARED`), which the runner establishes before it runs, and the phase it runs
+    in (:data:`PHASES`)."""
     run: Callable[["Ctx", "Phase"], dict]
     needs: str
+    phase: str = DRM
 
 
 SCENARIOS = MappingProxyType({
-    "efifb_prepare": Scenario(sc_efifb_prepare, BASELINE),
-    "efifb_release": Scenario(sc_efifb_release, PREPARED),
+    "efifb_prepare": Scenario(sc_efifb_prepare, BASELINE, EFIFB),
+    "efifb_release": Scenario(sc_efifb_release, PREPARED, EFIFB),
     "prepare": Scenario(sc_prepare, BASELINE),
     "vfio_qemu": Scenario(sc_vfio_qemu, PREPARED),
     "release": Scenario(sc_release, PREPARED),
@@ -919,6 +1054,15 @@ SCENARIOS = MappingProxyType({
 
 class Injected(Exception):
     """A failure injected on purpose into a scenario (boot.json entry ``SCENARIO.fail-POINT``)."""
+
+
+def phase_of(entry: str) -> str:
+    """The phase (:data:`PHASES`) of a boot.json entry's scenario; :data:`DRM` for an entry
+    that names none (:func:`run_entry` reports it)."""
+    try:
+        return SCENARIOS[parse_entry(entry)[0]].phase
+    except ValueError:
+        return DRM
 
 
 def parse_entry(entry: str) -> tuple[str, str | None]:
@@ -996,7 +1140,7 @@ def off_baseline(ctx: Ctx, ph: Phase) -> tuple[dict, list[str]]:
     ``/dev/fbN``): nothing can restore them before a reboot, they are no difference (the
     release that caused them reported them, which the scenarios check). Once the functions are
     back on their baseline drivers, the sound nodes are waited for
-    (:func:`wait_sound_nodes`)."""
+    (:func:`settle`)."""
     off = {}
     phase = record_phase(ctx)
     if phase not in NOTHING_HELD:
@@ -1023,10 +1167,10 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
     """Bring the guest back to the phase's baseline after a scenario that stopped half-way: the
     daemon as started, then the product's own release of whatever the record holds
     (``vfio-hookd release VM --force``), then by hand what is still off: the functions'
-    drivers (``driver_override`` cleared, unbind, the baseline's modules, ``drivers_probe``),
-    the vtconsole binds :func:`compare` still finds off (not one the kernel changed itself:
-    the console that took over from fbcon's removed one), the units. Returns what was done
-    (list of str)."""
+    drivers (``driver_override`` as in the baseline, unbind, the baseline's modules,
+    ``drivers_probe``), the vtconsole binds :func:`compare` still finds off (not one the
+    kernel changed itself: the console that took over from fbcon's removed one), the units.
+    Returns what was done (list of str)."""
     w = ph.world
     actions = []
     why = daemon_off(ph)
@@ -1040,12 +1184,17 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
     base_modules = tree_modules(base)
     if all(driver(a) == tree_driver(base, a) for a in ctx.funcs) \
             and base_modules <= modules():
-        wait_sound_nodes(list(base["tree"]))
+        settle(list(base["tree"]))
     else:
         for a in ctx.funcs:
             want, have = tree_driver(base, a), driver(a)
             if have != want:
-                _write(f"/sys/bus/pci/devices/{a}/driver_override", "\n", actions)
+                # the baseline's override: none, or vfio-pci for a function reserved for it
+                # at boot (phase vfio_at_boot)
+                was = (base["tree"].get(f"/sys/bus/pci/devices/{a}/driver_override")
+                       or ("file", "(null)\n"))[1] or "(null)\n"
+                _write(f"/sys/bus/pci/devices/{a}/driver_override",
+                       "\n" if was.strip() == "(null)" else was, actions)
                 if have:
                     _write(f"/sys/bus/pci/devices/{a}/driver/unbind", a, actions)
                     actions.append(f"{a}: unbound from {have}")
@@ -1057,7 +1206,7 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
             if tree_driver(base, a) and not driver(a):
                 _write("/sys/bus/pci/drivers_probe", a, actions)
                 actions.append(f"{a}: probed, now on {driver(a)}")
-        wait_sound_nodes(list(base["tree"]))
+        settle(list(base["tree"]))
     left, _ = compare(base, ctx.snapshot(w), None)
     vtbase = "/sys/devices/virtual/vtconsole/"
     for path, (was, now) in left.items():
@@ -1195,16 +1344,60 @@ def run_entry(ctx: Ctx, ph: Phase, entry: str, prev: dict | None) -> dict:
     return res
 
 
-def run_phase(ctx: Ctx, name: str, entries: list[str], skip: tuple, more: bool) -> bool:
-    """Coldplug (but ``skip``), start the world, take the baseline, run ``entries``; False if
-    one failed. With ``more`` (another phase follows), what the record still holds at the end
-    is released (``--force``), so the next phase's coldplug starts from free functions."""
+def setup_phase(ctx: Ctx, name: str) -> tuple:
+    """Bring the guest into phase ``name`` (:data:`PHASES`) and coldplug it; returns the
+    coldplug's ``skip``.
+
+    - :data:`EFIFB`: every device but the GPU gets its driver (the console stays on the
+      firmware framebuffer);
+    - :data:`VFIO_AT_BOOT`: the functions handed over are reserved for vfio-pci before the
+      coldplug, as ``vfio-pci.ids=`` or driverctl does at boot (``driver_override`` =
+      ``vfio-pci``, so their native drivers, loaded by the coldplug, leave them alone), and
+      ``modprobe vfio-pci`` binds them;
+    - :data:`DRM`: a function an earlier phase reserved for vfio-pci is given back
+      (``driver_override`` cleared, unbound, ``drivers_probe``), then everything is coldplugged.
+
+    :raises Fail: a function is not where the phase needs it.
+    """
+    usb = ctx.cfg.get("usb_devices")
+    if name == EFIFB:
+        coldplug((ctx.gpu,), usb)
+        return (ctx.gpu,)
+    if name == VFIO_AT_BOOT:
+        for a in ctx.funcs:
+            with open(f"/sys/bus/pci/devices/{a}/driver_override", "w") as f:
+                f.write("vfio-pci")
+        coldplug((), usb)
+        subprocess.run(["modprobe", "vfio-pci"], check=True)
+        on = {a: driver(a) for a in ctx.funcs}
+        check(all(d == "vfio-pci" for d in on.values()),
+              f"the functions reserved for vfio-pci at boot are on {on}")
+        return ()
+    for a in ctx.funcs:
+        if rd(f"/sys/bus/pci/devices/{a}/driver_override") not in (None, "(null)"):
+            with open(f"/sys/bus/pci/devices/{a}/driver_override", "w") as f:
+                f.write("\n")
+            if driver(a):
+                with open(f"/sys/bus/pci/devices/{a}/driver/unbind", "w") as f:
+                    f.write(a)
+            with open("/sys/bus/pci/drivers_probe", "w") as f:
+                f.write(a)
+    coldplug((), usb)
+    return ()
+
+
+def run_phase(ctx: Ctx, name: str, entries: list[str], more: bool) -> bool:
+    """Set the phase up (:func:`setup_phase`), start the world, take the baseline, run
+    ``entries``; False if one failed. With ``more`` (another phase follows), what the record
+    still holds at the end is released (``--force``), so the next phase starts from free
+    functions."""
     t = time.monotonic()
-    static_nodes(ctx)
-    coldplug(skip)
-    ctx.log(f"coldplug {time.monotonic() - t:.2f} s; drivers {driver(ctx.gpu)}, "
-            f"{driver(ctx.audio)}; nodes {nodes()}; fbs {platform_fbs()}; vtcons {vtcons()}")
     try:
+        static_nodes(ctx)
+        skip = setup_phase(ctx, name)
+        ctx.log(f"phase {name}: coldplug {time.monotonic() - t:.2f} s; drivers "
+                f"{ {a: driver(a) for a in ctx.funcs} }; nodes {nodes()}; "
+                f"fbs {platform_fbs()}; vtcons {vtcons()}")
         world = World(ctx)
         ctx.log(f"world ready: holds {world.holds}, units {world.units()}")
     except Exception:
@@ -1250,13 +1443,11 @@ def main(argv: list[str] | None = None) -> int:
         entries = ctx.cfg["scenarios"]
         ctx.log(f"guest runner: {ctx.cfg['name']} kernel {os.uname().release} "
                 f"scenarios {entries}")
-        efifb = [n for n in entries if n.startswith("efifb_")]
-        rest = [n for n in entries if not n.startswith("efifb_")]
+        phases = [(p, [e for e in entries if phase_of(e) == p]) for p in PHASES]
+        phases = [(p, es) for p, es in phases if es]
         ok = True
-        if efifb:
-            ok &= run_phase(ctx, "efifb", efifb, skip=(ctx.gpu,), more=bool(rest))
-        if rest:
-            ok &= run_phase(ctx, "drm", rest, skip=(), more=False)
+        for i, (p, es) in enumerate(phases):
+            ok &= run_phase(ctx, p, es, more=i + 1 < len(phases))
         return 0 if ok else 1
     finally:
         ctx.close()
