@@ -1011,6 +1011,81 @@ def check_one_group(ctx: Ctx) -> str:
     return group
 
 
+#: Modules of the guest's own USB stack and keyboard: none may go with the GPU's xHCI.
+USB_STACK = ("usb_common", "usbcore", "xhci_hcd", "xhci_pci", "usbhid", "hid", "hid_generic")
+
+
+def sc_usb_prepare(ctx: Ctx, ph: Phase) -> dict:
+    """USB-C-like GPU (shape ``usb-c``): the profile hands over the GPU, its HDA and its xHCI
+    function (one IOMMU group; a tablet on that xHCI), while the guest's own xHCI (its own
+    group) carries the keyboard. Prepare succeeds; the GPU's DRM module goes, but usbcore,
+    xhci_hcd, xhci_pci, usbhid (the whole USB stack) stay loaded, the keyboard's device and
+    interface keep their drivers (``usbhid``), and the modules step's ``why`` says that
+    usbcore and xhci_pci also drive devices not handed over."""
+    world = ph.world
+    check(ctx.own_usb and len(ctx.funcs) == 3, f"not the usb-c shape: {ctx.cfg.get('shape')}")
+    xhci = ctx.funcs[2]
+    ctx.profile()
+    before = ctx.snapshot(world)
+    own = usb_below(ctx.own_usb)
+    kbd = [d for d, drv in own.items() if ":" in d and not d.split("-")[1].startswith("0:")
+           and drv == "usbhid"]
+    check(kbd, f"the keyboard's interface under {ctx.own_usb} is not on usbhid: {own}")
+    gpu_usb = usb_below(xhci)
+    check(any(":" in d and drv == "usbhid" for d, drv in gpu_usb.items()),
+          f"the tablet's interface under {xhci} is not on usbhid: {gpu_usb}")
+    drm = ctx.drm_modules()
+    check(drm, "no DRM driver bound to the GPU before prepare")
+    stack = [m for m in USB_STACK if m not in modules()]
+    check(not stack, f"USB modules not loaded before prepare: {stack}")
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    for a in ctx.funcs:
+        check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
+    group = check_one_group(ctx)
+    left = drm & modules()
+    check(not left, f"DRM module(s) still loaded: {sorted(left)}")
+    gone = [m for m in USB_STACK if m not in modules()]
+    check(not gone, f"the guest's own USB stack lost module(s) {gone}")
+    now = usb_below(ctx.own_usb)
+    check(now == own, f"the guest's own USB devices changed: before {own}, now {now}")
+    check(not usb_below(xhci), f"USB devices left below {xhci} on vfio-pci: {usb_below(xhci)}")
+    steps = record_steps()
+    mods = steps["modules"]["facts"]
+    why = mods.get("why") or {}
+    check(sorted(mods["plan"]) == sorted(drm), f"modules plan {mods['plan']}, expected {drm}")
+    for m, dev in (("usbcore", None), ("xhci_pci", ctx.own_usb)):
+        w = why.get(m) or ""
+        check(w.startswith("also drives ") and w.endswith("not handed over")
+              and (dev is None or dev in w),
+              f"the modules step's why for {m} does not say it drives the guest's own USB "
+              f"devices: {w!r} (why: {why})")
+    st = ctx.status()
+    return {"group": group, "prepare_s": prepare_s, "modules": mods, "keyboard": kbd,
+            "own_usb": own, "gpu_usb_before": gpu_usb, "units": steps["units"]["facts"],
+            "steps": step_times(st)}
+
+
+def sc_usb_release(ctx: Ctx, ph: Phase) -> dict:
+    """Release of ``usb_prepare``: the snapshot before prepare comes back (:func:`sc_release`'s
+    checks: every PCI driver, every USB device and interface with its driver, modules, nodes,
+    units), and explicitly the xHCI function on xhci_hcd again with its root hubs and the
+    tablet (device on ``usb``, interface on ``usbhid``)."""
+    xhci = ctx.funcs[2]
+    before = ph.prepared_from
+    res = sc_release(ctx, ph)
+    check(driver(xhci) == tree_driver(before, xhci) == "xhci_hcd",
+          f"{xhci} on {driver(xhci)} after release")
+    below = usb_below(xhci)
+    hubs = [d for d in below if d.startswith("usb") and below[d] == "usb"]
+    tablet = [d for d, drv in below.items() if ":" in d and drv == "usbhid"]
+    check(len(hubs) == 2 and tablet, f"below {xhci} after release: {below}")
+    res.update(gpu_usb_after=below)
+    del res["after"]
+    return res
+
+
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
 #: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
@@ -1049,6 +1124,8 @@ SCENARIOS = MappingProxyType({
     "fault": Scenario(sc_fault, BASELINE),
     "fault_late": Scenario(sc_fault_late, BASELINE),
     "libvirt": Scenario(sc_libvirt, BASELINE),
+    "usb_prepare": Scenario(sc_usb_prepare, BASELINE),
+    "usb_release": Scenario(sc_usb_release, PREPARED),
 })
 
 

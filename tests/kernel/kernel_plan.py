@@ -50,6 +50,7 @@ BOOTS = {
     "virtio-vga-ovmf": BootSpec("virtio-vga", "ovmf", ["prepare.fail-early", "release",
                                                        "prepare"]),
     "virtio-vga-bios": BootSpec("virtio-vga", "bios", ["prepare", "release", "holders"]),
+    "usb-c-VGA-bios": BootSpec("VGA", "bios", ["usb_prepare", "usb_release"], shape="usb-c"),
 }
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
 BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
