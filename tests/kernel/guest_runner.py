@@ -1086,6 +1086,99 @@ def sc_usb_release(ctx: Ctx, ph: Phase) -> dict:
     return res
 
 
+def sc_second_gpu(ctx: Ctx, ph: Phase) -> dict:
+    """Two GPUs (shape ``two-gpu``): the desktop (gdm holding its card) runs on the boot VGA
+    at :attr:`Ctx.desktop_gpu`; the second GPU and its HDA are handed over. The display
+    manager keeps its PID through prepare and release (the units step leaves it running and
+    says why), the vtconsoles and framebuffer steps are left alone (skipped: not the boot
+    display), the DRM module that also drives the desktop's GPU stays loaded, the desktop's
+    GPU keeps its driver and card; release gives the snapshot back."""
+    world = ph.world
+    desk = ctx.desktop_gpu
+    check(desk, "not the two-gpu shape")
+    vga = {a: rd(f"/sys/bus/pci/devices/{a}/boot_vga") for a in (desk, ctx.gpu)}
+    check(vga == {desk: "1", ctx.gpu: "0"}, f"boot_vga: {vga}")
+    ctx.profile()
+    before = ctx.snapshot(world)
+    dm = world.dm_pid()
+    check(dm and os.path.exists(f"/proc/{dm}"), f"display manager not running: {dm}")
+    desk_card = world.holds[0]
+    check(_opened_by(dm, desk_card), f"gdm (PID {dm}) does not hold {desk_card}")
+    desk_drv, cons = driver(desk), vtcons()
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    for a in ctx.funcs:
+        check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
+    group = check_one_group(ctx)
+    check(world.dm_pid() == dm and _opened_by(dm, desk_card),
+          f"display manager PID {dm} -> {world.dm_pid()} after prepare")
+    check(world.units()["gdm.service"] == "active", f"gdm: {world.units()['gdm.service']}")
+    check(driver(desk) == desk_drv, f"the desktop's GPU {desk}: {desk_drv} -> {driver(desk)}")
+    check(vtcons() == cons, f"vtconsoles changed: {cons} -> {vtcons()}")
+    steps = record_steps()
+    facts = {n: steps[n]["facts"] for n in ("units", "vtconsoles", "framebuffer", "modules")}
+    check(facts["units"]["plan"] == [] and any(
+        x.startswith("gdm.service (left running") for x in facts["units"]["skipped"]),
+        f"units step: {facts['units']}")
+    for n in ("vtconsoles", "framebuffer"):
+        check(facts[n]["plan"] == [] and facts[n].get("skipped")
+              and "boot display" in facts[n]["skipped"][0], f"{n} step: {facts[n]}")
+    desk_mod = link(f"/sys/bus/pci/devices/{desk}/driver/module")
+    why = (facts["modules"].get("why") or {}).get(desk_mod) or ""
+    check(facts["modules"]["plan"] == [] and why.startswith("also drives") and desk in why,
+          f"modules step: {facts['modules']} (the desktop GPU's module: {desk_mod})")
+    r, release_s = timed_cli(ctx, "release", VM)
+    ph.prepared_from = None
+    check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+    after = ctx.snapshot(world, like=before)
+    st = ctx.status()
+    notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
+    left, expected = compare(before, after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
+    check(world.dm_pid() == dm and os.path.exists(f"/proc/{dm}"),
+          f"display manager PID {dm} -> {world.dm_pid()} after release")
+    return {"group": group, "dm_pid": dm, "prepare_s": prepare_s, "release_s": release_s,
+            "facts": facts, "expected_differences": expected, "steps": step_times(st)}
+
+
+def sc_second_gpu_vfio(ctx: Ctx, ph: Phase) -> dict:
+    """Two GPUs, the second one (and its HDA) on vfio-pci from boot on (phase
+    :data:`VFIO_AT_BOOT`): prepare changes nothing on the guest (the snapshot equal, not even
+    an expected change; the display manager's PID unchanged; nothing unbound, no module
+    unloaded), and release neither."""
+    world = ph.world
+    check(ctx.desktop_gpu, "not the two-gpu shape")
+    on = {a: driver(a) for a in ctx.funcs}
+    check(all(d == "vfio-pci" for d in on.values()), f"not on vfio-pci from boot: {on}")
+    ctx.profile()
+    before = ctx.snapshot(world)
+    dm = world.dm_pid()
+    check(dm and os.path.exists(f"/proc/{dm}"), f"display manager not running: {dm}")
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    left, expected = compare(before, ctx.snapshot(world))
+    check(not left and not expected, f"prepare changed the guest: {json.dumps(left)} "
+                                     f"(kernel's own: {expected})")
+    check(world.dm_pid() == dm, f"display manager PID {dm} -> {world.dm_pid()} after prepare")
+    steps = record_steps()
+    done = {n: steps[n]["facts"].get("done") for n in steps}
+    check(not any(done.values()), f"steps did something: {done}")
+    st = ctx.status()
+    check(st["phase"] == "prepared", f"status phase {st['phase']}")
+    r, release_s = timed_cli(ctx, "release", VM)
+    ph.prepared_from = None
+    check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+    left, expected = compare(before, ctx.snapshot(world), [])
+    check(not left and not expected, f"release changed the guest: {json.dumps(left)} "
+                                     f"(kernel's own: {expected})")
+    check(world.dm_pid() == dm, f"display manager PID {dm} -> {world.dm_pid()} after release")
+    check(all(driver(a) == "vfio-pci" for a in ctx.funcs), "not on vfio-pci after release")
+    return {"dm_pid": dm, "prepare_s": prepare_s, "release_s": release_s,
+            "facts": {n: steps[n]["facts"] for n in steps}, "steps": step_times(st)}
+
+
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
 #: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
@@ -1126,6 +1219,8 @@ SCENARIOS = MappingProxyType({
     "libvirt": Scenario(sc_libvirt, BASELINE),
     "usb_prepare": Scenario(sc_usb_prepare, BASELINE),
     "usb_release": Scenario(sc_usb_release, PREPARED),
+    "second_gpu": Scenario(sc_second_gpu, BASELINE),
+    "second_gpu_vfio": Scenario(sc_second_gpu_vfio, BASELINE, VFIO_AT_BOOT),
 })
 
 
