@@ -1179,6 +1179,60 @@ def sc_second_gpu_vfio(ctx: Ctx, ph: Phase) -> dict:
             "facts": {n: steps[n]["facts"] for n in steps}, "steps": step_times(st)}
 
 
+def sc_vgacon(ctx: Ctx, ph: Phase) -> dict:
+    """BIOS text mode (SeaBIOS, ``nomodeset``: no DRM driver, the console is vgacon ``(S)
+    VGA+`` on the boot VGA). Prepare warns of the VGA text console (the vtconsoles step's
+    ``warnings``, shown by ``status``), the kernel's VGA arbiter replaces it by the dummy
+    console when vfio-pci takes the GPU, release reports that in the vtconsoles step's
+    ``notes``, and everything else equals the snapshot before prepare."""
+    world = ph.world
+    check("nomodeset" in (rd("/proc/cmdline") or ""), "no nomodeset on the kernel command line")
+    text = [v for v, (name, b) in vtcons().items() if "VGA+" in (name or "") and b == "1"]
+    check(text, f"no bound VGA text console: {vtcons()}")
+    check(rd(f"/sys/bus/pci/devices/{ctx.gpu}/boot_vga") == "1", "the GPU is not the boot VGA")
+    check(driver(ctx.gpu) is None, f"the GPU is on {driver(ctx.gpu)} despite nomodeset")
+    ctx.profile()
+    before = ctx.snapshot(world)
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    for a in ctx.funcs:
+        check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
+    cons_prepared = vtcons()
+    st = ctx.status()
+    vt_st = next(s_ for s_ in st["steps"] if s_["name"] == "vtconsoles")
+    check(any(text[0] in w and "VGA text console" in w for w in vt_st["warnings"]),
+          f"status shows no warning of the VGA text console: {vt_st}")
+    r, release_s = timed_cli(ctx, "release", VM)
+    ph.prepared_from = None
+    check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+    after = ctx.snapshot(world, like=before)
+    st_r = ctx.status()
+    vt_r = next(s_ for s_ in st_r["steps"] if s_["name"] == "vtconsoles")
+    check(any(VGACON_NOTE.format(vt=text[0]) in n for n in vt_r["notes"]),
+          f"status does not report the VGA text console's removal: {vt_r}")
+    notes = [n for s_ in st_r["steps"] for n in (s_.get("notes") or [])]
+    left, expected = compare(before, after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
+    check(any(e.startswith(f"{text[0]} ") for e in expected),
+          f"the VGA text console's replacement is not among the kernel's changes: {expected}")
+    return {"prepare_s": prepare_s, "release_s": release_s, "vtcons_before": vtcons_of(before),
+            "vtcons_prepared": cons_prepared, "warnings": vt_st["warnings"],
+            "notes": vt_r["notes"], "expected_differences": expected,
+            "steps": step_times(st_r)}
+
+
+def vtcons_of(snap: dict) -> dict:
+    """``{vtconN: {"name": ..., "bind": ...}}`` of snapshot ``snap``."""
+    base = "/sys/devices/virtual/vtconsole/"
+    out = {}
+    for p, (_k, v) in snap["tree"].items():
+        if p.startswith(base) and p.count("/") == 6:
+            vt, attr = p[len(base):].split("/")
+            out.setdefault(vt, {})[attr] = (v or "").strip()
+    return out
+
+
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
 #: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
@@ -1221,6 +1275,7 @@ SCENARIOS = MappingProxyType({
     "usb_release": Scenario(sc_usb_release, PREPARED),
     "second_gpu": Scenario(sc_second_gpu, BASELINE),
     "second_gpu_vfio": Scenario(sc_second_gpu_vfio, BASELINE, VFIO_AT_BOOT),
+    "vgacon": Scenario(sc_vgacon, BASELINE),
 })
 
 

@@ -53,6 +53,7 @@ BOOTS = {
     "usb-c-VGA-bios": BootSpec("VGA", "bios", ["usb_prepare", "usb_release"], shape="usb-c"),
     "two-gpu-VGA-bios": BootSpec("VGA", "bios", ["second_gpu_vfio", "second_gpu"],
                                  shape="two-gpu"),
+    "nomodeset-VGA-bios": BootSpec("VGA", "bios", ["vgacon"], cmdline="nomodeset"),
 }
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
 BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
