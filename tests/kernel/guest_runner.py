@@ -1233,6 +1233,73 @@ def vtcons_of(snap: dict) -> dict:
     return out
 
 
+def _stubborn_holder(path: str) -> subprocess.Popen:
+    """A process (not in any unit) holding ``path`` open that ignores SIGTERM (``trap ''
+    TERM``: SIG_IGN survives the exec of ``sleep``)."""
+    return subprocess.Popen(["/bin/sh", "-c", f"trap '' TERM; exec sleep infinity 3<{path}"],
+                            stdin=subprocess.DEVNULL)
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """True when process ``pid`` ignores signal ``sig`` (``SigIgn`` of /proc/PID/status)."""
+    for line in (rd(f"/proc/{pid}/status", "") or "").splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+def sc_holders_stubborn(ctx: Ctx, ph: Phase) -> dict:
+    """Three holders of the GPU's card that ignore SIGTERM, ``on_busy: terminate`` with
+    ``deadlines: {terminate: 2}``: prepare succeeds, all three end by SIGKILL (their wait
+    status), the holders step's ``terminated`` facts list exactly them; the step's duration
+    is recorded in the result (never asserted: no timing bounds in tests). Release then gives
+    the snapshot back."""
+    import signal
+    world = ph.world
+    card = world.holds[0]
+    hs = [_stubborn_holder(card) for _ in range(3)]
+    try:
+        for h in hs:
+            _wait_open(h, card)
+            check(_ignores(h.pid, signal.SIGTERM), f"holder {h.pid} does not ignore SIGTERM")
+        ctx.profile("on_busy: terminate\ndeadlines: {terminate: 2}\n")
+        before = ctx.snapshot(world)
+        r, prepare_s = timed_cli(ctx, "prepare", VM)
+        check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+        ph.prepared_from = before
+        status = {}
+        for h in hs:
+            try:
+                status[h.pid] = h.wait(10)
+            except subprocess.TimeoutExpired:
+                status[h.pid] = None
+        check(all(rc == -signal.SIGKILL for rc in status.values()),
+              f"the holders did not all end by SIGKILL: {status}")
+        check(all(driver(a) == "vfio-pci" for a in ctx.funcs), "not on vfio-pci")
+        steps = record_steps()
+        hold = steps["holders"]
+        terminated = sorted({t["pid"] for t in hold["facts"]["terminated"]})
+        check(terminated == sorted(h.pid for h in hs),
+              f"terminated facts list {terminated}, the holders were {[h.pid for h in hs]}")
+        check(hold["status"] == "done", f"holders step {hold['status']}")
+        st = ctx.status()
+        r, release_s = timed_cli(ctx, "release", VM)
+        ph.prepared_from = None
+        check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+        notes = [n for s_ in ctx.status()["steps"] for n in (s_.get("notes") or [])]
+        left, _ = compare(before, ctx.snapshot(world, like=before), notes)
+        check(not left, f"state after terminate+release differs: {json.dumps(left)}")
+        return {"holders_step_ms": hold["duration_ms"], "terminated": hold["facts"]["terminated"],
+                "wait_status": status, "prepare_s": prepare_s, "release_s": release_s,
+                "steps": step_times(st)}
+    finally:
+        for h in hs:
+            if h.poll() is None:
+                h.kill()
+                h.wait()
+        ctx.profile()
+
+
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
 #: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
@@ -1276,6 +1343,7 @@ SCENARIOS = MappingProxyType({
     "second_gpu": Scenario(sc_second_gpu, BASELINE),
     "second_gpu_vfio": Scenario(sc_second_gpu_vfio, BASELINE, VFIO_AT_BOOT),
     "vgacon": Scenario(sc_vgacon, BASELINE),
+    "holders_stubborn": Scenario(sc_holders_stubborn, BASELINE),
 })
 
 
