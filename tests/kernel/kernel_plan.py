@@ -30,9 +30,16 @@ class BootSpec(NamedTuple):
     cmdline: str = ""
 
 
-#: Per boot: its :class:`BootSpec`. OVMF boots first run the scenarios on the firmware
-#: framebuffer alone (no DRM driver loaded yet). Listed longest first: two boots run at a
-#: time, so this order keeps the session short.
+#: Per boot: its :class:`BootSpec`. The runner runs a boot's scenarios in phases
+#: (``guest_runner.PHASES``), in the plan's order within each: OVMF boots first run the
+#: scenarios on the firmware framebuffer alone (no DRM driver loaded yet), the two-GPU boot
+#: first those with the second GPU on vfio-pci from boot on. Listed longest first: two boots
+#: run at a time, so this order keeps the session short.
+#:
+#: The shapes of issue 7 ("take only what the VM needs"): ``usb-c-VGA-bios`` (the GPU's xHCI
+#: function handed over, the guest's own USB kept), ``two-gpu-VGA-bios`` (the desktop on the
+#: other GPU), ``nomodeset-VGA-bios`` (the VGA text console), and ``holders_stubborn``
+#: (holders that ignore SIGTERM) folded into ``bochs-display-bios``.
 #:
 #: Each scenario starts from the state it declares (``guest_runner.SCENARIOS``), which the
 #: runner establishes. An entry ``SCENARIO.fail-POINT`` (:func:`injected`) makes SCENARIO fail
@@ -42,18 +49,18 @@ class BootSpec(NamedTuple):
 #: unprepared before one that needs it prepared (the runner prepares it).
 BOOTS = {
     "bochs-display-ovmf": BootSpec("bochs-display", "ovmf", ["prepare", "release", "libvirt"]),
-    "VGA-ovmf": BootSpec("VGA", "ovmf", ["efifb_prepare", "efifb_release", "prepare",
-                                         "vfio_qemu", "release", "holders", "fault"]),
     "VGA-bios": BootSpec("VGA", "bios", ["prepare.fail-late", "prepare", "vfio_qemu",
                                          "release", "holders", "fault", "fault_late"]),
+    "VGA-ovmf": BootSpec("VGA", "ovmf", ["efifb_prepare", "efifb_release", "prepare",
+                                         "vfio_qemu", "release", "holders", "fault"]),
     "bochs-display-bios": BootSpec("bochs-display", "bios", ["prepare", "release", "holders",
                                                              "holders_stubborn"]),
-    "virtio-vga-ovmf": BootSpec("virtio-vga", "ovmf", ["prepare.fail-early", "release",
-                                                       "prepare"]),
-    "virtio-vga-bios": BootSpec("virtio-vga", "bios", ["prepare", "release", "holders"]),
-    "usb-c-VGA-bios": BootSpec("VGA", "bios", ["usb_prepare", "usb_release"], shape="usb-c"),
     "two-gpu-VGA-bios": BootSpec("VGA", "bios", ["second_gpu_vfio", "second_gpu"],
                                  shape="two-gpu"),
+    "virtio-vga-bios": BootSpec("virtio-vga", "bios", ["prepare", "release", "holders"]),
+    "virtio-vga-ovmf": BootSpec("virtio-vga", "ovmf", ["prepare.fail-early", "release",
+                                                       "prepare"]),
+    "usb-c-VGA-bios": BootSpec("VGA", "bios", ["usb_prepare", "usb_release"], shape="usb-c"),
     "nomodeset-VGA-bios": BootSpec("VGA", "bios", ["vgacon"], cmdline="nomodeset"),
 }
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.

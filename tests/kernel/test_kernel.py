@@ -1,6 +1,8 @@
 """vfio-hookd on a real Linux kernel: QEMU guests (TCG, q35 + intel-iommu, an emulated GPU and
-its HDA function in one IOMMU group) running the daemon against their real sysfs, /dev and
-modprobe, with the simulated systemd's display manager holding the real ``/dev/dri/card0``.
+its HDA function in one IOMMU group; some boots add the GPU's USB-C controller and the guest's
+own USB, or a second GPU the desktop runs on, or boot with ``nomodeset``) running the daemon
+against their real sysfs, /dev and modprobe, with the simulated systemd's display manager
+holding the real ``/dev/dri/card0``.
 
 Each test is one scenario of one boot (``kernel_plan.BOOTS``); the scenario's checks run inside
 the guest (``guest_runner.py``, one docstring per scenario there) and its verdict comes back as
