@@ -17,11 +17,14 @@ Expected (Linux ``drivers/video/aperture.c``, ``drivers/video/fbdev/core/fbcon.c
   is left empty: fbcon unregisters with the last framebuffer; if it was bound, another
   vtconsole's ``bind`` going from 0 to 1 (the driver that took the consoles over,
   ``do_unbind_con_driver``; nothing else of it changed);
-- vgacon *deactivated* (a BIOS host in VGA text mode, ``nomodeset``): when vfio-pci (or a DRM
-  driver) takes the boot VGA function, the VGA arbiter replaces the bound VGA text console by
-  dummycon (``drivers/pci/vgaarb.c`` ``vga_remove_vgacon``): vgacon's vtconsole (``(S) VGA+``)
-  *removed*, entirely, and one ``(M) dummy device`` *added*, bound, entirely (FIELD-NOTES §7;
-  nothing brings vgacon back before a reboot);
+- the VGA text console's vtconsole (vgacon, name containing ``VGA+``, bound) *removed*,
+  entirely, and the console driver that took its consoles over (name containing ``dummy
+  device``) bound: *added* with ``bind`` 1, or an existing one's ``bind`` going from 0 to 1.
+  The VGA arbiter does this when vfio-pci (or a DRM driver) takes the boot VGA function
+  (``vga_remove_vgacon``: "vgaarb: deactivate vga console"; ``drivers/pci/vgaarb.c``,
+  ``drivers/video/aperture.c``); vgacon does not come back before a reboot. Seen on Linux 6.1
+  in the kernel tests' guest (SeaBIOS, ``nomodeset``): ``vtcon0`` ``(S) VGA+`` gone,
+  ``vtcon1`` ``(M) dummy device`` added, bound;
 - devices *renumbered* below a function that was unbound and bound again: its driver creates
   its child devices anew and the kernel numbers them again -- i2c adapters take the lowest free
   number (``idr_alloc``: an adapter may come back as another ``i2c-N``, with its clients
@@ -98,11 +101,18 @@ def vtcon_took_over(vtcon: str, name: str, fbcons: list[str]) -> str:
     return f"{vtcon} ({name}) bound: it took the consoles over from fbcon's {', '.join(fbcons)}"
 
 
-def vgacon_deactivated(vtcon: str, dummy: str | None) -> str:
-    """vgacon's ``vtcon`` (``(S) VGA+``) gone; ``dummy`` (``(M) dummy device``) took over."""
-    took = f"; {dummy} ((M) dummy device) holds the consoles" if dummy else ""
-    return (f"{vtcon} ((S) VGA+) removed: the VGA arbiter deactivated the VGA text console when "
-            f"the boot VGA function got a driver (vga_remove_vgacon){took}; it does not come back")
+def vgacon_replaced(vtcon: str, name: str, by: str, by_name: str) -> str:
+    """The VGA text console's vtconsole ``vtcon`` (``(S) VGA+``) removed by the VGA arbiter;
+    ``by`` (``(M) dummy device``) holds its consoles now."""
+    return (f"{vtcon} ({name}) removed: the VGA arbiter deactivated the VGA text console when "
+            f"vfio-pci took the boot VGA function; {by} ({by_name}) holds the consoles")
+
+
+def text_consoles_replaced(expected: list[str]) -> list[str]:
+    """The vtconsoles (``vtcon0``) of the :func:`vgacon_replaced` lines in ``expected``: a
+    release must have reported each of these removals in its vtconsoles step's notes."""
+    return [line.split()[0] for line in expected
+            if "removed: the VGA arbiter deactivated the VGA text console" in line]
 
 
 def renumbered(family: str, pairs: list[tuple[str, str]]) -> str:
@@ -203,34 +213,39 @@ def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
                 name = ((after.get(f"{VTCONSOLES}/{v}/name") or ("", ""))[1] or "").strip()
                 expected.append(vtcon_took_over(v, name, fbcon_gone))
 
-    vgacons = []
+    def vt_name(tree: dict, v: str) -> str:
+        return ((tree.get(f"{VTCONSOLES}/{v}/name") or ("file", ""))[1] or "").strip()
+
     for p in sorted(changed):
         m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
         if not m or p not in before or p in after:
             continue
         v = m.group(1)
-        if ((before.get(f"{VTCONSOLES}/{v}/name") or ("", ""))[1] != "(S) VGA+\n"
-                or any(under(q, f"{VTCONSOLES}/{v}") for q in after)):   # all of it gone
+        if "VGA+" not in vt_name(before, v) or \
+                (before.get(f"{VTCONSOLES}/{v}/bind") or ("", ""))[1] != "1\n" or \
+                any(under(q, f"{VTCONSOLES}/{v}") for q in after):   # all of it gone
             continue
-        if claim({q for q in changed if q == p or under(q, f"{VTCONSOLES}/{v}")}, "removed"):
-            bound = (before.get(f"{VTCONSOLES}/{v}/bind") or ("", ""))[1] == "1\n"
-            vgacons.append((v, bound))
-    for v, bound in vgacons:
-        dummy = None
-        for p in sorted(changed) if bound else []:
-            m = re.fullmatch(r"/sys/class/vtconsole/(vtcon\d+)", p)
-            if not m or p in before or p not in after:
+        # the console driver that took vgacon's consoles (vgaarb.c vga_remove_vgacon ->
+        # do_take_over_console(&dummy_con)): a new vtconsole, bound, or one bound now
+        takers = []
+        for q in sorted(changed):
+            t = re.fullmatch(re.escape(VTCONSOLES) + r"/(vtcon\d+)/bind", q)
+            if not t or t.group(1) == v or "dummy device" not in vt_name(after, t.group(1)):
                 continue
-            d = m.group(1)
-            name = (after.get(f"{VTCONSOLES}/{d}/name") or ("", ""))[1]
-            if (not any(under(q, f"{VTCONSOLES}/{d}") for q in before)
-                    and name == "(M) dummy device\n"
-                    and (after.get(f"{VTCONSOLES}/{d}/bind") or ("", ""))[1] == "1\n"
-                    and claim({q for q in changed
-                               if q == p or under(q, f"{VTCONSOLES}/{d}")}, "added")):
-                dummy = d
-                break
-        expected.append(vgacon_deactivated(v, dummy))
+            w = t.group(1)
+            mine = {c for c in changed if c == f"/sys/class/vtconsole/{w}"
+                    or under(c, f"{VTCONSOLES}/{w}")}
+            if after.get(q) != ("file", "1\n"):
+                continue
+            if before.get(q) is None and all(c in after and c not in before for c in mine):
+                takers.append((w, mine))
+            elif before.get(q) == ("file", "0\n") and mine == {q}:
+                takers.append((w, mine))
+        gone = {c for c in changed if c == p or under(c, f"{VTCONSOLES}/{v}")}
+        if len(takers) == 1 and claim(gone, "removed"):
+            w, mine = takers[0]
+            changed.difference_update(mine)
+            expected.append(vgacon_replaced(v, vt_name(before, v), w, vt_name(after, w)))
 
     for family, (names, numbers, leaf) in RENUMBERED.items():
         line = _renumbered(family, names, numbers, leaf, before, after, changed)

@@ -99,22 +99,17 @@ def _vtcon(v: str, name: str, bind: str) -> dict:
             f"{VT}/{v}/bind": ("file", bind + "\n"), f"{VT}/{v}/uevent": ("file", "")}
 
 
-def test_vgacon_deactivated_is_the_kernels_own_change():
-    """A BIOS host in VGA text mode: vfio-pci on the boot VGA retires vgacon for good, and
-    dummycon, registered anew and bound, holds the consoles (vgaarb.c vga_remove_vgacon)."""
+def test_vgacon_half_gone_or_another_console_gone_is_a_leftover():
+    """A BIOS host in VGA text mode (vgaarb.c vga_remove_vgacon): only vgacon's vtconsole gone
+    entirely, with the dummy console holding the consoles, is the kernel's doing."""
     before = _vtcon("vtcon0", "(S) VGA+", "1")
     after = _vtcon("vtcon1", "(M) dummy device", "1")
     lines, unexpected = classify_changes(before, after)
-    assert lines == [kernel.vgacon_deactivated("vtcon0", "vtcon1")] and unexpected == {}
-    assert "does not come back" in lines[0]
+    assert lines == [kernel.vgacon_replaced("vtcon0", "(S) VGA+", "vtcon1", "(M) dummy device")]
+    assert unexpected == {}
     # a dummy console that does not hold the consoles is no takeover of vgacon's
     lines, unexpected = classify_changes(before, _vtcon("vtcon1", "(M) dummy device", "0"))
-    assert lines == [kernel.vgacon_deactivated("vtcon0", None)]
-    assert set(unexpected) == set(_vtcon("vtcon1", "", "0"))
-    # an unbound vgacon is unregistered with no takeover: a new console is not the kernel's
-    lines, unexpected = classify_changes(_vtcon("vtcon0", "(S) VGA+", "0"), after)
-    assert lines == [kernel.vgacon_deactivated("vtcon0", None)] and set(unexpected) == set(after)
-    # vgacon half gone, or another console driver gone, is a leftover
+    assert lines == [] and "/sys/class/vtconsole/vtcon0" in unexpected
     half = dict(after, **{f"{VT}/vtcon0/name": ("file", "(S) VGA+\n")})
     lines, unexpected = classify_changes(before, half)
     assert lines == [] and "/sys/class/vtconsole/vtcon0" in unexpected
@@ -168,3 +163,40 @@ def test_hid_and_input_devices_renumbered():
     del gone["/sys/class/input/event4"]
     lines, unexpected = classify_changes(hid("0002", 4), gone)
     assert lines == [] and "/sys/class/input/event4" in unexpected
+
+
+def _vtcon_raw(v: str, name: str, bind: str) -> dict:
+    d = f"/sys/devices/virtual/vtconsole/{v}"
+    return {f"/sys/class/vtconsole/{v}": ("link", f"../../devices/virtual/vtconsole/{v}"),
+            d: ("dir", None), f"{d}/name": ("file", f"{name}\n"), f"{d}/bind": ("file", bind)}
+
+
+def test_the_vga_text_console_replaced_by_the_dummy_console_is_the_kernels_doing():
+    # seen on Linux 6.1 (SeaBIOS, nomodeset): vfio-pci takes the boot VGA function, the VGA
+    # arbiter removes vgacon's vtcon0 and registers the dummy console as vtcon1, bound
+    before = {"/proc/fb": ("file", ""), **_vtcon_raw("vtcon0", "(S) VGA+", "1\n")}
+    after = {"/proc/fb": ("file", ""), **_vtcon_raw("vtcon1", "(M) dummy device", "1\n"),
+             "/sys/module/vfio_pci": ("dir", None)}
+    line = kernel.vgacon_replaced("vtcon0", "(S) VGA+", "vtcon1", "(M) dummy device")
+    expected, unexpected = classify_changes(before, after)
+    assert expected == [line, kernel.vfio_left_loaded(["vfio_pci"])] and unexpected == {}
+    assert kernel.text_consoles_replaced(expected) == ["vtcon0"]
+    assert kernel.text_consoles_replaced([FB_REMOVED]) == []
+    # or a dummy console registered before takes the consoles: its bind goes from 0 to 1
+    before2 = {**before, **_vtcon_raw("vtcon1", "(M) dummy device", "0\n")}
+    after2 = {**after, **_vtcon_raw("vtcon1", "(M) dummy device", "1\n")}
+    expected, unexpected = classify_changes(before2, after2)
+    assert expected[0] == line and unexpected == {}
+    # vgacon gone with nothing holding the consoles is no kernel change it makes
+    expected, unexpected = classify_changes(before, {"/proc/fb": ("file", "")})
+    assert expected == [] and "/sys/class/vtconsole/vtcon0" in unexpected
+    # nor a vgacon that was not bound, nor a takeover by anything but the dummy console
+    unbound = {**before, "/sys/devices/virtual/vtconsole/vtcon0/bind": ("file", "0\n")}
+    assert classify_changes(unbound, after)[0] == [kernel.vfio_left_loaded(["vfio_pci"])]
+    other = {"/proc/fb": ("file", ""), **_vtcon_raw("vtcon1", "(M) frame buffer device", "1\n")}
+    expected, unexpected = classify_changes(before, other)
+    assert expected == [] and "/sys/class/vtconsole/vtcon1" in unexpected
+    # a dummy console that changed in more than its bind is a leftover
+    odd = {**after2, "/sys/devices/virtual/vtconsole/vtcon1/name": ("file", "(S) dummy device\n")}
+    expected, unexpected = classify_changes(before2, odd)
+    assert not kernel.text_consoles_replaced(expected)

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from testbed import sim
-from testbed.expected import classify_changes, renumbered, vgacon_deactivated
+from testbed.expected import classify_changes, renumbered, vgacon_replaced
 from testbed.sim import hosts
 from testbed.sim.kernel import SimHost, locked_kernel
 from vfio_hookd import errors
@@ -477,5 +477,5 @@ def test_bios_text_vfio_on_the_boot_vga_deactivates_vgacon_for_good(tmp_path):
     assert driver(h, GPU) == "nvidia" and vtcons(h) == {"vtcon1": ("(M) dummy device", "1")}
     expected, unexpected = classify_changes(before, hosts.snapshot(h.root))
     assert unexpected == {}
-    assert expected[0] == vgacon_deactivated("vtcon0", "vtcon1")
+    assert expected[0] == vgacon_replaced("vtcon0", "(S) VGA+", "vtcon1", "(M) dummy device")
     assert expected[1].startswith("vfio-pci left loaded") and len(expected) == 2

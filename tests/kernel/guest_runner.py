@@ -3,7 +3,8 @@
 the guest's real kernel. Started by ``tests/kernel/guest_init.sh``; never run it on a real host.
 
 ``python guest_runner.py OUTDIR``: reads ``OUTDIR/boot.json`` (``scenarios``, ``gpu``,
-``firmware``, ``gpu_addr``, ``audio_addr``, ``repo``), writes ``OUTDIR/results/<scenario>.json``
+``firmware``, ``gpu_addr``, ``audio_addr``, ``repo``; the hardware shape's ``funcs``,
+``desktop_gpu``, ``own_usb``, ``usb_devices``), writes ``OUTDIR/results/<scenario>.json``
 for each scenario (``{"ok": bool, "error": str|null, "wall_s": float, ...}``), the daemon's log
 to ``OUTDIR/daemon.log`` and its own to ``OUTDIR/runner.log``. Exit status 0 when every
 scenario passed, 1 otherwise.
@@ -21,6 +22,11 @@ half-way (``vfio-hookd release VM --force``, then by hand drivers, vtconsoles, u
 result's ``precondition`` says what was done (``restored``, ``prepared_by_runner``); when the
 state cannot be reached the scenario does not run and fails with ``precondition <state> not
 reached: <differences>``, so one failure does not cascade into the next scenarios' checks.
+
+The scenarios run in phases (:data:`PHASES`, each scenario names its own): each phase sets the
+guest up (:func:`setup_phase`: the firmware framebuffer alone, the functions on vfio-pci from
+boot on, or every driver loaded), coldplugs it, starts its :class:`World` and takes its
+baseline.
 
 An entry ``SCENARIO.fail-POINT`` in ``scenarios`` runs SCENARIO with a failure injected at its
 injection point POINT (:meth:`Phase.injection`); the entry passes when SCENARIO failed there.
@@ -66,6 +72,8 @@ VM = "guest"
 #: The framebuffer step's note for a firmware framebuffer the kernel removed ("DEV was removed
 #: by the kernel ...").
 FB_NOTE = "was removed by the kernel"
+#: The vtconsoles step's note for a VGA text console the kernel's VGA arbiter removed.
+VGACON_NOTE = "the VGA text console ({vt}) was removed by the kernel's VGA arbiter"
 
 
 class Ctx:
@@ -74,7 +82,12 @@ class Ctx:
     :ivar out: the artefact directory (the guest's writable share).
     :ivar cfg: ``boot.json`` (dict).
     :ivar repo: the repository whose code runs (``cfg["repo"]``); ``py`` its venv's Python.
-    :ivar gpu: the GPU's PCI address; ``audio`` its audio function's; ``funcs`` both.
+    :ivar gpu: the GPU's PCI address; ``audio`` its audio function's; ``funcs`` the functions
+        a profile hands over (``boot.json``'s ``funcs``: the GPU, its audio function, and on
+        the ``usb-c`` shape its xHCI function).
+    :ivar desktop_gpu: the GPU the desktop runs on when it is not :attr:`gpu` (the ``two-gpu``
+        shape; None: the desktop runs on :attr:`gpu`).
+    :ivar own_usb: the guest's own xHCI controller (``usb-c`` shape), or None.
     :ivar env: environment of the CLI and the daemon (:class:`World` adds its bus address); the
         repository first on ``PYTHONPATH`` (:func:`testbed.child_env`).
 
@@ -87,7 +100,9 @@ class Ctx:
         self.cfg = cfg
         self.repo = cfg["repo"]
         self.gpu, self.audio = cfg["gpu_addr"], cfg["audio_addr"]
-        self.funcs = (self.gpu, self.audio)
+        self.funcs = tuple(cfg.get("funcs") or (self.gpu, self.audio))
+        self.desktop_gpu = cfg.get("desktop_gpu")
+        self.own_usb = cfg.get("own_usb")
         self.py = os.path.join(self.repo, ".venv", "bin", "python")
         self.env = child_env(VFIO_HOOKD_CONFIG=f"{WORK}/etc", VFIO_HOOKD_RUN=RUN_DIR,
                              VFIO_HOOKD_LOG="stderr")
@@ -109,9 +124,10 @@ class Ctx:
         self._logf.write(line + "\n")
 
     def profile(self, extra: str = "") -> None:
-        """Write the VM's profile: both functions, then ``extra`` (YAML lines)."""
+        """Write the VM's profile: the functions handed over (:attr:`funcs`), then ``extra``
+        (YAML lines)."""
         with open(f"{WORK}/etc/vms/{VM}.yaml", "w") as f:
-            f.write(f"devices: ['{self.gpu}', '{self.audio}']\n{extra}")
+            f.write(f"devices: [{', '.join(repr(a) for a in self.funcs)}]\n{extra}")
 
     def cli(self, *args, timeout=300) -> subprocess.CompletedProcess:
         """``vfio-hookd ARGS...`` (``python -m vfio_hookd``) on the guest's ``/``."""
@@ -147,9 +163,9 @@ class Ctx:
     def snapshot(self, world, like: dict | None = None) -> dict:
         """``{"tree": tree(funcs), "units": the DM's unit states}``: what the scenarios and the
         baseline check compare (:func:`compare`). With ``like`` (an earlier snapshot) the sound
-        nodes it lists are waited for first (:func:`wait_sound_nodes`)."""
+        nodes and USB devices it lists are waited for first (:func:`settle`)."""
         if like is not None:
-            wait_sound_nodes(list(like["tree"]))
+            settle(list(like["tree"]))
         return {"tree": tree(self.funcs), "units": world.units()}
 
 
@@ -236,12 +252,51 @@ def wait_sound_nodes(expected: list[str], timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def usb_below(addr: str) -> dict:
+    """``{name: driver}`` of the USB devices and interfaces below PCI function ``addr`` (an
+    xHCI controller): its root hubs (``usb3``), their hub interfaces (``3-0:1.0``), the
+    devices on its ports (``3-1``) and their interfaces (``3-1:1.0``)."""
+    base = "/sys/bus/usb/devices"
+    top = os.path.realpath(f"/sys/bus/pci/devices/{addr}")
+    out = {}
+    for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        if os.path.realpath(f"{base}/{d}").startswith(top + "/"):
+            out[d] = link(f"{base}/{d}/driver")
+    return out
+
+
+def wait_usb(want: dict, timeout_s: float = 20.0) -> dict:
+    """Wait until every USB device and interface of ``want`` (``{path: ...}``, paths
+    ``/sys/bus/usb/devices/NAME/driver`` of a snapshot's tree) is bound again, or ``timeout_s``
+    has passed; returns the names still unbound. A hub enumerates its ports in its own work
+    item (``hub_event``): the devices come some time after the controller's driver is bound
+    (polled: no event to wait on from a chroot without udev)."""
+    names = [p.split("/")[5] for p in want
+             if p.startswith("/sys/bus/usb/devices/") and p.endswith("/driver")]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [n for n in names if not os.path.exists(f"/sys/bus/usb/devices/{n}/driver")]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def settle(paths: list[str]) -> None:
+    """Wait for what a function given back brings back asynchronously among ``paths`` (a
+    snapshot's tree): its sound nodes (:func:`wait_sound_nodes`) and the USB devices below an
+    xHCI function (:func:`wait_usb`)."""
+    wait_sound_nodes(paths)
+    wait_usb(paths)
+
+
 def tree(funcs: tuple) -> dict:
     """The guest's state the scenarios compare, as a flat tree ``{path: (kind, value)}`` in
     :mod:`testbed.expected`'s shape: every PCI function's ``driver`` link, the GPU functions'
     (``funcs``) ``driver_override``, ``/sys/module/M`` for each loaded module, the vtconsoles
-    (link, directory, ``name``, ``bind``), ``/proc/fb``, the firmware framebuffer devices, and
-    the device nodes (``/dev/dri``, ``/dev/snd``, ``/dev/vfio/N``, ``/dev/fbN``)."""
+    (link, directory, ``name``, ``bind``), ``/proc/fb``, the firmware framebuffer devices, the
+    device nodes (``/dev/dri``, ``/dev/snd``, ``/dev/vfio/N``, ``/dev/fbN``), and every USB
+    device and interface (its link in ``/sys/bus/usb/devices``, which names the controller it
+    is below, and its ``driver`` link)."""
     from testbed.expected import FIRMWARE_FBS
     out: dict = {}
 
@@ -260,6 +315,10 @@ def tree(funcs: tuple) -> dict:
 
     for a in sorted(os.listdir("/sys/bus/pci/devices")):
         symlink(f"/sys/bus/pci/devices/{a}/driver")
+    usb = "/sys/bus/usb/devices"
+    for d in sorted(os.listdir(usb)) if os.path.isdir(usb) else []:
+        symlink(f"{usb}/{d}")
+        symlink(f"{usb}/{d}/driver")
     for a in funcs:
         file(f"/sys/bus/pci/devices/{a}/driver_override")
     for m in sorted(modules()):
@@ -297,10 +356,11 @@ def tree_modules(snap: dict) -> set[str]:
 def compare(before: dict, after: dict, notes=()) -> tuple[dict, list[str]]:
     """``(left, expected)``: the differences between two snapshots that are not the kernel's
     own (:func:`testbed.expected.classify_changes`; units included), and the expected lines.
-    A firmware framebuffer the kernel removed counts as expected only when the release said
-    so in its framebuffer step's ``notes``; ``notes`` None: not asked (the baseline check of
+    A firmware framebuffer the kernel removed, or a VGA text console it replaced, counts as
+    expected only when the release said so in its framebuffer or vtconsoles step's ``notes``
+    (:data:`FB_NOTE`, :data:`VGACON_NOTE`); ``notes`` None: not asked (the baseline check of
     the preconditions, where no release of this comparison's own reports it)."""
-    from testbed.expected import classify_changes, framebuffer_removed
+    from testbed.expected import classify_changes, framebuffer_removed, text_consoles_replaced
     expected, left = classify_changes(before["tree"], after["tree"])
     left = {k: list(v) for k, v in left.items()}
     if before["units"] != after["units"]:
@@ -311,16 +371,54 @@ def compare(before: dict, after: dict, notes=()) -> tuple[dict, list[str]]:
             if not any(f"{dev} {FB_NOTE}" in n for n in notes):
                 left[f"notes: {dev}"] = [f"{dev} removed by the kernel but the release did "
                                          f"not report it", list(notes)]
+        for vt in text_consoles_replaced([line]):
+            if not any(VGACON_NOTE.format(vt=vt) in n for n in notes):
+                left[f"notes: {vt}"] = [f"the VGA text console {vt} was replaced by the "
+                                        f"kernel but the release did not report it",
+                                        list(notes)]
     return left, expected
 
 
 # ---- the world: coldplug, simulated systemd, daemon ------------------------------------------
-def coldplug(skip: tuple = ()) -> None:
+#: The buses whose devices :func:`coldplug` loads modules for: PCI, the virtio devices below
+#: virtio-pci (virtio-gpu, 9p), the USB devices and interfaces below an xHCI controller
+#: (usbhid for the keyboard and the tablet) and the HID devices below those (hid-generic).
+COLDPLUG_BUSES = ("pci", "virtio", "usb", "hid")
+
+
+def bus_drivers() -> dict:
+    """``{bus/device: driver}`` over :data:`COLDPLUG_BUSES`."""
+    out = {}
+    for bus in COLDPLUG_BUSES:
+        base = f"/sys/bus/{bus}/devices"
+        for d in os.listdir(base) if os.path.isdir(base) else []:
+            out[f"{bus}/{d}"] = link(f"{base}/{d}/driver")
+    return out
+
+
+def usb_ports_filled(usb_devices: dict, timeout_s: float = 20.0) -> None:
+    """Wait until each xHCI controller of ``usb_devices`` (``{PCI address: how many USB
+    devices on its ports}``) that has a driver shows that many devices (``3-1``; root hubs
+    and interfaces not counted), or ``timeout_s`` has passed (the hub enumerates its ports
+    in its own work item after the controller's driver is bound; polled)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(not driver(a) or sum(1 for d in usb_below(a) if "-" in d and ":" not in d) >= n
+               for a, n in usb_devices.items()):
+            return
+        time.sleep(0.05)
+
+
+def coldplug(skip: tuple = (), usb_devices: dict | None = None) -> None:
     """Load the modules of every device but ``skip`` (PCI addresses), as udev's coldplug does
-    (``modprobe -a MODALIAS``), until no new driver binds."""
+    (``modprobe -a MODALIAS``), until no new driver binds (a driver binding may add devices
+    that need modules of their own: an xHCI's USB devices, a keyboard's HID device, which
+    come once the devices of ``usb_devices`` (:func:`usb_ports_filled`) are there)."""
     for _ in range(4):
+        if usb_devices:
+            usb_ports_filled(usb_devices)
         aliases = []
-        for bus in ("pci", "virtio"):
+        for bus in COLDPLUG_BUSES:
             base = f"/sys/bus/{bus}/devices"
             for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
                 if d not in skip and not os.path.exists(f"{base}/{d}/driver"):
@@ -329,9 +427,9 @@ def coldplug(skip: tuple = ()) -> None:
                         aliases.append(a)
         if not aliases:
             return
-        before = {d: driver(d) for d in os.listdir("/sys/bus/pci/devices")}
+        before = bus_drivers()
         subprocess.run(["modprobe", "-a", "-q", "-b", *aliases], check=False)
-        after = {d: driver(d) for d in os.listdir("/sys/bus/pci/devices")}
+        after = bus_drivers()
         if after == before and not os.path.isdir("/sys/bus/virtio/devices"):
             return
 
@@ -354,7 +452,8 @@ def static_nodes(ctx: Ctx) -> None:
 
 class World:
     """The simulated systemd (``gdm.service`` holding the GPU's card and the GPU audio's
-    control node, none when the GPU has no driver) on a private bus, and the daemon."""
+    control node, none when the GPU has no driver; on the ``two-gpu`` shape the card of the
+    desktop's own GPU, :attr:`Ctx.desktop_gpu`, alone) on a private bus, and the daemon."""
 
     def __init__(self, ctx: Ctx):
         from testbed.sim.bus import SimBus
@@ -365,9 +464,12 @@ class World:
         # the DM holds the GPU's card and the GPU audio's control node; with no DRM driver
         # (the OVMF efifb phase) there is no session on the GPU and it holds nothing
         self.ctx = ctx
-        card = [n for n in function_nodes(ctx.gpu) if "/card" in n][:1]
-        holds = card + ([n for n in function_nodes(ctx.audio) if "/controlC" in n][:1]
-                        if card else [])
+        if ctx.desktop_gpu:
+            holds = [n for n in function_nodes(ctx.desktop_gpu) if "/card" in n][:1]
+        else:
+            card = [n for n in function_nodes(ctx.gpu) if "/card" in n][:1]
+            holds = card + ([n for n in function_nodes(ctx.audio) if "/controlC" in n][:1]
+                            if card else [])
         self.holds = holds
         with open(f"{WORK}/sim/.sim/units.json", "w") as f:
             json.dump({"gdm.service": {"aliases": ["display-manager.service"], "active": True,
@@ -477,7 +579,7 @@ def sc_release(ctx: Ctx, ph: Phase) -> dict:
     (the firmware framebuffer removed by the kernel is reported as expected)."""
     world = ph.world
     before, ph.prepared_from = ph.prepared_from, None
-    r = ctx.cli("release", VM)
+    r, release_s = timed_cli(ctx, "release", VM)
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
     after = ctx.snapshot(world, like=before)
     st = ctx.status()
@@ -489,8 +591,8 @@ def sc_release(ctx: Ctx, ph: Phase) -> dict:
         check(driver(a) == tree_driver(before, a), f"{a} on {driver(a)}")
     dm = world.dm_pid()
     check(dm and os.path.exists(f"/proc/{dm}"), "display manager not running after release")
-    return {"steps": step_times(st), "notes": notes, "expected_differences": expected,
-            "after": after}
+    return {"release_s": release_s, "steps": step_times(st), "notes": notes,
+            "expected_differences": expected, "after": after}
 
 
 def _holder(path: str) -> subprocess.Popen:
@@ -884,6 +986,320 @@ def sc_efifb_release(ctx: Ctx, ph: Phase) -> dict:
     return {"steps": step_times(st), "notes": notes, "expected_differences": expected}
 
 
+# ---- the shapes of issue 7 ("take only what the VM needs") ----------------------------------
+def record_steps() -> dict:
+    """``{step name: its record entry}`` (``facts``, ``status``, ``duration_ms``, ...) of the
+    VM's record (``RUN_DIR/vms/VM.json``): the facts ``status --json`` does not show (the
+    modules step's ``why``, the holders step's ``terminated``)."""
+    with open(f"{RUN_DIR}/vms/{VM}.json") as f:
+        return {s_["name"]: s_ for s_ in json.load(f)["steps"]}
+
+
+def timed_cli(ctx: Ctx, *args) -> tuple[subprocess.CompletedProcess, float]:
+    """``ctx.cli(*args)`` and its wall time (s), for the scenario's result (never asserted)."""
+    t = time.monotonic()
+    r = ctx.cli(*args)
+    return r, round(time.monotonic() - t, 2)
+
+
+def check_one_group(ctx: Ctx) -> str:
+    """The IOMMU group of the functions handed over (one for all), ``/dev/vfio/N`` present."""
+    groups = {a: link(f"/sys/bus/pci/devices/{a}/iommu_group") for a in ctx.funcs}
+    check(len(set(groups.values())) == 1, f"the functions are in several groups: {groups}")
+    group = groups[ctx.gpu]
+    check(os.path.exists(f"/dev/vfio/{group}"), f"/dev/vfio/{group} missing")
+    return group
+
+
+#: Modules of the guest's own USB stack and keyboard: none may go with the GPU's xHCI.
+USB_STACK = ("usb_common", "usbcore", "xhci_hcd", "xhci_pci", "usbhid", "hid", "hid_generic")
+
+
+def sc_usb_prepare(ctx: Ctx, ph: Phase) -> dict:
+    """USB-C-like GPU (shape ``usb-c``): the profile hands over the GPU, its HDA and its xHCI
+    function (one IOMMU group; a tablet on that xHCI), while the guest's own xHCI (its own
+    group) carries the keyboard. Prepare succeeds; the GPU's DRM module goes, but usbcore,
+    xhci_hcd, xhci_pci, usbhid (the whole USB stack) stay loaded, the keyboard's device and
+    interface keep their drivers (``usbhid``), and the modules step's ``why`` says that
+    usbcore and xhci_pci also drive devices not handed over."""
+    world = ph.world
+    check(ctx.own_usb and len(ctx.funcs) == 3, f"not the usb-c shape: {ctx.cfg.get('shape')}")
+    xhci = ctx.funcs[2]
+    ctx.profile()
+    before = ctx.snapshot(world)
+    own = usb_below(ctx.own_usb)
+    kbd = [d for d, drv in own.items() if ":" in d and not d.split("-")[1].startswith("0:")
+           and drv == "usbhid"]
+    check(kbd, f"the keyboard's interface under {ctx.own_usb} is not on usbhid: {own}")
+    gpu_usb = usb_below(xhci)
+    check(any(":" in d and drv == "usbhid" for d, drv in gpu_usb.items()),
+          f"the tablet's interface under {xhci} is not on usbhid: {gpu_usb}")
+    drm = ctx.drm_modules()
+    check(drm, "no DRM driver bound to the GPU before prepare")
+    stack = [m for m in USB_STACK if m not in modules()]
+    check(not stack, f"USB modules not loaded before prepare: {stack}")
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    for a in ctx.funcs:
+        check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
+    group = check_one_group(ctx)
+    left = drm & modules()
+    check(not left, f"DRM module(s) still loaded: {sorted(left)}")
+    gone = [m for m in USB_STACK if m not in modules()]
+    check(not gone, f"the guest's own USB stack lost module(s) {gone}")
+    now = usb_below(ctx.own_usb)
+    check(now == own, f"the guest's own USB devices changed: before {own}, now {now}")
+    check(not usb_below(xhci), f"USB devices left below {xhci} on vfio-pci: {usb_below(xhci)}")
+    steps = record_steps()
+    mods = steps["modules"]["facts"]
+    why = mods.get("why") or {}
+    check(sorted(mods["plan"]) == sorted(drm), f"modules plan {mods['plan']}, expected {drm}")
+    for m, dev in (("usbcore", None), ("xhci_pci", ctx.own_usb)):
+        w = why.get(m) or ""
+        check(w.startswith("also drives ") and w.endswith("not handed over")
+              and (dev is None or dev in w),
+              f"the modules step's why for {m} does not say it drives the guest's own USB "
+              f"devices: {w!r} (why: {why})")
+    st = ctx.status()
+    return {"group": group, "prepare_s": prepare_s, "modules": mods, "keyboard": kbd,
+            "own_usb": own, "gpu_usb_before": gpu_usb, "units": steps["units"]["facts"],
+            "steps": step_times(st)}
+
+
+def sc_usb_release(ctx: Ctx, ph: Phase) -> dict:
+    """Release of ``usb_prepare``: the snapshot before prepare comes back (:func:`sc_release`'s
+    checks: every PCI driver, every USB device and interface with its driver, modules, nodes,
+    units), and explicitly the xHCI function on xhci_hcd again with its root hubs and the
+    tablet (device on ``usb``, interface on ``usbhid``)."""
+    xhci = ctx.funcs[2]
+    before = ph.prepared_from
+    res = sc_release(ctx, ph)
+    check(driver(xhci) == tree_driver(before, xhci) == "xhci_hcd",
+          f"{xhci} on {driver(xhci)} after release")
+    below = usb_below(xhci)
+    hubs = [d for d in below if d.startswith("usb") and below[d] == "usb"]
+    tablet = [d for d, drv in below.items() if ":" in d and drv == "usbhid"]
+    check(len(hubs) == 2 and tablet, f"below {xhci} after release: {below}")
+    res.update(gpu_usb_after=below)
+    del res["after"]
+    return res
+
+
+def sc_second_gpu(ctx: Ctx, ph: Phase) -> dict:
+    """Two GPUs (shape ``two-gpu``): the desktop (gdm holding its card) runs on the boot VGA
+    at :attr:`Ctx.desktop_gpu`; the second GPU and its HDA are handed over. The display
+    manager keeps its PID through prepare and release (the units step leaves it running and
+    says why), the vtconsoles and framebuffer steps are left alone (skipped: not the boot
+    display), the DRM module that also drives the desktop's GPU stays loaded, the desktop's
+    GPU keeps its driver and card; release gives the snapshot back."""
+    world = ph.world
+    desk = ctx.desktop_gpu
+    check(desk, "not the two-gpu shape")
+    vga = {a: rd(f"/sys/bus/pci/devices/{a}/boot_vga") for a in (desk, ctx.gpu)}
+    check(vga == {desk: "1", ctx.gpu: "0"}, f"boot_vga: {vga}")
+    ctx.profile()
+    before = ctx.snapshot(world)
+    dm = world.dm_pid()
+    check(dm and os.path.exists(f"/proc/{dm}"), f"display manager not running: {dm}")
+    desk_card = world.holds[0]
+    check(_opened_by(dm, desk_card), f"gdm (PID {dm}) does not hold {desk_card}")
+    desk_drv, cons = driver(desk), vtcons()
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    for a in ctx.funcs:
+        check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
+    group = check_one_group(ctx)
+    check(world.dm_pid() == dm and _opened_by(dm, desk_card),
+          f"display manager PID {dm} -> {world.dm_pid()} after prepare")
+    check(world.units()["gdm.service"] == "active", f"gdm: {world.units()['gdm.service']}")
+    check(driver(desk) == desk_drv, f"the desktop's GPU {desk}: {desk_drv} -> {driver(desk)}")
+    check(vtcons() == cons, f"vtconsoles changed: {cons} -> {vtcons()}")
+    steps = record_steps()
+    facts = {n: steps[n]["facts"] for n in ("units", "vtconsoles", "framebuffer", "modules")}
+    check(facts["units"]["plan"] == [] and any(
+        x.startswith("gdm.service (left running") for x in facts["units"]["skipped"]),
+        f"units step: {facts['units']}")
+    for n in ("vtconsoles", "framebuffer"):
+        check(facts[n]["plan"] == [] and facts[n].get("skipped")
+              and "boot display" in facts[n]["skipped"][0], f"{n} step: {facts[n]}")
+    desk_mod = link(f"/sys/bus/pci/devices/{desk}/driver/module")
+    why = (facts["modules"].get("why") or {}).get(desk_mod) or ""
+    check(facts["modules"]["plan"] == [] and why.startswith("also drives") and desk in why,
+          f"modules step: {facts['modules']} (the desktop GPU's module: {desk_mod})")
+    r, release_s = timed_cli(ctx, "release", VM)
+    ph.prepared_from = None
+    check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+    after = ctx.snapshot(world, like=before)
+    st = ctx.status()
+    notes = [n for s_ in st["steps"] for n in (s_.get("notes") or [])]
+    left, expected = compare(before, after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
+    check(world.dm_pid() == dm and os.path.exists(f"/proc/{dm}"),
+          f"display manager PID {dm} -> {world.dm_pid()} after release")
+    return {"group": group, "dm_pid": dm, "prepare_s": prepare_s, "release_s": release_s,
+            "facts": facts, "expected_differences": expected, "steps": step_times(st)}
+
+
+def sc_second_gpu_vfio(ctx: Ctx, ph: Phase) -> dict:
+    """Two GPUs, the second one (and its HDA) on vfio-pci from boot on (phase
+    :data:`VFIO_AT_BOOT`): prepare changes nothing on the guest (the snapshot equal, not even
+    an expected change; the display manager's PID unchanged; nothing unbound, no module
+    unloaded), and release neither."""
+    world = ph.world
+    check(ctx.desktop_gpu, "not the two-gpu shape")
+    on = {a: driver(a) for a in ctx.funcs}
+    check(all(d == "vfio-pci" for d in on.values()), f"not on vfio-pci from boot: {on}")
+    ctx.profile()
+    before = ctx.snapshot(world)
+    dm = world.dm_pid()
+    check(dm and os.path.exists(f"/proc/{dm}"), f"display manager not running: {dm}")
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    left, expected = compare(before, ctx.snapshot(world))
+    check(not left and not expected, f"prepare changed the guest: {json.dumps(left)} "
+                                     f"(kernel's own: {expected})")
+    check(world.dm_pid() == dm, f"display manager PID {dm} -> {world.dm_pid()} after prepare")
+    steps = record_steps()
+    done = {n: steps[n]["facts"].get("done") for n in steps}
+    check(not any(done.values()), f"steps did something: {done}")
+    st = ctx.status()
+    check(st["phase"] == "prepared", f"status phase {st['phase']}")
+    r, release_s = timed_cli(ctx, "release", VM)
+    ph.prepared_from = None
+    check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+    left, expected = compare(before, ctx.snapshot(world), [])
+    check(not left and not expected, f"release changed the guest: {json.dumps(left)} "
+                                     f"(kernel's own: {expected})")
+    check(world.dm_pid() == dm, f"display manager PID {dm} -> {world.dm_pid()} after release")
+    check(all(driver(a) == "vfio-pci" for a in ctx.funcs), "not on vfio-pci after release")
+    return {"dm_pid": dm, "prepare_s": prepare_s, "release_s": release_s,
+            "facts": {n: steps[n]["facts"] for n in steps}, "steps": step_times(st)}
+
+
+def sc_vgacon(ctx: Ctx, ph: Phase) -> dict:
+    """BIOS text mode (SeaBIOS, ``nomodeset``: no DRM driver, the console is vgacon ``(S)
+    VGA+`` on the boot VGA). Prepare warns of the VGA text console (the vtconsoles step's
+    ``warnings``, shown by ``status``), the kernel's VGA arbiter replaces it by the dummy
+    console when vfio-pci takes the GPU, release reports that in the vtconsoles step's
+    ``notes``, and everything else equals the snapshot before prepare."""
+    world = ph.world
+    check("nomodeset" in (rd("/proc/cmdline") or ""), "no nomodeset on the kernel command line")
+    text = [v for v, (name, b) in vtcons().items() if "VGA+" in (name or "") and b == "1"]
+    check(text, f"no bound VGA text console: {vtcons()}")
+    check(rd(f"/sys/bus/pci/devices/{ctx.gpu}/boot_vga") == "1", "the GPU is not the boot VGA")
+    check(driver(ctx.gpu) is None, f"the GPU is on {driver(ctx.gpu)} despite nomodeset")
+    ctx.profile()
+    before = ctx.snapshot(world)
+    r, prepare_s = timed_cli(ctx, "prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before
+    for a in ctx.funcs:
+        check(driver(a) == "vfio-pci", f"{a} is on {driver(a)} after prepare")
+    cons_prepared = vtcons()
+    st = ctx.status()
+    vt_st = next(s_ for s_ in st["steps"] if s_["name"] == "vtconsoles")
+    check(any(text[0] in w and "VGA text console" in w for w in vt_st["warnings"]),
+          f"status shows no warning of the VGA text console: {vt_st}")
+    r, release_s = timed_cli(ctx, "release", VM)
+    ph.prepared_from = None
+    check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+    after = ctx.snapshot(world, like=before)
+    st_r = ctx.status()
+    vt_r = next(s_ for s_ in st_r["steps"] if s_["name"] == "vtconsoles")
+    check(any(VGACON_NOTE.format(vt=text[0]) in n for n in vt_r["notes"]),
+          f"status does not report the VGA text console's removal: {vt_r}")
+    notes = [n for s_ in st_r["steps"] for n in (s_.get("notes") or [])]
+    left, expected = compare(before, after, notes)
+    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
+    check(any(e.startswith(f"{text[0]} ") for e in expected),
+          f"the VGA text console's replacement is not among the kernel's changes: {expected}")
+    return {"prepare_s": prepare_s, "release_s": release_s, "vtcons_before": vtcons_of(before),
+            "vtcons_prepared": cons_prepared, "warnings": vt_st["warnings"],
+            "notes": vt_r["notes"], "expected_differences": expected,
+            "steps": step_times(st_r)}
+
+
+def vtcons_of(snap: dict) -> dict:
+    """``{vtconN: {"name": ..., "bind": ...}}`` of snapshot ``snap``."""
+    base = "/sys/devices/virtual/vtconsole/"
+    out = {}
+    for p, (_k, v) in snap["tree"].items():
+        if p.startswith(base) and p.count("/") == 6:
+            vt, attr = p[len(base):].split("/")
+            out.setdefault(vt, {})[attr] = (v or "").strip()
+    return out
+
+
+def _stubborn_holder(path: str) -> subprocess.Popen:
+    """A process (not in any unit) holding ``path`` open that ignores SIGTERM (``trap ''
+    TERM``: SIG_IGN survives the exec of ``sleep``)."""
+    return subprocess.Popen(["/bin/sh", "-c", f"trap '' TERM; exec sleep infinity 3<{path}"],
+                            stdin=subprocess.DEVNULL)
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """True when process ``pid`` ignores signal ``sig`` (``SigIgn`` of /proc/PID/status)."""
+    for line in (rd(f"/proc/{pid}/status", "") or "").splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+def sc_holders_stubborn(ctx: Ctx, ph: Phase) -> dict:
+    """Three holders of the GPU's card that ignore SIGTERM, ``on_busy: terminate`` with
+    ``deadlines: {terminate: 2}``: prepare succeeds, all three end by SIGKILL (their wait
+    status), the holders step's ``terminated`` facts list exactly them; the step's duration
+    is recorded in the result (never asserted: no timing bounds in tests). Release then gives
+    the snapshot back."""
+    import signal
+    world = ph.world
+    card = world.holds[0]
+    hs = [_stubborn_holder(card) for _ in range(3)]
+    try:
+        for h in hs:
+            _wait_open(h, card)
+            check(_ignores(h.pid, signal.SIGTERM), f"holder {h.pid} does not ignore SIGTERM")
+        ctx.profile("on_busy: terminate\ndeadlines: {terminate: 2}\n")
+        before = ctx.snapshot(world)
+        r, prepare_s = timed_cli(ctx, "prepare", VM)
+        check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+        ph.prepared_from = before
+        status = {}
+        for h in hs:
+            try:
+                status[h.pid] = h.wait(10)
+            except subprocess.TimeoutExpired:
+                status[h.pid] = None
+        check(all(rc == -signal.SIGKILL for rc in status.values()),
+              f"the holders did not all end by SIGKILL: {status}")
+        check(all(driver(a) == "vfio-pci" for a in ctx.funcs), "not on vfio-pci")
+        steps = record_steps()
+        hold = steps["holders"]
+        terminated = sorted({t["pid"] for t in hold["facts"]["terminated"]})
+        check(terminated == sorted(h.pid for h in hs),
+              f"terminated facts list {terminated}, the holders were {[h.pid for h in hs]}")
+        check(hold["status"] == "done", f"holders step {hold['status']}")
+        st = ctx.status()
+        r, release_s = timed_cli(ctx, "release", VM)
+        ph.prepared_from = None
+        check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+        notes = [n for s_ in ctx.status()["steps"] for n in (s_.get("notes") or [])]
+        left, _ = compare(before, ctx.snapshot(world, like=before), notes)
+        check(not left, f"state after terminate+release differs: {json.dumps(left)}")
+        return {"holders_step_ms": hold["duration_ms"], "terminated": hold["facts"]["terminated"],
+                "wait_status": status, "prepare_s": prepare_s, "release_s": release_s,
+                "steps": step_times(st)}
+    finally:
+        for h in hs:
+            if h.poll() is None:
+                h.kill()
+                h.wait()
+        ctx.profile()
+
+
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
 #: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
@@ -897,16 +1313,24 @@ NOTHING_HELD = ("idle", "failed")
 INJECTED = "injected failure"
 
 
+#: The phases of a boot, in the order they run (:func:`setup_phase`): the firmware
+#: framebuffer alone, the functions on vfio-pci from boot on, then every driver loaded.
+EFIFB, VFIO_AT_BOOT, DRM = "efifb", "vfio_at_boot", "drm"
+PHASES = (EFIFB, VFIO_AT_BOOT, DRM)
+
+
 class Scenario(NamedTuple):
-    """A scenario: the function and the state it needs (:data:`BASELINE` or
-    :data:`PREPARED`), which the runner establishes before it runs."""
+    """A scenario: the function, the state it needs (:data:`BASELINE` or
+    :data:`PREPARED`), which the runner establishes before it runs, and the phase it runs
+    in (:data:`PHASES`)."""
     run: Callable[["Ctx", "Phase"], dict]
     needs: str
+    phase: str = DRM
 
 
 SCENARIOS = MappingProxyType({
-    "efifb_prepare": Scenario(sc_efifb_prepare, BASELINE),
-    "efifb_release": Scenario(sc_efifb_release, PREPARED),
+    "efifb_prepare": Scenario(sc_efifb_prepare, BASELINE, EFIFB),
+    "efifb_release": Scenario(sc_efifb_release, PREPARED, EFIFB),
     "prepare": Scenario(sc_prepare, BASELINE),
     "vfio_qemu": Scenario(sc_vfio_qemu, PREPARED),
     "release": Scenario(sc_release, PREPARED),
@@ -914,11 +1338,26 @@ SCENARIOS = MappingProxyType({
     "fault": Scenario(sc_fault, BASELINE),
     "fault_late": Scenario(sc_fault_late, BASELINE),
     "libvirt": Scenario(sc_libvirt, BASELINE),
+    "usb_prepare": Scenario(sc_usb_prepare, BASELINE),
+    "usb_release": Scenario(sc_usb_release, PREPARED),
+    "second_gpu": Scenario(sc_second_gpu, BASELINE),
+    "second_gpu_vfio": Scenario(sc_second_gpu_vfio, BASELINE, VFIO_AT_BOOT),
+    "vgacon": Scenario(sc_vgacon, BASELINE),
+    "holders_stubborn": Scenario(sc_holders_stubborn, BASELINE),
 })
 
 
 class Injected(Exception):
     """A failure injected on purpose into a scenario (boot.json entry ``SCENARIO.fail-POINT``)."""
+
+
+def phase_of(entry: str) -> str:
+    """The phase (:data:`PHASES`) of a boot.json entry's scenario; :data:`DRM` for an entry
+    that names none (:func:`run_entry` reports it)."""
+    try:
+        return SCENARIOS[parse_entry(entry)[0]].phase
+    except ValueError:
+        return DRM
 
 
 def parse_entry(entry: str) -> tuple[str, str | None]:
@@ -996,7 +1435,7 @@ def off_baseline(ctx: Ctx, ph: Phase) -> tuple[dict, list[str]]:
     ``/dev/fbN``): nothing can restore them before a reboot, they are no difference (the
     release that caused them reported them, which the scenarios check). Once the functions are
     back on their baseline drivers, the sound nodes are waited for
-    (:func:`wait_sound_nodes`)."""
+    (:func:`settle`)."""
     off = {}
     phase = record_phase(ctx)
     if phase not in NOTHING_HELD:
@@ -1023,10 +1462,10 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
     """Bring the guest back to the phase's baseline after a scenario that stopped half-way: the
     daemon as started, then the product's own release of whatever the record holds
     (``vfio-hookd release VM --force``), then by hand what is still off: the functions'
-    drivers (``driver_override`` cleared, unbind, the baseline's modules, ``drivers_probe``),
-    the vtconsole binds :func:`compare` still finds off (not one the kernel changed itself:
-    the console that took over from fbcon's removed one), the units. Returns what was done
-    (list of str)."""
+    drivers (``driver_override`` as in the baseline, unbind, the baseline's modules,
+    ``drivers_probe``), the vtconsole binds :func:`compare` still finds off (not one the
+    kernel changed itself: the console that took over from fbcon's removed one), the units.
+    Returns what was done (list of str)."""
     w = ph.world
     actions = []
     why = daemon_off(ph)
@@ -1040,12 +1479,17 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
     base_modules = tree_modules(base)
     if all(driver(a) == tree_driver(base, a) for a in ctx.funcs) \
             and base_modules <= modules():
-        wait_sound_nodes(list(base["tree"]))
+        settle(list(base["tree"]))
     else:
         for a in ctx.funcs:
             want, have = tree_driver(base, a), driver(a)
             if have != want:
-                _write(f"/sys/bus/pci/devices/{a}/driver_override", "\n", actions)
+                # the baseline's override: none, or vfio-pci for a function reserved for it
+                # at boot (phase vfio_at_boot)
+                was = (base["tree"].get(f"/sys/bus/pci/devices/{a}/driver_override")
+                       or ("file", "(null)\n"))[1] or "(null)\n"
+                _write(f"/sys/bus/pci/devices/{a}/driver_override",
+                       "\n" if was.strip() == "(null)" else was, actions)
                 if have:
                     _write(f"/sys/bus/pci/devices/{a}/driver/unbind", a, actions)
                     actions.append(f"{a}: unbound from {have}")
@@ -1057,7 +1501,7 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
             if tree_driver(base, a) and not driver(a):
                 _write("/sys/bus/pci/drivers_probe", a, actions)
                 actions.append(f"{a}: probed, now on {driver(a)}")
-        wait_sound_nodes(list(base["tree"]))
+        settle(list(base["tree"]))
     left, _ = compare(base, ctx.snapshot(w), None)
     vtbase = "/sys/devices/virtual/vtconsole/"
     for path, (was, now) in left.items():
@@ -1195,16 +1639,60 @@ def run_entry(ctx: Ctx, ph: Phase, entry: str, prev: dict | None) -> dict:
     return res
 
 
-def run_phase(ctx: Ctx, name: str, entries: list[str], skip: tuple, more: bool) -> bool:
-    """Coldplug (but ``skip``), start the world, take the baseline, run ``entries``; False if
-    one failed. With ``more`` (another phase follows), what the record still holds at the end
-    is released (``--force``), so the next phase's coldplug starts from free functions."""
+def setup_phase(ctx: Ctx, name: str) -> tuple:
+    """Bring the guest into phase ``name`` (:data:`PHASES`) and coldplug it; returns the
+    coldplug's ``skip``.
+
+    - :data:`EFIFB`: every device but the GPU gets its driver (the console stays on the
+      firmware framebuffer);
+    - :data:`VFIO_AT_BOOT`: the functions handed over are reserved for vfio-pci before the
+      coldplug, as ``vfio-pci.ids=`` or driverctl does at boot (``driver_override`` =
+      ``vfio-pci``, so their native drivers, loaded by the coldplug, leave them alone), and
+      ``modprobe vfio-pci`` binds them;
+    - :data:`DRM`: a function an earlier phase reserved for vfio-pci is given back
+      (``driver_override`` cleared, unbound, ``drivers_probe``), then everything is coldplugged.
+
+    :raises Fail: a function is not where the phase needs it.
+    """
+    usb = ctx.cfg.get("usb_devices")
+    if name == EFIFB:
+        coldplug((ctx.gpu,), usb)
+        return (ctx.gpu,)
+    if name == VFIO_AT_BOOT:
+        for a in ctx.funcs:
+            with open(f"/sys/bus/pci/devices/{a}/driver_override", "w") as f:
+                f.write("vfio-pci")
+        coldplug((), usb)
+        subprocess.run(["modprobe", "vfio-pci"], check=True)
+        on = {a: driver(a) for a in ctx.funcs}
+        check(all(d == "vfio-pci" for d in on.values()),
+              f"the functions reserved for vfio-pci at boot are on {on}")
+        return ()
+    for a in ctx.funcs:
+        if rd(f"/sys/bus/pci/devices/{a}/driver_override") not in (None, "(null)"):
+            with open(f"/sys/bus/pci/devices/{a}/driver_override", "w") as f:
+                f.write("\n")
+            if driver(a):
+                with open(f"/sys/bus/pci/devices/{a}/driver/unbind", "w") as f:
+                    f.write(a)
+            with open("/sys/bus/pci/drivers_probe", "w") as f:
+                f.write(a)
+    coldplug((), usb)
+    return ()
+
+
+def run_phase(ctx: Ctx, name: str, entries: list[str], more: bool) -> bool:
+    """Set the phase up (:func:`setup_phase`), start the world, take the baseline, run
+    ``entries``; False if one failed. With ``more`` (another phase follows), what the record
+    still holds at the end is released (``--force``), so the next phase starts from free
+    functions."""
     t = time.monotonic()
-    static_nodes(ctx)
-    coldplug(skip)
-    ctx.log(f"coldplug {time.monotonic() - t:.2f} s; drivers {driver(ctx.gpu)}, "
-            f"{driver(ctx.audio)}; nodes {nodes()}; fbs {platform_fbs()}; vtcons {vtcons()}")
     try:
+        static_nodes(ctx)
+        skip = setup_phase(ctx, name)
+        ctx.log(f"phase {name}: coldplug {time.monotonic() - t:.2f} s; drivers "
+                f"{ {a: driver(a) for a in ctx.funcs} }; nodes {nodes()}; "
+                f"fbs {platform_fbs()}; vtcons {vtcons()}")
         world = World(ctx)
         ctx.log(f"world ready: holds {world.holds}, units {world.units()}")
     except Exception:
@@ -1250,13 +1738,11 @@ def main(argv: list[str] | None = None) -> int:
         entries = ctx.cfg["scenarios"]
         ctx.log(f"guest runner: {ctx.cfg['name']} kernel {os.uname().release} "
                 f"scenarios {entries}")
-        efifb = [n for n in entries if n.startswith("efifb_")]
-        rest = [n for n in entries if not n.startswith("efifb_")]
+        phases = [(p, [e for e in entries if phase_of(e) == p]) for p in PHASES]
+        phases = [(p, es) for p, es in phases if es]
         ok = True
-        if efifb:
-            ok &= run_phase(ctx, "efifb", efifb, skip=(ctx.gpu,), more=bool(rest))
-        if rest:
-            ok &= run_phase(ctx, "drm", rest, skip=(), more=False)
+        for i, (p, es) in enumerate(phases):
+            ok &= run_phase(ctx, p, es, more=i + 1 < len(phases))
         return 0 if ok else 1
     finally:
         ctx.close()

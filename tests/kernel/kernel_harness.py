@@ -3,7 +3,10 @@ scenarios inside it. Host side of the kernel tests (``tests/kernel/``).
 
 Recipe (FIELD-NOTES §5): ``q35`` + ``intel-iommu``, a ``pcie-root-port`` holding the GPU
 (``VGA``, ``bochs-display`` or ``virtio-vga``) at function 0 and ``intel-hda`` at function 1
-of the same slot (one IOMMU group); SeaBIOS or OVMF (OVMF gives ``efi-framebuffer.0``). The
+of the same slot (one IOMMU group); SeaBIOS or OVMF (OVMF gives ``efi-framebuffer.0``). A boot
+may add the devices of a hardware shape (:data:`SHAPES`: the GPU's USB-C controller and the
+guest's own USB, or a second GPU the desktop runs on) and append to the kernel's command line
+(``nomodeset``: the VGA text console stays). The
 kernel is a Debian package unpacked into ``.cache/kernel/<KV>/`` by ``scripts/kernel-cache``
 (never installed on this machine), and so is busybox-static (``.cache/kernel/busybox-static/``).
 The initramfs (busybox + the modules needed to mount 9p and overlayfs) is built here, cached by
@@ -64,6 +67,41 @@ GPU_ADDR = "0000:01:00.0"
 AUDIO_ADDR = "0000:01:00.1"
 GPUS = ("VGA", "bochs-display", "virtio-vga")
 FIRMWARES = ("bios", "ovmf")
+
+#: Hardware shapes of a boot (:func:`shape_devices`), each with the guest's PCI addresses the
+#: runner needs (``boot.json``: ``funcs``, the functions a profile hands over, GPU first;
+#: ``desktop_gpu``, the GPU the desktop runs on when it is not the one handed over;
+#: ``own_usb``, the guest's own xHCI controller; ``usb_devices``, how many USB devices each
+#: xHCI controller has on its ports, which the runner's coldplug waits for):
+#:
+#: - ``single``: the GPU at 01:00.0 and its HDA function at 01:00.1 (one IOMMU group);
+#: - ``usb-c``: as ``single`` plus a ``qemu-xhci`` at 01:00.2 (a Turing-like GPU's USB-C
+#:   controller, same slot and IOMMU group) with a ``usb-tablet`` on it, and the guest's own
+#:   ``qemu-xhci`` at 00:05.0 (its own IOMMU group) with a ``usb-kbd``;
+#: - ``two-gpu``: a second ``VGA`` at 00:02.0 on the root complex (an integrated GPU's place:
+#:   found first by SeaBIOS, so it is the boot VGA) that the desktop runs on, and the GPU + HDA
+#:   of ``single`` behind the root port, handed over.
+SHAPES = {
+    "single": {"funcs": [GPU_ADDR, AUDIO_ADDR]},
+    "usb-c": {"funcs": [GPU_ADDR, AUDIO_ADDR, "0000:01:00.2"], "own_usb": "0000:00:05.0",
+              "usb_devices": {"0000:01:00.2": 1, "0000:00:05.0": 1}},
+    "two-gpu": {"funcs": [GPU_ADDR, AUDIO_ADDR], "desktop_gpu": "0000:00:02.0"},
+}
+
+
+def shape_devices(shape: str) -> list[str]:
+    """QEMU ``-device`` arguments of ``shape`` (:data:`SHAPES`) beyond the GPU and its HDA
+    function (list of str, each ``-device`` followed by its value)."""
+    if shape == "single":
+        return []
+    if shape == "usb-c":
+        return ["-device", "qemu-xhci,bus=rp1,addr=00.2,id=gpuusb",
+                "-device", "usb-tablet,bus=gpuusb.0",
+                "-device", "qemu-xhci,bus=pcie.0,addr=0x5,id=ownusb",
+                "-device", "usb-kbd,bus=ownusb.0"]
+    if shape == "two-gpu":
+        return ["-device", "VGA,bus=pcie.0,addr=0x2"]
+    raise ValueError(f"shape must be one of {sorted(SHAPES)}")
 
 
 class HarnessError(Exception):
@@ -260,10 +298,12 @@ def qemu_opt(value: str) -> str:
 
 
 def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory_mb: int,
-              accel: str = "tcg") -> list[str]:
-    """The QEMU command line of one boot (list of str)."""
+              accel: str = "tcg", shape: str = "single", cmdline: str = "") -> list[str]:
+    """The QEMU command line of one boot (list of str): ``shape`` (:data:`SHAPES`) adds its
+    devices, ``cmdline`` is appended to the kernel's command line (e.g. ``nomodeset``)."""
     if gpu not in GPUS:
         raise ValueError(f"gpu must be one of {GPUS}")
+    more = shape_devices(shape)
     kdir = os.path.join(CACHE, kv)
     argv = [QEMU, "-M", "q35,kernel-irqchip=split", "-m", str(memory_mb), "-smp", "1",
             "-nodefaults", "-no-reboot", "-display", "none", "-vga", "none", "-monitor", "none",
@@ -276,6 +316,7 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
             "-device", "intel-hda,bus=rp1,addr=00.1,id=hda",
             "-audiodev", "none,id=snd0",
             "-device", "hda-output,bus=hda.0,audiodev=snd0",
+            *more,
             "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
             "-fsdev", f"local,id=out,path={qemu_opt(outdir)},security_model=none",
@@ -283,7 +324,7 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-kernel", os.path.join(kdir, "boot", f"vmlinuz-{kv}"), "-initrd", initrd,
             "-append", "console=ttyS0 intel_iommu=on iommu=pt panic_on_oops=1 panic=-1 "
-                       "loglevel=4 rdinit=/init"]
+                       "loglevel=4 rdinit=/init" + (f" {cmdline}" if cmdline else "")]
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -300,8 +341,11 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
 
 
 def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s: float,
-             memory_mb: int = 1024, accel: str | None = None, extra: dict | None = None) -> Boot:
-    """Boot the guest once and run ``scenarios`` (names known to ``guest_runner.py``) in it.
+             memory_mb: int = 1024, accel: str | None = None, extra: dict | None = None,
+             shape: str = "single", cmdline: str = "") -> Boot:
+    """Boot the guest once and run ``scenarios`` (names known to ``guest_runner.py``) in it,
+    with the hardware of ``shape`` (:data:`SHAPES`) and ``cmdline`` appended to the kernel's
+    command line.
 
     The boot is killed (SIGKILL, by PID) at ``timeout_s``; QEMU also gets SIGKILL when the
     calling thread dies (``PR_SET_PDEATHSIG``), so a killed pytest leaves no guest running.
@@ -310,6 +354,8 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
 
     :raises HarnessError: the kernel or a package is missing.
     """
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}")
     kv = kernel_version()
     initrd = build_initramfs(kv)
     outdir = os.path.join(ARTEFACTS, name)
@@ -325,12 +371,13 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
                         (("KV", kv), ("REPO", REPO), ("KMODS", kmods),
                          ("SCENARIOS", " ".join(scenarios)))))
     cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
-           "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR}
+           "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR,
+           "shape": shape, "cmdline": cmdline, **SHAPES[shape]}
     cfg.update(extra or {})
     with open(os.path.join(outdir, "boot.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     accel = accel or os.environ.get("VFIO_HOOKD_KERNEL_ACCEL", "tcg")
-    argv = qemu_argv(gpu, firmware, kv, initrd, outdir, memory_mb, accel)
+    argv = qemu_argv(gpu, firmware, kv, initrd, outdir, memory_mb, accel, shape, cmdline)
     with open(os.path.join(outdir, "qemu.cmdline"), "w") as f:
         f.write(shlex.join(argv) + "\n")
     boot = Boot(name, outdir)

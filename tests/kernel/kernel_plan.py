@@ -14,12 +14,32 @@ import os
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import kernel_harness as kh
 
-#: Per boot: (GPU model, firmware, scenario entries in run order). OVMF boots first run the
-#: scenarios on the firmware framebuffer alone (no DRM driver loaded yet). Listed longest
-#: first: two boots run at a time, so this order keeps the session short.
+
+class BootSpec(NamedTuple):
+    """One boot of the plan: the GPU model handed over, the firmware, the scenario entries in
+    run order, the hardware shape (``kernel_harness.SHAPES``) and what is appended to the
+    kernel's command line."""
+    gpu: str
+    firmware: str
+    scenarios: list
+    shape: str = "single"
+    cmdline: str = ""
+
+
+#: Per boot: its :class:`BootSpec`. The runner runs a boot's scenarios in phases
+#: (``guest_runner.PHASES``), in the plan's order within each: OVMF boots first run the
+#: scenarios on the firmware framebuffer alone (no DRM driver loaded yet), the two-GPU boot
+#: first those with the second GPU on vfio-pci from boot on. Listed longest first: two boots
+#: run at a time, so this order keeps the session short.
+#:
+#: The shapes of issue 7 ("take only what the VM needs"): ``usb-c-VGA-bios`` (the GPU's xHCI
+#: function handed over, the guest's own USB kept), ``two-gpu-VGA-bios`` (the desktop on the
+#: other GPU), ``nomodeset-VGA-bios`` (the VGA text console), and ``holders_stubborn``
+#: (holders that ignore SIGTERM) folded into ``bochs-display-bios``.
 #:
 #: Each scenario starts from the state it declares (``guest_runner.SCENARIOS``), which the
 #: runner establishes. An entry ``SCENARIO.fail-POINT`` (:func:`injected`) makes SCENARIO fail
@@ -28,14 +48,20 @@ import kernel_harness as kh
 #: scenario that needs the baseline (the runner restores it); ``prepare.fail-early`` leaves it
 #: unprepared before one that needs it prepared (the runner prepares it).
 BOOTS = {
-    "bochs-display-ovmf": ("bochs-display", "ovmf", ["prepare", "release", "libvirt"]),
-    "VGA-ovmf": ("VGA", "ovmf", ["efifb_prepare", "efifb_release", "prepare", "vfio_qemu",
-                                 "release", "holders", "fault"]),
-    "VGA-bios": ("VGA", "bios", ["prepare.fail-late", "prepare", "vfio_qemu", "release",
-                                 "holders", "fault", "fault_late"]),
-    "bochs-display-bios": ("bochs-display", "bios", ["prepare", "release", "holders"]),
-    "virtio-vga-ovmf": ("virtio-vga", "ovmf", ["prepare.fail-early", "release", "prepare"]),
-    "virtio-vga-bios": ("virtio-vga", "bios", ["prepare", "release", "holders"]),
+    "bochs-display-ovmf": BootSpec("bochs-display", "ovmf", ["prepare", "release", "libvirt"]),
+    "VGA-bios": BootSpec("VGA", "bios", ["prepare.fail-late", "prepare", "vfio_qemu",
+                                         "release", "holders", "fault", "fault_late"]),
+    "VGA-ovmf": BootSpec("VGA", "ovmf", ["efifb_prepare", "efifb_release", "prepare",
+                                         "vfio_qemu", "release", "holders", "fault"]),
+    "bochs-display-bios": BootSpec("bochs-display", "bios", ["prepare", "release", "holders",
+                                                             "holders_stubborn"]),
+    "two-gpu-VGA-bios": BootSpec("VGA", "bios", ["second_gpu_vfio", "second_gpu"],
+                                 shape="two-gpu"),
+    "virtio-vga-bios": BootSpec("virtio-vga", "bios", ["prepare", "release", "holders"]),
+    "virtio-vga-ovmf": BootSpec("virtio-vga", "ovmf", ["prepare.fail-early", "release",
+                                                       "prepare"]),
+    "usb-c-VGA-bios": BootSpec("VGA", "bios", ["usb_prepare", "usb_release"], shape="usb-c"),
+    "nomodeset-VGA-bios": BootSpec("VGA", "bios", ["vgacon"], cmdline="nomodeset"),
 }
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
 BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
@@ -66,8 +92,10 @@ class Boots:
         self.summary: dict = {}
 
     def _run(self, name: str) -> kh.Boot:
-        gpu, fw, scenarios = BOOTS[name]
-        boot = kh.run_boot(name, gpu, fw, scenarios, BOOT_TIMEOUT_S)
+        spec = BOOTS[name]
+        scenarios = spec.scenarios
+        boot = kh.run_boot(name, spec.gpu, spec.firmware, scenarios, BOOT_TIMEOUT_S,
+                           shape=spec.shape, cmdline=spec.cmdline)
         ok = boot.rc == kh.EXIT_PASS and all(r.get("ok") for r in boot.results.values()) \
             and set(boot.results) == set(scenarios)
         with self._lock:

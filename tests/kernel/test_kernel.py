@@ -1,6 +1,8 @@
 """vfio-hookd on a real Linux kernel: QEMU guests (TCG, q35 + intel-iommu, an emulated GPU and
-its HDA function in one IOMMU group) running the daemon against their real sysfs, /dev and
-modprobe, with the simulated systemd's display manager holding the real ``/dev/dri/card0``.
+its HDA function in one IOMMU group; some boots add the GPU's USB-C controller and the guest's
+own USB, or a second GPU the desktop runs on, or boot with ``nomodeset``) running the daemon
+against their real sysfs, /dev and modprobe, with the simulated systemd's display manager
+holding the real ``/dev/dri/card0``.
 
 Each test is one scenario of one boot (``kernel_plan.BOOTS``); the scenario's checks run inside
 the guest (``guest_runner.py``, one docstring per scenario there) and its verdict comes back as
@@ -35,9 +37,9 @@ def kernel_boots():
     b.close()
 
 
-CASES = [(boot, sc) for boot, (_g, _f, scenarios) in BOOTS.items() for sc in scenarios
+CASES = [(boot, sc) for boot, spec in BOOTS.items() for sc in spec.scenarios
          if not injected(sc)]
-INJECTED = [(boot, e) for boot, (_g, _f, scenarios) in BOOTS.items() for e in scenarios
+INJECTED = [(boot, e) for boot, spec in BOOTS.items() for e in spec.scenarios
             if injected(e)]
 
 
@@ -73,7 +75,7 @@ def test_cascade(kernel_boots, boot, entry):
     re-established the next scenario's state and said so, and every later scenario passed."""
     b = kernel_boots.get(boot)
     where = f"artefacts: {b.outdir} (runner.log, results/)"
-    entries = BOOTS[boot][2]
+    entries = BOOTS[boot].scenarios
     res = b.results.get(entry)
     assert res is not None, f"{b.verdict()}; no result for {entry}. {where}\n{b.tail()}"
     assert res.get("ok") and res.get("scenario_error", "").startswith(guest_runner.INJECTED), (
@@ -97,7 +99,8 @@ def test_cascade(kernel_boots, boot, entry):
 def test_plan():
     """Every entry of the plan names a scenario of the guest's runner (imported here: it does
     nothing at import), and an entry that injects a failure has scenarios after it."""
-    for boot, (_g, _f, entries) in BOOTS.items():
+    for boot, spec in BOOTS.items():
+        entries = spec.scenarios
         assert len(set(entries)) == len(entries), f"{boot}: an entry twice: {entries}"
         for i, e in enumerate(entries):
             guest_runner.parse_entry(e)
