@@ -79,8 +79,11 @@ class Units(Step):
         for addr in ctx.devices:
             nodes.extend(device_nodes(ctx.host, addr))
         out = []
+        units: dict[int, str | None] = {}   # one GetUnitByPID per process, not per node
         for h in procs.find_holders(ctx.host, list(dict.fromkeys(nodes))):
-            unit = sd.unit_of_pid(h.pid)
+            if h.pid not in units:
+                units[h.pid] = sd.unit_of_pid(h.pid)
+            unit = units[h.pid]
             if unit == dm or (unit or "").startswith("session-"):
                 out.append(f"{h} (unit {unit})")
         return out
