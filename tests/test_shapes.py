@@ -189,35 +189,54 @@ def test_a_holder_nothing_stopped_fails_the_start_at_once(world, monkeypatch):
         stranger.wait()
 
 
-@pytest.mark.parametrize("k", range(len(STEP_NAMES)), ids=STEP_NAMES)
-def test_turing_fault_at_each_step_rolls_back(turing_world, k):
-    w = turing_world
-    w.profile()
-    name = STEP_NAMES[k]
-    # fail the step's first host operation
-    target = {"units": ("stop", "gdm.service"), "holders": None,
-              "vtconsoles": ("write", "/sys/class/vtconsole/vtcon1/bind"),
-              "framebuffer": ("write", "/sys/bus/platform/drivers/efi-framebuffer/unbind"),
-              "modules": ("rmmod", "nvidia_drm"),
-              "bind_vfio": ("write", "/sys/bus/pci/drivers_probe")}[name]
-    if target is None:   # holders: a stranger holds the UCSI function's i2c node
-        f = open(w.host.path("/dev/i2c-5"))
-        p = subprocess.Popen(["sleep", "60"], stdin=f)
-        f.close()
-    else:
-        faults.inject(w.root, target[0], target[1], "fail", errno=5, count=1)
-        p = None
-    if p:   # the stranger's open node is part of the host as it was; the simulated kernel
-        # updates refcnt on its next operation (a no-op write here)
-        w.host.write("/sys/bus/pci/devices/0000:01:00.3/driver_override", "\n", 5)
-    before = w.snapshot()
+#: Per shape, the first host operation of each step that acts there (None: a process holds a
+#: node of the functions, for the holders step). Steps that do nothing on a shape (the units
+#: and console steps on a second GPU) have no operation to fail.
+FAULTS = {
+    "turing": {"units": ("stop", "gdm.service"), "holders": "/dev/i2c-5",
+               "vtconsoles": ("write", "/sys/class/vtconsole/vtcon1/bind"),
+               "framebuffer": ("write", "/sys/bus/platform/drivers/efi-framebuffer/unbind"),
+               "modules": ("rmmod", "nvidia_drm"),
+               "bind_vfio": ("write", "/sys/bus/pci/drivers_probe")},
+    "amd": {"units": ("stop", "sddm.service"), "holders": "/dev/kfd",
+            "vtconsoles": ("write", "/sys/class/vtconsole/vtcon1/bind"),
+            "modules": ("rmmod", "amdgpu"), "bind_vfio": ("write", "/sys/bus/pci/drivers_probe")},
+    "bios-text": {"units": ("stop", "gdm.service"), "holders": "/dev/nvidia0",
+                  "modules": ("rmmod", "nvidia_drm"),
+                  "bind_vfio": ("write", "/sys/bus/pci/drivers_probe")},
+    "twogpu": {"holders": "/dev/dri/card1", "modules": ("rmmod", "amdgpu"),
+               "bind_vfio": ("write", "/sys/bus/pci/drivers_probe")},
+}
+FAULT_CASES = [(shape, step) for shape, steps in FAULTS.items() for step in steps]
+
+
+@pytest.mark.parametrize("variant,name", FAULT_CASES, ids=[f"{a}-{b}" for a, b in FAULT_CASES])
+def test_a_fault_at_each_step_of_each_shape_rolls_back(dirs, variant, name):
+    w = SimWorld(dirs, variant)
+    p = None
     try:
+        w.profile()
+        target = FAULTS[variant][name]
+        if isinstance(target, str):   # holders: a stranger holds one of the functions' nodes
+            f = open(w.host.path(target))
+            p = subprocess.Popen(["sleep", "60"], stdin=f)
+            f.close()
+            # the stranger's open node is part of the host as it was; the simulated kernel
+            # updates refcnt on its next operation (a no-op write here)
+            w.host.write(f"/sys/bus/pci/devices/{w.devices[0]}/driver_override", "\n", 5)
+        else:
+            faults.inject(w.root, target[0], target[1], "fail", errno=5, count=1)
+        before = w.snapshot()
         with pytest.raises(HookdError) as exc:
             w.machine.prepare("win11")
         assert exc.value.details["step"] == name
-        _host_usb_bound(w)
+        if variant == "turing":
+            _host_usb_bound(w)
         _restored(before, w.snapshot())
+        rec = w.machine.records.load("win11")
+        assert rec.phase == "failed" and not rec.holds_host
     finally:
         if p:
             p.kill()
             p.wait()
+        w.close()
