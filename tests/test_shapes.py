@@ -47,7 +47,7 @@ def test_the_units_step_says_why_it_stops_the_display_manager(world):
     rec = world.machine.prepare("win11")
     why = rec.step("units").facts["why"]
     assert why["gdm.service"].startswith("the desktop uses the GPU: PID ")
-    assert "(unit gdm.service)" in why["gdm.service"]
+    assert "(gdm, unit gdm.service) holds /dev/dri/card0, " in why["gdm.service"]
     assert why["nvidia-persistenced.service"] == "stop_units in the profile"
     world.machine.release("win11")
 

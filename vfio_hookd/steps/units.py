@@ -72,20 +72,20 @@ class Units(Step):
 
     @staticmethod
     def _desktop_users(ctx: Context, sd, dm: str) -> list[str]:
-        """``PID N (command) holds NODE (unit U)`` for each process of ``dm``'s unit or of a
-        login session's scope that holds a device node of the functions handed over."""
+        """``PID N (command, unit U) holds NODE, ...`` for each process of ``dm``'s unit or of a
+        login session's scope that holds device nodes of the functions handed over."""
         from .. import procs
         nodes: list[str] = []
         for addr in ctx.devices:
             nodes.extend(device_nodes(ctx.host, addr))
-        out = []
-        units: dict[int, str | None] = {}   # one GetUnitByPID per process, not per node
+        held: dict[tuple[int, str], list[str]] = {}
         for h in procs.find_holders(ctx.host, list(dict.fromkeys(nodes))):
-            if h.pid not in units:
-                units[h.pid] = sd.unit_of_pid(h.pid)
-            unit = units[h.pid]
+            held.setdefault((h.pid, h.command), []).append(h.node)
+        out = []
+        for (pid, command), held_nodes in held.items():
+            unit = sd.unit_of_pid(pid)   # once per process
             if unit == dm or (unit or "").startswith("session-"):
-                out.append(f"{h} (unit {unit})")
+                out.append(f"PID {pid} ({command}, unit {unit}) holds {', '.join(held_nodes)}")
         return out
 
     def apply(self, ctx: Context, facts: dict) -> None:
