@@ -92,7 +92,8 @@ def cmd_status(args, env: Env) -> int:
         for dev in vm["devices"]:
             before = dev.get("driver_before")
             print(f"  device {dev['address']}: driver {dev['driver'] or 'none'}"
-                  + (f" (before: {before or 'none'})" if "driver_before" in dev else ""))
+                  + (f" (held by VM {dev['held_by']})" if dev.get("held_by") else
+                     f" (before: {before or 'none'})" if "driver_before" in dev else ""))
         for s in vm["steps"]:
             times = []
             if s["duration_ms"] is not None:

@@ -68,8 +68,8 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
         from .profile import devices_from_domain_xml
         if not xml:
             raise HookdError(errors.DOMAIN_XML_INVALID,
-                             f"{prof.path}: devices: auto needs the domain XML (pass --xml, "
-                             f"or list the PCI addresses under devices:)")
+                             f"{prof.path}: devices: auto needs the domain XML and none came "
+                             f"with the request; list the PCI addresses under devices:")
         devices = devices_from_domain_xml(xml)
         if not devices:
             raise HookdError(errors.DOMAIN_XML_INVALID,
@@ -79,10 +79,13 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
         devices = tuple(prof.devices)
     for addr in devices:
         if not host.exists(pci.path(addr)):
+            where = (f"{prof.path}: devices: {addr}" if prof.devices is not None else
+                     f"the domain XML of {vm!r} (devices: auto in {prof.path}) names {addr} in "
+                     f"a <hostdev>, but it")
             raise HookdError(errors.DEVICE_NOT_FOUND,
-                             f"{prof.path}: devices: {addr} is not a PCI function on this host "
-                             f"(see lspci -D)")
-    _check_groups(host, prof.path, devices)
+                             f"{where} is not a PCI function on this host (see lspci -D)")
+    _check_groups(host, prof.path if prof.devices is not None else
+                  f"{prof.path} (devices: auto, from the domain XML's <hostdev>s)", devices)
     shape = Shape(devices=len(devices), units=Units.count(prof),
                   vtconsoles=len(host.listdir("/sys/class/vtconsole")),
                   modules=Modules.count(prof))

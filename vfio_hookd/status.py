@@ -12,8 +12,9 @@ from .record import Record, RecordStore
 
 def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict:
     """``{"vms": {NAME: {"phase", "updated", "steps": [{"name", "status", "duration_ms",
-    "undo_ms", "error", "notes", "warnings", "skipped", "why"}], "devices": [{"address", "driver", "driver_before"}],
-    "error", "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
+    "undo_ms", "error", "notes", "warnings", "skipped", "why"}], "devices": [{"address",
+    "driver", "driver_before", "held_by" (only when another VM's record holds it)}], "error",
+    "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
     with its ``RECORD_INVALID`` error.
 
     :raises HookdError: ``VM_NAME_INVALID``; ``NOT_MANAGED`` when ``vm`` has neither a record
@@ -22,6 +23,10 @@ def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict
     import os
     store = RecordStore(paths)
     names = [check_vm_name(vm)] if vm else store.names()
+    holders = {}   # function -> the VM whose record holds it now
+    for other, rec in store.load_all().items():
+        if isinstance(rec, Record) and rec.holds_host:
+            holders.update({a: other for a in rec.devices})
     out: dict = {}
     for name in names:
         try:
@@ -38,11 +43,11 @@ def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict
             out[name] = {"phase": "idle", "updated": None, "steps": [], "devices": [],
                          "error": None, "release_errors": []}
             continue
-        out[name] = _vm_status(host, rec)
+        out[name] = _vm_status(host, rec, holders)
     return {"vms": out}
 
 
-def _vm_status(host: Host, rec: Record) -> dict:
+def _vm_status(host: Host, rec: Record, holders: dict) -> dict:
     steps = []
     for s in rec.steps:
         err = s.undo_error or s.error
@@ -55,7 +60,17 @@ def _vm_status(host: Host, rec: Record) -> dict:
                       "why": dict(s.facts.get("why", {}))})
     return {
         "phase": rec.phase, "updated": rec.updated, "steps": steps,
-        "devices": [{"address": a, "driver": pci.current_driver(host, a),
-                     "driver_before": rec.drivers.get(a)} for a in rec.devices],
+        "devices": [_device(host, rec, a, holders) for a in rec.devices],
         "error": rec.error, "release_errors": rec.release_errors,
     }
+
+
+def _device(host: Host, rec: Record, addr: str, holders: dict) -> dict:
+    """One device of ``rec``: its driver now and before; ``held_by`` the other VM whose record
+    holds it now (an idle VM's device on vfio-pci is then that VM's, not this one's)."""
+    dev = {"address": addr, "driver": pci.current_driver(host, addr),
+           "driver_before": rec.drivers.get(addr)}
+    other = holders.get(addr)
+    if other and other != rec.vm:
+        dev["held_by"] = other
+    return dev
