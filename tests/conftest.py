@@ -29,11 +29,18 @@ os.environ["PYTHONPATH"] = child_env()["PYTHONPATH"]
 
 @pytest.fixture
 def dirs(tmp_path, monkeypatch):
-    """Config, run and host directories under tmp_path, exported through the environment."""
+    """Config, run and host directories under tmp_path, exported through the environment.
+
+    They are root's (the tests run as root) and writable by root alone whatever the umask:
+    profiles and records are read only from such directories (``vfio_hookd.trust``); tmp_path
+    is pytest's (0700, root's) under /tmp (1777, root's: sticky).
+    """
     d = {"config": tmp_path / "etc", "run": tmp_path / "run", "host": tmp_path / "host"}
     for p in d.values():
         p.mkdir()
     (d["config"] / "vms").mkdir()
+    for p in (d["config"], d["config"] / "vms", d["run"]):
+        p.chmod(0o755)
     monkeypatch.setenv("VFIO_HOOKD_CONFIG", str(d["config"]))
     monkeypatch.setenv("VFIO_HOOKD_RUN", str(d["run"]))
     monkeypatch.setenv("VFIO_HOOKD_LOG", "stderr")

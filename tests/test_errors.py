@@ -33,6 +33,7 @@ def test_exit_statuses_never_move():
                 "INSTALL_FAILED", "VM_RUNNING", "INTERNAL"]
     assert {c: errors.EXIT_STATUS[c] for c in released} == {c: i + 2 for i, c in enumerate(released)}
     assert errors.EXIT_STATUS["RECORD_INVALID"] == 26
+    assert errors.EXIT_STATUS["UNTRUSTED_FILE"] == 27
 
 
 def test_the_readme_documents_every_exit_status():

@@ -125,7 +125,7 @@ class Machine:
     def plan_release(self, vm: str) -> Plan:
         """:func:`vfio_hookd.plan.plan_release` from ``vm``'s record.
 
-        :raises HookdError: ``RECORD_INVALID``, ``VM_NAME_INVALID``.
+        :raises HookdError: ``RECORD_INVALID``, ``UNTRUSTED_FILE``, ``VM_NAME_INVALID``.
         """
         return plans.plan_release(self.records.load(check_vm_name(vm)), vm)
 
@@ -159,7 +159,8 @@ class Machine:
         :returns: the record (phase ``idle``), or None when ``vm`` has no record.
         :raises HookdError: ``RELEASE_INCOMPLETE`` listing every undo that failed (all others
             still ran; the record then stays ``failed`` and a later release retries);
-            ``RECORD_INVALID`` for a record that cannot be read.
+            ``RECORD_INVALID`` for a record that cannot be read, ``UNTRUSTED_FILE`` for one
+            that someone besides root owns or may write (nothing is touched).
         """
         return self._release(check_vm_name(vm), reason)
 

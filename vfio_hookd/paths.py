@@ -30,10 +30,14 @@ class Paths:
 
     :ivar config_dir: profiles live in ``<config_dir>/vms/``.
     :ivar run_dir: records in ``<run_dir>/vms/``, locks in ``<run_dir>/locks/``, the socket.
+    :ivar trusted_uid: whose profiles and records are read besides root's
+        (:func:`vfio_hookd.trust.open_trusted`); 0, root alone, everywhere but in tests, which
+        set it here (never from the environment).
     """
 
     config_dir: str = DEFAULT_CONFIG
     run_dir: str = DEFAULT_RUN
+    trusted_uid: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Paths":

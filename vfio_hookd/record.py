@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from . import errors
 from .errors import HookdError
 from .paths import Paths
+from .trust import open_trusted
 
 VERSION = 2
 #: Versions this code reads (1 is upgraded on load).
@@ -176,12 +177,16 @@ class RecordStore:
     def load(self, vm: str) -> Record | None:
         """The record of ``vm``, or None when there is none.
 
+        The file is opened by :func:`vfio_hookd.trust.open_trusted` (root's alone, and every
+        directory up to ``/``): release acts on the host as the record says.
+
         :raises HookdError: ``RECORD_INVALID`` (corrupt JSON, unknown version, another VM's
-            record, unreadable file), ``VM_NAME_INVALID``.
+            record, unreadable file), ``UNTRUSTED_FILE`` (someone besides root owns or may
+            write it or a directory above it), ``VM_NAME_INVALID``.
         """
         path = self.paths.record_path(vm)
         try:
-            with open(path, "rb") as f:
+            with open_trusted(path, self.paths.trusted_uid) as f:
                 data = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             return None

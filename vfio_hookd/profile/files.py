@@ -1,7 +1,8 @@
 """Profile files: whether a domain has one (:func:`is_managed`), reading one
 (:func:`load_profile`) and validating its text (:func:`parse_profile`).
 
-Loading is pure parsing: nothing on the host is read except the profile file itself.
+Loading is pure parsing: nothing on the host is read except the profile file itself (and the
+owners and modes of it and its directories: :mod:`vfio_hookd.trust`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 
 from .. import errors
 from ..paths import Paths, check_vm_name
+from ..trust import open_trusted
 from . import reader, rules
 from .model import Profile
 
@@ -36,13 +38,19 @@ def load_profile(paths: Paths, name: str) -> Profile:
     """Read and validate the profile of domain ``name`` from ``paths.profile_path(name)``
     (:class:`vfio_hookd.paths.Paths`).
 
+    The file is opened by :func:`vfio_hookd.trust.open_trusted`: it, its symlinks' targets and
+    every directory up to ``/`` must be root's and writable by root alone (``paths.trusted_uid``
+    is trusted too; 0 in the product).
+
     :raises HookdError: ``VM_NAME_INVALID`` for a name that cannot name a file; ``NOT_MANAGED``
-        when there is no profile file; ``PROFILE_INVALID`` when it cannot be read (permissions,
-        a directory, not UTF-8, dangling symlink) or is invalid (see :func:`parse_profile`).
+        when there is no profile file; ``UNTRUSTED_FILE`` when someone besides root owns or may
+        write it or a directory above it; ``PROFILE_INVALID`` when it cannot be read
+        (permissions, a directory, not UTF-8, dangling symlink) or is invalid (see
+        :func:`parse_profile`).
     """
     path = paths.profile_path(name)
     try:
-        with open(path, "rb") as f:
+        with open_trusted(path, paths.trusted_uid) as f:
             raw = f.read()
     except FileNotFoundError:
         if os.path.islink(path):
