@@ -34,6 +34,7 @@ INSTALL_FAILED = "INSTALL_FAILED"            # vfio-hookd install could not fini
 VM_RUNNING = "VM_RUNNING"                    # CLI release of a VM libvirt says is running
 INTERNAL = "INTERNAL"                        # a bug: see the daemon's log for the traceback
 RECORD_INVALID = "RECORD_INVALID"            # a record that is corrupt or of an unknown version
+DAEMON_BUSY = "DAEMON_BUSY"                  # the daemon serves its maximum of connections
 
 #: The CLI's exit status for each code: explicit and stable (a new code gets a new number;
 #: no number is ever reused). 0 is success, 1 an unexpected bug outside the error path.
@@ -44,6 +45,7 @@ EXIT_STATUS = {
     FRAMEBUFFER_FAILED: 14, TIMEOUT: 15, HOST_IO: 16, STATE_DRIFT: 17, RELEASE_INCOMPLETE: 18,
     DAEMON_UNREACHABLE: 19, BAD_REQUEST: 20, PERMISSION_DENIED: 21, SYSTEMD_UNAVAILABLE: 22,
     INSTALL_FAILED: 23, VM_RUNNING: 24, INTERNAL: 25, RECORD_INVALID: 26,
+    DAEMON_BUSY: 29,   # issue 9 assigned 28 and 29 (DEVICE_STUCK, DAEMON_BUSY)
 }
 CODES = tuple(EXIT_STATUS)
 
