@@ -125,3 +125,32 @@ def test_connections_beyond_the_cap_are_told_the_daemon_is_busy(world, tmp_path)
         for c in idle:
             c.close()
         assert d.stop() == 0, d.read_log()
+
+
+def test_the_daemon_survives_a_notify_socket_nobody_listens_on(world, tmp_path):
+    import signal
+    import subprocess
+
+    from testbed import child_env
+    from testbed.procs import stop as stop_process
+    dead = str(tmp_path / "notify")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(dead)
+    s.close()
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "testbed.daemon", "--root", world.root],
+                                env=child_env(None, NOTIFY_SOCKET=dead), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while "cannot send READY=1" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert _ping(_sock_path(world))["ok"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        assert "cannot send STOPPING=1" in log.read_text()
+    finally:
+        stop_process(proc, 10)
