@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.daemon",
                                  description="vfio-hookd's daemon on a simulated host")
     ap.add_argument("--root", required=True, help="the simulated host directory")
+    ap.add_argument("--max-connections", type=int, default=None,
+                    help="the daemon's max_connections (default: the product's)")
+    ap.add_argument("--request-timeout", type=float, default=None,
+                    help="the daemon's request_timeout_s (default: the product's)")
     opts = ap.parse_args(argv)
     require_private_bus()
     from vfio_hookd import daemon
@@ -215,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         host = SimHost(opts.root)
     except ValueError as exc:
         raise SystemExit(f"testbed.daemon: {exc}") from None
-    return daemon.run(Paths.from_env(), host=host)
+    limits = {k: v for k, v in (("max_connections", opts.max_connections),
+                                ("request_timeout_s", opts.request_timeout)) if v is not None}
+    return daemon.run(Paths.from_env(), host=host, **limits)
 
 
 if __name__ == "__main__":

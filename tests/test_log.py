@@ -33,3 +33,19 @@ def test_stderr_format_carries_the_fields(capsys):
 def test_notify_without_socket_does_nothing(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     logmod.notify("READY=1")  # must not raise nor import systemd.daemon needlessly
+
+
+@pytest.mark.parametrize("state", ["READY=1", "STOPPING=1"])
+def test_notify_to_a_socket_nobody_listens_on_is_logged_not_raised(tmp_path, monkeypatch,
+                                                                  capsys, state):
+    import socket
+    path = str(tmp_path / "notify")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.close()                   # the file stays, nobody reads it: ECONNREFUSED
+    logmod.setup(journal=False)
+    for where in (path, str(tmp_path / "absent")):
+        monkeypatch.setenv("NOTIFY_SOCKET", where)
+        assert logmod.notify(state) is False
+        err = capsys.readouterr().err
+        assert f"WARNING: cannot send {state} to systemd at {where}" in err

@@ -15,80 +15,45 @@ The socket is ``<run>/vfio-hookd.sock``, mode 0600 in a 0700 directory; peers ar
 blocks in ``accept(2)``: an idle daemon has no periodic wake-ups. The modules a request needs
 (yaml, gi/pydbus, psutil: about 10 MB) are imported once before ``READY=1``, so the first
 request after boot is as fast as the others; libvirt-python is never imported by the daemon.
+The socket loop and its limits under load are :mod:`vfio_hookd.server`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import select
 import signal
-import socket
-import struct
 import threading
 
 from . import errors
 from .errors import HookdError
 from .host import Host
 from .paths import Paths, check_vm_name
+from .server import MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S, Server
 
 log = logging.getLogger("vfio_hookd")
-MAX_REQUEST = 4 * 1024 * 1024
-REQUEST_READ_TIMEOUT_S = 10.0
 
 
-class Daemon:
+class Daemon(Server):
     """The control-socket server.
 
     :param host: the :class:`~vfio_hookd.host.Host` to act on.
     :param paths: the :class:`~vfio_hookd.paths.Paths`; the socket is ``paths.socket``.
     :param machine: the :class:`~vfio_hookd.machine.Machine` (default: one on ``host``).
+    :param max_connections: connections served at once; more are answered ``DAEMON_BUSY``.
+    :param request_timeout_s: how long (s) a client may take to send its request.
     """
 
-    def __init__(self, host: Host, paths: Paths, machine=None):
+    def __init__(self, host: Host, paths: Paths, machine=None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_timeout_s: float = REQUEST_READ_TIMEOUT_S):
         from .machine import Machine
+        super().__init__(paths.socket, max_connections, request_timeout_s)
         self.host = host
         self.paths = paths
-        self.socket_path = paths.socket
         self.machine = machine or Machine(host, paths)
-        self._sock: socket.socket | None = None
-        self._busy = 0
-        self._busy_cv = threading.Condition()
-        self._stopping = False
-        self._activated = False
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def bind(self) -> None:
-        """Take the listening socket from systemd (socket activation, sd_listen_fds(3):
-        ``$LISTEN_PID``/``$LISTEN_FDS``, fd 3; ``systemd/vfio-hookd.socket``), or create the run
-        directory (0700) and the socket (0600) itself. With socket activation, connections made
-        while the daemon restarts wait in the kernel's queue instead of failing."""
-        if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-                int(os.environ.get("LISTEN_FDS", "0") or 0) >= 1:
-            for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-                os.environ.pop(var, None)
-            sock = socket.socket(fileno=3)
-            os.set_inheritable(3, False)
-            self._activated = True
-            self._sock = sock
-            return
-        run = os.path.dirname(self.socket_path)
-        os.makedirs(run, mode=0o700, exist_ok=True)
-        os.chmod(run, 0o700)
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.socket_path)
-        finally:
-            os.umask(old)
-        sock.listen(16)
-        self._sock = sock
-
     def log_records(self) -> None:
         """Log every record found at start (journal fields VM=, PHASE=)."""
         for name, rec in self.machine.records.load_all().items():
@@ -106,6 +71,7 @@ class Daemon:
         request connects again if needed and reports ``SYSTEMD_UNAVAILABLE`` itself."""
         try:
             self.machine.systemd().connect()
+            log.info("connected to systemd")
         except HookdError as exc:
             log.warning("systemd not reachable yet: %s", exc)
         except Exception:
@@ -127,8 +93,7 @@ class Daemon:
                             extra={"VM": name, "PHASE": rec.phase})
                 t = threading.Thread(target=self._recover_one, args=(name,), daemon=True,
                                      name=f"recover {name}")
-                with self._busy_cv:
-                    self._busy += 1
+                self.task_started()
                 t.start()
                 threads.append(t)
         return threads
@@ -141,110 +106,9 @@ class Daemon:
         except Exception:
             log.exception("recovery release failed", extra={"VM": name})
         finally:
-            with self._busy_cv:
-                self._busy -= 1
-                self._busy_cv.notify_all()
-
-    def serve_forever(self, wake_fd: int | None = None) -> None:
-        """Accept connections until :meth:`stop`; each request runs in its own thread.
-
-        :param wake_fd: the read end of the pipe given to :func:`signal.set_wakeup_fd`. The
-            kernel may deliver SIGTERM to any thread (GLib's among them), and Python runs its
-            handler only when the main thread runs bytecode: waiting in ``select`` on the
-            socket and this pipe wakes the main thread for every signal. No timeout: an idle
-            daemon does not wake up.
-        """
-        assert self._sock is not None
-        watched = [self._sock] + ([wake_fd] if wake_fd is not None else [])
-        while not self._stopping:
-            try:
-                ready, _, _ = select.select(watched, [], [])
-                if wake_fd is not None and wake_fd in ready:
-                    os.read(wake_fd, 512)   # the handler itself runs when we return to Python
-                if self._sock not in ready:
-                    continue
-                conn, _ = self._sock.accept()
-            except OSError:
-                if self._stopping:
-                    break
-                raise
-            with self._busy_cv:   # counted before the thread runs: stop() waits for it
-                self._busy += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True,
-                             name="request").start()
-
-    def stop(self, wait_s: float = 600.0) -> None:
-        """Stop accepting, then wait up to ``wait_s`` for requests in flight to finish (a
-        prepare is never cut in half by a daemon stop)."""
-        self._stopping = True
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._sock.close()
-        with self._busy_cv:
-            self._busy_cv.wait_for(lambda: self._busy == 0, timeout=wait_s)
-        if not self._activated:   # systemd owns an activated socket's file
-            try:
-                os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+            self.task_done()
 
     # ---- requests ---------------------------------------------------------------------------
-    def _handle(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                try:
-                    self._check_peer(conn)
-                    req = self._read_request(conn)
-                    reply = {"ok": True, "result": self.dispatch(req, lambda m: _send(conn, m))}
-                except HookdError as exc:
-                    reply = {"ok": False, "error": exc.to_dict()}
-                except Exception as exc:  # a bug: log the traceback, answer INTERNAL
-                    log.exception("request failed")
-                    reply = {"ok": False, "error": HookdError(
-                        errors.INTERNAL, f"{type(exc).__name__}: {exc}").to_dict()}
-                try:
-                    _send(conn, reply)
-                except OSError:
-                    log.warning("client went away before the answer")
-        finally:
-            with self._busy_cv:
-                self._busy -= 1
-                self._busy_cv.notify_all()
-
-    @staticmethod
-    def _check_peer(conn: socket.socket) -> None:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid not in (0, os.getuid()):
-            raise HookdError(errors.PERMISSION_DENIED, f"uid {uid} may not use vfio-hookd (root only)")
-
-    @staticmethod
-    def _read_request(conn: socket.socket) -> dict:
-        conn.settimeout(REQUEST_READ_TIMEOUT_S)
-        data = b""
-        try:
-            while b"\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-                if len(data) > MAX_REQUEST:
-                    raise HookdError(errors.BAD_REQUEST, f"request larger than {MAX_REQUEST} bytes")
-        except socket.timeout:
-            raise HookdError(errors.BAD_REQUEST, "request not received within "
-                                                 f"{REQUEST_READ_TIMEOUT_S:g} s") from None
-        conn.settimeout(None)
-        try:
-            req = json.loads(data.split(b"\n", 1)[0])
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HookdError(errors.BAD_REQUEST, f"request is not JSON: {exc}") from None
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            raise HookdError(errors.BAD_REQUEST, "request must be a JSON object with a string 'op'")
-        return req
-
     def dispatch(self, req: dict, send=lambda m: None) -> dict:
         """Run one request (shape in the module docstring) and return its result (dict).
 
@@ -278,10 +142,6 @@ class Daemon:
         return {"vm": vm, "phase": rec.phase if rec else "idle"}
 
 
-def _send(conn: socket.socket, message: dict) -> None:
-    conn.sendall(json.dumps(message).encode() + b"\n")
-
-
 def preload() -> None:
     """Import what every request needs (profile parsing, systemd's D-Bus client, the holder
     scan) so that the first prepare does not pay for it (about 25 ms, bench/prepare_release.py).
@@ -292,19 +152,24 @@ def preload() -> None:
     systemd.load_bindings()
 
 
-def run(paths: Paths, host: Host | None = None, systemd_factory=None) -> int:
+def run(paths: Paths, host: Host | None = None, systemd_factory=None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout_s: float = REQUEST_READ_TIMEOUT_S) -> int:
     """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status.
 
     :param paths: where profiles, records and the socket are.
     :param host: the host to act on (default: the real one, ``Host("/")``).
     :param systemd_factory: as for :class:`vfio_hookd.machine.Machine` (default: the system
         bus's systemd).
+    :param max_connections: as for :class:`Daemon`.
+    :param request_timeout_s: as for :class:`Daemon`.
     """
     from . import log as logmod
     from .machine import Machine
     logmod.setup()
     host = host or Host("/")
-    daemon = Daemon(host, paths, Machine(host, paths, systemd_factory))
+    daemon = Daemon(host, paths, Machine(host, paths, systemd_factory),
+                    max_connections=max_connections, request_timeout_s=request_timeout_s)
     daemon.bind()
     log.info("vfio-hookd daemon listening on %s (host root %s)", daemon.socket_path, host.root)
     daemon.log_records()
@@ -322,8 +187,7 @@ def run(paths: Paths, host: Host | None = None, systemd_factory=None) -> int:
     threading.Thread(target=daemon.warm_up, daemon=True, name="warm-up").start()
     daemon.recover()
     daemon.serve_forever(wake_r)
-    with daemon._busy_cv:
-        daemon._busy_cv.wait_for(lambda: daemon._busy == 0, timeout=600)
+    daemon.wait_idle(600)
     logmod.notify("STOPPING=1")
     log.info("stopped")
     return 0

@@ -54,10 +54,26 @@ def setup(level: int = logging.INFO, journal: bool | None = None, sender=None) -
     return handler
 
 
-def notify(state: str) -> None:
+def notify(state: str) -> bool:
     """Send ``state`` (e.g. ``"READY=1"``) to systemd when run as a Type=notify service
-    (``$NOTIFY_SOCKET`` set); does nothing otherwise. sd_notify(3)."""
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    from systemd import daemon
-    daemon.notify(state)
+    (``$NOTIFY_SOCKET`` set); does nothing otherwise. sd_notify(3).
+
+    A message that cannot be delivered (the socket is gone, nobody listens, a full queue) is
+    logged, never raised: the daemon keeps serving without its supervisor's socket.
+
+    :returns: True when sent (or nothing to send to), False when it could not be delivered.
+    """
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return True
+    try:
+        from systemd import daemon
+        sent = daemon.notify(state)
+    except Exception as exc:   # OSError from sd_notify; ImportError without systemd-python
+        logging.getLogger("vfio_hookd").warning("cannot send %s to systemd at %s: %s",
+                                                state, where, exc)
+        return False
+    if sent is False:
+        logging.getLogger("vfio_hookd").warning("cannot send %s to systemd at %s", state, where)
+        return False
+    return True

@@ -48,24 +48,27 @@ def socket_path():
 def request(payload, on_accept=None, path=None):
     """Send ``payload`` (dict) to the daemon and return its ``result`` (dict).
 
-    Waits ``ACCEPT_TIMEOUT_S`` for the first answer; after an ``accepted`` message, waits the
-    daemon's ``deadline_s`` plus ``ANSWER_MARGIN_S``.
+    Waits ``ACCEPT_TIMEOUT_S`` for the connection and the first answer: a daemon whose listen
+    queue is full (a burst of requests) is waited for, not reported unreachable. After an
+    ``accepted`` message, waits the daemon's ``deadline_s`` plus ``ANSWER_MARGIN_S``.
 
-    :raises HookFailure: ``DAEMON_UNREACHABLE`` (no daemon), ``TIMEOUT``, or the daemon's error.
+    :raises HookFailure: ``DAEMON_UNREACHABLE`` (no daemon, or its queue stayed full),
+        ``TIMEOUT``, ``DAEMON_BUSY`` or the daemon's error.
     """
     import json
     import socket
+    import time
     path = path or socket_path()
+    deadline = time.monotonic() + ACCEPT_TIMEOUT_S
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.settimeout(ACCEPT_TIMEOUT_S)
+        _connect(sock, path, deadline)
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         try:
-            sock.connect(path)
             sock.sendall(json.dumps(payload).encode() + b"\n")
-        except OSError as exc:
-            raise HookFailure("DAEMON_UNREACHABLE",
-                              f"cannot reach the vfio-hookd daemon at {path} ({exc.strerror or exc});"
-                              f" start it with: systemctl enable --now vfio-hookd.service") from None
+            send_error = None
+        except OSError as exc:   # a daemon that refused at once (DAEMON_BUSY) has answered
+            send_error = exc
         reader = sock.makefile("rb")
         while True:
             try:
@@ -77,8 +80,9 @@ def request(payload, on_accept=None, path=None):
             except OSError as exc:
                 raise HookFailure("DAEMON_UNREACHABLE", f"connection to the daemon failed: {exc}") from None
             if not line:
-                raise HookFailure("DAEMON_UNREACHABLE", "the daemon closed the connection without "
-                                                        "an answer; see: journalctl -u vfio-hookd")
+                why = f" ({send_error.strerror or send_error})" if send_error else ""
+                raise HookFailure("DAEMON_UNREACHABLE", f"the daemon closed the connection without "
+                                                        f"an answer{why}; see: journalctl -u vfio-hookd")
             msg = json.loads(line)
             if msg.get("accepted"):
                 sock.settimeout(float(msg.get("deadline_s", 600)) + ANSWER_MARGIN_S)
@@ -91,6 +95,47 @@ def request(payload, on_accept=None, path=None):
             raise HookFailure(err.get("code", "INTERNAL"), err.get("message", "unknown error"))
     finally:
         sock.close()
+
+
+def _connect(sock, path, deadline):
+    """Connect ``sock`` to ``path`` by ``deadline`` (``time.monotonic()``).
+
+    A Unix socket whose listen queue is full makes a non-blocking ``connect`` fail with
+    ``EAGAIN`` at once, and ``select`` cannot wait for room in it (an unconnected Unix socket
+    polls writable at once). A *blocking* ``connect`` sleeps in the kernel until the daemon's
+    ``accept`` makes room (unix_stream_connect waits on the listener), for at most the socket's
+    send timeout (``SO_SNDTIMEO``, set to what is left of the deadline): the wait is that event.
+
+    :raises HookFailure: ``DAEMON_UNREACHABLE``; its hint says to start the daemon only when no
+        daemon is there (no socket file, or ``ECONNREFUSED``: nobody listens on it).
+    """
+    import errno
+    import socket
+    import struct
+    import time
+    sock.settimeout(None)   # blocking: the kernel does the waiting
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HookFailure("DAEMON_UNREACHABLE",
+                              f"the vfio-hookd daemon at {path} did not accept the connection "
+                              f"within {ACCEPT_TIMEOUT_S:g} s (its queue stayed full: overloaded "
+                              f"or stuck); see: journalctl -u vfio-hookd")
+        sec = int(left)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", sec, max(int((left - sec) * 1e6), 1 if not sec else 0)))
+        try:
+            sock.connect(path)
+            break
+        except (BlockingIOError, InterruptedError):
+            continue   # the send timeout ran out with the queue still full (or a signal)
+        except OSError as exc:
+            absent = exc.errno in (errno.ENOENT, errno.ECONNREFUSED)
+            hint = "; start it with: systemctl enable --now vfio-hookd.service" if absent else \
+                "; see: journalctl -u vfio-hookd"
+            raise HookFailure("DAEMON_UNREACHABLE", f"cannot reach the vfio-hookd daemon at "
+                                                    f"{path} ({exc.strerror or exc}){hint}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
 
 def main(argv):
