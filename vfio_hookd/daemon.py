@@ -4,7 +4,10 @@ Protocol (one connection per request; UTF-8 JSON, one object per line):
 
 - request: ``{"op": "prepare", "vm": NAME, "xml": DOMAIN_XML}``,
   ``{"op": "release", "vm": NAME, "reason": "destroyed"}``, ``{"op": "status", "vm": NAME|null}``,
-  ``{"op": "ping"}``. At most 4 MiB.
+  ``{"op": "ping"}``. Bounded: at most 4 MiB (:data:`MAX_REQUEST`), JSON nested at most
+  :data:`MAX_JSON_DEPTH` deep, ``vm`` a VM name (at most 250 bytes, ``VM_NAME_INVALID``),
+  ``xml`` at most 1 MiB (``DOMAIN_XML_INVALID``), ``reason`` at most :data:`MAX_REASON_CHARS`;
+  a field of the wrong type is ``BAD_REQUEST`` naming it. ``INTERNAL`` is left for bugs.
 - for prepare/release, at once: ``{"accepted": true, "deadline_s": S}``: the daemon answers
   within S seconds: the plan's deadline, summed from what each step declares it may wait
   (rollback included; :mod:`vfio_hookd.plan`).
@@ -35,6 +38,10 @@ from .paths import Paths, check_vm_name
 
 log = logging.getLogger("vfio_hookd")
 MAX_REQUEST = 4 * 1024 * 1024
+#: How deep a request's JSON may nest (the protocol's own requests are 1 deep).
+MAX_JSON_DEPTH = 16
+#: The longest ``reason`` of a release (libvirt's are words such as ``destroyed``).
+MAX_REASON_CHARS = 256
 REQUEST_READ_TIMEOUT_S = 10.0
 
 
@@ -237,13 +244,7 @@ class Daemon:
             raise HookdError(errors.BAD_REQUEST, "request not received within "
                                                  f"{REQUEST_READ_TIMEOUT_S:g} s") from None
         conn.settimeout(None)
-        try:
-            req = json.loads(data.split(b"\n", 1)[0])
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HookdError(errors.BAD_REQUEST, f"request is not JSON: {exc}") from None
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            raise HookdError(errors.BAD_REQUEST, "request must be a JSON object with a string 'op'")
-        return req
+        return parse_request(data.split(b"\n", 1)[0])
 
     def dispatch(self, req: dict, send=lambda m: None) -> dict:
         """Run one request (shape in the module docstring) and return its result (dict).
@@ -255,27 +256,85 @@ class Daemon:
         if op == "ping":
             return {"pid": os.getpid(), "host_root": self.host.root}
         if op == "status":
-            vm = req.get("vm")
-            if vm is not None and not isinstance(vm, str):
-                raise HookdError(errors.BAD_REQUEST, "field 'vm' must be a string or null")
+            vm = _field(req, "vm", "a string or null", null=True)
+            if vm is not None:
+                check_vm_name(vm)
             return self.machine.status(vm)
         if op not in ("prepare", "release"):
-            raise HookdError(errors.BAD_REQUEST, f"unknown op {op!r} (prepare, release, status, ping)")
-        vm = req.get("vm")
-        if not isinstance(vm, str):
-            raise HookdError(errors.BAD_REQUEST, "field 'vm' must be a string")
-        check_vm_name(vm)
+            raise HookdError(errors.BAD_REQUEST, f"unknown op {_short(op)!r} "
+                                                 f"(prepare, release, status, ping)")
+        vm = check_vm_name(_field(req, "vm", "a string"))
         if op == "prepare":
-            xml = req.get("xml")
-            if xml is not None and not isinstance(xml, str):
-                raise HookdError(errors.BAD_REQUEST, "field 'xml' must be a string")
+            from .profile.domain_xml import check_domain_xml_size
+            xml = _field(req, "xml", "a string or null", null=True)
+            if xml is not None:
+                check_domain_xml_size(xml, f"domain XML of {vm!r}")
             plan = self.machine.plan_prepare(vm, xml)
+            reason = None
         else:
+            reason = _field(req, "reason", "a string or null", null=True)
+            if reason is not None and (len(reason) > MAX_REASON_CHARS
+                                       or not reason.isprintable()):
+                raise HookdError(errors.BAD_REQUEST, f"field 'reason' must be printable text of "
+                                 f"at most {MAX_REASON_CHARS} characters (got {len(reason)})")
             plan = self.machine.plan_release(vm)
         send({"accepted": True, "deadline_s": plan.deadline_s})
-        reason = req.get("reason")
-        rec = self.machine.run(plan, reason if isinstance(reason, str) else None)
+        rec = self.machine.run(plan, reason)
         return {"vm": vm, "phase": rec.phase if rec else "idle"}
+
+
+def parse_request(line: bytes) -> dict:
+    """The request in ``line`` (one line of UTF-8 JSON, without its newline).
+
+    :returns: a dict whose ``op`` is a string (the other fields are checked by
+        :meth:`Daemon.dispatch`).
+    :raises HookdError: ``BAD_REQUEST`` for what is not JSON, nests deeper than
+        :data:`MAX_JSON_DEPTH`, or is not an object with a string ``op``.
+    """
+    try:
+        req = json.loads(line)
+    except RecursionError:  # far deeper than MAX_JSON_DEPTH: json's C scanner gave up
+        raise HookdError(errors.BAD_REQUEST, f"request nests deeper than {MAX_JSON_DEPTH} "
+                                             f"levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HookdError(errors.BAD_REQUEST, f"request is not JSON: {_short(str(exc))}") from None
+    if _depth_over(req, MAX_JSON_DEPTH):
+        raise HookdError(errors.BAD_REQUEST, f"request nests deeper than {MAX_JSON_DEPTH} levels")
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        raise HookdError(errors.BAD_REQUEST, "request must be a JSON object with a string 'op'")
+    return req
+
+
+def _depth_over(value, limit: int) -> bool:
+    """True when the JSON ``value`` nests lists/objects more than ``limit`` deep (iterative,
+    linear in the containers; scalars are not visited one by one)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _field(req: dict, name: str, what: str, null: bool = False):
+    """``req[name]``, which must be a string (or null/absent when ``null``).
+
+    :raises HookdError: ``BAD_REQUEST`` naming the field and the type it has.
+    """
+    value = req.get(name)
+    if isinstance(value, str) or (null and value is None):
+        return value
+    got = "missing" if value is None else type(value).__name__
+    raise HookdError(errors.BAD_REQUEST, f"field {name!r} must be {what}, got {got}")
+
+
+def _short(s: str, limit: int = 80) -> str:
+    """``s`` cut to ``limit`` characters for a message."""
+    return s if len(s) <= limit else f"{s[:limit]}... ({len(s)} characters)"
 
 
 def _send(conn: socket.socket, message: dict) -> None:
