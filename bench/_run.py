@@ -1,7 +1,7 @@
 """Run every vfio-hookd benchmark and print a summary of its goals.
 
-``bench/run [--quick] [--out-dir DIR]``: runs ``hook_unmanaged.py``, ``prepare_release.py``
-and ``daemon_idle.py`` one after the other (each prints its own tables), then a summary of
+``bench/run [--quick] [--out-dir DIR]``: runs ``hook_unmanaged.py``, ``prepare_release.py``,
+``daemon_idle.py`` and ``profile_limits.py`` one after the other (each prints its own tables), then a summary of
 every goal. Results: ``DIR/<benchmark>.json`` and ``DIR/latest.json`` (all of them),
 ``DIR`` default ``/tmp/vfio-hookd-bench`` (never in the repo). Exit status 0 when every goal
 is met, 1 otherwise. ``--quick``: fewer runs, for a smoke test (numbers less stable).
@@ -24,6 +24,7 @@ SCRIPTS = {
     "hook_unmanaged": ([], ["--runs", "30", "--warmup", "3"]),
     "prepare_release": ([], ["--cycles", "2", "--zero-cycles", "3"]),
     "daemon_idle": ([], ["--window", "2"]),
+    "profile_limits": ([], ["--runs", "10"]),
 }
 
 

@@ -187,6 +187,13 @@ def _raw(path, data: bytes) -> dict:
     (b'{"op": "prepare"}\n', "'vm'"),
     (b'{"op": "prepare", "vm": "a/b"}\n', "VM name"),
     (b'{"op": "prepare", "vm": "win11", "xml": 5}\n', "'xml'"),
+    # bounds (issue 9): nesting far past json's own recursion limit, a field's type, the XML size
+    pytest.param(b'{"op": "ping", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b'}\n',
+                 "deeper than 16", id="nested-100000-deep"),
+    pytest.param(b'{"op": "release", "vm": "win11", "reason": 5}\n', "field 'reason'",
+                 id="reason-not-a-string"),
+    pytest.param(b'{"op": "prepare", "vm": "win11", "xml": "' + b"x" * (1024 * 1024 + 1)
+                 + b'"}\n', "1 MiB", id="xml-over-1-MiB"),
 ])
 def test_daemon_rejects_bad_requests_and_changes_nothing(world, daemon, data, needle):
     world.profile()

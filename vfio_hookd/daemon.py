@@ -4,7 +4,10 @@ Protocol (one connection per request; UTF-8 JSON, one object per line):
 
 - request: ``{"op": "prepare", "vm": NAME, "xml": DOMAIN_XML}``,
   ``{"op": "release", "vm": NAME, "reason": "destroyed"}``, ``{"op": "status", "vm": NAME|null}``,
-  ``{"op": "ping"}``. At most 4 MiB.
+  ``{"op": "ping"}``. Bounded: at most 4 MiB (:data:`vfio_hookd.server.MAX_REQUEST`), JSON nested at most
+  :data:`vfio_hookd.server.MAX_JSON_DEPTH` deep, ``vm`` a VM name (at most 250 bytes, ``VM_NAME_INVALID``),
+  ``xml`` at most 1 MiB (``DOMAIN_XML_INVALID``), ``reason`` at most :data:`MAX_REASON_CHARS`;
+  a field of the wrong type is ``BAD_REQUEST`` naming it. ``INTERNAL`` is left for bugs.
 - for prepare/release, at once: ``{"accepted": true, "deadline_s": S}``: the daemon answers
   within S seconds: the plan's deadline, summed from what each step declares it may wait
   (rollback included; :mod:`vfio_hookd.plan`).
@@ -32,6 +35,8 @@ from .paths import Paths, check_vm_name
 from .server import MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S, Server
 
 log = logging.getLogger("vfio_hookd")
+#: The longest ``reason`` of a release (libvirt's are words such as ``destroyed``).
+MAX_REASON_CHARS = 256
 
 
 class Daemon(Server):
@@ -119,27 +124,48 @@ class Daemon(Server):
         if op == "ping":
             return {"pid": os.getpid(), "host_root": self.host.root}
         if op == "status":
-            vm = req.get("vm")
-            if vm is not None and not isinstance(vm, str):
-                raise HookdError(errors.BAD_REQUEST, "field 'vm' must be a string or null")
+            vm = _field(req, "vm", "a string or null", null=True)
+            if vm is not None:
+                check_vm_name(vm)
             return self.machine.status(vm)
         if op not in ("prepare", "release"):
-            raise HookdError(errors.BAD_REQUEST, f"unknown op {op!r} (prepare, release, status, ping)")
-        vm = req.get("vm")
-        if not isinstance(vm, str):
-            raise HookdError(errors.BAD_REQUEST, "field 'vm' must be a string")
-        check_vm_name(vm)
+            raise HookdError(errors.BAD_REQUEST, f"unknown op {_short(op)!r} "
+                                                 f"(prepare, release, status, ping)")
+        vm = check_vm_name(_field(req, "vm", "a string"))
         if op == "prepare":
-            xml = req.get("xml")
-            if xml is not None and not isinstance(xml, str):
-                raise HookdError(errors.BAD_REQUEST, "field 'xml' must be a string")
+            from .profile.domain_xml import check_domain_xml_size
+            xml = _field(req, "xml", "a string or null", null=True)
+            if xml is not None:
+                check_domain_xml_size(xml, f"domain XML of {vm!r}")
             plan = self.machine.plan_prepare(vm, xml)
+            reason = None
         else:
+            reason = _field(req, "reason", "a string or null", null=True)
+            if reason is not None and (len(reason) > MAX_REASON_CHARS
+                                       or not reason.isprintable()):
+                raise HookdError(errors.BAD_REQUEST, f"field 'reason' must be printable text of "
+                                 f"at most {MAX_REASON_CHARS} characters (got {len(reason)})")
             plan = self.machine.plan_release(vm)
         send({"accepted": True, "deadline_s": plan.deadline_s})
-        reason = req.get("reason")
-        rec = self.machine.run(plan, reason if isinstance(reason, str) else None)
+        rec = self.machine.run(plan, reason)
         return {"vm": vm, "phase": rec.phase if rec else "idle"}
+
+
+def _field(req: dict, name: str, what: str, null: bool = False):
+    """``req[name]``, which must be a string (or null/absent when ``null``).
+
+    :raises HookdError: ``BAD_REQUEST`` naming the field and the type it has.
+    """
+    value = req.get(name)
+    if isinstance(value, str) or (null and value is None):
+        return value
+    got = "missing" if value is None else type(value).__name__
+    raise HookdError(errors.BAD_REQUEST, f"field {name!r} must be {what}, got {got}")
+
+
+def _short(s: str, limit: int = 80) -> str:
+    """``s`` cut to ``limit`` characters for a message."""
+    return s if len(s) <= limit else f"{s[:limit]}... ({len(s)} characters)"
 
 
 def preload() -> None:

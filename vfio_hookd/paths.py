@@ -91,14 +91,22 @@ def check_vm_name(name: object) -> str:
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
         raise errors.HookdError(
             errors.VM_NAME_INVALID,
-            f"VM name {name!r} cannot name a profile file (empty, '.', '..', '/' or NUL)")
+            f"VM name {_shown(name)} cannot name a profile file (empty, '.', '..', '/' or NUL)")
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
         raise errors.HookdError(errors.VM_NAME_INVALID,
-                                f"VM name {name!r} is not valid UTF-8") from None
+                                f"VM name {_shown(name)} is not valid UTF-8") from None
     if size > MAX_VM_NAME_BYTES:
         raise errors.HookdError(errors.VM_NAME_INVALID,
                                 f"VM name is {size} bytes long; a profile file name allows "
                                 f"{MAX_VM_NAME_BYTES}")
     return name
+
+
+def _shown(name: object) -> str:
+    """``repr(name)`` for a message, cut after 80 characters (a request may carry megabytes)."""
+    if not isinstance(name, str):
+        return f"of type {type(name).__name__}"
+    text = repr(name)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(name)} characters)"

@@ -159,7 +159,10 @@ def main(argv):
     if what == "prepare":
         payload["xml"] = sys.stdin.read()
     else:
-        payload["reason"] = argv[4] if len(argv) > 4 and argv[4] != "-" else None
+        # libvirt's reason is a word ("destroyed"); the daemon takes printable text of at most
+        # 256 characters (vfio_hookd.daemon.MAX_REASON_CHARS): never lose a release over it
+        reason = argv[4][:256] if len(argv) > 4 and argv[4] != "-" else None
+        payload["reason"] = reason if reason and reason.isprintable() else None
     try:
         request(payload)
     except HookFailure as exc:

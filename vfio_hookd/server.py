@@ -32,6 +32,8 @@ from .errors import HookdError
 
 log = logging.getLogger("vfio_hookd")
 MAX_REQUEST = 4 * 1024 * 1024
+#: How deep a request's JSON may nest (the protocol's own requests are 1 deep).
+MAX_JSON_DEPTH = 16
 REQUEST_READ_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 64
 #: accept(2) errors that mean "no descriptor or memory for one more connection now"
@@ -264,13 +266,44 @@ class Server:
             raise HookdError(errors.BAD_REQUEST, "request not received within "
                                                  f"{self.request_timeout_s:g} s") from None
         conn.settimeout(None)
-        try:
-            req = json.loads(data.split(b"\n", 1)[0])
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HookdError(errors.BAD_REQUEST, f"request is not JSON: {exc}") from None
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            raise HookdError(errors.BAD_REQUEST, "request must be a JSON object with a string 'op'")
-        return req
+        return parse_request(data.split(b"\n", 1)[0])
+
+
+def parse_request(line: bytes) -> dict:
+    """The request in ``line`` (one line of UTF-8 JSON, without its newline).
+
+    :returns: a dict whose ``op`` is a string (the other fields are checked by
+        :meth:`Daemon.dispatch`).
+    :raises HookdError: ``BAD_REQUEST`` for what is not JSON, nests deeper than
+        :data:`MAX_JSON_DEPTH`, or is not an object with a string ``op``.
+    """
+    try:
+        req = json.loads(line)
+    except RecursionError:  # far deeper than MAX_JSON_DEPTH: json's C scanner gave up
+        raise HookdError(errors.BAD_REQUEST, f"request nests deeper than {MAX_JSON_DEPTH} "
+                                             f"levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HookdError(errors.BAD_REQUEST, f"request is not JSON: {str(exc)[:80]}") from None
+    if _depth_over(req, MAX_JSON_DEPTH):
+        raise HookdError(errors.BAD_REQUEST, f"request nests deeper than {MAX_JSON_DEPTH} levels")
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        raise HookdError(errors.BAD_REQUEST, "request must be a JSON object with a string 'op'")
+    return req
+
+
+def _depth_over(value, limit: int) -> bool:
+    """True when the JSON ``value`` nests lists/objects more than ``limit`` deep (iterative,
+    linear in the containers; scalars are not visited one by one)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _send(conn: socket.socket, message: dict) -> None:

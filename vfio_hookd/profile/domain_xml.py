@@ -2,7 +2,12 @@
 
 Used when a profile says ``devices: auto``: the hook receives the domain XML on stdin and the
 functions to hand to vfio-pci are its PCI ``<hostdev>`` sources. Separate from profile
-validation; ``xml.etree`` is imported only when a document is read.
+validation; ``defusedxml`` (and with it ``xml.etree``) is imported only when a document is
+read.
+
+Bounded: a document larger than :data:`MAX_DOMAIN_XML_BYTES` is refused before it is parsed,
+and it is parsed by ``defusedxml`` with DTDs forbidden, so an entity bomb ("billion laughs")
+or an external entity is refused as ``DOMAIN_XML_INVALID`` instead of being expanded.
 """
 
 from __future__ import annotations
@@ -10,6 +15,24 @@ from __future__ import annotations
 import re
 
 from .. import errors
+
+#: The largest domain XML read (bytes, UTF-8): 1 MiB. libvirt's XML for a big VM (dozens of
+#: devices) is tens of KiB. The daemon's request carries it JSON-escaped (at most 3 bytes per
+#: byte of XML text) within its 4 MiB (:data:`vfio_hookd.daemon.MAX_REQUEST`).
+MAX_DOMAIN_XML_BYTES = 1024 * 1024
+
+
+def check_domain_xml_size(xml: str, source: str = "domain XML") -> None:
+    """Refuse a domain XML of more than :data:`MAX_DOMAIN_XML_BYTES` bytes in UTF-8.
+
+    :raises HookdError: ``DOMAIN_XML_INVALID`` naming the limit.
+    """
+    if len(xml) > MAX_DOMAIN_XML_BYTES or \
+            len(xml.encode("utf-8", "surrogatepass")) > MAX_DOMAIN_XML_BYTES:
+        raise errors.HookdError(
+            errors.DOMAIN_XML_INVALID,
+            f"{source}: larger than {MAX_DOMAIN_XML_BYTES} bytes (1 MiB), the most vfio-hookd "
+            f"reads (libvirt's XML for a big VM is tens of KiB)")
 
 
 def devices_from_domain_xml(xml: str, source: str = "domain XML") -> tuple[str, ...]:
@@ -26,21 +49,34 @@ def devices_from_domain_xml(xml: str, source: str = "domain XML") -> tuple[str, 
     :param xml: the domain XML (str), as libvirt gives the hook on stdin.
     :param source: what to call it in error messages (str).
     :returns: tuple of ``"0000:01:00.0"`` strings; empty when the domain has no PCI hostdev.
-    :raises HookdError: ``DOMAIN_XML_INVALID`` for XML that is not well-formed, a root that is
-        not ``<domain>``, or a PCI hostdev whose source address is missing or malformed (the
+    :raises HookdError: ``DOMAIN_XML_INVALID`` for a document over
+        :data:`MAX_DOMAIN_XML_BYTES`, XML that is not well-formed or has a DTD (``<!DOCTYPE``,
+        entity declarations: libvirt writes none), a root that is not ``<domain>``, or a PCI hostdev whose source address is missing or malformed (the
         message names the element).
     """
-    from xml.etree import ElementTree
+    from xml.etree.ElementTree import ParseError
 
+    import defusedxml
+    from defusedxml import ElementTree
+
+    check_domain_xml_size(xml, source)
     try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError as e:
+        root = ElementTree.fromstring(xml, forbid_dtd=True)
+    except ParseError as e:
         raise errors.HookdError(errors.DOMAIN_XML_INVALID,
                                 f"{source}: not well-formed XML: {e}") from None
-    if root.tag != "domain":
+    except defusedxml.DefusedXmlException as e:
         raise errors.HookdError(errors.DOMAIN_XML_INVALID,
-                                f"{source}: the root element is <{root.tag}>, expected <domain>")
-    found: list[str] = []
+                                f"{source}: has a DTD or entity declarations, which libvirt "
+                                f"never writes; refused unread ({type(e).__name__})") from None
+    except ValueError as e:  # e.g. a str with an encoding declaration expat cannot honour
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: not readable XML: {_short(str(e))}") from None
+    if root.tag != "domain":
+        raise errors.HookdError(
+            errors.DOMAIN_XML_INVALID,
+            f"{source}: the root element is <{_short(root.tag)}>, expected <domain>")
+    found: dict[str, None] = {}   # document order, duplicates dropped, linear
     for n, hostdev in enumerate(root.findall("./devices/hostdev"), start=1):
         mode = hostdev.get("mode", "subsystem")
         if mode != "subsystem" or hostdev.get("type") != "pci":
@@ -55,16 +91,20 @@ def devices_from_domain_xml(xml: str, source: str = "domain XML") -> tuple[str, 
             value = address.get(attr)
             number = _xml_uint(value)
             if number is None or number > limit:
-                got = "is missing" if value is None else f"is {value!r}"
+                got = "is missing" if value is None else f"is {_short(repr(value))}"
                 raise errors.HookdError(
                     errors.DOMAIN_XML_INVALID,
                     f"{where}: <source><address {attr}=...> {got}, expected a number "
                     f"0..{limit:#x} such as {'0x0000' if attr == 'domain' else '0x01'}")
             parts.append(number)
         addr = "%04x:%02x:%02x.%x" % tuple(parts)
-        if addr not in found:
-            found.append(addr)
+        found[addr] = None
     return tuple(found)
+
+
+def _short(s: str, limit: int = 80) -> str:
+    """``s``, cut to ``limit`` characters for a message."""
+    return s if len(s) <= limit else f"{s[:limit]}... ({len(s)} characters)"
 
 
 def _xml_uint(s: str | None) -> int | None:

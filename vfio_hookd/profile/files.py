@@ -13,7 +13,7 @@ from .. import errors
 from ..paths import Paths, check_vm_name
 from ..trust import open_trusted
 from . import reader, rules
-from .model import Profile
+from .model import MAX_PROFILE_BYTES, Profile
 
 
 def is_managed(paths: Paths, name: str) -> bool:
@@ -45,13 +45,14 @@ def load_profile(paths: Paths, name: str) -> Profile:
     :raises HookdError: ``VM_NAME_INVALID`` for a name that cannot name a file; ``NOT_MANAGED``
         when there is no profile file; ``UNTRUSTED_FILE`` when someone besides root owns or may
         write it or a directory above it; ``PROFILE_INVALID`` when it cannot be read
-        (permissions, a directory, not UTF-8, dangling symlink) or is invalid (see
-        :func:`parse_profile`).
+        (permissions, a directory, not UTF-8, dangling symlink), is larger than
+        :data:`~vfio_hookd.profile.model.MAX_PROFILE_BYTES` (at most that much + 1 byte is
+        read) or is invalid (see :func:`parse_profile`).
     """
     path = paths.profile_path(name)
     try:
         with open_trusted(path, paths.trusted_uid) as f:
-            raw = f.read()
+            raw = f.read(MAX_PROFILE_BYTES + 1)
     except FileNotFoundError:
         if os.path.islink(path):
             reader.fail(path, None, None, "is a symbolic link to a missing file")
@@ -62,6 +63,8 @@ def load_profile(paths: Paths, name: str) -> Profile:
             {"vm": name, "file": path}) from None
     except OSError as e:
         reader.fail(path, None, None, f"cannot be read: {e.strerror or e}")
+    if len(raw) > MAX_PROFILE_BYTES:
+        _too_large(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -73,7 +76,9 @@ def parse_profile(text: str, path: str, name: str) -> Profile:
     """Validate the YAML ``text`` of the profile of domain ``name``; ``path`` (str) names it in
     errors and is kept in :attr:`Profile.path`.
 
-    An empty document (empty file, only comments, or a bare ``---``) gives all defaults.
+    An empty document (empty file, only comments, or a bare ``---``) gives all defaults. A text
+    of more than :data:`~vfio_hookd.profile.model.MAX_PROFILE_BYTES` bytes (UTF-8) is refused
+    before YAML reads it.
 
     :raises HookdError: ``VM_NAME_INVALID`` (:func:`vfio_hookd.paths.check_vm_name`);
         ``PROFILE_INVALID`` with the message ``"<path>:<line>: <key>: <what is wrong>"``
@@ -81,4 +86,13 @@ def parse_profile(text: str, path: str, name: str) -> Profile:
         ``{"file", "line", "key"}``.
     """
     check_vm_name(name)
+    if (len(text) > MAX_PROFILE_BYTES
+            or len(text.encode("utf-8", "surrogatepass")) > MAX_PROFILE_BYTES):
+        _too_large(path)
     return rules.build(reader.read_yaml(text, path, rules.SECTIONS), path, name)
+
+
+def _too_large(path: str):
+    reader.fail(path, None, None,
+                f"is larger than {MAX_PROFILE_BYTES} bytes (64 KiB), the most a profile may be "
+                f"(a profile with every key and full lists is about 23 KiB)")

@@ -34,6 +34,14 @@ ON_BUSY = ("fail", "terminate")
 KEYS = ("devices", "display_manager", "stop_units", "vtconsoles", "framebuffer", "modules",
         "on_busy", "deadlines")
 
+#: The largest profile file (bytes): refused before YAML builds anything from it. A profile
+#: with every key and every list full is about 23 KiB.
+MAX_PROFILE_BYTES = 64 * 1024
+
+#: The most items a profile list (``devices``, ``stop_units``, ``modules``) may have: far more
+#: than a host has GPU functions, units to stop or modules to unload.
+MAX_LIST_ITEMS = 64
+
 #: The longest deadline a profile may set (s): one hour.
 MAX_DEADLINE_S = 3600
 

@@ -25,8 +25,8 @@ from typing import Callable
 from .. import errors
 from ..paths import check_vm_name
 from ..pci import never_unload_reason, normalize_address
-from .model import (AUTO, DEFAULT_DEADLINES, DISPLAY_MANAGER_ALIAS, MAX_DEADLINE_S, NONE,
-                    ON_BUSY, Deadlines, Profile)
+from .model import (AUTO, DEFAULT_DEADLINES, DISPLAY_MANAGER_ALIAS, MAX_DEADLINE_S,
+                    MAX_LIST_ITEMS, NONE, ON_BUSY, Deadlines, Profile)
 from .reader import Field, fail, read_data
 
 # systemd unit names (systemd.unit(5)): "prefix[@instance].type"; the characters allowed are
@@ -98,7 +98,8 @@ def _check_devices(f: Field, so_far: dict):
     if not v:
         f.fail("empty list: list the GPU's PCI functions (e.g. '0000:01:00.0', "
                "'0000:01:00.1') or write 'auto'")
-    out: list[str] = []
+    _check_count(f, v)
+    seen: dict[str, int] = {}   # address -> index: validation stays linear in the list
     for i, item in enumerate(v):
         item = _base60_text(item, f.item_texts[i] if f.item_texts else None)
         if not isinstance(item, str):
@@ -108,10 +109,16 @@ def _check_devices(f: Field, so_far: dict):
             f.fail(f"malformed PCI address {item!r}: expected the full form "
                    f"domain:bus:slot.function, e.g. '0000:01:00.0' "
                    f"(slot 00-1f, function 0-7)", i)
-        if addr in out:
-            f.fail(f"duplicate PCI address {addr!r} (also {f.key}[{out.index(addr)}])", i)
-        out.append(addr)
-    return tuple(out)
+        if addr in seen:
+            f.fail(f"duplicate PCI address {addr!r} (also {f.key}[{seen[addr]}])", i)
+        seen[addr] = i
+    return tuple(seen)
+
+
+def _check_count(f: Field, items: list) -> None:
+    """Refuse a list longer than :data:`MAX_LIST_ITEMS` (at the key's line)."""
+    if len(items) > MAX_LIST_ITEMS:
+        f.fail(f"has {len(items)} items; a profile list may have at most {MAX_LIST_ITEMS}")
 
 
 def _unit_problem(u: str) -> str | None:
@@ -154,7 +161,8 @@ def _check_stop_units(f: Field, so_far: dict):
     if not isinstance(v, list):
         hint = f": stop_units: [{v!r}]" if isinstance(v, str) else ""
         f.fail(f"must be a list of unit names, got {_type_name(v)}{hint}")
-    out: list[str] = []
+    _check_count(f, v)
+    seen: dict[str, int] = {}
     for i, u in enumerate(v):
         if not isinstance(u, str):
             f.fail(f"must be a unit name such as 'nvidia-persistenced.service', "
@@ -165,10 +173,10 @@ def _check_stop_units(f: Field, so_far: dict):
         if u == DISPLAY_MANAGER_ALIAS or (display_manager not in (AUTO, None)
                                           and u == display_manager):
             f.fail(f"{u!r} is the display manager: set it with 'display_manager', not here", i)
-        if u in out:
-            f.fail(f"duplicate unit {u!r} (also {f.key}[{out.index(u)}])", i)
-        out.append(u)
-    return tuple(out)
+        if u in seen:
+            f.fail(f"duplicate unit {u!r} (also {f.key}[{seen[u]}])", i)
+        seen[u] = i
+    return tuple(seen)
 
 
 def _enum(f: Field, allowed) -> str:
@@ -209,7 +217,8 @@ def _check_modules(f: Field, so_far: dict):
         f.fail(f"must be 'auto', 'none' or a list of module names, got {shown}")
     if not v:
         f.fail("empty list: write 'none' to unload no modules, or 'auto'")
-    out: list[str] = []
+    _check_count(f, v)
+    seen: dict[str, int] = {}
     for i, m in enumerate(v):
         if not isinstance(m, str):
             f.fail(f"must be a module name such as 'nvidia_drm', got {_type_name(m)}", i)
@@ -219,10 +228,10 @@ def _check_modules(f: Field, so_far: dict):
         why = never_unload_reason(m)
         if why:
             f.fail(f"{m!r} must not be unloaded: {why}", i)
-        if m in out:
-            f.fail(f"duplicate module {m!r} (also {f.key}[{out.index(m)}])", i)
-        out.append(m)
-    return tuple(out)
+        if m in seen:
+            f.fail(f"duplicate module {m!r} (also {f.key}[{seen[m]}])", i)
+        seen[m] = i
+    return tuple(seen)
 
 
 def _check_deadlines(f: Field, so_far: dict) -> Deadlines:
