@@ -83,6 +83,8 @@ def cmd_status(args, env: Env) -> int:
         import json
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
+    for w in result.get("stuck_writes") or []:
+        print(f"stuck: writing {w['data']!r} to {w['path']} has not returned since {w['since']}")
     vms = result["vms"]
     if not vms:
         print(f"no VM records in {paths.run_dir} (source: {source})")

@@ -16,9 +16,12 @@ with ``TIMEOUT`` instead of hanging libvirt.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import subprocess
+import threading
+import time
 
 from . import errors
 from .deadline import run_with_deadline
@@ -35,6 +38,9 @@ class Host:
     def __init__(self, root: str = "/", proc: str = "/proc"):
         self.root = os.path.abspath(root)
         self.proc = proc
+        self._writes: dict[int, dict] = {}   # writes in progress, by sequence number
+        self._writes_lock = threading.Lock()
+        self._seq = itertools.count(1)
 
     # ---- paths and plain reads -------------------------------------------------------------
     def path(self, p: str) -> str:
@@ -100,13 +106,36 @@ class Host:
             writing thread is abandoned; the kernel may still complete it).
         :raises OSError: the kernel's answer (``ENODEV``, ``EBUSY``, ...), unchanged.
         """
+        key = next(self._seq)
+        entry = {"path": p, "data": data.strip(), "abandoned": False,
+                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with self._writes_lock:
+            self._writes[key] = entry
+
+        def write() -> None:
+            try:
+                self._write_now(p, data)
+            finally:   # returned, also long after its deadline: no longer stuck
+                with self._writes_lock:
+                    self._writes.pop(key, None)
         try:
-            run_with_deadline(lambda: self._write_now(p, data), timeout_s, f"write {p}")
+            run_with_deadline(write, timeout_s, f"write {p}")
         except TimeoutError:
+            with self._writes_lock:
+                if key in self._writes:
+                    entry["abandoned"] = True
             raise errors.HookdError(
                 errors.TIMEOUT,
                 f"writing {data.strip() or repr(data)!s} to {p} did not return within "
                 f"{timeout_s:g} s") from None
+
+    def stuck_writes(self) -> list[dict]:
+        """The writes abandoned at their deadline that have not returned yet: each leaves a
+        thread stuck in the kernel. ``[{"path", "data", "since"}]`` (``since``: UTC, ISO 8601).
+        An entry goes once its write returns."""
+        with self._writes_lock:
+            return [{k: e[k] for k in ("path", "data", "since")}
+                    for e in self._writes.values() if e["abandoned"]]
 
     def _write_now(self, p: str, data: str) -> None:
         fd = os.open(self.path(p), os.O_WRONLY)

@@ -165,8 +165,22 @@ class Machine:
         return self._release(check_vm_name(vm), reason)
 
     # ---- prepare ------------------------------------------------------------------------------
+    def _refuse_if_stuck(self, devices) -> None:
+        """:raises HookdError: ``DEVICE_STUCK`` while a write to one of ``devices``'s sysfs
+        files that ran past its deadline has not returned (another request touching the
+        function would only pile up more threads stuck in the kernel)."""
+        stuck = pci.stuck_functions(self.host, devices)
+        if stuck:
+            w = stuck[0]
+            raise HookdError(errors.DEVICE_STUCK,
+                             f"{w['function']}: writing {w['data']!r} to {w['path']} has not "
+                             f"returned since {w['since']} (a holder the kernel waits for?); "
+                             f"nothing else is done to it until that write returns, or the "
+                             f"host reboots", {"stuck": stuck})
+
     def _prepare(self, plan: Plan) -> Record:
         vm, devices = plan.vm, plan.devices
+        self._refuse_if_stuck(devices)
         with self._locked([f"vm-{vm}"]):
             with self._locked(list(devices)):
                 rec = self.records.load(vm)
@@ -278,6 +292,7 @@ class Machine:
                     rec.phase = "idle"
                     self.records.save(rec)
                 return rec
+            self._refuse_if_stuck(rec.devices)
             with self._locked(list(rec.devices)):
                 started = time.monotonic()
                 rec.phase = "releasing"

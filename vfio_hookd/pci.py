@@ -74,6 +74,18 @@ def never_unload_reason(module: str) -> str | None:
     return NEVER_UNLOAD.get(m)
 
 
+def stuck_functions(host: Host, functions) -> list[dict]:
+    """The writes of :meth:`Host.stuck_writes` that concern one of ``functions``: the address
+    in the path (``/sys/bus/pci/devices/ADDR/...``) or written (``drivers/DRV/unbind``,
+    ``drivers_probe``); each with its ``function``."""
+    out = []
+    for w in host.stuck_writes():
+        for addr in functions:
+            if addr in w["path"] or addr == w["data"]:
+                out.append(dict(w, function=addr))
+    return out
+
+
 def path(addr: str, attr: str = "") -> str:
     """Host path of PCI function ``addr`` or one of its attributes."""
     return f"/sys/bus/pci/devices/{addr}" + (f"/{attr}" if attr else "")

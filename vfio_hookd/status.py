@@ -11,10 +11,11 @@ from .record import Record, RecordStore
 
 
 def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict:
-    """``{"vms": {NAME: {"phase", "updated", "steps": [{"name", "status", "duration_ms",
-    "undo_ms", "error", "notes", "warnings", "skipped", "why"}], "devices": [{"address",
-    "driver", "driver_before", "held_by" (only when another VM's record holds it)}], "error",
-    "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
+    """``{"stuck_writes": [{"path", "data", "since"}] (writes past their deadline that have not
+    returned: :meth:`vfio_hookd.host.Host.stuck_writes`), "vms": {NAME: {"phase", "updated",
+    "steps": [{"name", "status", "duration_ms", "undo_ms", "error", "notes", "warnings",
+    "skipped", "why"}], "devices": [{"address", "driver", "driver_before", "held_by" (only when
+    another VM's record holds it)}], "error", "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
     with its ``RECORD_INVALID`` error.
 
     :raises HookdError: ``VM_NAME_INVALID``; ``NOT_MANAGED`` when ``vm`` has neither a record
@@ -44,7 +45,7 @@ def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict
                          "error": None, "release_errors": []}
             continue
         out[name] = _vm_status(host, rec, holders)
-    return {"vms": out}
+    return {"vms": out, "stuck_writes": host.stuck_writes()}
 
 
 def _vm_status(host: Host, rec: Record, holders: dict) -> dict:

@@ -11,8 +11,10 @@ process working on the simulated host (daemon, fake systemd, tests) sees the sam
 - ``op``: ``write`` (target: a host path), ``modprobe`` / ``rmmod`` (target: module name),
   ``stop`` / ``start`` (target: unit name).
 - ``target``: an ``fnmatch`` pattern.
-- ``action``: ``fail`` (the operation fails with ``errno``; for units, the job ends "failed") or
-  ``hang`` (the operation never completes, like an NVIDIA unbind with a holder).
+- ``action``: ``fail`` (the operation fails with ``errno``; for units, the job ends "failed"),
+  ``hang`` (the operation never completes, like an NVIDIA unbind with a holder) or ``stall``
+  (writes only: the operation completes, but after ``seconds``, like an unbind that returns
+  once its holder lets go).
 - ``count``: how many times the rule fires before it is spent (``null``: always).
 
 Latency keys (seconds): ``driver_override``, ``bind``, ``unbind``, ``drivers_probe``,
@@ -37,7 +39,7 @@ REALISTIC = {
 }
 
 OPS = ("write", "modprobe", "rmmod", "stop", "start")
-ACTIONS = ("fail", "hang")
+ACTIONS = ("fail", "hang", "stall")
 
 
 def _file(root: str) -> str:
@@ -75,14 +77,15 @@ def load(root: str) -> dict:
 
 
 def inject(root: str, op: str, target: str, action: str = "fail",
-           errno: int = _errno.EIO, count: int | None = None) -> None:
+           errno: int = _errno.EIO, count: int | None = None, seconds: float = 0.0) -> None:
     """Add a fault rule (see the module docstring).
 
     :raises ValueError: unknown ``op`` or ``action``.
     """
     if op not in OPS or action not in ACTIONS:
         raise ValueError(f"op must be one of {OPS}, action one of {ACTIONS}")
-    rule = {"op": op, "target": target, "action": action, "errno": errno, "count": count}
+    rule = {"op": op, "target": target, "action": action, "errno": errno, "count": count,
+            "seconds": seconds}
     _locked_update(root, lambda d: d["rules"].append(rule))
 
 

@@ -917,6 +917,9 @@ class SimHost(Host):
         except OSError:
             rp = p
         rule = self._fault("write", [p, rp])
+        if rule and rule["action"] == "stall":
+            time.sleep(float(rule.get("seconds") or 0))   # the kernel's time (a stalled unbind)
+            rule = None
         if rule:
             if rule["action"] == "hang":
                 _hang()
