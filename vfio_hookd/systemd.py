@@ -4,18 +4,18 @@ The only product module that imports pydbus / ``gi``; it does so on the first co
 ``import vfio_hookd.systemd`` costs nothing on the hook's path (FIELD-NOTES §4).
 
 Waiting for a job (FIELD-NOTES §3): the client calls ``Subscribe()`` once per connection (so
-systemd emits job signals), subscribes to ``JobRemoved(id, job, unit, result)`` *before* it calls
-``StopUnit`` / ``StartUnit``, records every ``JobRemoved`` from then on, and the job is over when
-the one for the returned job path is among them -- also when it arrived before the method reply.
-The wait iterates a GLib main context until that signal or a timeout source for the deadline
-fires; nothing polls or sleeps.
+systemd emits job signals) and subscribes to ``JobRemoved(id, job, unit, result)`` once, for the
+connection's lifetime (:class:`_JobWatch`), *before* any ``StopUnit`` / ``StartUnit``; every
+``JobRemoved`` is recorded (the last 1024), and a job is over when the one for the returned job
+path is among them -- also when it arrived before the method reply. The wait is a condition
+variable with the deadline; nothing polls or sleeps.
 
 Threads: every public method may be called from any thread, concurrently. The connection
-(a ``GDBusConnection``, thread-safe) is shared and made under a lock; each stop/start makes its
-own ``GLib.MainContext``, pushes it as the thread-default context while it subscribes and waits,
-so GDBus delivers that call's signals to that context only (``g_dbus_connection_signal_subscribe``
-dispatches in the thread-default context of the caller), and pops it afterwards. No global
-``GLib.MainLoop`` is needed or touched.
+(a ``GDBusConnection``, thread-safe) is shared and made under a lock. The subscription lives on
+a ``GLib.MainContext`` of its own (``g_dbus_connection_signal_subscribe`` dispatches in the
+thread-default context of the subscriber), iterated by one thread that blocks in ``poll(2)``
+between signals. One subscription per connection, not per job: one per job on a fresh context
+left about 0.5 KiB a job behind in GDBus (``bench/daemon_memory.py``).
 
 Where pydbus is not enough, Gio from ``gi.repository`` is used directly, in this module:
 
@@ -30,15 +30,15 @@ Where pydbus is not enough, Gio from ``gi.repository`` is used directly, in this
   shared connection, which :meth:`Systemd.close` must not close under other users; the address
   comes from ``Gio.dbus_address_get_for_bus_sync`` (honours ``DBUS_SYSTEM_BUS_ADDRESS``) and
   ``pydbus.connect`` opens a connection of our own.
-- The wait itself (``GLib.MainContext``, ``GLib.timeout_source_new``): pydbus has no event-loop
-  API beyond telling users to run a ``GLib.MainLoop``.
+- The signal thread's ``GLib.MainContext``: pydbus has no event-loop API.
 
-pydbus does the rest: the Manager proxy (``Subscribe``, ``GetUnit``, ``LoadUnit``, ``StopUnit``,
-``StartUnit``, ``ListUnits``, each with its ``timeout=``) and the signal subscription.
+pydbus does the rest: the Manager proxy's methods (each with its ``timeout=``) and the signal
+subscription.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -82,6 +82,7 @@ class Systemd:
         self._lock = threading.Lock()
         self._bus = None        # pydbus Bus, on a private Gio.DBusConnection
         self._manager = None    # pydbus proxy of org.freedesktop.systemd1.Manager
+        self._watch = None      # _JobWatch of the connection
 
     # ---- connection -----------------------------------------------------------------------------
     def _connect(self):
@@ -89,7 +90,9 @@ class Systemd:
         with self._lock:
             if self._bus is not None and not self._bus.con.is_closed():
                 return self._bus, self._manager
-            self._bus = self._manager = None
+            if self._watch is not None:
+                self._watch.close()
+            self._bus = self._manager = self._watch = None
             import pydbus
             from gi.repository import Gio, GLib
 
@@ -115,6 +118,7 @@ class Systemd:
                 raise HookdError(SYSTEMD_UNAVAILABLE,
                                  f"systemd does not answer on {address}: {_error_text(e)}",
                                  {"address": address}) from None
+            self._watch = _JobWatch(bus)
             self._bus, self._manager = bus, manager
             return bus, manager
 
@@ -130,6 +134,9 @@ class Systemd:
         """Close the connection (systemd drops the subscription); a later call reconnects."""
         with self._lock:
             bus, self._bus, self._manager = self._bus, None, None
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
         if bus is not None:
             try:
                 bus.con.close_sync(None)
@@ -166,7 +173,8 @@ class Systemd:
         reply = bus.con.call_sync(
             BUS_NAME, path, "org.freedesktop.DBus.Properties", "Get",
             GLib.Variant("(ss)", (iface, prop)), GLib.VariantType.new("(v)"),
-            Gio.DBusCallFlags.NONE, _ms(timeout_s or self._call_timeout_s), None)
+            Gio.DBusCallFlags.NONE, max(1, math.ceil((timeout_s or self._call_timeout_s) * 1000)),
+            None)
         return reply.unpack()[0]
 
     # ---- queries --------------------------------------------------------------------------------
@@ -294,70 +302,84 @@ class Systemd:
         from gi.repository import GLib
 
         deadline = time.monotonic() + timeout_s
-        bus, manager = self._connect()
+        _bus, manager = self._connect()
+        watch = self._watch
         what = f"{verb} {unit}"
-        removed: dict[str, str] = {}   # job path -> result, every JobRemoved since we subscribed
-
-        def on_removed(_sender, _path, _iface, _signal, params):
-            _id, job_path, _unit, result = params
-            removed[job_path] = result
-
-        ctx = GLib.MainContext.new()
-        ctx.push_thread_default()
         try:
-            sub = bus.subscribe(sender=BUS_NAME, iface=MANAGER_IFACE, signal="JobRemoved",
-                                object=MANAGER_PATH, signal_fired=on_removed)
-            try:
-                try:
-                    job = getattr(manager, method)(
-                        unit, "replace", timeout=max(0.001, deadline - time.monotonic()))
-                except GLib.Error as e:
-                    raise self._fail(e, what, unit) from None
-                if not _wait(ctx, lambda: job in removed, deadline):
-                    raise HookdError(TIMEOUT, f"{what}: job {job} did not end within "
-                                     f"{timeout_s:g} s", {"unit": unit, "job": job})
-            finally:
-                sub.unsubscribe()
-                while ctx.pending():   # let GDBus release what it queued for this context
-                    ctx.iteration(False)
-        finally:
-            ctx.pop_thread_default()
-        result = removed[job]
+            job = getattr(manager, method)(
+                unit, "replace", timeout=max(0.001, deadline - time.monotonic()))
+        except GLib.Error as e:
+            raise self._fail(e, what, unit) from None
+        result = watch.wait(job, deadline)
+        if result is None:
+            raise HookdError(TIMEOUT, f"{what}: job {job} did not end within "
+                             f"{timeout_s:g} s", {"unit": unit, "job": job})
         if result != "done":
             raise HookdError(UNIT_FAILED, f"{what}: job result {result}",
                              {"unit": unit, "job": job, "result": result})
         return result
 
 
+class _JobWatch:
+    """Every ``JobRemoved`` of one connection, for its lifetime: one subscription on a GLib
+    main context of its own, iterated by one daemon thread that blocks in ``poll(2)`` between
+    signals. :meth:`wait` is a condition-variable wait with a deadline.
+
+    :param bus: the pydbus bus of the connection (already ``Subscribe()``d).
+    """
+
+    KEEP = 1024   #: recent results kept (other clients' jobs end too; ours are taken out)
+
+    def __init__(self, bus):
+        from gi.repository import GLib
+
+        self._cv = threading.Condition()
+        self._removed: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._stopping = False
+        self._ctx = GLib.MainContext.new()
+        self._ctx.push_thread_default()
+        try:
+            self._sub = bus.subscribe(sender=BUS_NAME, iface=MANAGER_IFACE, signal="JobRemoved",
+                                      object=MANAGER_PATH, signal_fired=self._on_removed)
+        finally:
+            self._ctx.pop_thread_default()
+        threading.Thread(target=self._run, name="systemd JobRemoved", daemon=True).start()
+
+    def _on_removed(self, _sender, _path, _iface, _signal, params) -> None:
+        _id, job_path, _unit, result = params
+        with self._cv:
+            self._removed[job_path] = result
+            while len(self._removed) > self.KEEP:
+                self._removed.popitem(last=False)
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._ctx.iteration(True)
+
+    def wait(self, job: str, deadline: float) -> str | None:
+        """The result (``done``, ``failed``, ...) of ``job`` once its ``JobRemoved`` came, or
+        None at ``deadline`` (monotonic s)."""
+        with self._cv:
+            if self._cv.wait_for(lambda: job in self._removed,
+                                 timeout=max(0.0, deadline - time.monotonic())):
+                return self._removed.pop(job)
+            return None
+
+    def close(self) -> None:
+        """Unsubscribe and end the thread."""
+        self._stopping = True
+        try:
+            self._sub.unsubscribe()
+        except Exception:  # the connection is already gone
+            pass
+        self._ctx.wakeup()
+
+
 def load_bindings() -> None:
     """Import pydbus and GLib/Gio now (about 15 ms) instead of on the first connection."""
     import pydbus  # noqa: F401
     from gi.repository import Gio, GLib  # noqa: F401
-
-
-def _wait(ctx, done, deadline: float) -> bool:
-    """Iterate ``ctx`` until ``done()`` or ``deadline`` (monotonic s); True if ``done()``."""
-    from gi.repository import GLib
-
-    if done():
-        return True
-    left = deadline - time.monotonic()
-    if left <= 0:
-        return False
-    expired = []
-    src = GLib.timeout_source_new(_ms(left))
-    src.set_callback(lambda *_: expired.append(True) or GLib.SOURCE_REMOVE)
-    src.attach(ctx)
-    try:
-        while not done() and not expired:
-            ctx.iteration(True)
-    finally:
-        src.destroy()
-    return done()
-
-
-def _ms(seconds: float) -> int:
-    return max(1, math.ceil(seconds * 1000))
 
 
 def _error_name(e) -> str | None:
