@@ -15,26 +15,26 @@ def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict
     returned: :meth:`vfio_hookd.host.Host.stuck_writes`), "vms": {NAME: {"phase", "updated",
     "steps": [{"name", "status", "duration_ms", "undo_ms", "error", "notes", "warnings",
     "skipped", "why"}], "devices": [{"address", "driver", "driver_before", "held_by" (only when
-    another VM's record holds it)}], "error", "release_errors"}}}``. A record that cannot be read shows as phase ``unknown``
-    with its ``RECORD_INVALID`` error.
+    another VM's record holds it)}], "error", "release_errors"}}}``. A record that cannot be
+    read shows as phase ``unknown`` with its ``RECORD_INVALID`` error.
 
     :raises HookdError: ``VM_NAME_INVALID``; ``NOT_MANAGED`` when ``vm`` has neither a record
         nor a profile.
     """
     import os
     store = RecordStore(paths)
-    names = [check_vm_name(vm)] if vm else store.names()
+    records = store.load_all()   # each record read once: for the holders and for its VM
+    names = [check_vm_name(vm)] if vm else list(records)
     holders = {}   # function -> the VM whose record holds it now
-    for other, rec in store.load_all().items():
+    for other, rec in records.items():
         if isinstance(rec, Record) and rec.holds_host:
             holders.update({a: other for a in rec.devices})
     out: dict = {}
     for name in names:
-        try:
-            rec = store.load(name)
-        except HookdError as exc:
+        rec = records.get(name)
+        if isinstance(rec, HookdError):
             out[name] = {"phase": "unknown", "updated": None, "steps": [], "devices": [],
-                         "error": {"code": exc.code, "message": exc.message},
+                         "error": {"code": rec.code, "message": rec.message},
                          "release_errors": []}
             continue
         if rec is None:
