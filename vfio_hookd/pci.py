@@ -182,24 +182,32 @@ def child_modules(host: Host, addr: str) -> list[str]:
     return mods
 
 
-def devices_of_module(host: Host, module: str) -> list[str]:
-    """Every device (host path, symlinks resolved) bound to a driver that ``module`` registers,
-    on any bus: the device links in ``/sys/bus/*/drivers/DRV/`` whose ``module`` link names
-    ``module`` (sysfs-bus-*; Documentation/driver-api/driver-model/driver.rst)."""
-    out: list[str] = []
+def devices_by_module(host: Host) -> dict[str, list[str]]:
+    """Every bound device (host path, symlinks resolved) by the module of its driver, on any
+    bus: the device links in ``/sys/bus/*/drivers/DRV/`` under the driver's ``module`` link
+    (sysfs-bus-*; Documentation/driver-api/driver-model/driver.rst). Built-in drivers (no
+    ``module`` link) are left out. One walk of the drivers for all modules."""
+    out: dict[str, set[str]] = {}
     for bus in host.listdir("/sys/bus"):
         base = f"/sys/bus/{bus}/drivers"
         for drv in host.listdir(base):
-            if host.link_name(f"{base}/{drv}/module") != module:
+            module = host.link_name(f"{base}/{drv}/module")
+            if module is None:
                 continue
+            found = out.setdefault(module, set())
             for entry in host.listdir(f"{base}/{drv}"):
                 if entry == "module" or host.link_name(f"{base}/{drv}/{entry}") is None:
                     continue
                 try:
-                    out.append(host.resolve(f"{base}/{drv}/{entry}"))
+                    found.add(host.resolve(f"{base}/{drv}/{entry}"))
                 except (HookdError, OSError):
                     continue
-    return sorted(set(out))
+    return {m: sorted(d) for m, d in out.items()}
+
+
+def devices_of_module(host: Host, module: str) -> list[str]:
+    """The devices bound to the drivers of ``module`` (:func:`devices_by_module`)."""
+    return devices_by_module(host).get(module, [])
 
 
 def unload_plan(host: Host, roots: list[str], functions) -> tuple[list[str], dict[str, str]]:
@@ -227,6 +235,7 @@ def unload_plan(host: Host, roots: list[str], functions) -> tuple[list[str], dic
         return any(dev == t or dev.startswith(t + "/") for t in tops)
 
     verdict: dict[str, tuple[bool, str]] = {}
+    bound = devices_by_module(host)
 
     def check(mod: str, trail: tuple) -> tuple[bool, str]:
         if mod in verdict:
@@ -237,7 +246,7 @@ def unload_plan(host: Host, roots: list[str], functions) -> tuple[list[str], dic
         if why_never:
             verdict[mod] = (False, f"never unloaded: {why_never}")
             return verdict[mod]
-        devices = devices_of_module(host, mod)
+        devices = bound.get(mod, [])
         outside = [d for d in devices if not ours(d)]
         if outside:
             shown = ", ".join(os.path.basename(d) for d in outside[:3])
@@ -268,13 +277,12 @@ def unload_plan(host: Host, roots: list[str], functions) -> tuple[list[str], dic
         wanted.append(mod)
         todo.extend(host.listdir(f"/sys/module/{mod}/holders"))
     why = {m: v[1] for m, v in verdict.items()}
-    return unload_order(host, wanted, with_holders=False), why
+    return unload_order(host, wanted), why
 
 
-def unload_order(host: Host, roots: list[str], with_holders: bool = True) -> list[str]:
-    """Loaded, non-built-in modules among ``roots`` (and, with ``with_holders``, every module
-    holding them, transitively via ``/sys/module/M/holders``), ordered so each comes after
-    all its holders (sysfs-module ABI). Modules that are never unloaded
+def unload_order(host: Host, roots: list[str]) -> list[str]:
+    """Loaded, non-built-in modules among ``roots``, ordered so each comes after all its
+    holders (``/sys/module/M/holders``, sysfs-module ABI). Modules that are never unloaded
     (:func:`never_unload_reason`) are left out.
     """
     wanted: list[str] = []
@@ -286,8 +294,6 @@ def unload_order(host: Host, roots: list[str], with_holders: bool = True) -> lis
         if not host.module_loaded(mod) or host.module_builtin(mod):
             continue
         wanted.append(mod)
-        if with_holders:
-            todo.extend(host.listdir(f"/sys/module/{mod}/holders"))
     order: list[str] = []
     left = list(wanted)
     while left:

@@ -37,7 +37,7 @@ class Modules(Step):
                           module_of_driver(ctx.host, ctx.drivers.get(addr) or ""))]
             plan, why = pcimod.unload_plan(ctx.host, roots, ctx.devices)
             return {"plan": plan, "why": why}
-        return {"plan": unload_order(ctx.host, list(mods), with_holders=False),
+        return {"plan": unload_order(ctx.host, list(mods)),
                 "why": {m: "listed in the profile" for m in mods}}
 
     #: The most modules ``modules: auto`` unloads for one GPU, for the declared deadline
