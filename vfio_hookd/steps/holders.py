@@ -37,8 +37,8 @@ class Holders(Step):
             # processes of a unit or login session that was just stopped may still be on
             # their way out: they get the grace period; a holder nothing stopped fails at once
             sd = ctx.systemd()
-            leaving = sorted({h.pid for h in holders
-                              if _ending(sd.unit_of_pid(h.pid), ctx.stopped_units)})
+            leaving = [pid for pid in sorted({h.pid for h in holders})   # once per process
+                       if _ending(sd.unit_of_pid(pid), ctx.stopped_units)]
             deadline = time.monotonic() + min(ctx.deadlines.terminate, ctx.holders_grace_s)
             for pid in leaving:
                 procs.wait_gone(pid, max(0.0, deadline - time.monotonic()))
