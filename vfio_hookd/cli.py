@@ -8,6 +8,12 @@
   per-device locks) when the daemon is not running.
 - ``vfio-hookd install``: the hook into libvirt's ``hooks/qemu.d/``, the unit into systemd, and
   libvirtd told to re-read its hooks.
+- ``vfio-hookd init VM [--xml FILE] [--force]``: a first profile from the domain and the host
+  (:mod:`vfio_hookd.init_profile`).
+- ``vfio-hookd check [VM] [--xml FILE] [--json]``: a preflight that changes nothing
+  (:mod:`vfio_hookd.preflight`); exit status 0 only if nothing FAILs (else ``CHECK_FAILED``).
+- ``vfio-hookd plan VM [--xml FILE] [--json]``: what a prepare would do now, step by step, and
+  its deadline (:mod:`vfio_hookd.plan_view`).
 
 Exit status: 0 on success; otherwise ``CODE: message`` on stderr and the code's status
 (:data:`vfio_hookd.errors.EXIT_STATUS`; 1 for an unexpected bug).
@@ -149,18 +155,25 @@ def cmd_prepare(args, env: Env) -> int:
 
 def _domain_xml(vm: str) -> str:
     """The domain XML of ``vm`` from libvirt, for ``devices: auto`` (the CLI is not a hook, so
-    it may call libvirt).
-
-    :raises HookdError: ``DOMAIN_XML_INVALID`` when libvirt cannot give it.
+    it may call libvirt). :raises HookdError: ``DOMAIN_XML_INVALID`` when libvirt cannot give it.
     """
-    from .virt import Libvirt, VirtError
-    try:
-        with Libvirt(os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system") as conn:
-            return conn.xml_desc(vm)
-    except VirtError as exc:
-        raise HookdError(errors.DOMAIN_XML_INVALID,
-                         f"devices: auto needs {vm!r}'s domain XML and libvirt could not give it "
-                         f"({exc.message}); pass --xml FILE") from None
+    from .firstrun import domain_xml
+    return domain_xml(vm)
+
+
+def cmd_init(args, env: Env) -> int:
+    from .firstrun import cmd_init as run
+    return run(args, env)
+
+
+def cmd_check(args, env: Env) -> int:
+    from .firstrun import cmd_check as run
+    return run(args, env)
+
+
+def cmd_plan(args, env: Env) -> int:
+    from .firstrun import cmd_plan as run
+    return run(args, env)
 
 
 def _refuse_if_running(vm: str) -> None:
@@ -259,6 +272,8 @@ def cmd_install(args, env: Env) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argparse parser, every verb with its options (the man page and the shell
+    completions are generated from it; keep the name)."""
     p = argparse.ArgumentParser(prog="vfio-hookd", description="Safe single-GPU passthrough "
                                 "for libvirt: hook dispatcher and per-VM state machine.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="release even if libvirt says the VM is running")
     s.set_defaults(func=cmd_release)
+    s = sub.add_parser("init", help="write a first profile for VM from its domain and the host")
+    s.add_argument("vm")
+    s.add_argument("--xml", help="domain XML file (default: ask libvirt, read-only)")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing profile (the old one is kept as a .bak)")
+    s.set_defaults(func=cmd_init)
+    s = sub.add_parser("check", help="check the host (and VM) before a first start; changes "
+                       "nothing")
+    s.add_argument("vm", nargs="?")
+    s.add_argument("--xml", help="domain XML file (default: ask libvirt, read-only)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_check)
+    s = sub.add_parser("plan", help="show what a prepare of VM would do now; changes nothing")
+    s.add_argument("vm")
+    s.add_argument("--xml", help="domain XML file (for devices: auto)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_plan)
     s = sub.add_parser("daemon", help="run the daemon (normally from systemd)")
     s.set_defaults(func=cmd_daemon)
     s = sub.add_parser("install", help="install the libvirt hook and the systemd unit")

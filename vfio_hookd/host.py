@@ -81,6 +81,14 @@ class Host:
         return [e for e in self.listdir(p)
                 if os.path.isdir(f"{base}/{e}") and not os.path.islink(f"{base}/{e}")]
 
+    def stat(self, p: str) -> os.stat_result | None:
+        """``os.stat`` of ``p`` (symlinks followed: owner, mode, ``st_mtime``/``st_ctime`` in
+        s since the epoch), or None when it is absent or cannot be read."""
+        try:
+            return os.stat(self.path(p))
+        except OSError:
+            return None
+
     def link_name(self, p: str) -> str | None:
         """Last path component of the target of symlink ``p`` (e.g. the driver name of
         ``/sys/bus/pci/devices/ADDR/driver``), or None when ``p`` is not a link."""

@@ -193,12 +193,26 @@ class Machine:
                                      f"{vm}' first")
                 self._check_claims(vm, devices)
                 # the host's drivers as they are now, under the locks
-                drivers = {a: pci.current_driver(self.host, a) for a in devices}
-                rec = Record.new(vm, devices, drivers, plan.deadlines.to_dict(),
-                                 [s.name for s in STEPS],
-                                 {a: pci.child_modules(self.host, a) for a in devices},
-                                 plan.profile.to_dict())
-                return self._run_prepare(rec, plan)
+                return self._run_prepare(self._new_record(plan), plan)
+
+    def _new_record(self, plan: Plan) -> Record:
+        """A fresh record for ``plan`` with the functions' drivers as they are now."""
+        devices = plan.devices
+        return Record.new(plan.vm, devices, {a: pci.current_driver(self.host, a) for a in devices},
+                          plan.deadlines.to_dict(), [s.name for s in STEPS],
+                          {a: pci.child_modules(self.host, a) for a in devices},
+                          plan.profile.to_dict())
+
+    def observe(self, plan: Plan) -> list[tuple[str, dict]]:
+        """What a prepare of ``plan`` would do now: ``[(step name, facts)]``, each step's
+        :meth:`~vfio_hookd.steps.Step.observe` on the context the prepare builds (nothing is
+        applied, no lock is taken, no record is written: ``vfio-hookd plan``).
+
+        :raises HookdError: what an observe raises (e.g. ``SYSTEMD_UNAVAILABLE``).
+        """
+        rec = self._new_record(plan)
+        return [(step.name, step.observe(self._context(rec, plan.profile, plan.deadlines, log)))
+                for step in STEPS]
 
     def _check_claims(self, vm: str, devices) -> None:
         for other, rec in self.records.load_all().items():

@@ -109,6 +109,20 @@ def shows_boot_display(host: Host, functions) -> bool:
     return any((host.read_or(path(a, "class"), "") or "").startswith("0x03") for a in functions)
 
 
+def iommu_group(host: Host, addr: str) -> str | None:
+    """The IOMMU group (str, e.g. ``"1"``) of function ``addr`` from its ``iommu_group`` link,
+    or None when the function has none (IOMMU off; Documentation/ABI/testing/sysfs-kernel-iommu_groups)."""
+    return host.link_name(path(addr, "iommu_group"))
+
+
+def group_endpoints(host: Host, group: str) -> list[str]:
+    """The endpoints (sorted addresses) of IOMMU group ``group``: its devices less the PCI
+    bridges (class ``0x0604``), which need no driver change (vfio.rst "Groups, Devices, and
+    IOMMUs")."""
+    return [m for m in host.listdir(f"/sys/kernel/iommu_groups/{group}/devices")
+            if not (host.read_or(path(m, "class"), "") or "").startswith("0x0604")]
+
+
 def driver_registered(host: Host, driver: str) -> bool:
     """True when PCI driver ``driver`` is registered (``/sys/bus/pci/drivers/DRV`` exists)."""
     return host.exists(f"/sys/bus/pci/drivers/{driver}")

@@ -84,7 +84,7 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
                      f"a <hostdev>, but it")
             raise HookdError(errors.DEVICE_NOT_FOUND,
                              f"{where} is not a PCI function on this host (see lspci -D)")
-    _check_groups(host, prof.path if prof.devices is not None else
+    check_groups(host, prof.path if prof.devices is not None else
                   f"{prof.path} (devices: auto, from the domain XML's <hostdev>s)", devices)
     shape = Shape(devices=len(devices), units=Units.count(prof),
                   vtconsoles=len(host.listdir("/sys/class/vtconsole")),
@@ -96,7 +96,7 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
                 drivers={a: pci.current_driver(host, a) for a in devices}, shape=shape)
 
 
-def _check_groups(host: Host, source: str, devices) -> None:
+def check_groups(host: Host, source: str, devices) -> None:
     """Every endpoint of the devices' IOMMU groups must be among ``devices`` (PCI bridges are
     exempt; vfio.rst "Groups, Devices, and IOMMUs").
 

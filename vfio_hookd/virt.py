@@ -46,6 +46,8 @@ class Libvirt:
 
     :param uri: connection URI; ``qemu:///system`` reaches ``/run/libvirt/libvirt-sock``, which
         inside the repository's ``testbed/libvirtd.py`` is the private daemon's socket.
+    :param readonly: open a read-only connection (``virConnectOpenReadOnly``: queries only,
+        e.g. for ``vfio-hookd init`` and ``check``).
     :raises VirtError: the daemon cannot be reached (``libvirt.open`` failed) or
         libvirt-python is not installed (``apt-get install python3-libvirt``, see
         ``scripts/setup``).
@@ -55,7 +57,7 @@ class Libvirt:
     is running blocks until the hook exits (FIELD-NOTES §1: libvirt hooks have no timeout).
     """
 
-    def __init__(self, uri: str = "qemu:///system"):
+    def __init__(self, uri: str = "qemu:///system", readonly: bool = False):
         try:
             import libvirt  # noqa: PLC0415 - lazy on purpose, see module docstring
         except ImportError as exc:
@@ -65,7 +67,7 @@ class Libvirt:
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         self.uri = uri
         self._conn = None
-        self._conn = self._call(libvirt.open, uri)
+        self._conn = self._call(libvirt.openReadOnly if readonly else libvirt.open, uri)
 
     def _call(self, fn, *args):
         try:

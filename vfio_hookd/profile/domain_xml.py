@@ -36,7 +36,13 @@ def check_domain_xml_size(xml: str, source: str = "domain XML") -> None:
 
 
 def devices_from_domain_xml(xml: str, source: str = "domain XML") -> tuple[str, ...]:
-    """The host PCI functions a libvirt domain passes through, as normalised addresses.
+    """The host PCI functions a libvirt domain passes through, as normalised addresses: the
+    ``address`` of each of :func:`pci_hostdevs` (same errors)."""
+    return tuple(h["address"] for h in pci_hostdevs(xml, source))
+
+
+def pci_hostdevs(xml: str, source: str = "domain XML") -> list[dict]:
+    """The PCI ``<hostdev>``s of a libvirt domain: host address and ``managed`` attribute.
 
     Reads every ``<domain><devices><hostdev mode='subsystem' type='pci'>`` (``mode`` defaults
     to ``subsystem`` as in libvirt) and its ``<source><address domain= bus= slot= function=/>``
@@ -48,7 +54,9 @@ def devices_from_domain_xml(xml: str, source: str = "domain XML") -> tuple[str, 
 
     :param xml: the domain XML (str), as libvirt gives the hook on stdin.
     :param source: what to call it in error messages (str).
-    :returns: tuple of ``"0000:01:00.0"`` strings; empty when the domain has no PCI hostdev.
+    :returns: ``[{"address": "0000:01:00.0", "managed": bool}]`` (``managed`` as libvirt
+        reads it: ``yes`` is True, absent or ``no`` False); empty when the domain has no PCI
+        hostdev.
     :raises HookdError: ``DOMAIN_XML_INVALID`` for a document over
         :data:`MAX_DOMAIN_XML_BYTES`, XML that is not well-formed or has a DTD (``<!DOCTYPE``,
         entity declarations: libvirt writes none), a root that is not ``<domain>``, or a PCI hostdev whose source address is missing or malformed (the
@@ -76,7 +84,7 @@ def devices_from_domain_xml(xml: str, source: str = "domain XML") -> tuple[str, 
         raise errors.HookdError(
             errors.DOMAIN_XML_INVALID,
             f"{source}: the root element is <{_short(root.tag)}>, expected <domain>")
-    found: dict[str, None] = {}   # document order, duplicates dropped, linear
+    found: dict[str, bool] = {}   # document order, duplicates dropped, linear
     for n, hostdev in enumerate(root.findall("./devices/hostdev"), start=1):
         mode = hostdev.get("mode", "subsystem")
         if mode != "subsystem" or hostdev.get("type") != "pci":
@@ -98,8 +106,8 @@ def devices_from_domain_xml(xml: str, source: str = "domain XML") -> tuple[str, 
                     f"0..{limit:#x} such as {'0x0000' if attr == 'domain' else '0x01'}")
             parts.append(number)
         addr = "%04x:%02x:%02x.%x" % tuple(parts)
-        found[addr] = None
-    return tuple(found)
+        found.setdefault(addr, hostdev.get("managed", "no") == "yes")
+    return [{"address": a, "managed": m} for a, m in found.items()]
 
 
 def _short(s: str, limit: int = 80) -> str:
