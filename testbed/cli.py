@@ -7,12 +7,15 @@ this wrapper, which hands it a :class:`testbed.sim.kernel.SimHost` through its A
 (``main(argv, host=...)``). Paths come from the environment as for the product
 (``VFIO_HOOKD_CONFIG``, ``VFIO_HOOKD_RUN``). A ``prepare`` or ``release`` is refused unless
 ``$DBUS_SYSTEM_BUS_ADDRESS`` names the simulated systemd's private bus: against the machine's
-own systemd it would stop this machine's display manager.
+own systemd it would stop this machine's display manager. An ``init`` is refused unless
+``$VFIO_HOOKD_CONFIG`` is set (it would write into this machine's ``/etc/vfio-hookd``);
+``check`` and ``plan`` only read.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -27,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("prepare", "release", "daemon") for a in args[:1]):
         from .daemon import require_private_bus
         require_private_bus()
+    if args[:1] == ["init"] and not os.environ.get("VFIO_HOOKD_CONFIG"):
+        raise SystemExit("testbed.cli: init writes a profile: set VFIO_HOOKD_CONFIG to a "
+                         "directory of the test (not this machine's /etc/vfio-hookd)")
     from vfio_hookd.cli import main as cli_main
 
     from testbed.sim.kernel import SimHost
