@@ -441,8 +441,8 @@ def test_plan_cli_shows_every_step_and_the_deadline_and_changes_nothing(world):
         assert f"  step {name}\n" in out
     plan = world.machine.plan_prepare("win11")
     assert f"deadline: {plan.deadline_s:g} s" in out
-    assert "plan: gdm.service" in out and "plan: nvidia-persistenced.service" in out
-    assert "plan: nvidia_drm" in out
+    assert "  step units\n    plan: gdm.service, nvidia-persistenced.service\n" in out
+    assert "plan: nvidia_drm, nvidia_uvm, nvidia_modeset, nvidia\n" in out
     rc, out, _ = _cli(world, "plan", "win11", "--json")
     assert rc == 0 and json.loads(out)["deadline_s"] == plan.deadline_s
 

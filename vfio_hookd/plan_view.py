@@ -63,7 +63,10 @@ def render(doc: dict) -> list[str]:
                     if key == "plan":
                         lines.append("    plan: nothing to do")
                     continue
-                lines.extend(f"    {label}: {_item(v)}" for v in value)
+                if all(isinstance(v, str) for v in value):   # names: one line, in order
+                    lines.append(f"    {label}: {', '.join(value)}")
+                else:
+                    lines.extend(f"    {label}: {_item(v)}" for v in value)
             else:
                 lines.append(f"    {label}: {_item(value)}")
     lines.append(f"  deadline: {doc['deadline_s']:g} s (the longest the prepare may take, its "

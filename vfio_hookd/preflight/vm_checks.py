@@ -157,7 +157,8 @@ def _units_and_holders(host, systemd, prof, devices) -> list[Check]:
     for u in users:
         how = fate(u, dm, units)
         (ending if how else blocking).append((u, how))
-    said = "; ".join(f"{u} (ends: {'its unit is stopped' if how == 'unit' else 'its session ends with the display manager'})"
+    said = "; ".join(f"{u} (ends: " + ("its unit is stopped" if how == "unit" else
+                                        "its session ends with the display manager") + ")"
                      for u, how in ending)
     if not blocking:
         out.append(Check("vm.holders", PASS, said or "nothing holds the GPU's device nodes"))
@@ -170,7 +171,8 @@ def _units_and_holders(host, systemd, prof, devices) -> list[Check]:
                         else f"stop PID {u.pid} ({u.command})" for u, _ in blocking})
         out.append(Check("vm.holders", FAIL, "nothing a prepare stops ends "
                          + "; ".join(str(u) for u, _ in blocking)
-                         + ": the start fails with DEVICE_BUSY (on_busy: fail)",
+                         + ": the start fails with DEVICE_BUSY (on_busy: fail)"
+                         + (f"; {said}" if said else ""),
                          ", ".join(fixes) + ", or set on_busy: terminate"))
     return out
 
