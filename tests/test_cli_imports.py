@@ -69,3 +69,16 @@ def test_prepare_reads_the_profile_and_stops_before_systemd(dirs, tmp_path):
     rc, loaded = imported(dirs, "prepare", "win11", "--xml", str(xml))
     assert rc == 6   # DEVICE_NOT_FOUND: planning failed, nothing else was needed
     assert loaded == {"yaml"}
+
+
+def test_check_of_the_host_reads_no_profile_domain_or_processes(dirs):
+    # an empty host: the IOMMU checks fail; systemd is asked (no bus here: a WARN)
+    rc, loaded = imported(dirs, "check")
+    assert rc == 31   # CHECK_FAILED
+    assert loaded <= {"gi", "pydbus"}
+
+
+def test_init_of_an_existing_profile_stops_before_libvirt_and_systemd(dirs):
+    write_profile(dirs, "win11", "")
+    rc, loaded = imported(dirs, "init", "win11")
+    assert rc == 30 and loaded == set()   # PROFILE_EXISTS, nothing else read

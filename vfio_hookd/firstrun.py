@@ -54,8 +54,10 @@ def systemd_of(env):
 def cmd_init(args, env) -> int:
     """``vfio-hookd init VM [--xml FILE] [--force]``: write, validate and describe a first
     profile (:func:`vfio_hookd.init_profile.init`)."""
-    from .init_profile import init, report
+    from .init_profile import init, refuse_existing, report
     check_vm_name(args.vm)
+    if not args.force:   # before libvirt or systemd is asked anything
+        refuse_existing(env.paths.profile_path(args.vm), args.vm)
     if args.xml:
         xml, source = xml_file(args.xml), args.xml
     else:
