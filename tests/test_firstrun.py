@@ -481,3 +481,17 @@ def test_plan_of_a_prepared_vm(world):
         assert rc == 0 and "prepared already" in out and "step " not in out
     finally:
         world.machine.release("win11")
+
+
+def test_plan_names_the_holders_now_and_what_ends_them(world, holder):
+    world.profile()
+    stray = holder(world, "/dev/dri/renderD128")
+    rc, out, _ = _cli(world, "plan", "win11")
+    assert rc == 0
+    assert "(gdm, unit gdm.service) holds /dev/dri/card0" in out
+    assert "ends when its unit is stopped" in out
+    assert (f"holding the GPU now: PID {stray.pid} (sleep) holds /dev/dri/renderD128: nothing "
+            f"ends it: on_busy: fail fails the start (DEVICE_BUSY)") in out
+    rc, out, _ = _cli(world, "plan", "win11", "--json")
+    ends = {h["pid"]: h["ends"] for h in json.loads(out)["holders_now"]}
+    assert ends[stray.pid] == "on_busy" and sorted(set(ends.values())) == ["on_busy", "unit"]

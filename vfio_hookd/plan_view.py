@@ -17,18 +17,38 @@ from .plan import Plan
 
 def document(machine, plan: Plan) -> dict:
     """``{"vm", "op", "devices": [{"address", "driver"}], "deadline_s", "already_prepared",
-    "steps": [{"name", "facts"}]}`` for ``plan`` on ``machine``'s host.
+    "steps": [{"name", "facts"}], "holders_now": [{"pid", "command", "nodes", "unit",
+    "ends"}]}`` for ``plan`` on ``machine``'s host. ``holders_now`` are the processes holding
+    the functions' nodes now; ``ends`` says how the prepare ends each: ``"unit"`` (the units
+    step stops its unit), ``"session"`` (its login session ends with the display manager) or
+    ``"on_busy"`` (nothing does: the profile's ``on_busy`` decides).
 
     :raises HookdError: what a step's observe raises (e.g. ``SYSTEMD_UNAVAILABLE``),
         ``RECORD_INVALID`` / ``UNTRUSTED_FILE`` for the VM's record.
     """
     rec = machine.records.load(plan.vm)
     prepared = bool(rec and rec.phase == "prepared")
+    steps = [] if prepared else [{"name": n, "facts": f} for n, f in machine.observe(plan)]
     return {"vm": plan.vm, "op": plan.op, "deadline_s": plan.deadline_s,
-            "already_prepared": prepared,
+            "already_prepared": prepared, "on_busy": plan.profile.on_busy,
             "devices": [{"address": a, "driver": plan.drivers.get(a)} for a in plan.devices],
-            "steps": [] if prepared else
-            [{"name": name, "facts": facts} for name, facts in machine.observe(plan)]}
+            "steps": steps, "holders_now": [] if prepared else _holders(machine, plan, steps)}
+
+
+def _holders(machine, plan: Plan, steps: list[dict]) -> list[dict]:
+    """The processes holding the functions' nodes now, and how the prepare would end each."""
+    from .gpu_users import fate, gpu_users
+    from .steps.units import Units
+    stopped = next((s["facts"].get("plan", []) for s in steps if s["name"] == Units.name), [])
+    # the units step stops the display manager first, then stop_units
+    dm = stopped[0] if stopped and plan.profile.display_manager is not None \
+        and stopped[0] not in plan.profile.stop_units else None
+    out = []
+    for u in gpu_users(machine.host, plan.devices, machine.systemd()):
+        how = fate(u, dm, stopped)
+        out.append({"pid": u.pid, "command": u.command, "nodes": u.nodes, "unit": u.unit,
+                    "ends": how or "on_busy"})
+    return out
 
 
 def _item(value) -> str:
@@ -69,6 +89,14 @@ def render(doc: dict) -> list[str]:
                     lines.extend(f"    {label}: {_item(v)}" for v in value)
             else:
                 lines.append(f"    {label}: {_item(value)}")
+    for h in doc["holders_now"]:
+        unit = f", unit {h['unit']}" if h["unit"] else ""
+        how = {"unit": "ends when its unit is stopped",
+               "session": "ends with its login session (the display manager's stop)"}.get(
+            h["ends"], f"nothing ends it: on_busy: {doc['on_busy']}"
+            + (" fails the start (DEVICE_BUSY)" if doc["on_busy"] == "fail" else ""))
+        lines.append(f"  holding the GPU now: PID {h['pid']} ({h['command']}{unit}) holds "
+                     f"{', '.join(h['nodes'])}: {how}")
     lines.append(f"  deadline: {doc['deadline_s']:g} s (the longest the prepare may take, its "
                  f"rollback included: what the daemon announces)")
     return lines
