@@ -188,6 +188,25 @@ def test_init_on_an_amd_host_proposes_no_unit(make):
     assert "stop_units: none" in out
 
 
+def test_init_and_check_without_systemd(make):
+    """No bus (the fixture points DBUS_SYSTEM_BUS_ADDRESS nowhere): init still writes a valid
+    profile and says what it could not resolve; check warns instead of failing."""
+    from vfio_hookd import cli
+    w = make("nvidia")
+    xml = w.xml(sim.DEVICES["nvidia"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["init", "win11", "--xml", xml], host=w.host)
+    assert rc == 0
+    assert "note: systemd could not be asked" in out.getvalue()
+    assert "stop_units: none" in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["check", "win11", "--xml", xml, "--json"], host=w.host)
+    checks = {c["name"]: c["status"] for c in json.loads(out.getvalue())["checks"]}
+    assert checks["daemon.socket"] == "WARN" and checks["vm.holders"] == "WARN"
+
+
 def test_init_without_iommu_refuses(make):
     w = make("nvidia", iommu_on=False)
     rc, _, err = w.cli("init", "win11", "--xml", w.xml(["0000:01:00.0"]))
@@ -244,6 +263,27 @@ def test_check_hook_installed_after_libvirtd_started(make):
     assert c["fix"].startswith("systemctl restart libvirtd.service")
 
 
+def test_check_hook_after_start_is_run_when_another_qemu_hook_was_there(make):
+    """libvirt runs new files of qemu.d at once when a qemu hook existed at its start
+    (FIELD-NOTES §1). ctime cannot be set back, so the older hook's times come from a Host
+    that reports them as the epoch."""
+    from testbed.sim import kernel as K
+    from vfio_hookd.preflight import host_checks
+    w = make("nvidia", hook="after")
+    other = "/etc/libvirt/hooks/qemu"
+    K.mkfile(w.root, other, "#!/bin/sh\nexit 0\n", 0o755)
+
+    class OlderOther(type(w.host)):
+        def stat(self, p):
+            st = super().stat(p)
+            return os.stat_result(tuple(st[:7]) + (0, 0, 0)) if p == other else st
+    [installed, loaded] = host_checks.hook(OlderOther(w.root))
+    assert installed.status == loaded.status == "PASS"
+    assert other in loaded.message
+    [_, loaded] = host_checks.hook(w.host)   # the same hook, as new as ours: not enough
+    assert loaded.status == "FAIL"
+
+
 @pytest.mark.parametrize("mode", ["absent", "not-executable"])
 def test_check_hook_missing_or_not_executable(make, mode):
     w = make("nvidia", hook=mode)
@@ -291,6 +331,15 @@ def test_check_service_holding_the_gpu_not_in_stop_units(make):
     assert rc == 31 and c["status"] == "FAIL"
     assert "add nvidia-persistenced.service to stop_units" in c["fix"]
     assert "gdm.service" in c["message"]   # listed among those that end (the DM's stop)
+
+
+def test_check_unknown_unit_in_the_profile(make):
+    w = make("nvidia")
+    write_profile(w.dirs, "win11", 'devices: ["0000:01:00.0", "0000:01:00.1"]\n'
+                                   "stop_units: [nvidia-persistenced.service, nope.service]\n")
+    rc, by_name = w.check("win11", "--xml", w.xml(sim.DEVICES["nvidia"]))
+    [c] = by_name["vm.stop_units"]
+    assert rc == 31 and c["status"] == "FAIL" and "nope.service" in c["message"]
 
 
 def test_check_incomplete_group(make):
