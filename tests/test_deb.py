@@ -225,3 +225,85 @@ def test_the_versions_agree():
     assert re.search(r"^pkgver=(\S+)", pkgbuild, re.M).group(1) == version
     changelog = open(os.path.join(REPO, "debian", "changelog")).readline()
     assert re.match(r"vfio-hookd \(([^)-]+)", changelog).group(1) == version
+
+
+# The maintainer scripts in a Debian 12 root (scripts/deb-chroot), each dpkg run through
+# chroot on an overlay in a private mount namespace: install, a removal refused while a VM
+# holds its GPU, remove, purge with and without a profile, reinstall. After each step the
+# scenario prints "STEP name rc" and "present PATH" for the paths of WATCH that exist.
+WATCH = (f"/{HOOK}", "/etc/vfio-hookd", "/etc/vfio-hookd/vms", "/etc/vfio-hookd/vms/win11.yaml",
+         "/usr/bin/vfio-hookd", "/etc/systemd/system/sockets.target.wants/vfio-hookd.socket",
+         "/etc/systemd/system/multi-user.target.wants/vfio-hookd.service")
+SCENARIO = r"""
+set -u
+lower=$1 top=$2 deb=$3; shift 3
+mkdir -p "$top/up" "$top/work" "$top/root"
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=$top/up,workdir=$top/work" "$top/root"
+R=$top/root
+cp "$deb" "$R/tmp/vfio-hookd.deb"
+state() {
+    echo "STEP $1 $2 $(date +%s.%N)"
+    for p in WATCH; do if [ -e "$R$p" ] || [ -L "$R$p" ]; then echo "present $p"; fi; done
+}
+in_root() { chroot "$R" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 "$@"; }
+in_root dpkg -i /tmp/vfio-hookd.deb >"$top/install.log" 2>&1; state install $?
+in_root vfio-hookd --help | head -1
+mkdir -p "$R/tmp/run"
+in_root env VFIO_HOOKD_RUN=/tmp/run DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent vfio-hookd status
+echo "status-rc $?"
+printf 'devices: auto\n' >"$R/etc/vfio-hookd/vms/win11.yaml"
+mkdir -p "$R/run/vfio-hookd/vms"
+printf '{"version": 2, "vm": "win11", "phase": "prepared"}\n' >"$R/run/vfio-hookd/vms/win11.json"
+in_root dpkg -r vfio-hookd >"$top/refused.log" 2>&1; state remove-while-prepared $?
+printf '{"version": 2, "vm": "win11", "phase": "idle"}\n' >"$R/run/vfio-hookd/vms/win11.json"
+in_root dpkg -r vfio-hookd >"$top/remove.log" 2>&1; state remove $?
+in_root dpkg -P vfio-hookd >"$top/purge.log" 2>&1; state purge-with-profile $?
+in_root dpkg -i /tmp/vfio-hookd.deb >/dev/null 2>&1; state reinstall $?
+in_root dpkg -i /tmp/vfio-hookd.deb >/dev/null 2>&1; state upgrade $?
+cat "$R/etc/vfio-hookd/vms/win11.yaml"
+rm "$R/etc/vfio-hookd/vms/win11.yaml"
+in_root dpkg -P vfio-hookd >/dev/null 2>&1; state purge-empty $?
+cat "$top/refused.log"
+"""
+
+
+@pytest.fixture(scope="module")
+def chroot_root() -> str:
+    """The Debian 12 root of scripts/deb-chroot (made on the first run: about 3.5 min)."""
+    return _run([os.path.join(REPO, "scripts", "deb-chroot")], cwd=REPO).stdout.strip().splitlines()[-1]
+
+
+def test_the_maintainer_scripts_in_a_debian_12_root(build, chroot_root, tmp_path):
+    script = SCENARIO.replace("for p in WATCH;", "for p in " + " ".join(WATCH) + ";")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script,
+                        "scenario", chroot_root, str(tmp_path), build["deb"]],
+                       capture_output=True, text=True, timeout=300, env=SYSTEM_ENV)
+    steps: dict[str, tuple[int, set]] = {}
+    current = None
+    for line in r.stdout.splitlines():
+        if line.startswith("STEP "):
+            _, name, rc, _when = line.split()
+            current = name
+            steps[name] = (int(rc), set())
+        elif line.startswith("present ") and current:
+            steps[current][1].add(line.split(None, 1)[1])
+    log = f"{r.stdout}\n{r.stderr}"
+    everything = set(WATCH) - {"/etc/vfio-hookd/vms/win11.yaml"}
+    assert steps["install"] == (0, everything), log
+    assert "usage: vfio-hookd" in r.stdout and "status-rc 0" in r.stdout, log
+    # a VM holds its GPU: refused, nothing removed
+    rc, present = steps["remove-while-prepared"]
+    assert rc != 0 and present == set(WATCH), log
+    assert "not removed: VM(s) win11" in r.stdout, log
+    # removal: the hook and the program go, the profile stays
+    rc, present = steps["remove"]
+    assert rc == 0 and f"/{HOOK}" not in present and "/usr/bin/vfio-hookd" not in present, log
+    assert {"/etc/vfio-hookd/vms/win11.yaml", "/etc/vfio-hookd/vms"} <= present, log
+    # purge keeps /etc/vfio-hookd while it holds the user's profile
+    rc, present = steps["purge-with-profile"]
+    assert rc == 0 and "/etc/vfio-hookd/vms/win11.yaml" in present, log
+    assert not [p for p in present if "systemd" in p], log
+    assert steps["reinstall"] == (0, set(WATCH)), log
+    assert steps["upgrade"] == (0, set(WATCH)), log
+    assert "devices: auto" in r.stdout, log      # the profile, untouched through all of it
+    assert steps["purge-empty"] == (0, set()), log
