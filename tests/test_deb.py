@@ -156,11 +156,16 @@ def test_the_installed_files_run(root, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("DAEMON_UNREACHABLE: "), r.stderr
 
 
-def test_the_man_page_and_completions_cover_every_verb(root):
-    from vfio_hookd.cli import build_parser
+def _verbs() -> set[str]:
+    """The CLI's verbs, from its argparse parser."""
     import argparse
+    from vfio_hookd.cli import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    verbs = set(sub.choices)
+    return set(sub.choices)
+
+
+def test_the_man_page_and_completions_cover_every_verb(root):
+    verbs = _verbs()
     with gzip.open(os.path.join(root, "usr/share/man/man8/vfio-hookd.8.gz"), "rt") as f:
         man = f.read()
     assert man.startswith(".TH VFIO-HOOKD 8 ")
@@ -251,6 +256,11 @@ in_root vfio-hookd --help | head -1
 mkdir -p "$R/tmp/run"
 in_root env VFIO_HOOKD_RUN=/tmp/run DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent vfio-hookd status
 echo "status-rc $?"
+if in_root vfio-hookd --help | grep -q '[{,]check[,}]'; then
+    # the preflight from the installed files; the root has no /sys, /proc or IOMMU: FAILs
+    in_root env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent vfio-hookd check 2>&1
+    echo "check-rc $?"
+fi
 printf 'devices: auto\n' >"$R/etc/vfio-hookd/vms/win11.yaml"
 mkdir -p "$R/run/vfio-hookd/vms"
 printf '{"version": 2, "vm": "win11", "phase": "prepared"}\n' >"$R/run/vfio-hookd/vms/win11.json"
@@ -291,6 +301,13 @@ def test_the_maintainer_scripts_in_a_debian_12_root(build, chroot_root, tmp_path
     everything = set(WATCH) - {"/etc/vfio-hookd/vms/win11.yaml"}
     assert steps["install"] == (0, everything), log
     assert "usage: vfio-hookd" in r.stdout and "status-rc 0" in r.stdout, log
+    if "check" in _verbs():
+        # `vfio-hookd check` runs from the installed files and sees the package's hook
+        rc = int(re.search(r"^check-rc (\d+)$", r.stdout, re.M).group(1))
+        from vfio_hookd.errors import EXIT_STATUS
+        assert rc in (0, EXIT_STATUS.get("CHECK_FAILED")), log
+        assert re.search(r"^PASS +hook\.installed: /etc/libvirt/hooks/qemu\.d/vfio-hookd", r.stdout,
+                         re.M), log
     # a VM holds its GPU: refused, nothing removed
     rc, present = steps["remove-while-prepared"]
     assert rc != 0 and present == set(WATCH), log
