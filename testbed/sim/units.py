@@ -188,6 +188,25 @@ def job_latency(state_root: str, unit: Unit, jtype: str) -> float:
     return float(own) if own is not None else faults.latency(state_root, f"unit_{jtype}")
 
 
+def batch_latency(state_root: str, unit_ids: list[str], jtype: str) -> float:
+    """The latency (s) a batch of ``jtype`` jobs of ``unit_ids`` (all queued together, each
+    with work to do) incurs: the longest chain of the jobs' latencies along the units'
+    ordering (the jobs of unordered units overlap; :func:`blockers`)."""
+    units, names = build(load_table(state_root))
+    batch = {names[u].id: names[u] for u in unit_ids if u in names}
+    memo: dict[str, float] = {}
+
+    def chain(uid: str, seen: frozenset) -> float:
+        if uid not in memo:
+            unit = batch[uid]
+            first = [v for v in batch if v not in seen and v != uid and (
+                v in unit.after if jtype == "start" else v in unit.before)]
+            memo[uid] = job_latency(state_root, unit, jtype) + max(
+                (chain(v, seen | {uid}) for v in first), default=0.0)
+        return memo[uid]
+    return max((chain(u, frozenset()) for u in batch), default=0.0)
+
+
 def blockers(unit: Unit, jtype: str, units: dict[str, Unit]) -> list[str]:
     """The units (ids) whose pending jobs a waiting ``jtype`` job of ``unit`` must wait for,
     as systemd's ``job_is_runnable()``/``job_compare()``: a unit it is ``After=`` when the job
