@@ -7,10 +7,13 @@ event to ``$VFIO_HOOKD_BENCH_SHIM_LOG``:
 - ``{"ev": "latency", "key": K, "configured_s": S, "slept_ms": MS}``: each simulated kernel
   latency the fake kernel actually slept (:meth:`testbed.sim.kernel.SimHost._latency`);
   ``slept_ms`` is measured around the original method (so it includes reading faults.json).
-- ``{"ev": "unit", "verb": "stop"|"start", "unit": U, "configured_s": S, "ms": MS}``: each
-  systemd job the daemon waited for (:meth:`vfio_hookd.systemd.Systemd.stop` / ``start``);
-  ``configured_s`` is the fake systemd's ``unit_stop``/``unit_start`` latency, which such a job
-  always incurs (the units step only stops active units and starts inactive ones).
+- ``{"ev": "unit", "verb": "stop"|"start", "units": [U, ...], "unit": "U, ...",
+  "configured_s": S, "ms": MS}``: each batch of systemd jobs the daemon queued and awaited
+  together (``Systemd._jobs``, behind :meth:`vfio_hookd.systemd.Systemd.stop_all` /
+  ``start_all`` / ``stop`` / ``start``); ``configured_s`` is the latency the fake systemd
+  gives that batch (:func:`testbed.sim.units.batch_latency`: the jobs of unordered units
+  overlap, so the slowest unit's stop/start latency), which it always incurs (the units
+  step only stops active units and starts inactive ones).
 - ``{"ev": "kernelop", "op": "write"|"modprobe"|"rmmod", "target": T, "ms": MS, "step": S}``:
   each operation answered by the fake kernel (``SimHost._write_now`` -- run by
   ``Host.write`` in its helper thread --, and ``SimHost.run_command`` for ``modprobe NAME`` /
@@ -61,7 +64,7 @@ def _emit(event: dict) -> None:
 
 def _install() -> None:
     from vfio_hookd import daemon, systemd
-    from testbed.sim import faults, kernel
+    from testbed.sim import faults, kernel, units as sim_units
 
     orig_latency = kernel.SimHost._latency
 
@@ -94,21 +97,21 @@ def _install() -> None:
     kernel.SimHost._write_now = kernel_wrapper(kernel.SimHost._write_now)
     kernel.SimHost.run_command = kernel_wrapper(kernel.SimHost.run_command)
 
-    def unit_wrapper(verb, orig):
-        @functools.wraps(orig)
-        def wrapped(self, unit, timeout_s):
-            configured = faults.latency(_ROOT["root"], "unit_" + verb)
-            t0 = time.perf_counter()
-            try:
-                return orig(self, unit, timeout_s)
-            finally:
-                _emit({"ev": "unit", "verb": verb, "unit": unit, "configured_s": configured,
-                       "step": _current["step"],
-                       "ms": round((time.perf_counter() - t0) * 1000, 3)})
-        return wrapped
+    orig_jobs = systemd.Systemd._jobs
 
-    systemd.Systemd.stop = unit_wrapper("stop", systemd.Systemd.stop)
-    systemd.Systemd.start = unit_wrapper("start", systemd.Systemd.start)
+    @functools.wraps(orig_jobs)
+    def jobs(self, method, verb, units, timeout_s):
+        kind = {"stopping": "stop", "starting": "start"}.get(verb, verb)
+        configured = sim_units.batch_latency(_ROOT["root"], list(units), kind)
+        t0 = time.perf_counter()
+        try:
+            return orig_jobs(self, method, verb, units, timeout_s)
+        finally:
+            _emit({"ev": "unit", "verb": kind, "units": list(units), "unit": ", ".join(units),
+                   "configured_s": configured, "step": _current["step"],
+                   "ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    systemd.Systemd._jobs = jobs
 
     orig_dispatch = daemon.Daemon.dispatch
 

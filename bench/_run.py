@@ -1,8 +1,8 @@
 """Run every vfio-hookd benchmark and print a summary of its goals.
 
 ``bench/run [--quick] [--out-dir DIR]``: runs ``hook_unmanaged.py``, ``prepare_release.py``,
-``daemon_idle.py`` and ``profile_limits.py`` one after the other (each prints its own tables), then a summary of
-every goal. Results: ``DIR/<benchmark>.json`` and ``DIR/latest.json`` (all of them),
+``units_parallel.py``, ``daemon_idle.py`` and ``profile_limits.py`` one after the other
+(each prints its own tables), then a summary of every goal. Results: ``DIR/<benchmark>.json`` and ``DIR/latest.json`` (all of them),
 ``DIR`` default ``/tmp/vfio-hookd-bench`` (never in the repo). Exit status 0 when every goal
 is met, 1 otherwise. ``--quick``: fewer runs, for a smoke test (numbers less stable).
 """
@@ -23,6 +23,7 @@ import benchlib as B  # noqa: E402
 SCRIPTS = {
     "hook_unmanaged": ([], ["--runs", "30", "--warmup", "3"]),
     "prepare_release": ([], ["--cycles", "2", "--zero-cycles", "3"]),
+    "units_parallel": ([], ["--cycles", "1"]),
     "daemon_idle": ([], ["--window", "2"]),
     "profile_limits": ([], ["--runs", "10"]),
 }

@@ -122,6 +122,9 @@ class SimEnv:
     :param variant: ``"nvidia"`` (default) or ``"amd"``.
     :param latency: per-operation latencies (s) for :func:`testbed.sim.make_host`.
     :param bus: also start the private D-Bus bus with the fake systemd (needed for prepare).
+    :param units: ``{unit id: {key: value}}`` merged into the variant's ``units.json`` before
+        the fake systemd starts (e.g. ``{"gdm.service": {"stop_s": 0.8}}``: per-unit
+        latencies and ordering, :mod:`testbed.sim.units`).
     :param run_on_tmpfs: put the run directory (records, socket, locks) on ``/dev/shm`` when it
         is a tmpfs, as ``/run`` is on a systemd host (records are fsync'ed on every save, which
         costs milliseconds on a disk but nothing on tmpfs); else under the temp dir.
@@ -132,7 +135,7 @@ class SimEnv:
     """
 
     def __init__(self, variant: str = "nvidia", latency: dict | None = None, bus: bool = True,
-                 run_on_tmpfs: bool = True):
+                 run_on_tmpfs: bool = True, units: dict | None = None):
         from testbed import sim
         self.tmp = tempfile.mkdtemp(prefix="vfio-hookd-bench-")
         self.config = os.path.join(self.tmp, "etc")
@@ -156,6 +159,14 @@ class SimEnv:
         self.bus = None
         try:
             sim.make_host(self.root, variant, latency)
+            if units:
+                table_path = os.path.join(self.root, ".sim", "units.json")
+                with open(table_path) as f:
+                    table = json.load(f)
+                for uid, extra in units.items():
+                    table[uid] = dict(table.get(uid) or {}, **extra)
+                with open(table_path, "w") as f:
+                    json.dump(table, f, indent=1)
             if bus:
                 from testbed.sim.bus import SimBus
                 self.bus = SimBus(self.root)

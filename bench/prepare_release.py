@@ -65,8 +65,8 @@ def one_direction(env: B.SimEnv, daemon: B.DaemonProc, direction: str, xml: byte
     ops: dict[str, int] = {}
     for e in kernel:
         ops[e["key"]] = ops.get(e["key"], 0) + 1
-    for e in units:
-        ops[f"unit_{e['verb']}"] = ops.get(f"unit_{e['verb']}", 0) + 1
+    for e in units:   # one event per batch of jobs queued together
+        ops[f"unit_{e['verb']}"] = ops.get(f"unit_{e['verb']}", 0) + len(e["units"])
     per_step = {}
     want = "duration_ms" if direction == "prepare" else "undo_ms"
     for s in status["steps"]:

@@ -2,7 +2,7 @@
 
 :class:`FakeSystemd` has the interface of :class:`vfio_hookd.systemd.Systemd` (``connect``,
 ``close``, ``resolve``, ``active_state``, ``shutting_down``, ``list_units``, ``stop``,
-``start``, context manager) with the same results and the same errors (:class:`HookdError`
+``start``, ``stop_all``, ``start_all``, context manager) with the same results and the same errors (:class:`HookdError`
 with ``UNIT_FAILED`` "unit X not found" / "stopping X: job result failed", ``TIMEOUT``
 "stopping X: job J did not end within S s"), and is both that client and the systemd it talks
 to. Give it to the state machine: ``Machine(host, paths, systemd_factory=lambda: fake)``.
@@ -10,13 +10,16 @@ to. Give it to the state machine: ``Machine(host, paths, systemd_factory=lambda:
 It runs the same unit model as the simulated systemd on D-Bus (:mod:`testbed.sim.units`): units
 from ``<state_root>/.sim/units.json``, states written to ``units-state.json``, each active unit
 with ``holds`` a real process holding those nodes of the simulated host (so the holders step
-still finds real holders), fault rules ``stop``/``start`` and the ``unit_stop``/``unit_start``
-latencies of :mod:`testbed.sim.faults`. Jobs follow the same rules (:mod:`testbed.sim.systemd`):
-a stop sends SIGTERM and ends once the process has exited and the latency has passed; a start
-waits the latency, then starts the process, and fails when none of its holds exists; ``fail``
-ends a job ``failed``, ``hang`` never ends it; a job of the other type replaces a pending one
+still finds real holders), fault rules ``stop``/``start``, the per-unit latencies
+(``stop_s``/``start_s``, else ``unit_stop``/``unit_start`` of :mod:`testbed.sim.faults`), the
+units' ordering and the job log (:mod:`testbed.sim.units`). Jobs follow the same rules
+(:mod:`testbed.sim.systemd`): jobs of different units run concurrently unless ordered; a stop
+sends SIGTERM and ends once the process has exited and the latency has passed; a start waits
+the latency, then starts the process, and fails when none of its holds exists; ``fail`` ends a
+job ``failed``, ``hang`` never ends it; a job of the other type replaces a pending one
 (``canceled``), one of the same type is merged. Jobs run in background threads, so a job that
-outlives its caller's deadline goes on, as in systemd.
+outlives its caller's deadline goes on, as in systemd. :meth:`FakeSystemd.stop_all` /
+``start_all`` queue every job before awaiting any, as the real client does.
 
 :meth:`FakeSystemd.kill_all` ends the unit processes (tests call it at teardown; ``close`` only
 closes "the connection", as for the real client). :meth:`FakeSystemd.set_system_state` stands
@@ -30,10 +33,11 @@ import signal
 import threading
 import time
 
-from vfio_hookd.errors import TIMEOUT, UNIT_FAILED, HookdError
+from vfio_hookd.errors import UNIT_FAILED, HookdError
+from vfio_hookd.jobs import enqueue_order, outcome
 
 from .procs import stop as stop_process
-from testbed.sim import faults, units as model
+from testbed.sim import units as model
 
 JOB_PREFIX = "/org/freedesktop/systemd1/job/"
 
@@ -44,6 +48,8 @@ class _Job:
         self.path = f"{JOB_PREFIX}{jid}"
         self.unit = unit
         self.type = jtype                  # "start" | "stop"
+        self.state = "waiting"             # "waiting" (ordered after another job) | "running"
+        self.rule: dict | None = None      # the fault rule it met when queued
         self.waiting: set[str] = set()     # what a running stop still waits for
         self.result: str | None = None
         self.ended = threading.Event()
@@ -63,6 +69,7 @@ class FakeSystemd:
         self.bindir = os.path.join(self.state_root, ".sim", "bin")
         self._lock = threading.RLock()
         self._next_job = 1
+        self._queue: list[_Job] = []       # jobs waiting for others (systemd's ordering)
         self.system_state = "running"
         self.connected = False
         self.procs: dict[int, model.Unit] = {}
@@ -136,18 +143,32 @@ class FakeSystemd:
         with self._lock:
             return {u.id: u.active_state for u in self.units.values()}
 
+    def stop_all(self, units: list[str], timeout_s: float) -> dict[str, str]:
+        """Stop ``units`` together, as :meth:`vfio_hookd.systemd.Systemd.stop_all`: every job
+        queued before any is awaited, all awaited against one deadline.
+
+        :returns: ``{unit: "done"}``.
+        :raises HookdError: ``UNIT_FAILED`` (unknown units, job results other than ``done``),
+            ``TIMEOUT`` (jobs not ended by the deadline; they stay pending), as
+            :func:`vfio_hookd.jobs.outcome`.
+        """
+        return self._jobs("stop", "stopping", units, timeout_s)
+
+    def start_all(self, units: list[str], timeout_s: float) -> dict[str, str]:
+        """Start ``units`` together, as :meth:`vfio_hookd.systemd.Systemd.start_all`."""
+        return self._jobs("start", "starting", units, timeout_s)
+
     def stop(self, unit: str, timeout_s: float) -> str:
         """Stop ``unit`` and wait for its job, as :meth:`vfio_hookd.systemd.Systemd.stop`.
 
         :returns: ``"done"``.
-        :raises HookdError: ``UNIT_FAILED`` (unknown unit, job result other than ``done``),
-            ``TIMEOUT`` (the job has not ended by the deadline; it stays pending).
+        :raises HookdError: as :meth:`stop_all`.
         """
-        return self._job("stop", "stopping", unit, timeout_s)
+        return self._jobs("stop", "stopping", [unit], timeout_s)[unit]
 
     def start(self, unit: str, timeout_s: float) -> str:
         """Start ``unit`` and wait for its job, as :meth:`vfio_hookd.systemd.Systemd.start`."""
-        return self._job("start", "starting", unit, timeout_s)
+        return self._jobs("start", "starting", [unit], timeout_s)[unit]
 
     # ---- for the tests -----------------------------------------------------------------------
     def set_system_state(self, state: str) -> None:
@@ -167,55 +188,76 @@ class FakeSystemd:
                 w.join(5)
 
     # ---- jobs --------------------------------------------------------------------------------
-    def _job(self, jtype: str, verb: str, name: str, timeout_s: float) -> str:
+    def _jobs(self, jtype: str, verb: str, names: list[str], timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
         self.connected = True
-        what = f"{verb} {name}"
-        with self._lock:
-            unit = self.names.get(name)
-            if unit is None:
-                raise HookdError(UNIT_FAILED, f"unit {name} not found", {"unit": name})
-            old = unit.job
-            if old is not None and old.type == jtype:
-                job = old                       # merged into the pending job
-            else:
+        jobs: dict[str, _Job] = {}
+        refused = []
+        names = list(dict.fromkeys(names))
+        if len(names) > 1:   # as the real client: in the order of the units' After=
+            names = enqueue_order(names, {n: self.names[n].after for n in names
+                                          if n in self.names}, stop=jtype == "stop")
+        for name in names:   # every job queued before any is awaited
+            with self._lock:
+                unit = self.names.get(name)
+                if unit is None:
+                    refused.append(HookdError(UNIT_FAILED, f"unit {name} not found",
+                                              {"unit": name}))
+                    continue
+                old = unit.job
+                if old is not None and old.type == jtype:
+                    jobs[name] = old                  # merged into the pending job
+                    continue
                 if old is not None:
                     self._finish(old, "canceled")
-                job = self._enqueue(unit, jtype)
-        if not job.ended.wait(max(0.0, deadline - time.monotonic())):
-            raise HookdError(TIMEOUT, f"{what}: job {job.path} did not end within "
-                             f"{timeout_s:g} s", {"unit": name, "job": job.path})
-        if job.result != "done":
-            raise HookdError(UNIT_FAILED, f"{what}: job result {job.result}",
-                             {"unit": name, "job": job.path, "result": job.result})
-        return job.result
+                jobs[name] = self._enqueue(unit, jtype)
+        for job in jobs.values():
+            job.ended.wait(max(0.0, deadline - time.monotonic()))
+        results = {j.path: j.result for j in jobs.values() if j.ended.is_set()}
+        return outcome(verb, {n: j.path for n, j in jobs.items()}, results, refused, timeout_s)
 
     def _enqueue(self, unit: model.Unit, jtype: str) -> _Job:
-        """A new job (called with the lock held); it runs in the background."""
+        """A new job (called with the lock held); it runs in the background once the jobs it
+        is ordered after are over (:func:`testbed.sim.units.blockers`)."""
         job = _Job(self._next_job, unit, jtype)
         self._next_job += 1
         unit.job = job
-        rule = model.job_rule(self.state_root, jtype, unit.id)
-        if model.is_noop(unit, jtype, rule):
+        model.log_job(self.state_root, "new", job.id, unit.id, jtype)
+        job.rule = model.job_rule(self.state_root, jtype, unit.id)
+        if model.is_noop(unit, jtype, job.rule):
             self._finish(job, "done")
             return job
+        self._queue.append(job)
+        self._dispatch()
+        return job
+
+    def _dispatch(self) -> None:
+        """Run every waiting job that no longer waits for another (lock held)."""
+        for job in list(self._queue):
+            if job in self._queue and not model.blockers(job.unit, job.type, self.units):
+                self._queue.remove(job)
+                job.state = "running"
+                model.log_job(self.state_root, "run", job.id, job.unit.id, job.type)
+                self._run(job)
+
+    def _run(self, job: _Job) -> None:
+        unit, jtype, rule = job.unit, job.type, job.rule
         if rule and rule["action"] == "hang":
             if rule["op"] == "stop":
                 self._set_state(unit, "deactivating", "stop-sigterm")
             else:
                 self._set_state(unit, "activating", "start")
-            return job                           # never ends (unless replaced)
+            return                               # never ends (unless replaced)
         if rule and rule["action"] == "fail":
             if rule["op"] == "start":
                 self._set_state(unit, "failed", "failed")
             self._finish(job, "failed")
-            return job
+            return
         if jtype == "start":
             self._set_state(unit, "activating", "start")
-            self._after(job, faults.latency(self.state_root, "unit_start"), self._start_done)
+            self._after(job, model.job_latency(self.state_root, unit, "start"), self._start_done)
         else:
             self._stop_job(job)
-        return job
 
     def _after(self, job: _Job, seconds: float, then) -> None:
         """Call ``then(job)`` under the lock after ``seconds`` (the simulated latency), unless
@@ -248,7 +290,7 @@ class FakeSystemd:
         def latency_over(j: _Job) -> None:
             j.waiting.discard("latency")
             self._stop_progress(j)
-        self._after(job, faults.latency(self.state_root, "unit_stop"), latency_over)
+        self._after(job, model.job_latency(self.state_root, unit, "stop"), latency_over)
 
     def _stop_progress(self, job: _Job) -> None:
         if job.waiting:
@@ -260,10 +302,15 @@ class FakeSystemd:
         if job.ended.is_set():
             return
         job.result = result
+        if job in self._queue:
+            self._queue.remove(job)
         if job.unit.job is job:
             job.unit.job = None
         self._persist()
+        model.log_job(self.state_root, "removed", job.id, job.unit.id, job.type, result)
         job.ended.set()
+        if self._queue:
+            self._dispatch()   # jobs ordered after this one may run now
 
     # ---- unit processes ------------------------------------------------------------------------
     def _activate(self, unit: model.Unit) -> bool:

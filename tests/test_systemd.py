@@ -17,6 +17,7 @@ import pytest
 from testbed.fake_systemd import FakeSystemd
 from testbed.sim import faults
 from testbed.sim.bus import SimBus
+from testbed.sim.units import read_job_log
 from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
 from vfio_hookd.systemd import Systemd
@@ -31,19 +32,29 @@ UNITS = {
 DEVICE_NODES = ["/dev/dri/card0", "/dev/snd/controlC1", "/dev/nvidiactl", "/dev/nvidia0"]
 
 
-def _root(tmp_path) -> str:
+#: Units ordered among themselves (systemd.unit(5) After=/Before=): b is After= a, c is
+#: Before= a (so a is After= c), x is ordered to nothing.
+ORDERED = {
+    "a.service": {"active": True},
+    "b.service": {"active": True, "after": ["a.service"], "stop_s": 0.1, "start_s": 0.1},
+    "c.service": {"active": True, "before": ["a.service"]},
+    "x.service": {"active": True},
+}
+
+
+def _root(tmp_path, units: dict = UNITS) -> str:
     """A simulated host root with device nodes and units."""
     root = tmp_path / "host"
     (root / ".sim").mkdir(parents=True)
     for node in DEVICE_NODES:
         (root / node.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         (root / node.lstrip("/")).write_text("")
-    (root / ".sim" / "units.json").write_text(json.dumps(UNITS))
+    (root / ".sim" / "units.json").write_text(json.dumps(units))
     return str(root)
 
 
-def _dbus(tmp_path):
-    root = _root(tmp_path)
+def _dbus(tmp_path, units: dict = UNITS):
+    root = _root(tmp_path, units)
     with SimBus(root) as bus:
         sd = Systemd(bus.address)
         try:
@@ -58,20 +69,33 @@ def dbus_host(tmp_path):
     yield from _dbus(tmp_path)
 
 
-@pytest.fixture(params=[pytest.param("dbus", marks=pytest.mark.dbus),
-                        pytest.param("fake", marks=pytest.mark.unit)])
-def host(request, tmp_path):
-    """``(root, backend, client)``: the SimBus and a Systemd client on it, or a FakeSystemd
-    (backend and client in one)."""
-    if request.param == "dbus":
-        yield from _dbus(tmp_path)
+def _either(kind: str, tmp_path, units: dict):
+    if kind == "dbus":
+        yield from _dbus(tmp_path, units)
         return
-    fake = FakeSystemd(_root(tmp_path))
+    fake = FakeSystemd(_root(tmp_path, units))
     try:
         yield fake.root, fake, fake
     finally:
         fake.close()
         fake.kill_all()
+
+
+BACKENDS = [pytest.param("dbus", marks=pytest.mark.dbus),
+            pytest.param("fake", marks=pytest.mark.unit)]
+
+
+@pytest.fixture(params=BACKENDS)
+def host(request, tmp_path):
+    """``(root, backend, client)``: the SimBus and a Systemd client on it, or a FakeSystemd
+    (backend and client in one)."""
+    yield from _either(request.param, tmp_path, UNITS)
+
+
+@pytest.fixture(params=BACKENDS)
+def ordered_host(request, tmp_path):
+    """As ``host``, with the :data:`ORDERED` units."""
+    yield from _either(request.param, tmp_path, ORDERED)
 
 
 def set_system_state(backend, state: str) -> None:
@@ -334,3 +358,157 @@ def test_unit_of_pid_names_the_unit_of_a_process(host):
     pid = unit_pid(root, "gdm.service")
     assert sd.unit_of_pid(pid) == "gdm.service"
     assert sd.unit_of_pid(os.getpid()) is None   # this test runner belongs to no fake unit
+
+
+# ---- batches: stop_all / start_all (systemctl stop A B) -------------------------------------
+def _events(root: str, ev: str | None = None) -> list[tuple[str, str, str]]:
+    """The job log as ``(ev, type, unit)`` tuples, oldest first (only ``ev`` if given)."""
+    return [(e["ev"], e["type"], e["unit"]) for e in read_job_log(root)
+            if ev is None or e["ev"] == ev]
+
+
+def test_stop_all_queues_every_job_before_awaiting_any(host):
+    # Both stop jobs hang: a client that awaited the first before queueing the second would
+    # time out on gdm alone and never queue nvidia-persistenced's stop.
+    root, _bus, sd = host
+    faults.inject(root, "stop", "*.service", "hang")
+    units = ["gdm.service", "nvidia-persistenced.service"]
+    with pytest.raises(HookdError) as exc:
+        sd.stop_all(units, 0.5)
+    assert exc.value.code == errors.TIMEOUT
+    assert exc.value.message.startswith("stopping gdm.service, nvidia-persistenced.service: "
+                                        "jobs ")
+    assert exc.value.message.endswith("did not end within 0.5 s")
+    assert exc.value.details["results"] == {u: "pending" for u in units}
+    assert _events(root, "new") == [("new", "stop", u) for u in units]   # both queued
+    assert _events(root, "removed") == []                                 # none ended
+    # start replaces the two hung stop jobs (mode "replace"), as one batch too
+    faults.clear(root)
+    assert sd.start_all(units, 5) == {u: "done" for u in units}
+    ends = [(e["type"], e["unit"], e["result"]) for e in read_job_log(root)
+            if e["ev"] == "removed"]
+    for u in units:
+        assert ends.index(("stop", u, "canceled")) < ends.index(("start", u, "done"))
+    assert {u: sd.active_state(u) for u in units} == {u: "active" for u in units}
+
+
+def test_stop_all_reports_the_failed_unit_and_stops_the_others(host):
+    root, _bus, sd = host
+    faults.inject(root, "stop", "gdm.service", "fail", count=1)
+    with pytest.raises(HookdError) as exc:
+        sd.stop_all(["gdm.service", "nvidia-persistenced.service"], 5)
+    assert exc.value.code == errors.UNIT_FAILED
+    assert exc.value.message == "stopping gdm.service: job result failed"
+    assert exc.value.details["results"] == {"gdm.service": "failed",
+                                            "nvidia-persistenced.service": "done"}
+    assert sd.active_state("gdm.service") == "active"   # a failed stop leaves it running
+    assert sd.active_state("nvidia-persistenced.service") == "inactive"
+
+
+def test_stop_all_timeout_names_only_the_pending_units(host):
+    root, _bus, sd = host
+    faults.inject(root, "stop", "gdm.service", "hang")
+    with pytest.raises(HookdError) as exc:   # 2 s: time for the other stop on a busy machine
+        sd.stop_all(["gdm.service", "nvidia-persistenced.service"], 2)
+    assert exc.value.code == errors.TIMEOUT
+    assert exc.value.message.startswith("stopping gdm.service: job /org/freedesktop/systemd1/"
+                                        "job/")
+    assert "nvidia-persistenced" not in exc.value.message
+    assert exc.value.details["results"] == {"gdm.service": "pending",
+                                            "nvidia-persistenced.service": "done"}
+    assert sd.active_state("nvidia-persistenced.service") == "inactive"
+    faults.clear(root)
+    assert sd.start("gdm.service", 5) == "done"
+
+
+def test_stop_all_unknown_unit_is_named_and_the_others_are_stopped(host):
+    # as systemctl stop: every unit is tried, the refused one is reported
+    _root, _bus, sd = host
+    with pytest.raises(HookdError) as exc:
+        sd.stop_all(["lightdm.service", "nvidia-persistenced.service"], 5)
+    assert exc.value.code == errors.UNIT_FAILED
+    assert exc.value.message == "unit lightdm.service not found"
+    assert exc.value.details["results"] == {"lightdm.service": "refused",
+                                            "nvidia-persistenced.service": "done"}
+    assert sd.active_state("nvidia-persistenced.service") == "inactive"
+
+
+def test_stop_all_and_start_all_of_nothing(host):
+    _root, _bus, sd = host
+    assert sd.stop_all([], 1) == {} and sd.start_all([], 1) == {}
+
+
+def _index(log, ev, jtype, unit) -> int:
+    return log.index((ev, jtype, unit))
+
+
+def test_stop_all_follows_the_units_order_in_reverse(ordered_host):
+    # b is After= a, a is After= c: stops run b, then a, then c (systemd.unit(5)); x is free.
+    # Given in start order, a client queueing a first would see a's job run at once (nothing
+    # queued yet to wait for), before b's stop ended.
+    root, _bus, sd = ordered_host
+    assert sd.stop_all(["c.service", "a.service", "b.service", "x.service"], 5) == {
+        u: "done" for u in ("c.service", "a.service", "b.service", "x.service")}
+    log = _events(root)
+    assert _index(log, "removed", "stop", "b.service") < _index(log, "run", "stop", "a.service")
+    assert _index(log, "removed", "stop", "a.service") < _index(log, "run", "stop", "c.service")
+    assert {u: sd.active_state(u) for u in ORDERED} == {u: "inactive" for u in ORDERED}
+
+
+def test_start_all_follows_the_units_order(ordered_host):
+    root, _bus, sd = ordered_host
+    units = ["b.service", "a.service", "c.service"]   # given in stop order
+    sd.stop_all(units, 5)
+    assert sd.start_all(units, 5) == {u: "done" for u in units}
+    log = [e for e in _events(root) if e[1] == "start"]
+    assert _index(log, "removed", "start", "c.service") < _index(log, "run", "start", "a.service")
+    assert _index(log, "removed", "start", "a.service") < _index(log, "run", "start", "b.service")
+    assert {u: sd.active_state(u) for u in units} == {u: "active" for u in units}
+
+
+@pytest.mark.dbus
+def test_sim_unit_order_properties(tmp_path):
+    """The D-Bus fake answers After/Before as systemd does: each direction on both units."""
+    for root, _bus, sd in _dbus(tmp_path, ORDERED):
+        _, manager = sd._connect()
+        get = lambda u, p: sd._get(manager.GetUnit(u), "org.freedesktop.systemd1.Unit", p)
+        assert get("a.service", "After") == ["c.service"]
+        assert get("a.service", "Before") == ["b.service"]
+        assert get("b.service", "After") == ["a.service"] and get("x.service", "After") == []
+
+
+class _J:
+    def __init__(self, jtype):
+        self.type = jtype
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mine, other_job, rel, waits", [
+    # b After= a: b's start waits for a's start or stop; b's stop waits for nothing of a
+    ("start", "start", "after", True), ("start", "stop", "after", True),
+    ("stop", "stop", "after", False), ("stop", "start", "after", False),
+    # a Before= b: a's job waits for b's stop (stops go in reverse, and before starts)
+    ("stop", "stop", "before", True), ("start", "stop", "before", True),
+    ("start", "start", "before", False), ("stop", "start", "before", False),
+    ("start", None, "after", False), ("stop", None, "before", False),
+])
+def test_model_job_order_is_systemds(mine, other_job, rel, waits):
+    """testbed.sim.units.blockers against systemd's job_compare() (src/core/job.c)."""
+    from testbed.sim import units as model
+    table = {"a.service": {}, "b.service": {"after": ["a.service"]}}
+    units, _names = model.build(table)
+    me, other = ((units["b.service"], units["a.service"]) if rel == "after"
+                 else (units["a.service"], units["b.service"]))
+    other.job = _J(other_job) if other_job else None
+    assert model.blockers(me, mine, units) == ([other.id] if waits else [])
+
+
+@pytest.mark.unit
+def test_enqueue_order():
+    from vfio_hookd.jobs import enqueue_order
+    after = {"b": {"a"}, "a": {"c"}, "x": set()}
+    assert enqueue_order(["c", "a", "b", "x"], after, stop=True) == ["b", "a", "c", "x"]
+    assert enqueue_order(["b", "a", "c", "x"], after, stop=False) == ["c", "a", "b", "x"]
+    assert enqueue_order(["x", "b", "x"], {}, stop=True) == ["x", "b"]   # free: as given
+    cycle = {"p": {"q"}, "q": {"p"}}
+    assert enqueue_order(["p", "q"], cycle, stop=False) == ["p", "q"]

@@ -5,10 +5,11 @@ The only product module that imports pydbus / ``gi``; it does so on the first co
 
 Waiting for a job (FIELD-NOTES §3): the client calls ``Subscribe()`` once per connection (so
 systemd emits job signals) and subscribes to ``JobRemoved(id, job, unit, result)`` once, for the
-connection's lifetime (:class:`_JobWatch`), *before* any ``StopUnit`` / ``StartUnit``; every
-``JobRemoved`` is recorded (the last 1024), and a job is over when the one for the returned job
-path is among them -- also when it arrived before the method reply. The wait is a condition
-variable with the deadline; nothing polls or sleeps.
+connection's lifetime (:class:`vfio_hookd.jobs.JobWatch`), *before* any ``StopUnit`` /
+``StartUnit``; every ``JobRemoved`` is recorded (the last 1024), and a job is over when the one
+for the returned job path is among them -- also when it arrived before the method reply. The
+wait is a condition variable with the deadline; nothing polls or sleeps. Several units are
+stopped or started as one batch (:meth:`Systemd.stop_all`), as ``systemctl stop A B`` does.
 
 Threads: every public method may be called from any thread, concurrently. The connection
 (a ``GDBusConnection``, thread-safe) is shared and made under a lock. The subscription lives on
@@ -38,12 +39,12 @@ subscription.
 
 from __future__ import annotations
 
-import collections
 import math
 import threading
 import time
 
 from .errors import SYSTEMD_UNAVAILABLE, TIMEOUT, UNIT_FAILED, HookdError
+from .jobs import JobWatch as _JobWatch, enqueue_order, outcome
 
 BUS_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -275,105 +276,86 @@ class Systemd:
         return {row[0]: row[3] for row in rows}
 
     # ---- jobs -----------------------------------------------------------------------------------
-    def stop(self, unit: str, timeout_s: float) -> str:
-        """Stop ``unit`` (``StopUnit(unit, "replace")``) and wait for its job to end.
+    def stop_all(self, units: list[str], timeout_s: float) -> dict[str, str]:
+        """Stop ``units`` together, as ``systemctl stop A B`` does: ``StopUnit(unit,
+        "replace")`` for every unit before any job is awaited, then every job awaited against
+        one deadline. systemd runs the jobs at once unless the units' ``After=``/``Before=``
+        order them (then a unit that is ``After=`` another stops first; ``systemd.unit(5)``);
+        for that the jobs are queued in that order, from each unit's ``After`` property
+        (:func:`vfio_hookd.jobs.enqueue_order`).
 
-        :param unit: unit name (str); resolve aliases first with :meth:`resolve`.
-        :param timeout_s: deadline (s) for the call and the job together.
-        :returns: the job result, ``"done"``. Stopping an inactive unit is a job that is
-            ``done`` at once.
-        :raises HookdError: ``UNIT_FAILED`` "stopping gdm.service: job result failed" for any
-            other result (``canceled``, ``timeout``, ``failed``, ``dependency``, ``skipped``) or
-            an unknown unit; ``TIMEOUT`` if the job has not ended by the deadline (the job stays
-            queued in systemd); ``SYSTEMD_UNAVAILABLE``.
+        :param units: unit names (list of str); resolve aliases first with :meth:`resolve`.
+        :param timeout_s: deadline (s) for the calls and all the jobs together.
+        :returns: ``{unit: "done"}``. Stopping an inactive unit is a job ``done`` at once.
+        :raises HookdError: ``UNIT_FAILED`` naming each unit that is unknown or whose job
+            ended other than ``done`` ("stopping gdm.service: job result failed"; the other
+            units' jobs were still awaited); ``TIMEOUT`` naming the units whose jobs had not
+            ended by the deadline (they stay queued in systemd); ``SYSTEMD_UNAVAILABLE``
+            (:func:`vfio_hookd.jobs.outcome`).
         """
-        return self._job("StopUnit", "stopping", unit, timeout_s)
+        return self._jobs("StopUnit", "stopping", units, timeout_s)
+
+    def start_all(self, units: list[str], timeout_s: float) -> dict[str, str]:
+        """Start ``units`` together (``StartUnit(unit, "replace")`` each), as :meth:`stop_all`;
+        systemd orders the start jobs by ``After=``/``Before=``.
+
+        :returns: ``{unit: "done"}`` (also for a unit that was already active).
+        :raises HookdError: ``UNIT_FAILED`` "starting gdm.service: job result failed" for each
+            failed unit; ``TIMEOUT``; ``SYSTEMD_UNAVAILABLE``.
+        """
+        return self._jobs("StartUnit", "starting", units, timeout_s)
+
+    def stop(self, unit: str, timeout_s: float) -> str:
+        """Stop one ``unit``: :meth:`stop_all` of ``[unit]``; returns ``"done"``, raises as it
+        ("stopping gdm.service: job result failed"; "stopping gdm.service: job J did not end
+        within S s")."""
+        return self._jobs("StopUnit", "stopping", [unit], timeout_s)[unit]
 
     def start(self, unit: str, timeout_s: float) -> str:
-        """Start ``unit`` (``StartUnit(unit, "replace")``) and wait for its job; as :meth:`stop`.
-
-        :returns: ``"done"`` (also when the unit was already active).
-        :raises HookdError: ``UNIT_FAILED`` "starting gdm.service: job result failed";
-            ``TIMEOUT``; ``SYSTEMD_UNAVAILABLE``.
-        """
-        return self._job("StartUnit", "starting", unit, timeout_s)
+        """Start one ``unit``: :meth:`start_all` of ``[unit]``; returns ``"done"``."""
+        return self._jobs("StartUnit", "starting", [unit], timeout_s)[unit]
 
     def _job(self, method: str, verb: str, unit: str, timeout_s: float) -> str:
+        return self._jobs(method, verb, [unit], timeout_s)[unit]
+
+    def _jobs(self, method: str, verb: str, units: list[str], timeout_s: float) -> dict:
+        """Call ``method(unit, "replace")`` for every unit, then await all the jobs."""
         from gi.repository import GLib
 
         deadline = time.monotonic() + timeout_s
         _bus, manager = self._connect()
-        watch = self._watch
-        what = f"{verb} {unit}"
-        try:
-            job = getattr(manager, method)(
-                unit, "replace", timeout=max(0.001, deadline - time.monotonic()))
-        except GLib.Error as e:
-            raise self._fail(e, what, unit) from None
-        result = watch.wait(job, deadline)
-        if result is None:
-            raise HookdError(TIMEOUT, f"{what}: job {job} did not end within "
-                             f"{timeout_s:g} s", {"unit": unit, "job": job})
-        if result != "done":
-            raise HookdError(UNIT_FAILED, f"{what}: job result {result}",
-                             {"unit": unit, "job": job, "result": result})
-        return result
+        watch = self._watch   # subscribed before the first call: no JobRemoved is missed
+        jobs: dict[str, str] = {}
+        refused: list[HookdError] = []
+        units = list(dict.fromkeys(units))
+        if len(units) > 1:
+            units = enqueue_order(units, {u: self._after(manager, u) for u in units},
+                                  stop=method == "StopUnit")
+        for unit in units:
+            try:
+                jobs[unit] = getattr(manager, method)(
+                    unit, "replace", timeout=max(0.001, deadline - time.monotonic()))
+            except GLib.Error as e:
+                err = self._fail(e, f"{verb} {unit}", unit)
+                if err.code == SYSTEMD_UNAVAILABLE:
+                    raise err from None
+                refused.append(err)
+        results = watch.wait_all(jobs.values(), deadline)
+        return outcome(verb, jobs, results, refused, timeout_s)
 
-
-class _JobWatch:
-    """Every ``JobRemoved`` of one connection, for its lifetime: one subscription on a GLib
-    main context of its own, iterated by one daemon thread that blocks in ``poll(2)`` between
-    signals. :meth:`wait` is a condition-variable wait with a deadline.
-
-    :param bus: the pydbus bus of the connection (already ``Subscribe()``d).
-    """
-
-    KEEP = 1024   #: recent results kept (other clients' jobs end too; ours are taken out)
-
-    def __init__(self, bus):
+    def _after(self, manager, unit: str) -> set[str]:
+        """The units ``unit`` is ordered after (its ``After`` property; ``LoadUnit`` first);
+        empty if systemd cannot say (the job call then reports the error)."""
         from gi.repository import GLib
 
-        self._cv = threading.Condition()
-        self._removed: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._stopping = False
-        self._ctx = GLib.MainContext.new()
-        self._ctx.push_thread_default()
         try:
-            self._sub = bus.subscribe(sender=BUS_NAME, iface=MANAGER_IFACE, signal="JobRemoved",
-                                      object=MANAGER_PATH, signal_fired=self._on_removed)
-        finally:
-            self._ctx.pop_thread_default()
-        threading.Thread(target=self._run, name="systemd JobRemoved", daemon=True).start()
-
-    def _on_removed(self, _sender, _path, _iface, _signal, params) -> None:
-        _id, job_path, _unit, result = params
-        with self._cv:
-            self._removed[job_path] = result
-            while len(self._removed) > self.KEEP:
-                self._removed.popitem(last=False)
-            self._cv.notify_all()
-
-    def _run(self) -> None:
-        while not self._stopping:
-            self._ctx.iteration(True)
-
-    def wait(self, job: str, deadline: float) -> str | None:
-        """The result (``done``, ``failed``, ...) of ``job`` once its ``JobRemoved`` came, or
-        None at ``deadline`` (monotonic s)."""
-        with self._cv:
-            if self._cv.wait_for(lambda: job in self._removed,
-                                 timeout=max(0.0, deadline - time.monotonic())):
-                return self._removed.pop(job)
-            return None
-
-    def close(self) -> None:
-        """Unsubscribe and end the thread."""
-        self._stopping = True
-        try:
-            self._sub.unsubscribe()
-        except Exception:  # the connection is already gone
-            pass
-        self._ctx.wakeup()
+            return set(self._get(manager.LoadUnit(unit, timeout=self._call_timeout_s),
+                                 UNIT_IFACE, "After"))
+        except GLib.Error as e:
+            err = self._fail(e, f"reading the order of {unit}", unit)
+            if err.code == SYSTEMD_UNAVAILABLE:
+                raise err from None
+            return set()
 
 
 def load_bindings() -> None:

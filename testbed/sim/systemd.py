@@ -18,7 +18,8 @@ object paths and D-Bus error names:
 - ``/org/freedesktop/systemd1/unit/<label>`` (systemd's bus label escaping:
   ``gdm.service`` -> ``gdm_2eservice``, ``getty@tty1.service`` -> ``getty_40tty1_2eservice``),
   ``org.freedesktop.systemd1.Unit``: ``Id``, ``Names``, ``Description``, ``LoadState``,
-  ``ActiveState``, ``SubState``, ``Job`` (``PropertiesChanged`` for ``ActiveState`` and
+  ``ActiveState``, ``SubState``, ``Job``, ``After``, ``Before`` (``PropertiesChanged`` for
+  ``ActiveState`` and
   ``SubState``); ``.service`` units also have
   ``org.freedesktop.systemd1.Service.MainPID``. An alias (``display-manager.service``) resolves
   to the object of its unit, whose ``Id`` is the real name, as in systemd.
@@ -31,6 +32,9 @@ Units come from ``<root>/.sim/units.json``::
                      "holds": ["/dev/dri/card0", "/dev/snd/controlC1"], "active": true},
      "nvidia-persistenced.service": {"holds": ["/dev/nvidiactl", "/dev/nvidia0"], "active": true}}
 
+(optional keys ``after``, ``before``, ``stop_s``, ``start_s``: :mod:`testbed.sim.units`).
+Every job's queueing, run and end are appended to ``<root>/.sim/jobs.jsonl`` (the job log).
+
 ``holds`` are host paths under the simulated root. An active unit with ``holds`` runs a real
 process (``sleep infinity`` executed through a symlink named after the unit, so its ``comm`` is
 e.g. ``gdm``) in its own session, with those files open on fds 3, 4, ... -- the holder a
@@ -40,10 +44,14 @@ change.
 
 Jobs follow systemd's job model (``systemd.job`` in ``org.freedesktop.systemd1(5)``): a start or
 stop returns a job path at once; ``JobRemoved(id, job, unit, result)`` reports the end, with
-``result`` ``done``, ``failed`` or ``canceled``. A stop sends SIGTERM to the unit's process and
-ends when the process has exited (GLib child watch) and the ``unit_stop`` latency of
-:mod:`testbed.sim.faults` has passed; a start waits ``unit_start`` and then opens the unit's
-holds; if none of them exists (the GPU is on vfio-pci, ``/dev/dri/card0`` is gone) the job fails
+``result`` ``done``, ``failed`` or ``canceled``. Jobs of different units run concurrently; a
+job is ``waiting`` (``Job.State``) while the units' ``after``/``before`` order it after another
+unit's pending job, as systemd orders jobs of separate calls too (stops in the reverse of the
+start order, a stop before a start; :func:`testbed.sim.units.blockers`), then ``running``.
+A stop sends SIGTERM to the unit's process and ends when the process has exited (GLib child
+watch) and the unit's stop latency has passed (``stop_s`` in ``units.json``, else
+``unit_stop`` of :mod:`testbed.sim.faults`); a start waits its start latency and then opens
+the unit's holds; if none of them exists (the GPU is on vfio-pci, ``/dev/dri/card0`` is gone) the job fails
 and the unit is ``failed``, like a display manager without a GPU. Fault rules ``stop`` / ``start``:
 ``fail`` ends the job ``failed`` (a failed stop leaves the process running and the unit
 ``active``); ``hang`` never ends the job. A second job for a unit with a job of the other type
@@ -75,7 +83,7 @@ import sys
 from gi.repository import Gio, GLib
 
 from ..procs import stop
-from . import faults, units as model
+from . import units as model
 from .units import Unit as _Unit
 
 BUS_NAME = "org.freedesktop.systemd1"
@@ -128,6 +136,8 @@ INTROSPECTION = """
   <property name="ActiveState" type="s" access="read"/>
   <property name="SubState" type="s" access="read"/>
   <property name="Job" type="(uo)" access="read"/>
+  <property name="After" type="as" access="read"/>
+  <property name="Before" type="as" access="read"/>
  </interface>
  <interface name="org.freedesktop.systemd1.Service">
   <property name="MainPID" type="u" access="read"/>
@@ -175,6 +185,7 @@ class _Job:
         self.state = "waiting"     # "waiting" | "running"
         self.sources: list[int] = []   # GLib sources to remove if the job is canceled
         self.waiting: set[str] = set()  # what a running stop still waits for: "exit", "latency"
+        self.rule: dict | None = None   # the fault rule it met when queued
         self.reg_id = 0
         self.finished = False
 
@@ -310,6 +321,7 @@ class SimSystemd:
             lambda *a, j=job: self._job_property(j, a[4]), None)
         self.jobs[job.path] = job
         unit.job = job
+        model.log_job(self.state_root, "new", job.id, unit.id, jtype)
         self._emit("JobNew", GLib.Variant("(uos)", (job.id, job.path, unit.id)))
         return job
 
@@ -325,7 +337,18 @@ class SimSystemd:
         if job.unit.job is job:
             job.unit.job = None
         self._persist()
+        model.log_job(self.state_root, "removed", job.id, job.unit.id, job.type, result)
         self._emit("JobRemoved", GLib.Variant("(uoss)", (job.id, job.path, job.unit.id, result)))
+        self._dispatch()   # jobs ordered after this one may run now
+
+    def _dispatch(self) -> None:
+        """Run every waiting job that no longer waits for another unit's job."""
+        for job in sorted(self.jobs.values(), key=lambda j: j.id):
+            if (job.state == "waiting" and not job.finished
+                    and not model.blockers(job.unit, job.type, self.units)):
+                job.state = "running"
+                model.log_job(self.state_root, "run", job.id, job.unit.id, job.type)
+                self._run(job)
 
     def _after(self, job: _Job, seconds: float, then) -> None:
         """Run ``then()`` after ``seconds`` (the simulated operation latency) unless canceled."""
@@ -355,15 +378,18 @@ class SimSystemd:
                 return
             self._finish(old, "canceled")
         job = self._new_job(unit, jtype)
-        rule = model.job_rule(self.state_root, jtype, unit.id)
-        op = rule["op"] if rule else jtype
-        if model.is_noop(unit, jtype, rule):
+        job.rule = model.job_rule(self.state_root, jtype, unit.id)
+        if model.is_noop(unit, jtype, job.rule):
             # Ends before the reply on purpose (see the module docstring).
             self._finish(job, "done")
             invocation.return_value(GLib.Variant("(o)", (job.path,)))
             return
         invocation.return_value(GLib.Variant("(o)", (job.path,)))
-        job.state = "running"
+        self._dispatch()
+
+    def _run(self, job: _Job) -> None:
+        unit, rule = job.unit, job.rule
+        op = rule["op"] if rule else job.type
         if rule and rule["action"] == "hang":
             if op == "stop":
                 self._set_state(unit, "deactivating", "stop-sigterm")
@@ -375,7 +401,7 @@ class SimSystemd:
                 self._set_state(unit, "failed", "failed")
             job.sources.append(GLib.idle_add(lambda: self._finish(job, "failed")))
             return
-        if jtype == "start":
+        if job.type == "start":
             self._start_job(job)
         else:
             self._stop_job(job)
@@ -393,7 +419,7 @@ class SimSystemd:
                 os.kill(unit.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass  # the child watch reports the exit
-        self._after(job, faults.latency(self.state_root, "unit_stop"),
+        self._after(job, model.job_latency(self.state_root, unit, "stop"),
                     lambda: (job.waiting.discard("latency"), self._stop_progress(job)))
 
     def _stop_progress(self, job: _Job) -> None:
@@ -407,7 +433,7 @@ class SimSystemd:
 
     def _start_job(self, job: _Job) -> None:
         self._set_state(job.unit, "activating", "start")
-        self._after(job, faults.latency(self.state_root, "unit_start"),
+        self._after(job, model.job_latency(self.state_root, job.unit, "start"),
                     lambda: self._finish(job, "done" if self._activate(job.unit) else "failed"))
 
     # ---- D-Bus handlers ------------------------------------------------------------------------
@@ -490,6 +516,8 @@ class SimSystemd:
             "SubState": GLib.Variant("s", unit.sub_state),
             "Job": GLib.Variant("(uo)", (job.id, job.path) if job else (0, "/")),
             "MainPID": GLib.Variant("u", unit.pid),
+            "After": GLib.Variant("as", sorted(unit.after)),
+            "Before": GLib.Variant("as", sorted(unit.before)),
         }
         return values.get(prop)
 

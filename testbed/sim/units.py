@@ -12,7 +12,34 @@ What they share is here (standard library only: no GLib): the unit table
 ``<state_root>/.sim/units-state.json`` on every change, the unit processes (an active unit with
 ``holds`` is a real ``sleep infinity`` process, named after the unit, holding those host paths
 open on fds 3, 4, ...; it cannot start when none of them exists), the exit statuses that count
-as a clean stop, and which fault rule of :mod:`testbed.sim.faults` a job meets.
+as a clean stop, which fault rule of :mod:`testbed.sim.faults` a job meets, how long a job
+takes, which other jobs it waits for, and the job log.
+
+Jobs of different units run concurrently, as in systemd; a job waits only for the jobs that
+the units' ordering puts before it (:func:`blockers`: systemd's ``job_is_runnable()`` and
+``job_compare()`` in ``src/core/job.c``). A unit's ``after``/``before`` in ``units.json`` are
+its ``After=``/``Before=`` (``B after A`` is also ``A before B``). Starts follow the order
+(``B`` starts once ``A``'s job is over), stops the reverse (``A`` stops once ``B``'s stop is
+over), and a stop goes before a start whatever the direction; a unit without a job orders
+nothing. A job that waits for nothing runs as soon as it is queued, as systemd runs its run
+queue whenever its event loop is idle (between two method calls): a job queued before the one
+it should follow has already run, in both fakes as in systemd. Ordering cycles are not broken
+as systemd breaks them: don't write any.
+
+Per-unit latency: ``stop_s`` / ``start_s`` (s) in ``units.json``; a unit without them takes
+the ``unit_stop`` / ``unit_start`` latency of :mod:`testbed.sim.faults` (:func:`job_latency`).
+``units.json`` example::
+
+    {"gdm.service": {"aliases": ["display-manager.service"], "holds": ["/dev/dri/card0"],
+                     "active": true, "after": ["systemd-user-sessions.service"],
+                     "stop_s": 0.8, "start_s": 0.8}}
+
+Job log: ``<state_root>/.sim/jobs.jsonl``, one JSON line per event in the order the fake saw
+them (:func:`log_job`, :func:`read_job_log`): ``{"ev": "new"|"run"|"removed", "job": id,
+"unit": id, "type": "stop"|"start"|"restart", "result": str or null, "t": monotonic s}``.
+A job is ``new`` when queued, ``run`` once nothing it waits for is pending (never for a job
+with nothing to do), ``removed`` at its end (``JobRemoved``). Tests read orders from it, not
+wall times.
 """
 
 from __future__ import annotations
@@ -21,6 +48,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 from . import faults
 
@@ -37,6 +65,9 @@ class Unit:
         self.aliases = list(spec.get("aliases", []))
         self.holds = list(spec.get("holds", []))
         self.description = str(spec.get("description", uid))
+        self.after = set(spec.get("after", []))     # After= (build() adds the reverse Before=)
+        self.before = set(spec.get("before", []))   # Before=
+        self.latency = {"stop": spec.get("stop_s"), "start": spec.get("start_s")}
         self.load_state = "loaded"
         self.active_state = "inactive"
         self.sub_state = "dead"
@@ -63,6 +94,14 @@ def build(table: dict[str, dict]) -> tuple[dict[str, Unit], dict[str, Unit]]:
         units[uid] = unit
         for n in [uid, *unit.aliases]:
             names[n] = unit
+    for unit in units.values():   # B After=A is A Before=B, and the reverse
+        for rel, back in (("after", "before"), ("before", "after")):
+            for other in list(getattr(unit, rel)):
+                if other in names:
+                    getattr(names[other], back).add(unit.id)
+    for unit in units.values():   # by unit id
+        unit.after = {names[n].id if n in names else n for n in unit.after}
+        unit.before = {names[n].id if n in names else n for n in unit.before}
     return units, names
 
 
@@ -140,3 +179,68 @@ def is_noop(unit: Unit, jtype: str, rule: dict | None) -> bool:
     return rule is None and (
         (jtype == "stop" and unit.active_state in ("inactive", "failed")) or
         (jtype == "start" and unit.active_state == "active"))
+
+
+def job_latency(state_root: str, unit: Unit, jtype: str) -> float:
+    """How long (s) a ``jtype`` (``stop``/``start``) job of ``unit`` takes: the unit's
+    ``stop_s``/``start_s``, else the ``unit_stop``/``unit_start`` latency of the faults."""
+    own = unit.latency.get(jtype)
+    return float(own) if own is not None else faults.latency(state_root, f"unit_{jtype}")
+
+
+def batch_latency(state_root: str, unit_ids: list[str], jtype: str) -> float:
+    """The latency (s) a batch of ``jtype`` jobs of ``unit_ids`` (all queued together, each
+    with work to do) incurs: the longest chain of the jobs' latencies along the units'
+    ordering (the jobs of unordered units overlap; :func:`blockers`)."""
+    units, names = build(load_table(state_root))
+    batch = {names[u].id: names[u] for u in unit_ids if u in names}
+    memo: dict[str, float] = {}
+
+    def chain(uid: str, seen: frozenset) -> float:
+        if uid not in memo:
+            unit = batch[uid]
+            first = [v for v in batch if v not in seen and v != uid and (
+                v in unit.after if jtype == "start" else v in unit.before)]
+            memo[uid] = job_latency(state_root, unit, jtype) + max(
+                (chain(v, seen | {uid}) for v in first), default=0.0)
+        return memo[uid]
+    return max((chain(u, frozenset()) for u in batch), default=0.0)
+
+
+def blockers(unit: Unit, jtype: str, units: dict[str, Unit]) -> list[str]:
+    """The units (ids) whose pending jobs a waiting ``jtype`` job of ``unit`` must wait for,
+    as systemd's ``job_is_runnable()``/``job_compare()``: a unit it is ``After=`` when the job
+    is a start (that unit's start or stop goes first), and a unit it is ``Before=`` whose job
+    is a stop or restart (stops run in the reverse order, and before starts). ``units``:
+    ``{id: Unit}`` (each with ``job`` None or an object with ``type``)."""
+    out = []
+    for uid in sorted(unit.after if jtype == "start" else ()):
+        if uid in units and units[uid].job is not None:
+            out.append(uid)
+    for uid in sorted(unit.before):
+        other = units.get(uid)
+        if other is not None and other.job is not None and other.job.type in ("stop", "restart"):
+            out.append(uid)
+    return out
+
+
+def log_job(state_root: str, ev: str, jid: int, unit_id: str, jtype: str,
+            result: str | None = None) -> None:
+    """Append one event to the job log (module docstring) with one ``write(2)``."""
+    line = json.dumps({"ev": ev, "job": jid, "unit": unit_id, "type": jtype, "result": result,
+                       "t": time.monotonic()}) + "\n"
+    path = os.path.join(state_root, ".sim", "jobs.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_job_log(state_root: str) -> list[dict]:
+    """The job log of ``state_root``, oldest first (``[]`` when no job ran yet)."""
+    try:
+        with open(os.path.join(state_root, ".sim", "jobs.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []

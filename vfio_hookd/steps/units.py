@@ -18,9 +18,15 @@ class Units(Step):
     handed over: a process of the display manager's unit or of a login session's scope
     (``Manager.GetUnitByPID``). A GPU already on vfio-pci, or a second GPU the desktop does not
     use, is handed over with the desktop running. An explicit unit name always stops it, and
-    ``stop_units`` are always stopped. Each stop waits
-    for the job's ``JobRemoved`` with ``deadlines.unit_stop``. Undo starts again, last to first,
-    only the units that were active, and starts nothing while the system shuts down
+    ``stop_units`` are always stopped.
+
+    The units are stopped together, as ``systemctl stop A B`` does
+    (:meth:`vfio_hookd.systemd.Systemd.stop_all`): every stop job is enqueued before any is
+    awaited, systemd orders them by the units' own ``After=``/``Before=``, and every job's
+    ``JobRemoved`` is awaited; the step costs about its slowest unit, not the sum. Every unit
+    of the plan is recorded in ``done`` before the first job is enqueued, so a rollback after a
+    failed or timed-out stop starts whatever was stopped. Undo starts the recorded units that
+    are not active, together in the same way, and starts nothing while the system shuts down
     (``Manager.SystemState == "stopping"``; tuned's ``_full_rollback_required``).
     Facts: ``{"plan": [unit ids active before], "done": [...], "skipped": [...],
     "why": {unit: reason}}``.
@@ -89,10 +95,15 @@ class Units(Step):
         return out
 
     def apply(self, ctx: Context, facts: dict) -> None:
-        facts["done"] = []
-        for unit in facts["plan"]:
-            facts["done"].append(unit)
-            ctx.systemd().stop(unit, ctx.deadlines.unit_stop)
+        facts["done"] = list(facts["plan"])   # before any job: a rollback knows them all
+        if facts["done"]:
+            ctx.systemd().stop_all(facts["done"],
+                                   self._deadline(ctx.deadlines.unit_stop, len(facts["done"])))
+
+    @staticmethod
+    def _deadline(per_job_s: float, n: int) -> float:
+        """A batch of ``n`` jobs: ``n * per_job_s`` (s), as :meth:`max_apply_s` explains."""
+        return n * per_job_s
 
     @staticmethod
     def count(profile) -> int:
@@ -100,13 +111,19 @@ class Units(Step):
         return (1 if profile.display_manager is not None else 0) + len(profile.stop_units)
 
     def max_apply_s(self, profile, shape: Shape) -> float:
-        """One stop job per unit, each up to ``deadlines.unit_stop``."""
-        return shape.units * profile.deadlines.unit_stop
+        """``units * deadlines.unit_stop`` (s): the stop batch's deadline. The jobs run at once
+        unless systemd orders them, and which unit is ordered after which (``After=`` /
+        ``Before=``, drop-ins included) is systemd's to know, not the profile's: at worst every
+        job waits for another, a chain as long as serial stops. So each job keeps its own
+        ``unit_stop`` from the batch's start and a hung stop is reported at ``units *
+        unit_stop``; unordered units end at about the slowest one."""
+        return self._deadline(profile.deadlines.unit_stop, shape.units)
 
     def max_undo_s(self, deadlines, shape: Shape, facts: dict | None) -> float:
-        """One start job per stopped unit, each up to ``deadlines.unit_start``."""
+        """``units * deadlines.unit_start`` (s) for the recorded units: the start batch's
+        deadline, for the reason in :meth:`max_apply_s`."""
         n = shape.units if facts is None else len(self.undo_items(facts))
-        return n * deadlines.unit_start
+        return self._deadline(deadlines.unit_start, n)
 
     def undo(self, ctx: Context, facts: dict) -> list[str]:
         units = self.undo_items(facts)
@@ -115,14 +132,8 @@ class Units(Step):
         sd = ctx.systemd()
         if sd.shutting_down():
             return [f"system is shutting down: not starting {', '.join(units)}"]
-        failures = []
-        for unit in reversed(units):
-            if sd.active_state(unit) == "active":
-                continue
-            try:
-                sd.start(unit, ctx.deadlines.unit_start)
-            except HookdError as exc:
-                failures.append(exc)
-        if failures:
-            raise HookdError(failures[0].code, "; ".join(e.message for e in failures))
+        # last to first, as before; systemd orders the start jobs by After=/Before=
+        todo = [u for u in reversed(units) if sd.active_state(u) != "active"]
+        if todo:   # raises one HookdError naming every unit that did not start
+            sd.start_all(todo, self._deadline(ctx.deadlines.unit_start, len(todo)))
         return []
