@@ -114,8 +114,16 @@ def unit_pid(root: str, unit: str) -> int | None:
 
 
 def held_files(pid: int) -> set[str]:
+    """Paths ``pid`` has open. An fd that closes between the listing and its readlink (the
+    fake's child still closing what it inherited, seen under load) is not held."""
     fd_dir = f"/proc/{pid}/fd"
-    return {os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)}
+    out = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            out.add(os.readlink(os.path.join(fd_dir, fd)))
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def holders(path: str) -> list[int]:
