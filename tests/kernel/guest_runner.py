@@ -331,11 +331,14 @@ def tree(funcs: tuple) -> dict:
         file(f"{base}/{v}/bind")
     file("/proc/fb")
     for dev in FIRMWARE_FBS:
-        top = f"/sys/devices/platform/{dev}"
+        # /sys/devices/platform/DEV up to Linux 6.8, below the boot VGA's PCI function since
+        # 6.9 (testbed.expected): where the bus's link points
+        bus = f"/sys/bus/platform/devices/{dev}"
+        top = os.path.realpath(bus) if os.path.exists(bus) else f"/sys/devices/platform/{dev}"
         if os.path.isdir(top):
             out[top] = ("dir", None)
             symlink(f"{top}/driver")
-        symlink(f"/sys/bus/platform/devices/{dev}")
+        symlink(bus)
     for n in nodes():
         if n != "/dev/vfio/vfio":
             out[n] = ("node", None)
