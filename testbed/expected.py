@@ -11,7 +11,11 @@ Expected (Linux ``drivers/video/aperture.c``, ``drivers/video/fbdev/core/fbcon.c
 
 - a firmware framebuffer platform device (:data:`FIRMWARE_FBS`) *removed*, entirely: the
   kernel deletes it when vfio-pci (or a DRM driver) takes the boot VGA function; nothing can
-  bring it back before a reboot;
+  bring it back before a reboot. It is ``/sys/devices/platform/<dev>`` up to Linux 6.8; since
+  6.9 sysfb makes it a child of the boot VGA's PCI function
+  (``/sys/devices/pci0000:00/.../0000:01:00.0/efi-framebuffer.0``, ``drivers/firmware/sysfb.c``
+  ``sysfb_parent_dev``; seen on Debian's 6.12): found through its
+  ``/sys/bus/platform/devices/<dev>`` link either way;
 - its line *removed* from ``/proc/fb`` (other lines unchanged), and its ``/dev/fbN`` node;
 - fbcon's vtconsole (name containing ``frame buffer``) *removed*, entirely, when ``/proc/fb``
   is left empty: fbcon unregisters with the last framebuffer; if it was bound, another
@@ -162,7 +166,7 @@ def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
 
     removed_fbs = []
     for dev, fbname in FIRMWARE_FBS.items():
-        top = f"/sys/devices/platform/{dev}"
+        top = _platform_dir(before, dev)
         if not (top in before and top not in after):
             continue
         paths = {p for p in changed if under(p, top)
@@ -258,6 +262,15 @@ def classify_changes(before: dict, after: dict) -> tuple[list[str], dict]:
     if loaded or drv:
         expected.append(vfio_left_loaded(loaded))
     return expected, {p: (before.get(p), after.get(p)) for p in sorted(changed)}
+
+
+def _platform_dir(tree: dict, dev: str) -> str:
+    """The directory of platform device ``dev`` in snapshot ``tree``: below the PCI function
+    it belongs to (Linux 6.9+ sysfb, module docstring) or ``/sys/devices/platform/<dev>``."""
+    for p, (kind, _) in tree.items():
+        if kind == "dir" and p.startswith("/sys/devices/") and p.endswith(f"/{dev}"):
+            return p
+    return f"/sys/devices/platform/{dev}"
 
 
 def _renumbered(family, names, numbers, leaf, before, after, changed: set) -> str | None:

@@ -79,6 +79,25 @@ def test_the_framebuffer_node_goes_with_its_proc_fb_line():
     assert lines == [] and list(unexpected) == ["/dev/fb0"]
 
 
+def test_the_framebuffer_below_its_pci_function_linux_6_9():
+    """Since Linux 6.9 sysfb makes the firmware framebuffer a child of the boot VGA's PCI
+    function (seen on Debian's 6.12): its removal is the kernel's there too, and a GPU
+    function's own directory going is not."""
+    top = f"/sys/devices/pci0000:00/0000:00:10.0/{GPU}/efi-framebuffer.0"
+    before = {"/proc/fb": ("file", "0 EFI VGA\n"), "/dev/fb0": ("node", None),
+              top: ("dir", None), f"{top}/driver": ("link", "../../../../bus/platform/drivers/x"),
+              "/sys/bus/platform/devices/efi-framebuffer.0":
+                  ("link", f"../../../devices/pci0000:00/0000:00:10.0/{GPU}/efi-framebuffer.0")}
+    after = {"/proc/fb": ("file", "")}
+    lines, unexpected = classify_changes(before, after)
+    assert lines == [FB_REMOVED, PROC_FB, kernel.fb_node_gone("/dev/fb0")]
+    assert unexpected == {}
+    # only the bus's link gone, the device still there: a leftover
+    bus = "/sys/bus/platform/devices/efi-framebuffer.0"
+    lines, unexpected = classify_changes(before, {k: v for k, v in before.items() if k != bus})
+    assert lines == [] and list(unexpected) == [bus]
+
+
 def test_vfio_left_loaded_is_expected_only_as_an_addition():
     before = {"/sys/module/nvidia": ("dir", None)}
     after = {"/sys/module/vfio": ("dir", None), "/sys/module/vfio_pci": ("dir", None),

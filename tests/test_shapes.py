@@ -4,9 +4,12 @@ not the one they use, and the record says why each step did or did not act."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vfio_hookd import pci
+from vfio_hookd.host import Host
 
 pytestmark = pytest.mark.unit
 
@@ -240,3 +243,56 @@ def test_a_fault_at_each_step_of_each_shape_rolls_back(dirs, variant, name):
             p.kill()
             p.wait()
         w.close()
+
+
+# ---- the firmware framebuffer's nodes: below /sys/devices/platform (<= 6.8) or the GPU (6.9+) --
+def _fb_host(root, layout: str, boot_vga: str = "1") -> Host:
+    """A minimal sysfs: GPU 0000:01:00.0 (``boot_vga`` as given) with its card0, audio
+    0000:01:00.1, and efi-framebuffer.0 with fb0, at the place ``layout`` says: ``platform``
+    (Linux <= 6.8, Debian's 6.1) or ``pci`` (6.9+, below the boot GPU; Debian's 6.12)."""
+    def mk(p, text=None):
+        full = os.path.join(root, p.lstrip("/"))
+        if text is None:
+            os.makedirs(full, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "w") as f:
+                f.write(text)
+
+    def ln(p, target):
+        full = os.path.join(root, p.lstrip("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        os.symlink(os.path.join(root, target.lstrip("/")), full)
+
+    port = "/sys/devices/pci0000:00/0000:00:10.0"
+    for fn, cls, vga in (("0000:01:00.0", "0x030000", boot_vga),
+                         ("0000:01:00.1", "0x040300", None)):
+        mk(f"{port}/{fn}/class", cls + "\n")
+        if vga is not None:
+            mk(f"{port}/{fn}/boot_vga", vga + "\n")
+        ln(f"/sys/bus/pci/devices/{fn}", f"{port}/{fn}")
+    mk(f"{port}/0000:01:00.0/drm/card0/uevent", "MAJOR=226\nMINOR=0\nDEVNAME=dri/card0\n")
+    mk(f"{port}/0000:01:00.1/sound/card0/controlC0/uevent", "DEVNAME=snd/controlC0\n")
+    fb = ("/sys/devices/platform/efi-framebuffer.0" if layout == "platform"
+          else f"{port}/0000:01:00.0/efi-framebuffer.0")
+    mk(f"{fb}/graphics/fb0/uevent", "MAJOR=29\nMINOR=0\nDEVNAME=fb0\n")
+    ln("/sys/bus/platform/devices/efi-framebuffer.0", fb)
+    return Host(str(root))
+
+
+@pytest.mark.parametrize("layout", ["platform", "pci"])
+def test_the_firmware_framebuffers_node_is_the_boot_gpus(tmp_path, layout):
+    """efifb's /dev/fb0 draws into the boot GPU's memory: a process holding it holds the GPU,
+    on Linux 6.1 (efi-framebuffer.0 below /sys/devices/platform) as on 6.12 (below the GPU)."""
+    host = _fb_host(tmp_path, layout)
+    assert pci.device_nodes(host, "0000:01:00.0") == ["/dev/dri/card0", "/dev/fb0"]
+    assert pci.device_nodes(host, "0000:01:00.1") == ["/dev/snd/controlC0"]
+
+
+def test_the_firmware_framebuffer_of_another_boot_gpu_is_not_this_gpus(tmp_path):
+    host = _fb_host(tmp_path, "platform", boot_vga="0")
+    os.makedirs(tmp_path / "sys/devices/pci0000:00/0000:00:02.0")
+    (tmp_path / "sys/devices/pci0000:00/0000:00:02.0/boot_vga").write_text("1\n")
+    os.symlink(tmp_path / "sys/devices/pci0000:00/0000:00:02.0",
+               tmp_path / "sys/bus/pci/devices/0000:00:02.0")
+    assert pci.device_nodes(host, "0000:01:00.0") == ["/dev/dri/card0"]

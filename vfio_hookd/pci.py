@@ -22,6 +22,9 @@ from .errors import HookdError
 from .host import Host, oserror_text
 
 VFIO_DRIVER = "vfio-pci"
+#: The firmware framebuffer platform devices (``drivers/firmware/sysfb.c``): efifb's, simplefb's
+#: or simpledrm's, vesafb's. Each draws into the boot GPU's memory.
+FIRMWARE_FRAMEBUFFERS = ("efi-framebuffer.0", "simple-framebuffer.0", "vesa-framebuffer.0")
 
 #: A full PCI address, lower-case hex, as in ``/sys/bus/pci/devices/`` (groups: domain, bus,
 #: slot, function).
@@ -329,13 +332,31 @@ def device_nodes(host: Host, addr: str) -> list[str]:
     ``/dev/kfd`` for a function amdgpu drives (it pins amdgpu), and for NVIDIA ``/dev/nvidiaN``
     from ``/proc/driver/nvidia/gpus/ADDR/information`` and the driver-wide nodes
     (``/dev/nvidiactl``, ``/dev/nvidia-modeset``, ``/dev/nvidia-uvm*``,
-    ``/dev/nvidia-caps/*``)."""
+    ``/dev/nvidia-caps/*``).
+
+    For the function that shows the boot display (:func:`shows_boot_display`), the nodes of
+    the firmware framebuffer devices (:data:`FIRMWARE_FRAMEBUFFERS`: efifb's ``/dev/fbN``,
+    simpledrm's ``/dev/dri/cardN``) count too, wherever sysfs puts them: since Linux 6.9 they
+    are below the function (``sysfb_parent_dev``; seen on Debian's 6.12), before that below
+    ``/sys/devices/platform`` (Debian's 6.1). They draw into the GPU's memory, which the VM
+    gets."""
     nodes: list[str] = []
     try:
         top = host.resolve(path(addr))
     except (HookdError, OSError):
         return nodes
-    todo = [top]
+    todo = [top]        # a stack: the firmware framebuffers go below, walked last
+    if shows_boot_display(host, [addr]):
+        for fb in FIRMWARE_FRAMEBUFFERS:
+            link = f"/sys/bus/platform/devices/{fb}"
+            try:
+                d = host.resolve(link) if host.exists(link) else None
+            except (HookdError, OSError):
+                d = None
+            if d is None:
+                continue
+            if not (d == top or d.startswith(top + "/")):     # else found below top
+                todo.insert(0, d)
     while todo:
         d = todo.pop()
         for line in (host.read_or(f"{d}/uevent", "") or "").splitlines():

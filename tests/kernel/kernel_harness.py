@@ -8,7 +8,8 @@ may add the devices of a hardware shape (:data:`SHAPES`: the GPU's USB-C control
 guest's own USB, or a second GPU the desktop runs on) and append to the kernel's command line
 (``nomodeset``: the VGA text console stays). The
 kernel is a Debian package unpacked into ``.cache/kernel/<KV>/`` by ``scripts/kernel-cache``
-(never installed on this machine), and so is busybox-static (``.cache/kernel/busybox-static/``).
+(never installed on this machine): Debian 12's own Linux 6.1, or the Linux 6.12 of
+bookworm-backports (:data:`KERNELS`); and so is busybox-static (``.cache/kernel/busybox-static/``).
 The initramfs (busybox + the modules needed to mount 9p and overlayfs) is built here, cached by
 content. The guest mounts this machine's ``/`` read-only over 9p under a tmpfs overlay, so the
 guest runs the same Python and the same code and writes nothing back, except into one writable
@@ -57,6 +58,13 @@ BUSYBOX = os.path.join(BUSYBOX_DIR, "bin", "busybox")
 #: QEMU's exit status for the guest's verdicts (isa-debug-exit: status = value * 2 + 1).
 EXIT_PASS = 1
 EXIT_FAIL = 3
+
+#: The kernels a boot may run (``kernel`` of :func:`run_boot`): the name of the file in
+#: ``.cache/kernel/`` naming the unpacked version (``scripts/kernel-cache`` writes both) ->
+#: what it is. ``current``: Debian 12's Linux 6.1 (``6.1.0-N-amd64``), the default;
+#: ``backports``: the Linux 6.12 of bookworm-backports (``6.12.N+deb12-amd64``).
+KERNELS = {"current": "Linux 6.1 (Debian 12)", "backports": "Linux 6.12 (bookworm-backports)"}
+DEFAULT_KERNEL = "current"
 
 #: Modules the initramfs loads before it can reach the host's root (the rest, e.g. bochs,
 #: vfio-pci, snd_hda_intel, come from the cache's /lib/modules through the 9p share).
@@ -130,14 +138,18 @@ class SessionLock:
         self._f.close()
 
 
-def kernel_version(prepare: bool = True) -> str:
-    """The cached kernel's version (``6.1.0-56-amd64``), running ``scripts/kernel-cache`` first
-    when the cache (kernel and busybox-static) is not complete and ``prepare`` is true (needs
-    root: apt-get).
+def kernel_version(prepare: bool = True, kernel: str = DEFAULT_KERNEL) -> str:
+    """The cached version of ``kernel`` (:data:`KERNELS`: ``6.1.0-56-amd64`` for ``current``,
+    ``6.12.57+deb12-amd64`` for ``backports``), running ``scripts/kernel-cache`` first when the
+    cache (that kernel and busybox-static) is not complete and ``prepare`` is true (needs root:
+    apt-get).
 
     :raises HarnessError: no cached kernel and it could not be prepared.
+    :raises ValueError: ``kernel`` is not in :data:`KERNELS`.
     """
-    cur = os.path.join(CACHE, "current")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}")
+    cur = os.path.join(CACHE, kernel)
 
     def cached() -> str | None:
         try:
@@ -155,7 +167,7 @@ def kernel_version(prepare: bool = True) -> str:
             raise HarnessError(f"{SETUP} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
         kv = cached()
     if kv is None:
-        raise HarnessError(f"no kernel in {CACHE}: run {SETUP} (as root)")
+        raise HarnessError(f"no {KERNELS[kernel]} in {CACHE}: run {SETUP} (as root)")
     for exe in (QEMU, BUSYBOX, OVMF_CODE, "/usr/bin/kmod"):
         if not os.path.exists(exe):
             raise HarnessError(f"{exe} missing: run {SETUP} (as root)")
@@ -212,6 +224,26 @@ class _Cpio:
         return self.buf.getvalue()
 
 
+def module_data(path: str) -> tuple[str, bytes]:
+    """``(file name, contents)`` of the module file ``path`` as the initramfs holds it:
+    uncompressed (Debian's 6.12 ships ``.ko.xz``, ``CONFIG_MODULE_COMPRESS_XZ``; busybox's
+    ``insmod`` hands the file to the kernel as it is), named ``NAME.ko``.
+
+    :raises HarnessError: a compression the standard library cannot read (``.zst``).
+    """
+    import lzma
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if name.endswith(".ko.xz"):
+        return name[:-3], lzma.decompress(data)
+    if name.endswith(".ko.gz"):
+        return name[:-3], gzip.decompress(data)
+    if not name.endswith(".ko"):
+        raise HarnessError(f"{path}: cannot uncompress this module for the initramfs")
+    return name, data
+
+
 def build_initramfs(kv: str) -> str:
     """The initramfs for kernel ``kv`` (path), built unless a build of the same inputs (init
     script, busybox, module files) is cached in ``.cache/kernel/``."""
@@ -223,10 +255,9 @@ def build_initramfs(kv: str) -> str:
     h = hashlib.sha256(init + busybox + kv.encode())
     blobs = []
     for m in mods:
-        with open(m, "rb") as f:
-            data = f.read()
+        name, data = module_data(m)
         h.update(data)
-        blobs.append((os.path.basename(m), data))
+        blobs.append((name, data))
     out = os.path.join(CACHE, f"initramfs-{kv}-{h.hexdigest()[:12]}.cpio.gz")
     if os.path.exists(out):
         return out
@@ -323,8 +354,13 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
             "-device", "virtio-9p-pci,fsdev=out,mount_tag=out",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-kernel", os.path.join(kdir, "boot", f"vmlinuz-{kv}"), "-initrd", initrd,
+            # no_timer_check: the kernel's boot-time check that the timer interrupt arrives
+            # through the interrupt-remapped IO-APIC (io_apic.c timer_irq_works) counts ticks
+            # in a busy loop; under TCG on a loaded machine it misses them and panics ("timer
+            # doesn't work through Interrupt-remapped IO-APIC", seen on 6.1 and 6.12)
             "-append", "console=ttyS0 intel_iommu=on iommu=pt panic_on_oops=1 panic=-1 "
-                       "loglevel=4 rdinit=/init" + (f" {cmdline}" if cmdline else "")]
+                       "no_timer_check loglevel=4 rdinit=/init"
+                       + (f" {cmdline}" if cmdline else "")]
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -342,10 +378,10 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
 
 def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s: float,
              memory_mb: int = 1024, accel: str | None = None, extra: dict | None = None,
-             shape: str = "single", cmdline: str = "") -> Boot:
-    """Boot the guest once and run ``scenarios`` (names known to ``guest_runner.py``) in it,
-    with the hardware of ``shape`` (:data:`SHAPES`) and ``cmdline`` appended to the kernel's
-    command line.
+             shape: str = "single", cmdline: str = "", kernel: str = DEFAULT_KERNEL) -> Boot:
+    """Boot the guest once with ``kernel`` (:data:`KERNELS`) and run ``scenarios`` (names
+    known to ``guest_runner.py``) in it, with the hardware of ``shape`` (:data:`SHAPES`) and
+    ``cmdline`` appended to the kernel's command line.
 
     The boot is killed (SIGKILL, by PID) at ``timeout_s``; QEMU also gets SIGKILL when the
     calling thread dies (``PR_SET_PDEATHSIG``), so a killed pytest leaves no guest running.
@@ -356,7 +392,7 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
     """
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}")
-    kv = kernel_version()
+    kv = kernel_version(kernel=kernel)
     initrd = build_initramfs(kv)
     outdir = os.path.join(ARTEFACTS, name)
     shutil.rmtree(outdir, ignore_errors=True)
@@ -372,7 +408,7 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
                          ("SCENARIOS", " ".join(scenarios)))))
     cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
            "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR,
-           "shape": shape, "cmdline": cmdline, **SHAPES[shape]}
+           "shape": shape, "cmdline": cmdline, "kernel": kernel, **SHAPES[shape]}
     cfg.update(extra or {})
     with open(os.path.join(outdir, "boot.json"), "w") as f:
         json.dump(cfg, f, indent=1)

@@ -21,13 +21,15 @@ import kernel_harness as kh
 
 class BootSpec(NamedTuple):
     """One boot of the plan: the GPU model handed over, the firmware, the scenario entries in
-    run order, the hardware shape (``kernel_harness.SHAPES``) and what is appended to the
-    kernel's command line."""
+    run order, the hardware shape (``kernel_harness.SHAPES``), what is appended to the
+    kernel's command line, and the kernel it boots (``kernel_harness.KERNELS``: Debian 12's
+    Linux 6.1 unless it says ``backports``, the Linux 6.12 of bookworm-backports)."""
     gpu: str
     firmware: str
     scenarios: list
     shape: str = "single"
     cmdline: str = ""
+    kernel: str = kh.DEFAULT_KERNEL
 
 
 #: Per boot: its :class:`BootSpec`. The runner runs a boot's scenarios in phases
@@ -41,6 +43,9 @@ class BootSpec(NamedTuple):
 #: other GPU), ``nomodeset-VGA-bios`` (the VGA text console), and ``holders_stubborn``
 #: (holders that ignore SIGTERM) folded into ``bochs-display-bios``.
 #:
+#: The boots named ``*-6.12`` run the plain scenarios on the Linux 6.12 of bookworm-backports
+#: (issue 8), once with OVMF (efifb first) and once with SeaBIOS; the others run Linux 6.1.
+#:
 #: Each scenario starts from the state it declares (``guest_runner.SCENARIOS``), which the
 #: runner establishes. An entry ``SCENARIO.fail-POINT`` (:func:`injected`) makes SCENARIO fail
 #: on purpose at POINT and is no scenario test of its own: ``test_cascade`` checks that the
@@ -51,8 +56,9 @@ BOOTS = {
     "bochs-display-ovmf": BootSpec("bochs-display", "ovmf", ["prepare", "release", "libvirt"]),
     "VGA-bios": BootSpec("VGA", "bios", ["prepare.fail-late", "prepare", "vfio_qemu",
                                          "release", "holders", "fault", "fault_late"]),
-    "VGA-ovmf": BootSpec("VGA", "ovmf", ["efifb_prepare", "efifb_release", "prepare",
-                                         "vfio_qemu", "release", "holders", "fault"]),
+    "VGA-ovmf": BootSpec("VGA", "ovmf", ["efifb_holders", "efifb_prepare", "efifb_release",
+                                         "prepare", "vfio_qemu", "release", "holders",
+                                         "fault"]),
     "bochs-display-bios": BootSpec("bochs-display", "bios", ["prepare", "release", "holders",
                                                              "holders_stubborn"]),
     "two-gpu-VGA-bios": BootSpec("VGA", "bios", ["second_gpu_vfio", "second_gpu"],
@@ -62,6 +68,12 @@ BOOTS = {
                                                        "prepare"]),
     "usb-c-VGA-bios": BootSpec("VGA", "bios", ["usb_prepare", "usb_release"], shape="usb-c"),
     "nomodeset-VGA-bios": BootSpec("VGA", "bios", ["vgacon"], cmdline="nomodeset"),
+    "VGA-ovmf-6.12": BootSpec("VGA", "ovmf", ["efifb_holders", "efifb_prepare",
+                                              "efifb_release", "prepare", "release",
+                                              "holders", "fault"],
+                              kernel="backports"),
+    "VGA-bios-6.12": BootSpec("VGA", "bios", ["prepare", "release", "holders", "fault"],
+                              kernel="backports"),
 }
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
 BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
@@ -95,11 +107,12 @@ class Boots:
         spec = BOOTS[name]
         scenarios = spec.scenarios
         boot = kh.run_boot(name, spec.gpu, spec.firmware, scenarios, BOOT_TIMEOUT_S,
-                           shape=spec.shape, cmdline=spec.cmdline)
+                           shape=spec.shape, cmdline=spec.cmdline, kernel=spec.kernel)
         ok = boot.rc == kh.EXIT_PASS and all(r.get("ok") for r in boot.results.values()) \
             and set(boot.results) == set(scenarios)
         with self._lock:
-            self.summary[name] = {"rc": boot.rc, "wall_s": boot.wall_s, "timed_out": boot.timed_out,
+            self.summary[name] = {"kernel": spec.kernel, "rc": boot.rc, "wall_s": boot.wall_s,
+                                  "timed_out": boot.timed_out,
                                   "scenarios": {k: {"ok": v.get("ok"), "wall_s": v.get("wall_s")}
                                                 for k, v in boot.results.items()},
                                   "artefacts": None if ok else boot.outdir}
@@ -124,7 +137,9 @@ class Boots:
                 try:
                     if self._session is None:
                         self._session = kh.SessionLock()
-                    kh.build_initramfs(kh.kernel_version())   # once, before the boots race for it
+                    for kernel in sorted({s.kernel for s in BOOTS.values()}):
+                        # once each, before the boots race for it
+                        kh.build_initramfs(kh.kernel_version(kernel=kernel))
                 except Exception as exc:
                     self._setup_error = exc
                     raise

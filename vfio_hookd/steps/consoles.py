@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import errors
 from ..errors import HookdError
-from ..pci import shows_boot_display
+from ..pci import FIRMWARE_FRAMEBUFFERS, shows_boot_display
 from .base import Context, Shape, Step, _write
 
 #: Why the console steps leave a host alone whose boot display is not handed over.
@@ -12,8 +12,6 @@ NOT_BOOT_DISPLAY = ("no function handed over shows the boot display: the console
                     "firmware framebuffer stay on the GPU that shows them")
 #: The VGA text console driver's name in ``/sys/class/vtconsole/vtconN/name`` (vgacon.c).
 VGACON = "VGA+"
-
-FIRMWARE_FRAMEBUFFERS = ("efi-framebuffer.0", "simple-framebuffer.0", "vesa-framebuffer.0")
 
 class Vtconsoles(Step):
     """Unbind the frame-buffer vtconsoles (``/sys/class/vtconsole/vtconN/bind``; those whose
