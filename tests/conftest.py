@@ -91,16 +91,21 @@ class SimWorld:
         if bus:
             from testbed.sim.bus import SimBus
             from vfio_hookd.systemd import Systemd
+            from vfio_hookd.logind import Logind
             self.bus = SimBus(self.root)
             self.address = self.bus.address
             self.systemd = Systemd(self.address)
+            self.logind = Logind(self.address, run_user=self.host.path("/run/user"))
             self.machine = Machine(self.host, self.paths, lambda: Systemd(self.address),
-                                   holders_grace_s=grace)
+                                   holders_grace_s=grace, logind_factory=lambda: Logind(
+                                       self.address, run_user=self.host.path("/run/user")))
         else:
+            from testbed.fake_logind import FakeLogind
             from testbed.fake_systemd import FakeSystemd
             self.fake = self.systemd = FakeSystemd(self.root)
+            self.logind = FakeLogind(self.root)   # a desktop model for desktop-* variants
             self.machine = Machine(self.host, self.paths, lambda: self.fake,
-                                   holders_grace_s=grace)
+                                   holders_grace_s=grace, logind_factory=lambda: self.logind)
 
     def snapshot(self) -> dict:
         """The whole fake kernel tree and the fake systemd's unit states."""
@@ -132,9 +137,11 @@ class SimWorld:
 
     def close(self) -> None:
         self.systemd.close()
+        self.logind.close()
         if self.bus is not None:
             self.bus.stop()
         if self.fake is not None:
+            self.logind.kill_all()
             self.fake.kill_all()
 
 

@@ -38,6 +38,8 @@ UNTRUSTED_FILE = "UNTRUSTED_FILE"            # a profile/record (or a directory 
                                             # someone besides root owns or may write (trust.py)
 DAEMON_BUSY = "DAEMON_BUSY"                  # the daemon serves its maximum of connections
 DEVICE_STUCK = "DEVICE_STUCK"                # a write to a function's sysfs file never returned
+DESKTOP_NOT_BACK = "DESKTOP_NOT_BACK"        # release undid everything, but the desktop seen at
+                                            # prepare did not come back by deadlines.desktop_back
 
 #: The CLI's exit status for each code: explicit and stable (a new code gets a new number;
 #: no number is ever reused). 0 is success, 1 an unexpected bug outside the error path.
@@ -48,7 +50,7 @@ EXIT_STATUS = {
     FRAMEBUFFER_FAILED: 14, TIMEOUT: 15, HOST_IO: 16, STATE_DRIFT: 17, RELEASE_INCOMPLETE: 18,
     DAEMON_UNREACHABLE: 19, BAD_REQUEST: 20, PERMISSION_DENIED: 21, SYSTEMD_UNAVAILABLE: 22,
     INSTALL_FAILED: 23, VM_RUNNING: 24, INTERNAL: 25, RECORD_INVALID: 26,
-    UNTRUSTED_FILE: 27, DEVICE_STUCK: 28, DAEMON_BUSY: 29,
+    UNTRUSTED_FILE: 27, DEVICE_STUCK: 28, DAEMON_BUSY: 29, DESKTOP_NOT_BACK: 30,
 }
 CODES = tuple(EXIT_STATUS)
 

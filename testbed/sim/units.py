@@ -140,3 +140,15 @@ def is_noop(unit: Unit, jtype: str, rule: dict | None) -> bool:
     return rule is None and (
         (jtype == "stop" and unit.active_state in ("inactive", "failed")) or
         (jtype == "start" and unit.active_state == "active"))
+
+
+def scope_of(state_root: str, pid: int) -> str | None:
+    """The unit systemd puts process ``pid`` in when it is a login session's process
+    (``session-2.scope``) or a user instance's (``user@1000.service``): from
+    ``.sim/scopes.json``, written by the desktop model (:mod:`testbed.sim.desktop`); None
+    otherwise. Real systemd answers ``GetUnitByPID`` from the process's cgroup."""
+    try:
+        with open(os.path.join(state_root, ".sim", "scopes.json")) as f:
+            return json.load(f).get(str(pid))
+    except (OSError, ValueError):
+        return None
