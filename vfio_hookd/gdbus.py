@@ -67,7 +67,7 @@ def connect_peer(path: str, timeout_s: float):
         sock.close()
         raise
     gsock = Gio.Socket.new_from_fd(fd)
-    stream = Gio.SocketConnection.factory_create_connection(gsock)
+    stream = gsock.connection_factory_create_connection()
     con = Gio.DBusConnection.new_sync(stream, None,
                                       Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT, None, None)
     con.set_exit_on_close(False)

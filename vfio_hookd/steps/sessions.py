@@ -45,9 +45,10 @@ class Sessions(Step):
     2. **Sessions**: ``TerminateSession`` for every planned seat0 session still there, then
        their ``SessionRemoved`` signals are awaited (``deadlines.unit_stop``). The display
        manager's own sessions usually close by themselves within ~1 s of its stop (§7).
-    3. **User services**: in each user's instance, the holding units plus the ``.socket``
-       units that trigger them (else PipeWire comes back on the next client's connection)
-       are stopped, all jobs enqueued then awaited (``deadlines.unit_stop``). Nothing waits
+    3. **User services**: in each user's instance, the ``.socket`` units that trigger the
+       holding units (else PipeWire comes back on the next client's connection), then the
+       holding units, are stopped: all jobs enqueued, sockets first, then awaited
+       (``deadlines.unit_stop``). Nothing waits
        out ``UserStopDelaySec``. Undo starts them again if that instance still runs (else
        the user's next login starts them).
     4. **logind and PID 1**: while they still hold a node, wait for each close of a node
@@ -96,10 +97,14 @@ class Sessions(Step):
                 entry["units"].append(unit)
         for uid, entry in users.items():
             mgr = managers[uid]
-            for unit in list(entry["units"]):
+            sockets = []
+            for unit in entry["units"]:
                 for sock in mgr.triggered_by(unit):
-                    if sock not in entry["units"] and mgr.active_state(sock) == "active":
-                        entry["units"].append(sock)
+                    if sock not in sockets and mgr.active_state(sock) == "active":
+                        sockets.append(sock)
+            # sockets first: each StopUnit is its own transaction, and a service whose socket
+            # still listens when it exits is started again by the next client's connect
+            entry["units"] = sockets + entry["units"]
         for mgr in managers.values():
             if mgr is not None:
                 mgr.close()
