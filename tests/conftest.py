@@ -70,9 +70,15 @@ class SimWorld:
         process (the fast tier: no dbus-daemon); True: the simulated systemd on a private bus
         (:class:`testbed.sim.bus.SimBus`) with the product's D-Bus client, needed wherever
         another process (the daemon, the CLI) talks to systemd; ``address`` is its address.
+    :param edit_desktop: for the desktop variants, a function changing the desktop's
+        configuration (the dict of ``.sim/desktop.json``, :mod:`testbed.sim.desktop`) before
+        logind starts.
+
+    ``logind`` is the logind client: :class:`testbed.fake_logind.FakeLogind` (fast tier) or
+    :class:`vfio_hookd.logind.Logind` on the simulated bus.
     """
 
-    def __init__(self, dirs, variant: str = "nvidia", bus: bool = False):
+    def __init__(self, dirs, variant: str = "nvidia", bus: bool = False, edit_desktop=None):
         from testbed import sim
         from testbed.sim.kernel import SimHost
         from vfio_hookd.machine import Machine
@@ -82,6 +88,14 @@ class SimWorld:
         self.variant = variant
         self.devices = sim.DEVICES[variant]
         sim.make_host(self.root, variant)
+        if edit_desktop is not None:   # change .sim/desktop.json before logind starts
+            import json
+            path = os.path.join(self.root, ".sim", "desktop.json")
+            with open(path) as f:
+                conf = json.load(f)
+            edit_desktop(conf)
+            with open(path, "w") as f:
+                json.dump(conf, f)
         self.host = SimHost(self.root)
         self.paths = Paths(config_dir=str(dirs["config"]), run_dir=str(dirs["run"]))
         # a short holders' grace period: DEVICE_BUSY tests need not wait the product's 2 s

@@ -70,10 +70,8 @@ DESKTOPS = {
         "users": _users(), "remote": _REMOTE},
 }
 
-_BASE_UNITS = {
-    "nvidia-persistenced.service": {"active": True, "holds": ["/dev/nvidiactl", "/dev/nvidia0"]},
-    "sshd.service": {"active": True, "holds": []},
-}
+# no nvidia-persistenced here: a profile naming only the devices is enough on these hosts
+_BASE_UNITS = {"sshd.service": {"active": True, "holds": []}}
 
 #: Units of each desktop variant (``units.json``).
 UNITS = {

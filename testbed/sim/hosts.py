@@ -156,11 +156,16 @@ def _nvidia_state() -> dict:
                    "nodes": [
             {"kind": "dir", "path": "/proc/driver/nvidia"},
             {"kind": "dir", "path": "/proc/driver/nvidia/gpus"},
-            _dev("/dev/nvidiactl", "nvidia")]},
+            _dev("/dev/nvidiactl", "nvidia"),
+            # MIG/fabric capability nodes (nvidia-modprobe -c; FIELD-NOTES §7: an H200 host)
+            {"kind": "dir", "path": "/dev/nvidia-caps"},
+            _dev("/dev/nvidia-caps/nvidia-cap1", "nvidia"),
+            _dev("/dev/nvidia-caps/nvidia-cap2", "nvidia")]},
         "nvidia_modeset": {"builtin": False, "deps": ["nvidia"], "pci_driver": None,
                            "nodes": [_dev("/dev/nvidia-modeset", "nvidia_modeset")]},
         "nvidia_uvm": {"builtin": False, "deps": ["nvidia"], "pci_driver": None,
-                       "nodes": [_dev("/dev/nvidia-uvm", "nvidia_uvm")]},
+                       "nodes": [_dev("/dev/nvidia-uvm", "nvidia_uvm"),
+                                 _dev("/dev/nvidia-uvm-tools", "nvidia_uvm")]},
         "nvidia_drm": {"builtin": False, "deps": ["nvidia", "nvidia_modeset"], "pci_driver": None,
                        "nodes": []},
     })
