@@ -249,9 +249,10 @@ class SimLogind:
             pass
 
     def _incoming(self, u, stream, conns: list) -> bool:
-        con = Gio.DBusConnection.new_sync(stream, self.guid,
-                                          Gio.DBusConnectionFlags.AUTHENTICATION_SERVER, None,
-                                          None)
+        # no message is dispatched before the objects are registered (as GDBusServer does)
+        con = Gio.DBusConnection.new_sync(
+            stream, self.guid, Gio.DBusConnectionFlags.AUTHENTICATION_SERVER
+            | Gio.DBusConnectionFlags.DELAY_MESSAGE_PROCESSING, None, None)
         con.set_exit_on_close(False)
         con.register_object("/org/freedesktop/systemd1",
                             self._iface("org.freedesktop.systemd1.Manager"),
@@ -261,6 +262,7 @@ class SimLogind:
                                 self._iface("org.freedesktop.systemd1.Unit"), None,
                                 lambda *a, unit=unit: self._unit_prop(unit, a[4]), None)
         conns.append(con)
+        con.start_message_processing()
         return True
 
     def _unit_prop(self, unit, prop: str):
