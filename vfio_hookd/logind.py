@@ -237,15 +237,16 @@ class Logind:
     def user_manager(self, uid: int):
         """The client of user ``uid``'s systemd instance
         (:class:`vfio_hookd.usermgr.UserManager` on ``<run_user>/UID/systemd/private``), or None
-        when that instance does not run (no socket).
+        when that instance does not run (no socket, or nothing listens on it any more).
 
         :raises HookdError: ``SYSTEMD_UNAVAILABLE`` if the socket exists but does not answer.
         """
         from .usermgr import UserManager
         path = os.path.join(self.run_user, str(uid), "systemd", "private")
-        if not os.path.exists(path):
+        try:
+            return UserManager(path, uid, self._timeout)
+        except LookupError:   # no instance, or one on its way out (UserStopDelaySec over)
             return None
-        return UserManager(path, uid, self._timeout)
 
     def close(self) -> None:
         """Close the connection (a later call reconnects)."""

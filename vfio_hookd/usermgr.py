@@ -40,7 +40,9 @@ class UserManager:
     :param path: real path of ``/run/user/UID/systemd/private``.
     :param uid: the user's UID (int, for messages).
     :param call_timeout_s: timeout (s) of each call.
-    :raises HookdError: ``SYSTEMD_UNAVAILABLE`` when nothing answers on ``path``.
+    :raises LookupError: the instance is gone (no socket, or nothing listens on it: it is
+        stopping).
+    :raises HookdError: ``SYSTEMD_UNAVAILABLE`` when the instance does not answer.
     """
 
     def __init__(self, path: str, uid: int, call_timeout_s: float = 25.0):
@@ -50,7 +52,10 @@ class UserManager:
         self._timeout = call_timeout_s
         self._lock = threading.Lock()
         try:
-            self._con = gdbus.connect_peer(path, call_timeout_s)
+            try:
+                self._con = gdbus.connect_peer(path, call_timeout_s)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise LookupError(f"{path}: {e.strerror}") from None
             self._watch = gdbus.SignalWatch(self._con, None, MANAGER_IFACE, "JobRemoved")
             try:
                 self._manager("Subscribe")

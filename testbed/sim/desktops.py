@@ -84,3 +84,26 @@ UNITS = {
     "desktop-vt": {"getty@tty1.service": {"aliases": ["autovt@tty1.service"], "active": True,
                                           "holds": []}, **_BASE_UNITS},
 }
+
+
+def wait_up(root: str, timeout_s: float = 20.0) -> None:
+    """Wait until the desktop of simulated host ``root`` is up: a WirePlumber holds the HDMI
+    audio's nodes (the last thing a desktop starts, FIELD-NOTES §8); woken by inotify
+    ``IN_OPEN`` on the nodes.
+
+    :raises TimeoutError: not up within ``timeout_s`` s.
+    """
+    import time
+
+    from vfio_hookd import procs
+    from vfio_hookd.inotify import IN_OPEN, Inotify
+
+    from .kernel import SimHost
+    host = SimHost(root)
+    deadline = time.monotonic() + timeout_s
+    with Inotify() as ino:
+        for n in AUDIO:
+            ino.add(host.path(n), IN_OPEN)
+        while not any(h.command == "wireplumber" for h in procs.find_holders(host, AUDIO)):
+            if not ino.wait(deadline):
+                raise TimeoutError(f"the desktop of {root} is not up after {timeout_s:g} s")

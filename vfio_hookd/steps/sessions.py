@@ -57,7 +57,7 @@ class Sessions(Step):
 
     Facts: ``{"plan": {"sessions": [session dicts], "gettys": [units], "user_units":
     {uid: {"user", "units"}}}, "done": [{"getty": unit} | {"session": id, ...} |
-    {"uid", "user", "units"}], "skipped": [...]}``.
+    {"uid", "user", "units"}], "skipped": [...], "why": {what: "PID N holds NODES"}}``.
     """
     name = "sessions"
 
@@ -71,7 +71,11 @@ class Sessions(Step):
         users: dict[int, dict] = {}
         skipped: list[str] = []
         managers = {}
-        for pid in sorted({h.pid for h in procs.find_holders(ctx.host, nodes)} - system):
+        why: dict[str, str] = {}
+        held: dict[int, list[str]] = {}
+        for h in procs.find_holders(ctx.host, nodes):
+            held.setdefault(h.pid, []).append(h.node)
+        for pid in sorted(set(held) - system):
             sid = lg.session_of_pid(pid)
             if sid is not None:
                 s = sessions.get(sid)
@@ -82,6 +86,8 @@ class Sessions(Step):
                                    f"holders step)")
                     continue
                 plan_sessions[sid] = s.to_dict()
+                why[f"session {sid} of {s.user} ({s.type})"] = \
+                    f"PID {pid} holds {', '.join(held[pid])}"
                 continue
             uid = lg.user_of_pid(pid)
             if uid is None:
@@ -95,6 +101,7 @@ class Sessions(Step):
             entry = users.setdefault(uid, {"user": _user_name(uid, sessions), "units": []})
             if unit not in entry["units"]:
                 entry["units"].append(unit)
+                why[f"{unit} of {entry['user']}"] = f"PID {pid} holds {', '.join(held[pid])}"
         for uid, entry in users.items():
             mgr = managers[uid]
             sockets = []
@@ -115,7 +122,7 @@ class Sessions(Step):
                 gettys.append(unit)
         return {"plan": {"sessions": list(plan_sessions.values()), "gettys": gettys,
                          "user_units": {str(u): e for u, e in users.items()}},
-                "skipped": skipped}
+                "skipped": skipped, "why": why}
 
     def apply(self, ctx: Context, facts: dict) -> None:
         plan = facts["plan"]
