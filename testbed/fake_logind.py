@@ -39,6 +39,7 @@ class _Watch:
         owner.watches.append(self)
 
     def push(self, member: str, path: str, args: tuple) -> None:
+        """Record one event and wake waiters."""
         with self._cv:
             self.events.append((member, path, args))
             self._cv.notify_all()
@@ -48,19 +49,23 @@ class _Watch:
             pass
 
     def fileno(self) -> int:
+        """An eventfd readable after each event."""
         return self._efd
 
     def clear(self) -> None:
+        """Reset :meth:`fileno`."""
         try:
             os.eventfd_read(self._efd)
         except OSError:
             pass
 
     def wait(self, predicate, deadline: float) -> bool:
+        """Wait until ``predicate()`` or ``deadline`` (monotonic s)."""
         with self._cv:
             return bool(self._cv.wait_for(predicate, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
+        """Stop recording."""
         if self in self._owner.watches:
             self._owner.watches.remove(self)
         try:
@@ -119,9 +124,11 @@ class FakeLogind:
             w.push(member, path, out)
 
     def available(self) -> bool:
+        """True when the host has a desktop model (logind runs)."""
         return self.model is not None
 
     def sessions(self) -> list[Session]:
+        """Every session of the model, as :meth:`vfio_hookd.logind.Logind.sessions`."""
         if self.model is None:
             return []
         with self.model.lock:
@@ -131,15 +138,18 @@ class FakeLogind:
                     for s in self.model.sessions.values()]
 
     def session_of_pid(self, pid: int) -> str | None:
+        """Id of the session whose leader ``pid`` is, or None."""
         if self.model is None:
             return None
         with self.model.lock:
             return next((s.id for s in self.model.sessions.values() if s.leader == pid), None)
 
     def user_of_pid(self, pid: int) -> int | None:
+        """UID of the session leader or user unit process ``pid``, or None."""
         return None if self.model is None else self.model.user_of_pid(pid)
 
     def system_pids(self) -> set[int]:
+        """1 and the processes standing for logind's device holds."""
         pids = {1}
         if self.model is not None:
             with self.model.lock:
@@ -147,9 +157,11 @@ class FakeLogind:
         return pids
 
     def watch(self):
+        """A watch of the model's events (None without a desktop)."""
         return _Watch(self._src) if self.model is not None else None
 
     def terminate_sessions(self, ids: list[str], timeout_s: float) -> list[str]:
+        """End ``ids`` and wait for their ``SessionRemoved``; the ids left at the deadline."""
         if self.model is None or not ids:
             return list(ids) if self.model is None else []
         deadline = time.monotonic() + timeout_s
@@ -170,6 +182,7 @@ class FakeLogind:
             w.close()
 
     def user_manager(self, uid: int):
+        """User ``uid``'s instance (:class:`FakeUserManager`), or None when it does not run."""
         if self.model is None:
             return None
         with self.model.lock:
@@ -201,19 +214,23 @@ class FakeUserManager:
         return next(u for u in self.model.users.values() if u.uid == self.uid)
 
     def unit_of_pid(self, pid: int) -> str | None:
+        """The user unit whose process ``pid`` is, or None."""
         return self.model.unit_of_pid(self.uid, pid)
 
     def active_state(self, unit: str) -> str:
+        """``ActiveState`` of the user unit (``inactive`` if unknown)."""
         with self.model.lock:
             u = self._user().units.get(unit)
             return u.active_state if u is not None else "inactive"
 
     def triggered_by(self, unit: str) -> list[str]:
+        """The socket units that start ``unit``."""
         with self.model.lock:
             u = self._user().units.get(unit)
             return list(u.spec.get("triggered_by", [])) if u is not None else []
 
     def run_jobs(self, method: str, units: list[str], timeout_s: float) -> None:
+        """As :meth:`vfio_hookd.usermgr.UserManager.run_jobs` (same errors)."""
         deadline = time.monotonic() + timeout_s
         jtype = "stop" if method == "StopUnit" else "start"
         w = self._lg.watch()
@@ -245,4 +262,4 @@ class FakeUserManager:
                              + "; ".join(failed))
 
     def close(self) -> None:
-        pass
+        """Nothing to close."""

@@ -6,7 +6,8 @@ Snapshot (taken before any step; the record's ``desktop``)::
     {"display_manager": {"unit": "lightdm.service", "active": true} | null,
      "sessions": [{"user": "alice", "class": "user", "type": "x11", "state": "active",
                    "tty": ""}],                      # seat0 sessions of class user/greeter
-     "card": {"nodes": ["/dev/dri/card0"], "commands": ["Xorg"]},   # who held the card node
+     "card": {"nodes": ["/dev/dri/card0"], "commands": ["Xorg"]},   # the display manager's
+                                                   # or a session's process on the card node
      "audio": {"nodes": ["/dev/snd/controlC1", ...], "commands": ["pipewire", "wireplumber"],
                "users": ["alice"]} | null}          # a user's audio server held the audio nodes
 
@@ -81,16 +82,24 @@ def snapshot(host, devices, systemd, logind, display_manager: str | None) -> dic
     card_nodes, audio_nodes = _nodes(host, devices)
     system = logind.system_pids()
     held = _holders(host, card_nodes + audio_nodes, system)
-    card = sorted({h.command for h in held if h.node in card_nodes})
-    audio_holders = [h for h in held if h.node in audio_nodes]
-    users = set()
-    for pid in {h.pid for h in audio_holders}:
-        if logind.session_of_pid(pid) is None:
-            uid = logind.user_of_pid(pid)
+    # only the desktop's own processes are expected back: the display manager's (Xorg) and
+    # the sessions' (a compositor); a process that a later step terminates is not
+    card = set()
+    for h in held:
+        if h.node in card_nodes and h.command not in card and (
+                logind.session_of_pid(h.pid) is not None
+                or (dm is not None and systemd.unit_of_pid(h.pid) == dm["unit"])):
+            card.add(h.command)
+    card = sorted(card)
+    users, audio_cmds = set(), set()
+    for h in held:   # the audio server of a user's instance (user@UID.service)
+        if h.node in audio_nodes and logind.session_of_pid(h.pid) is None:
+            uid = logind.user_of_pid(h.pid)
             if uid is not None:
                 users.add(names.get(uid) or _name(uid))
-    audio = ({"nodes": audio_nodes, "commands": sorted({h.command for h in audio_holders}),
-              "users": sorted(users)} if users else None)
+                audio_cmds.add(h.command)
+    audio = ({"nodes": audio_nodes, "commands": sorted(audio_cmds), "users": sorted(users)}
+             if users else None)
     if not (dm and dm["active"]) and not sessions and not card and audio is None:
         return {}
     return {"display_manager": dm, "sessions": sessions,
