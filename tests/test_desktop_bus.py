@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SimWorld
 from test_daemon_hook import run_cli, run_hook, start_daemon
-from test_desktop import AUDIO, VARIANTS, seat0, wait_held
+from test_desktop import AUDIO, VARIANTS, seat0, seat0_becomes, wait_held
 from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
 from vfio_hookd.pci import current_driver
@@ -46,7 +46,7 @@ def test_the_desktop_is_handed_over_and_comes_back_over_dbus(desk, variant):
     rec = w.machine.prepare("win11")
     assert time.monotonic() - t0 < 10.0          # not UserStopDelaySec
     assert all(current_driver(w.host, a) == "vfio-pci" for a in w.devices)
-    assert seat0(w) == []
+    assert seat0_becomes(w, []) == []
     assert [(s.id, s.leader) for s in w.logind.sessions() if not s.seat] == remote
     alice = w.logind.user_manager(1000)
     try:
@@ -60,7 +60,7 @@ def test_the_desktop_is_handed_over_and_comes_back_over_dbus(desk, variant):
     if variant == "desktop-wayland":
         assert seat0(w) == [("_greetd", "greeter", "tty")]
     else:
-        assert seat0(w) == before
+        assert seat0_becomes(w, before) == before
 
 
 def test_root_talks_to_a_users_instance_peer_to_peer(desk):

@@ -77,6 +77,7 @@ class Session:
         self.leader = 0
         self.origin = origin
         self.spec = spec
+        self.run = 0   # the display manager's run that started it (origin "dm")
 
     @property
     def path(self) -> str:
@@ -132,6 +133,7 @@ class Desktop:
         self._jobs = 0
         self._closed = False
         self.initial_used = False
+        self.dm_run = 0   # counts the display manager's starts
         self._units = self._unit_states()
         with self.lock:
             if self.conf.get("dm") and self._units.get(self.conf["dm"]) == "active":
@@ -190,9 +192,10 @@ class Desktop:
         policy = self.conf.get("policy", "autologin")
         if policy == "autologin" or (policy == "initial_once" and not self.initial_used):
             self.initial_used = True
-            self._new_session(self.conf["autologin"], "seat0", "user", "dm")
+            s = self._new_session(self.conf["autologin"], "seat0", "user", "dm")
         else:
-            self._new_session(self.conf["greeter"], "seat0", "greeter", "dm")
+            s = self._new_session(self.conf["greeter"], "seat0", "greeter", "dm")
+        s.run = self.dm_run
 
     def _new_session(self, spec: dict, seat: str, cls: str, origin: str) -> Session:
         user = self.users[spec["user"]]
@@ -284,8 +287,10 @@ class Desktop:
         dm = self.conf.get("dm")
         if dm and before.get(dm) != now.get(dm):
             if now.get(dm) == "inactive" or now.get(dm) == "failed":
-                self._after("session_close", self._close_origin, "dm")
+                ids = [s.id for s in self.sessions.values() if s.origin == "dm"]
+                self._after("session_close", self._close_ids, ids)   # those of this DM run
             elif now.get(dm) == "active":
+                self.dm_run += 1
                 self._after("session_start", self._dm_start)
         vt = self.conf.get("vt")
         if vt and before.get(vt["getty"]) != now.get(vt["getty"]):
@@ -295,9 +300,14 @@ class Desktop:
                 self._after("session_start", self._vt_respawn)
 
     def _dm_start(self) -> None:
+        # this run's own session; those of the run before are closing (LightDM starts anew)
         if self._units.get(self.conf["dm"]) == "active" and not any(
-                s.origin == "dm" for s in self.sessions.values()):
+                s.origin == "dm" and s.run == self.dm_run for s in self.sessions.values()):
             self._dm_shows()
+
+    def _close_ids(self, ids: list[str]) -> None:
+        for sid in ids:
+            self.end_session(sid)
 
     def _close_origin(self, origin: str) -> None:
         for s in list(self.sessions.values()):
