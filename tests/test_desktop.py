@@ -211,6 +211,7 @@ def test_a_desktop_that_does_not_come_back_is_reported(desk):
     w = desk("desktop-x11")
     w.profile(extra="deadlines: {desktop_back: 0.5}\n")
     w.machine.prepare("win11")
+    assert seat0_becomes(w, []) == []                # the VM runs: alice's X session has ended
     w.logind.model.timing["session_start"] = 60.0   # LightDM does not log alice in again
     with pytest.raises(HookdError) as exc:
         w.machine.release("win11")

@@ -87,6 +87,7 @@ def test_a_desktop_that_does_not_come_back_over_dbus(desk):
     w = desk("desktop-x11", edit_desktop=lambda c: c.update(timing={"session_start": 60.0}))
     w.profile(extra="deadlines: {desktop_back: 0.5}\n")
     w.machine.prepare("win11")
+    assert seat0_becomes(w, []) == []      # the VM runs: alice's X session has ended
     with pytest.raises(HookdError) as exc:
         w.machine.release("win11")
     assert exc.value.code == errors.DESKTOP_NOT_BACK
