@@ -3,9 +3,10 @@
 ``scripts/demo`` (as root) runs ``python -m testbed.demo``. What happens:
 
 1. A fresh state directory (printed; removed on success unless ``--keep``, kept on failure)
-   gets the simulated single-GPU NVIDIA host (:func:`testbed.sim.make_host`, realistic
-   latencies from :data:`testbed.sim.faults.REALISTIC`) and its systemd on a private bus
-   (:class:`testbed.sim.bus.SimBus`).
+   gets the simulated single-GPU NVIDIA host with an X11 desktop (:data:`DEMO_HOST`:
+   LightDM, alice logged in, her PipeWire/WirePlumber on the HDMI audio, her SSH session;
+   :mod:`testbed.sim.desktops`; realistic latencies from :data:`testbed.sim.faults.REALISTIC`)
+   and its systemd and logind on a private bus (:class:`testbed.sim.bus.SimBus`).
 2. :func:`testbed.libvirtd.run_in_private_libvirt` starts Debian's libvirtd in a private
    mount namespace with ``hooks/vfio-hookd`` in its ``qemu.d``, and bind mounts that make the
    *default* paths ``/etc/vfio-hookd`` and ``/run/vfio-hookd`` point into the state directory
@@ -75,6 +76,9 @@ __all__ = ["run", "main", "Terminated", "SCENARIOS", "DEFAULT_VM", "UNMANAGED_VM
 
 SCENARIOS = ("passthrough", "failure", "unmanaged")
 DEMO_SCENARIOS = ("passthrough", "failure")
+#: The demo's host (testbed.sim.make_host variant) and its display manager unit.
+DEMO_HOST = "desktop-x11"
+DEMO_DM = "lightdm.service"
 DEFAULT_VM = "win11"
 UNMANAGED_VM = "scratch"
 URI = "qemu:///system"
@@ -359,8 +363,8 @@ class Inner:
         self.check(sc, "record phase prepared", st.get("phase") == "prepared", str(st.get("phase")))
         self.check(sc, "both functions on vfio-pci", set(drivers.values()) == {"vfio-pci"},
                    str(drivers))
-        self.check(sc, "gdm.service inactive", units.get("gdm.service") == "inactive",
-                   str(units.get("gdm.service")))
+        self.check(sc, f"{DEMO_DM} inactive", units.get(DEMO_DM) == "inactive",
+                   str(units.get(DEMO_DM)))
         self.check(sc, "domain running", res["after_start"]["domain"][0] == "running",
                    str(res["after_start"]["domain"]))
         section("Host while the VM runs")
@@ -374,6 +378,9 @@ class Inner:
         cmp = compare(before, after)
         res["after_destroy"] = {"status": st, "drivers": self.drivers(), "compare": cmp}
         self.check(sc, "record phase idle", st.get("phase") == "idle", str(st.get("phase")))
+        desk = st.get("desktop") or {}
+        self.check(sc, "desktop back (display manager, alice's session, card0, audio)",
+                   desk.get("check") == "back", str(desk))
         self.check(sc, "functions back on their drivers", self.drivers() == drivers_before,
                    f"{self.drivers()} != {drivers_before}")
         section("Host compared with before virsh start")
@@ -408,6 +415,9 @@ class Inner:
         res["after"] = {"status": st, "drivers": self.drivers(), "compare": cmp}
         self.check(sc, "record phase failed (rolled back)", st.get("phase") == "failed",
                    str(st.get("phase")))
+        desk = st.get("desktop") or {}
+        self.check(sc, "desktop back after the rollback", desk.get("check") == "back",
+                   str(desk))
         section("Host compared with before the failed start")
         _show_compare(cmp)
         self.check(sc, "host rolled back, except the kernel's own changes", not cmp["unexpected"],
@@ -457,9 +467,8 @@ class Inner:
         say(f"  daemon pid {self.daemon.proc.pid}, READY=1 after {self.daemon.ready_ms:.0f} ms")
         prof = Path(CONFIG_DIR) / "vms" / f"{self.vm}.yaml"
         prof.parent.mkdir(parents=True, exist_ok=True)
-        prof.write_text("# written by testbed.demo\n"
-                        f"devices: [{', '.join(repr(a) for a in self.devices)}]\n"
-                        "stop_units: [nvidia-persistenced.service]\n")
+        prof.write_text("# written by testbed.demo: the devices, all else default\n"
+                        f"devices: [{', '.join(repr(a) for a in self.devices)}]\n")
         section(f"Profile {prof}")
         say("\n".join("  " + ln for ln in prof.read_text().splitlines()))
         with Libvirt(URI) as lv:
@@ -610,7 +619,7 @@ def run(state: str | os.PathLike, scenarios: list[str] | tuple[str, ...] = DEMO_
     state = Path(state).resolve()
     root = state / "host"
     root.mkdir(parents=True)
-    make_host(str(root), "nvidia", latency=latency)
+    make_host(str(root), DEMO_HOST, latency=latency)
     interrupted: list[int] = []
     deferring = [False]   # True while the runner runs, and while the bus stops
     bus: BusProcess | None = None
@@ -668,6 +677,8 @@ def _run_with_bus(state: Path, root: Path, bus: "BusProcess", scenarios, vm: str
     """:func:`run` once the bus is up; returns the result without ``timings`` and ``ok``."""
     from . import libvirtd
     result: dict = {"checks": [], "scenarios": {}, "problems": [], "rc": None}
+    from .sim.desktops import wait_up
+    wait_up(str(root))   # alice's PipeWire/WirePlumber on the HDMI audio: the host as it runs
     before = _snapshot(str(root), bus.address)
     for d in ("etc-vfio-hookd", "run-vfio-hookd"):
         (state / d).mkdir()

@@ -130,7 +130,7 @@ class FakeSystemd:
             for u in self.units.values():
                 if u.pid and u.pid == pid:
                     return u.id
-        return None
+        return model.scope_of(self.state_root, pid)
 
     def shutting_down(self) -> bool:
         """True while the (fake) system shuts down (:meth:`set_system_state` ``stopping``)."""

@@ -70,9 +70,15 @@ class SimWorld:
         process (the fast tier: no dbus-daemon); True: the simulated systemd on a private bus
         (:class:`testbed.sim.bus.SimBus`) with the product's D-Bus client, needed wherever
         another process (the daemon, the CLI) talks to systemd; ``address`` is its address.
+    :param edit_desktop: for the desktop variants, a function changing the desktop's
+        configuration (the dict of ``.sim/desktop.json``, :mod:`testbed.sim.desktop`) before
+        logind starts.
+
+    ``logind`` is the logind client: :class:`testbed.fake_logind.FakeLogind` (fast tier) or
+    :class:`vfio_hookd.logind.Logind` on the simulated bus.
     """
 
-    def __init__(self, dirs, variant: str = "nvidia", bus: bool = False):
+    def __init__(self, dirs, variant: str = "nvidia", bus: bool = False, edit_desktop=None):
         from testbed import sim
         from testbed.sim.kernel import SimHost
         from vfio_hookd.machine import Machine
@@ -82,6 +88,14 @@ class SimWorld:
         self.variant = variant
         self.devices = sim.DEVICES[variant]
         sim.make_host(self.root, variant)
+        if edit_desktop is not None:   # change .sim/desktop.json before logind starts
+            import json
+            path = os.path.join(self.root, ".sim", "desktop.json")
+            with open(path) as f:
+                conf = json.load(f)
+            edit_desktop(conf)
+            with open(path, "w") as f:
+                json.dump(conf, f)
         self.host = SimHost(self.root)
         self.paths = Paths(config_dir=str(dirs["config"]), run_dir=str(dirs["run"]))
         # a short holders' grace period: DEVICE_BUSY tests need not wait the product's 2 s
@@ -91,16 +105,21 @@ class SimWorld:
         if bus:
             from testbed.sim.bus import SimBus
             from vfio_hookd.systemd import Systemd
+            from vfio_hookd.logind import Logind
             self.bus = SimBus(self.root)
             self.address = self.bus.address
             self.systemd = Systemd(self.address)
+            self.logind = Logind(self.address, run_user=self.host.path("/run/user"))
             self.machine = Machine(self.host, self.paths, lambda: Systemd(self.address),
-                                   holders_grace_s=grace)
+                                   holders_grace_s=grace, logind_factory=lambda: Logind(
+                                       self.address, run_user=self.host.path("/run/user")))
         else:
+            from testbed.fake_logind import FakeLogind
             from testbed.fake_systemd import FakeSystemd
             self.fake = self.systemd = FakeSystemd(self.root)
+            self.logind = FakeLogind(self.root)   # a desktop model for desktop-* variants
             self.machine = Machine(self.host, self.paths, lambda: self.fake,
-                                   holders_grace_s=grace)
+                                   holders_grace_s=grace, logind_factory=lambda: self.logind)
 
     def snapshot(self) -> dict:
         """The whole fake kernel tree and the fake systemd's unit states."""
@@ -132,9 +151,11 @@ class SimWorld:
 
     def close(self) -> None:
         self.systemd.close()
+        self.logind.close()
         if self.bus is not None:
             self.bus.stop()
         if self.fake is not None:
+            self.logind.kill_all()
             self.fake.kill_all()
 
 

@@ -75,7 +75,8 @@ def test_release_deadline_is_what_the_held_steps_declare(world):
     expected = (units * d.unit_start + 3 * len(rec.step("vtconsoles").facts["done"]) * d.unbind
                 + len(rec.step("framebuffer").facts["done"]) * d.unbind
                 + modules * d.module_load + 2 * d.unbind
-                + 3 * len(rec.step("bind_vfio").facts["done"]) * d.unbind)
+                + 3 * len(rec.step("bind_vfio").facts["done"]) * d.unbind
+                + d.desktop_back)   # the desktop-back check: gdm held card0 before prepare
     assert plan.deadline_s == pytest.approx(expected + MARGIN_S)
     world.machine.release("win11")
     assert plan_release(None, "win11").deadline_s == MARGIN_S
@@ -88,7 +89,7 @@ def test_prepare_deadline_sums_each_steps_declared_waits(world):
     assert shape == Shape(devices=2, units=2, vtconsoles=len(world.host.listdir(
         "/sys/class/vtconsole")), modules=8)
     total = sum(s.max_apply_s(plan.profile, shape) + s.max_undo_s(plan.deadlines, shape, None)
-                for s in STEPS)
+                for s in STEPS) + plan.deadlines.desktop_back   # the check after a rollback
     assert plan.deadline_s == pytest.approx(total + MARGIN_S)
     # the units step's share follows the profile: two stops of 11 s
     assert STEPS[0].max_apply_s(plan.profile, shape) == 22.0

@@ -125,6 +125,11 @@ def cmd_status(args, env: Env) -> int:
             print(f"  last prepare failed at step {e.get('step')}: {e['code']}: {e['message']}")
         for e in vm.get("release_errors") or []:
             print(f"  release failed at step {e.get('step')}: {e['code']}: {e['message']}")
+        d = vm.get("desktop") or {}
+        if d.get("check", "none") != "none":
+            took = f" after {d['seconds']:g} s" if d.get("seconds") is not None else ""
+            print(f"  desktop {d['check']}{took}" + (f" ({d['after']})" if d.get("after") else "")
+                  + (f": missing {'; '.join(d['missing'])}" if d.get("missing") else ""))
     print(f"(source: {source})")
     return 0
 

@@ -40,6 +40,8 @@ DAEMON_BUSY = "DAEMON_BUSY"                  # the daemon serves its maximum of 
 DEVICE_STUCK = "DEVICE_STUCK"                # a write to a function's sysfs file never returned
 PROFILE_EXISTS = "PROFILE_EXISTS"            # vfio-hookd init would overwrite a profile
 CHECK_FAILED = "CHECK_FAILED"                # vfio-hookd check found at least one FAIL
+DESKTOP_NOT_BACK = "DESKTOP_NOT_BACK"        # release undid everything, but the desktop seen at
+                                            # prepare did not come back by deadlines.desktop_back
 
 #: The CLI's exit status for each code: explicit and stable (a new code gets a new number;
 #: no number is ever reused). 0 is success, 1 an unexpected bug outside the error path.
@@ -51,7 +53,7 @@ EXIT_STATUS = {
     DAEMON_UNREACHABLE: 19, BAD_REQUEST: 20, PERMISSION_DENIED: 21, SYSTEMD_UNAVAILABLE: 22,
     INSTALL_FAILED: 23, VM_RUNNING: 24, INTERNAL: 25, RECORD_INVALID: 26,
     UNTRUSTED_FILE: 27, DEVICE_STUCK: 28, DAEMON_BUSY: 29, PROFILE_EXISTS: 30,
-    CHECK_FAILED: 31,
+    CHECK_FAILED: 31, DESKTOP_NOT_BACK: 32,
 }
 CODES = tuple(EXIT_STATUS)
 

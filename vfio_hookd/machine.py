@@ -29,7 +29,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Callable
 
-from . import errors, pci
+from . import desktop, errors, pci
 from . import plan as plans
 from .errors import HookdError
 from .host import Host
@@ -56,16 +56,22 @@ class Machine:
     :param lock_timeout_s: how long a request waits for another one on the same VM/device (s).
     :param holders_grace_s: how long (s) holders may take to exit by themselves with
         ``on_busy: fail`` (the session of a display manager just stopped may still be ending).
+    :param logind_factory: zero-argument callable returning a
+        :class:`~vfio_hookd.logind.Logind` (default: logind on the system bus, users'
+        instances under the host's ``/run/user``); called at most once.
     """
 
     def __init__(self, host: Host, paths: Paths, systemd_factory: Callable[[], object] | None = None,
-                 lock_timeout_s: float = 600.0, holders_grace_s: float = 2.0):
+                 lock_timeout_s: float = 600.0, holders_grace_s: float = 2.0,
+                 logind_factory: Callable[[], object] | None = None):
         self.host = host
         self.paths = paths
         self.records = RecordStore(paths)
         self._systemd_factory = systemd_factory or _default_systemd
         self._systemd = None
         self._systemd_lock = threading.Lock()
+        self._logind_factory = logind_factory or (lambda: _default_logind(host))
+        self._logind = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.lock_timeout_s = lock_timeout_s
@@ -78,6 +84,13 @@ class Machine:
             if self._systemd is None:
                 self._systemd = self._systemd_factory()
             return self._systemd
+
+    def logind(self):
+        """The shared logind client (created on first use)."""
+        with self._systemd_lock:
+            if self._logind is None:
+                self._logind = self._logind_factory()
+            return self._logind
 
     @contextmanager
     def _locked(self, keys: list[str]):
@@ -107,7 +120,7 @@ class Machine:
                        systemd=self.systemd, log=logger,
                        child_modules=dict(rec.child_modules),
                        holders_grace_s=self.holders_grace_s,
-                       stopped_units=tuple(_stopped_units(rec)))
+                       stopped_units=tuple(_stopped_units(rec)), logind=self.logind)
 
     def _save(self, rec: Record) -> None:
         """Save ``rec``; on failure log it and go on (an undo must not stop because /run is
@@ -166,17 +179,8 @@ class Machine:
 
     # ---- prepare ------------------------------------------------------------------------------
     def _refuse_if_stuck(self, devices) -> None:
-        """:raises HookdError: ``DEVICE_STUCK`` while a write to one of ``devices``'s sysfs
-        files that ran past its deadline has not returned (another request touching the
-        function would only pile up more threads stuck in the kernel)."""
-        stuck = pci.stuck_functions(self.host, devices)
-        if stuck:
-            w = stuck[0]
-            raise HookdError(errors.DEVICE_STUCK,
-                             f"{w['function']}: writing {w['data']!r} to {w['path']} has not "
-                             f"returned since {w['since']} (a holder the kernel waits for?); "
-                             f"nothing else is done to it until that write returns, or the "
-                             f"host reboots", {"stuck": stuck})
+        """:func:`vfio_hookd.pci.refuse_if_stuck` on this host."""
+        pci.refuse_if_stuck(self.host, devices)
 
     def _prepare(self, plan: Plan) -> Record:
         vm, devices = plan.vm, plan.devices
@@ -236,6 +240,7 @@ class Machine:
 
     def _run_prepare(self, rec: Record, plan: Plan) -> Record:
         vm = rec.vm
+        desktop.record_snapshot(self, rec, plan.profile)   # what release must give back
         self.records.save(rec)   # nothing touched yet: a failure here is simply the answer
         started = time.monotonic()
         log.info("prepare: %s", ", ".join(f"{a} ({d or 'no driver'})"
@@ -288,6 +293,9 @@ class Machine:
         self._save(rec)
         message = f"step {name}: {err.message}"
         details = dict(err.details, step=name)
+        if not failures and desktop.record_check(self, rec, "rollback")["check"] == "missing":
+            message += f"; after the rollback the desktop is not back: missing " \
+                       f"{'; '.join(rec.desktop_check['missing'])}"
         if failures:
             message += ("; rollback incomplete: " + "; ".join(f"step {s}: {f}" for s, f in failures)
                         + f". Fix it, then run 'vfio-hookd release {vm}'")
@@ -324,6 +332,8 @@ class Machine:
                         {"failures": rec.release_errors})
                 log.info("released in %.0f ms", _ms(started),
                          extra={"VM": vm, "PHASE": "idle", "DURATION_MS": _ms(started)})
+                if desktop.record_check(self, rec, "release")["check"] == "missing":
+                    raise desktop.not_back_error(vm, rec.desktop_check)
                 return rec
 
     def _undo_all(self, rec: Record, why: str) -> list[tuple[str, HookdError]]:
@@ -390,6 +400,11 @@ def _as_error(exc: BaseException, step: str) -> HookdError:
         return HookdError(errors.HOST_IO, f"{exc}")
     log.exception("bug in step %s", step, extra={"STEP": step})
     return HookdError(errors.INTERNAL, f"{type(exc).__name__}: {exc} (a bug; see the daemon log)")
+
+
+def _default_logind(host: Host):
+    from .logind import Logind
+    return Logind(run_user=host.path("/run/user"))
 
 
 def _default_systemd():

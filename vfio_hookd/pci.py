@@ -89,6 +89,20 @@ def stuck_functions(host: Host, functions) -> list[dict]:
     return out
 
 
+def refuse_if_stuck(host: Host, devices) -> None:
+    """:raises HookdError: ``DEVICE_STUCK`` while a write to one of ``devices``'s sysfs files
+    that ran past its deadline has not returned (another request touching the function would
+    only pile up more threads stuck in the kernel)."""
+    stuck = stuck_functions(host, devices)
+    if stuck:
+        w = stuck[0]
+        raise HookdError(errors.DEVICE_STUCK,
+                         f"{w['function']}: writing {w['data']!r} to {w['path']} has not "
+                         f"returned since {w['since']} (a holder the kernel waits for?); "
+                         f"nothing else is done to it until that write returns, or the "
+                         f"host reboots", {"stuck": stuck})
+
+
 def path(addr: str, attr: str = "") -> str:
     """Host path of PCI function ``addr`` or one of its attributes."""
     return f"/sys/bus/pci/devices/{addr}" + (f"/{attr}" if attr else "")

@@ -4,7 +4,7 @@ touched, and the deadline the daemon announces for it.
 - prepare: the profile (parsed once), the devices (from the profile or the domain XML), the
   whole IOMMU group check, the drivers, and the deadline summed from what each step declares
   it may wait (:meth:`vfio_hookd.steps.Step.max_apply_s`, plus the rollback's
-  :meth:`~vfio_hookd.steps.Step.max_undo_s`).
+  :meth:`~vfio_hookd.steps.Step.max_undo_s` and ``deadlines.desktop_back``).
 - release: the record alone (devices, drivers, deadlines in force, each held step's facts) and
   the deadline summed from each held step's declared undo wait. Today's profile is not read.
 """
@@ -90,7 +90,7 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
                   vtconsoles=len(host.listdir("/sys/class/vtconsole")),
                   modules=Modules.count(prof))
     wait = sum(s.max_apply_s(prof, shape) + s.max_undo_s(prof.deadlines, shape, None)
-               for s in STEPS)
+               for s in STEPS) + prof.deadlines.desktop_back   # the check after a rollback
     return Plan(op="prepare", vm=vm, devices=devices, deadlines=prof.deadlines,
                 deadline_s=round(wait + MARGIN_S, 1), profile=prof,
                 drivers={a: pci.current_driver(host, a) for a in devices}, shape=shape)
@@ -140,6 +140,8 @@ def plan_release(rec: Record | None, vm: str) -> Plan:
     by_name = {s.name: s for s in STEPS}
     wait = sum(by_name[e.name].max_undo_s(deadlines, shape, e.facts)
                for e in rec.steps if e.held and e.name in by_name)
+    if rec.desktop:   # the desktop-back check after the undo (vfio_hookd.desktop)
+        wait += deadlines.desktop_back
     return Plan(op="release", vm=vm, devices=tuple(rec.devices), deadlines=deadlines,
                 deadline_s=round(wait + MARGIN_S, 1), drivers=dict(rec.drivers), record=rec,
                 shape=shape)

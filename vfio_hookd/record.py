@@ -13,6 +13,10 @@ JSON form of :class:`Record`::
      "error": null | {"code", "message", "step"},
      "release_errors": [{"code", "message", "step"}],
      "updated": "2026-11-21T15:03:00Z",
+     "desktop": {} | {...the desktop seen before prepare: vfio_hookd.desktop.snapshot...},
+     "desktop_check": null | {"check": "back" | "missing" | "waiting" | "none",
+                              "missing": [str], "seconds": float | null, "after": "release" |
+                              "rollback"},
      "steps": [{"name": "units", "status": "done", "facts": {...}, "duration_ms": 812.4,
                 "undo_ms": null, "error": null, "undo_error": null, "notes": []}]}
 
@@ -86,6 +90,8 @@ class Record:
     release_errors: list = field(default_factory=list)
     updated: str | None = None
     version: int = VERSION
+    desktop: dict = field(default_factory=dict)
+    desktop_check: dict | None = None
 
     @classmethod
     def new(cls, vm: str, devices, drivers: dict, deadlines: dict, step_names,

@@ -15,7 +15,9 @@ def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict
     returned: :meth:`vfio_hookd.host.Host.stuck_writes`), "vms": {NAME: {"phase", "updated",
     "steps": [{"name", "status", "duration_ms", "undo_ms", "error", "notes", "warnings",
     "skipped", "why"}], "devices": [{"address", "driver", "driver_before", "held_by" (only when
-    another VM's record holds it)}], "error", "release_errors"}}}``. A record that cannot be
+    another VM's record holds it)}], "error", "release_errors", "desktop": {"check": "back" |
+    "missing" | "waiting" | "none", "missing": [str], "seconds": float | None, "after"}}}}``
+    (:mod:`vfio_hookd.desktop`). A record that cannot be
     read shows as phase ``unknown`` with its ``RECORD_INVALID`` error.
 
     :raises HookdError: ``VM_NAME_INVALID``; ``NOT_MANAGED`` when ``vm`` has neither a record
@@ -35,14 +37,16 @@ def status_from_records(host: Host, paths: Paths, vm: str | None = None) -> dict
         if isinstance(rec, HookdError):
             out[name] = {"phase": "unknown", "updated": None, "steps": [], "devices": [],
                          "error": {"code": rec.code, "message": rec.message},
-                         "release_errors": []}
+                         "release_errors": [],
+                         "desktop": {"check": "none", "missing": [], "seconds": None}}
             continue
         if rec is None:
             if not os.path.lexists(paths.profile_path(name)):
                 raise HookdError(errors.NOT_MANAGED, f"{name!r} has no profile "
                                                      f"({paths.profile_path(name)}) and no record")
             out[name] = {"phase": "idle", "updated": None, "steps": [], "devices": [],
-                         "error": None, "release_errors": []}
+                         "error": None, "release_errors": [],
+                         "desktop": {"check": "none", "missing": [], "seconds": None}}
             continue
         out[name] = _vm_status(host, rec, holders)
     return {"vms": out, "stuck_writes": host.stuck_writes()}
@@ -63,6 +67,7 @@ def _vm_status(host: Host, rec: Record, holders: dict) -> dict:
         "phase": rec.phase, "updated": rec.updated, "steps": steps,
         "devices": [_device(host, rec, a, holders) for a in rec.devices],
         "error": rec.error, "release_errors": rec.release_errors,
+        "desktop": rec.desktop_check or {"check": "none", "missing": [], "seconds": None},
     }
 
 

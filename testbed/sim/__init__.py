@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+from .desktops import DESKTOPS, UNITS as _desktop_units
+
 _NVIDIA_UNITS = {
     "gdm.service": {"aliases": ["display-manager.service"], "active": True,
                     "holds": ["/dev/dri/card0", "/dev/nvidia0", "/dev/nvidiactl",
@@ -46,6 +48,7 @@ UNITS = {
     "bios-text": _NVIDIA_UNITS,
 }
 UNITS["twogpu-vfio"] = UNITS["twogpu"]
+UNITS.update(_desktop_units)
 
 #: The GPU functions of each variant: those a VM is handed (for profiles in the demo and
 #: tests).
@@ -53,12 +56,15 @@ DEVICES = {"nvidia": ("0000:01:00.0", "0000:01:00.1"), "amd": ("0000:03:00.0", "
            "turing": ("0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"),
            "twogpu": ("0000:01:00.0", "0000:01:00.1"),
            "twogpu-vfio": ("0000:01:00.0", "0000:01:00.1"),
-           "bios-text": ("0000:01:00.0", "0000:01:00.1")}
+           "bios-text": ("0000:01:00.0", "0000:01:00.1"),
+           **{v: ("0000:01:00.0", "0000:01:00.1") for v in _desktop_units}}
 
 
 def make_host(root: str, variant: str = "nvidia", latency: dict[str, float] | None = None) -> str:
     """Build a simulated host of ``variant`` (a key of :data:`UNITS`: "nvidia", "amd",
-    "turing", "twogpu", "twogpu-vfio", "bios-text"; :mod:`.hosts`, :mod:`.shapes`) in directory
+    "turing", "twogpu", "twogpu-vfio", "bios-text"; :mod:`.hosts`, :mod:`.shapes`; or a
+    desktop on the NVIDIA host: "desktop-x11", "desktop-wayland", "desktop-greeter",
+    "desktop-vt", :mod:`.desktops`) in directory
     ``root`` with its systemd units; set per-operation ``latency`` (s, keys in
     :mod:`.faults`). Returns ``root``.
 
@@ -67,9 +73,12 @@ def make_host(root: str, variant: str = "nvidia", latency: dict[str, float] | No
     from . import faults, hosts
     if variant not in UNITS:
         raise ValueError(f"variant must be one of {sorted(UNITS)}")
-    hosts.build_host(root, variant)
+    hosts.build_host(root, "nvidia" if variant in DESKTOPS else variant)
     with open(os.path.join(root, ".sim", "units.json"), "w") as f:
         json.dump(UNITS[variant], f, indent=1)
+    if variant in DESKTOPS:   # logind's sessions, users and their instances (.desktop)
+        with open(os.path.join(root, ".sim", "desktop.json"), "w") as f:
+            json.dump(DESKTOPS[variant], f, indent=1)
     if latency:
         faults.set_latency(root, latency)
     return root

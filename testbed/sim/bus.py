@@ -115,6 +115,7 @@ class SimBus:
         self.state_root = os.path.abspath(state_root or root)
         self.address = ""
         self.pids: list[int] = []
+        self.logind_pid = 0
         simdir = os.path.join(self.state_root, ".sim")
         os.makedirs(simdir, exist_ok=True)
         self._tmpdir = None
@@ -157,10 +158,27 @@ class SimBus:
             line = _read_line(sim, deadline, "simulated systemd")
             if line != "READY":
                 raise RuntimeError(f"simulated systemd said {line!r} instead of READY")
+            if os.path.exists(os.path.join(simdir, "desktop.json")):
+                self._start_logind(simdir, deadline + ready_timeout_s)
         except BaseException:
             self.stop()
             raise
         self.pids = [bus.pid, sim.pid]
+
+    def _start_logind(self, simdir: str, deadline: float) -> None:
+        """Start the simulated logind (:mod:`testbed.sim.logind`) for the host's desktop."""
+        with open(os.path.join(simdir, "logind.log"), "ab") as log:
+            lg = subprocess.Popen(
+                [sys.executable, "-m", "testbed.sim.logind", "--root", self.root,
+                 "--state-root", self.state_root, "--address", self.address],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                env=child_env(), start_new_session=True,
+                preexec_fn=parent_death_signal(signal.SIGTERM))
+        self._procs.insert(0, lg)   # stopped first: it ends the sessions' processes
+        line = _read_line(lg, deadline, "simulated logind")
+        if line != "READY":
+            raise RuntimeError(f"simulated logind said {line!r} instead of READY")
+        self.logind_pid = lg.pid
 
     def stop(self) -> None:
         """Stop the simulated systemd (it ends its unit processes), then the bus; wait for both."""

@@ -50,6 +50,7 @@ The ``nvidia`` BIOS host keeps vgacon bound (modeset=0 evicts nothing) and has n
 from __future__ import annotations
 
 import os
+import stat
 
 from . import kernel as K
 
@@ -156,11 +157,16 @@ def _nvidia_state() -> dict:
                    "nodes": [
             {"kind": "dir", "path": "/proc/driver/nvidia"},
             {"kind": "dir", "path": "/proc/driver/nvidia/gpus"},
-            _dev("/dev/nvidiactl", "nvidia")]},
+            _dev("/dev/nvidiactl", "nvidia"),
+            # MIG/fabric capability nodes (nvidia-modprobe -c; FIELD-NOTES §7: an H200 host)
+            {"kind": "dir", "path": "/dev/nvidia-caps"},
+            _dev("/dev/nvidia-caps/nvidia-cap1", "nvidia"),
+            _dev("/dev/nvidia-caps/nvidia-cap2", "nvidia")]},
         "nvidia_modeset": {"builtin": False, "deps": ["nvidia"], "pci_driver": None,
                            "nodes": [_dev("/dev/nvidia-modeset", "nvidia_modeset")]},
         "nvidia_uvm": {"builtin": False, "deps": ["nvidia"], "pci_driver": None,
-                       "nodes": [_dev("/dev/nvidia-uvm", "nvidia_uvm")]},
+                       "nodes": [_dev("/dev/nvidia-uvm", "nvidia_uvm"),
+                                 _dev("/dev/nvidia-uvm-tools", "nvidia_uvm")]},
         "nvidia_drm": {"builtin": False, "deps": ["nvidia", "nvidia_modeset"], "pci_driver": None,
                        "nodes": []},
     })
@@ -376,7 +382,8 @@ def build_host(root: str, variant: str = "nvidia", firmware: str | None = None) 
 
 def snapshot(root: str) -> dict:
     """The whole tree of simulated host ``root`` except ``.sim/``: ``{host path: value}`` with
-    value ``("dir", None)``, ``("link", target)`` or ``("file", content)`` (str).
+    value ``("dir", None)``, ``("link", target)``, ``("socket", None)`` (the simulated users'
+    ``/run/user/UID/systemd/private``) or ``("file", content)`` (str).
 
     Every module's ``refcnt`` is brought up to date first (the simulated kernel counts open
     files when it scans ``/proc``; a process that closed a node since then is not counted)."""
@@ -396,6 +403,8 @@ def snapshot(root: str) -> dict:
                 out[hp] = ("link", os.readlink(full))
             elif os.path.isdir(full):
                 out[hp] = ("dir", None)
+            elif stat.S_ISSOCK(os.lstat(full).st_mode):   # a user instance's private socket
+                out[hp] = ("socket", None)
             else:
                 try:
                     with open(full, errors="replace") as f:

@@ -477,7 +477,11 @@ class SimSystemd:
             self._enqueue(unit, jtype, args[1], invocation)
         elif method == "GetUnitByPID":
             unit = next((u for u in self.units.values() if u.pid and u.pid == args[0]), None)
-            if unit is None:
+            scope = model.scope_of(self.state_root, args[0]) if unit is None else None
+            if scope is not None:   # a session's or user instance's process (.desktop)
+                self._load_not_found(scope)
+                invocation.return_value(GLib.Variant("(o)", (unit_path(scope),)))
+            elif unit is None:
                 invocation.return_dbus_error(ERR_NO_UNIT_FOR_PID,
                                              f"PID {args[0]} does not belong to any loaded unit.")
             else:

@@ -244,3 +244,15 @@ def read_job_log(state_root: str) -> list[dict]:
             return [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def scope_of(state_root: str, pid: int) -> str | None:
+    """The unit systemd puts process ``pid`` in when it is a login session's process
+    (``session-2.scope``) or a user instance's (``user@1000.service``): from
+    ``.sim/scopes.json``, written by the desktop model (:mod:`testbed.sim.desktop`); None
+    otherwise. Real systemd answers ``GetUnitByPID`` from the process's cgroup."""
+    try:
+        with open(os.path.join(state_root, ".sim", "scopes.json")) as f:
+            return json.load(f).get(str(pid))
+    except (OSError, ValueError):
+        return None

@@ -53,6 +53,10 @@ DEFAULT_DEADLINES = {
     "unbind": 10.0,
     "module_unload": 15.0,
     "module_load": 30.0,
+    # FIELD-NOTES §8 (TCG guest, 2 cores): after the display manager's start the session is
+    # back at +2.8 s and PipeWire/WirePlumber hold the audio nodes at +6.8 s; greetd's greeter
+    # user instance takes /dev/snd within ~4 s. 30 s is about four times the slowest of these.
+    "desktop_back": 30.0,
 }
 
 
@@ -66,6 +70,8 @@ class Deadlines:
     :ivar unbind: each sysfs ``bind``/``unbind``/``drivers_probe`` write.
     :ivar module_unload: each module unload.
     :ivar module_load: each ``modprobe``.
+    :ivar desktop_back: after a release (or a rolled-back prepare): until the desktop seen at
+        prepare is back (:mod:`vfio_hookd.desktop`).
     """
 
     unit_stop: float = DEFAULT_DEADLINES["unit_stop"]
@@ -74,9 +80,10 @@ class Deadlines:
     unbind: float = DEFAULT_DEADLINES["unbind"]
     module_unload: float = DEFAULT_DEADLINES["module_unload"]
     module_load: float = DEFAULT_DEADLINES["module_load"]
+    desktop_back: float = DEFAULT_DEADLINES["desktop_back"]
 
     def to_dict(self) -> dict:
-        """``{"unit_stop": float, ...}``: the six deadlines in seconds."""
+        """``{"unit_stop": float, ...}``: the seven deadlines in seconds."""
         return {k: getattr(self, k) for k in DEFAULT_DEADLINES}
 
     @classmethod

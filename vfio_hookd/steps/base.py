@@ -13,7 +13,7 @@ Each step is a small class with three methods, in the manner of tuned's plugins
   what ``facts["plan"]`` lists, each item idempotently). Returns notes (list of str) about
   expected differences; raises :class:`HookdError` on failure.
 
-Order on prepare (release is the reverse): units, holders, vtconsoles, framebuffer, modules,
+Order on prepare (release is the reverse): units, sessions, holders, vtconsoles, framebuffer, modules,
 bind_vfio. The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
 holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
 proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
@@ -67,6 +67,8 @@ class Context:
         ``on_busy: fail`` (capped by ``deadlines.terminate``).
     :param stopped_units: the units this prepare's units step stopped (their processes, and
         those of login sessions, get the holders' grace period).
+    :param logind: zero-argument callable returning a :class:`vfio_hookd.logind.Logind` (or
+        an object with its interface; connected on first use).
     """
     vm: str
     host: Host
@@ -80,6 +82,7 @@ class Context:
     child_modules: dict[str, list[str]] = field(default_factory=dict)
     holders_grace_s: float = 2.0
     stopped_units: tuple[str, ...] = ()
+    logind: Callable[[], Any] | None = None
 
 
 pci = pcimod.path

@@ -16,7 +16,9 @@ class Holders(Step):
     belong to a unit the units step just stopped, or to a login session (its end follows the
     display manager's), first get up to ``ctx.holders_grace_s`` (or ``deadlines.terminate`` if
     shorter) to exit on their own; a holder nothing stopped fails the start at once;
-    ``on_busy: terminate`` sends SIGTERM, then SIGKILL after ``deadlines.terminate`` s.
+    ``on_busy: terminate`` sends SIGTERM, then SIGKILL after ``deadlines.terminate`` s, but
+    never to PID 1 or to the owners of logind's and systemd's bus names
+    (:meth:`vfio_hookd.logind.Logind.system_pids`): those fail with ``DEVICE_BUSY``.
     Unbinding a GPU someone holds can block the kernel forever (NVIDIA) or leave a stale
     DRM node (FIELD-NOTES §2), so this is checked before any unbind. Undo: ended processes
     are not restarted (the units step restarts what systemd owns).
@@ -51,6 +53,13 @@ class Holders(Step):
             raise HookdError(errors.DEVICE_BUSY,
                              f"{listing}. Stop them, add their unit to stop_units, or set "
                              f"on_busy: terminate", {"holders": [h.to_dict() for h in holders]})
+        system = ctx.logind().system_pids() if ctx.logind is not None else {1}
+        kept = [h for h in holders if h.pid in system]
+        if kept:
+            raise HookdError(errors.DEVICE_BUSY,
+                             f"{'; '.join(str(h) for h in kept)}: systemd and systemd-logind "
+                             f"are never signalled (FIELD-NOTES §8)",
+                             {"holders": [h.to_dict() for h in kept]})
         pids = sorted({h.pid for h in holders})
         ctx.log.warning("terminating GPU holders: %s", listing)
         facts["terminated"] = [h.to_dict() for h in holders]

@@ -1,0 +1,195 @@
+"""Small Gio helpers shared by the logind client (:mod:`vfio_hookd.logind`) and the user-instance
+client (:mod:`vfio_hookd.usermgr`): connections (a bus, or a peer-to-peer socket), method calls
+and property reads with a timeout, D-Bus error names, and a signal subscription that a waiter
+can ``poll(2)`` on.
+
+Gio is imported on first use (FIELD-NOTES §4: ``import vfio_hookd.gdbus`` costs nothing).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import socket
+import threading
+import time
+
+#: sun_path is 108 bytes with its NUL (unix(7)); longer paths go through /proc/self/fd.
+_SUN_PATH_MAX = 107
+
+
+def connect_bus(address: str | None):
+    """A private ``Gio.DBusConnection`` to the message bus at ``address`` (None: the system bus,
+    ``DBUS_SYSTEM_BUS_ADDRESS`` honoured).
+
+    :raises gi.repository.GLib.Error: the bus cannot be reached.
+    """
+    from gi.repository import Gio
+
+    if address is None:
+        address = Gio.dbus_address_get_for_bus_sync(Gio.BusType.SYSTEM, None)
+    con = Gio.DBusConnection.new_for_address_sync(
+        address, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+        | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None)
+    con.set_exit_on_close(False)
+    return con
+
+
+def connect_peer(path: str, timeout_s: float):
+    """A peer-to-peer ``Gio.DBusConnection`` on the unix socket ``path`` (a real path), with
+    the EXTERNAL authentication GDBus does by default (the caller's uid; sd-bus's server accepts
+    a token equal to the peer's ``SO_PEERCRED`` uid, ``verify_external_token`` in
+    ``sd-bus/bus-socket.c``, so root may talk to a user's manager on
+    ``/run/user/UID/systemd/private``). A path longer than ``sun_path`` is reached through
+    ``/proc/self/fd/N`` of its directory.
+
+    :raises OSError: nothing listens there (``ENOENT``, ``ECONNREFUSED``), or no answer within
+        ``timeout_s`` s (``TimeoutError``).
+    :raises gi.repository.GLib.Error: the authentication failed.
+    """
+    from gi.repository import Gio
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout_s)
+        if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+            sock.connect(path)
+        else:
+            dfd = os.open(os.path.dirname(path), os.O_PATH | os.O_CLOEXEC)
+            try:
+                sock.connect(f"/proc/self/fd/{dfd}/{os.path.basename(path)}")
+            finally:
+                os.close(dfd)
+        sock.settimeout(None)
+        fd = sock.detach()
+    except BaseException:
+        sock.close()
+        raise
+    gsock = Gio.Socket.new_from_fd(fd)
+    stream = gsock.connection_factory_create_connection()
+    con = Gio.DBusConnection.new_sync(stream, None,
+                                      Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT, None, None)
+    con.set_exit_on_close(False)
+    return con
+
+
+def call(con, dest: str | None, path: str, iface: str, method: str, args=None,
+         signature: str | None = None, timeout_s: float = 25.0):
+    """Call ``iface.method`` of object ``path`` on ``dest`` (None on a peer-to-peer
+    connection); ``args`` a tuple packed with ``signature``. Returns the unpacked reply tuple.
+
+    :raises gi.repository.GLib.Error: the call failed or timed out.
+    """
+    from gi.repository import Gio, GLib
+
+    params = GLib.Variant(f"({signature})", args) if signature else None
+    reply = con.call_sync(dest, path, iface, method, params, None, Gio.DBusCallFlags.NONE,
+                          max(1, math.ceil(timeout_s * 1000)), None)
+    return reply.unpack() if reply is not None else ()
+
+
+def get(con, dest: str | None, path: str, iface: str, prop: str, timeout_s: float = 25.0):
+    """Property ``iface.prop`` of object ``path`` (``org.freedesktop.DBus.Properties.Get``)."""
+    return call(con, dest, path, "org.freedesktop.DBus.Properties", "Get", (iface, prop), "ss",
+                timeout_s)[0]
+
+
+def get_all(con, dest: str | None, path: str, iface: str, timeout_s: float = 25.0) -> dict:
+    """Every property of ``iface`` on object ``path`` (``GetAll``), unpacked."""
+    return call(con, dest, path, "org.freedesktop.DBus.Properties", "GetAll", (iface,), "s",
+                timeout_s)[0]
+
+
+def error_name(e) -> str | None:
+    """The D-Bus error name of a ``GLib.Error`` from a call (None if it was not remote)."""
+    from gi.repository import Gio
+
+    return Gio.DBusError.get_remote_error(e)
+
+
+class SignalWatch:
+    """Signals of one connection, recorded for a waiter: one ``signal_subscribe`` on a GLib main
+    context of its own, iterated by a daemon thread that blocks in ``poll(2)`` between signals.
+
+    :param con: the ``Gio.DBusConnection``.
+    :param sender: sender to match (None: any; it must be None on a peer-to-peer connection,
+        whose signals carry no sender).
+    :param iface: interface to match, or None. :param member: signal name, or None.
+
+    :meth:`wait` waits on a condition with a deadline; :meth:`fileno` (an eventfd, readable
+    after each signal) lets a caller ``poll(2)`` it beside other descriptors (inotify).
+    Each signal is kept as ``(member, object path, unpacked parameters)`` (the last 4096).
+    """
+
+    KEEP = 4096
+
+    def __init__(self, con, sender: str | None, iface: str | None, member: str | None):
+        from gi.repository import Gio, GLib
+
+        self._con = con
+        self._cv = threading.Condition()
+        self.events: collections.deque = collections.deque(maxlen=self.KEEP)
+        self.count = 0
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping = False
+        self._ctx = GLib.MainContext.new()
+        self._ctx.push_thread_default()
+        try:
+            self._sub = con.signal_subscribe(sender, iface, member, None, None,
+                                             Gio.DBusSignalFlags.NONE, self._on_signal)
+        finally:
+            self._ctx.pop_thread_default()
+        self._thread = threading.Thread(target=self._run, name="dbus signals", daemon=True)
+        self._thread.start()
+
+    def _on_signal(self, _con, _sender, path, _iface, member, params) -> None:
+        with self._cv:
+            self.events.append((member, path, params.unpack()))
+            self.count += 1
+            self._cv.notify_all()
+        try:
+            os.eventfd_write(self._efd, 1)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._ctx.iteration(True)
+
+    def fileno(self) -> int:
+        """An eventfd readable after each signal (:meth:`clear` resets it)."""
+        return self._efd
+
+    def clear(self) -> None:
+        """Reset :meth:`fileno` to not readable."""
+        try:
+            os.eventfd_read(self._efd)
+        except (BlockingIOError, OSError):
+            pass
+
+    def wait(self, predicate, deadline: float) -> bool:
+        """Wait until ``predicate()`` (called under the lock, after each signal) is true, at
+        most until ``deadline`` (``time.monotonic()`` s). Returns its last value."""
+        with self._cv:
+            return bool(self._cv.wait_for(predicate, max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        """Unsubscribe, end the thread, close the eventfd."""
+        self._stopping = True
+        try:
+            self._con.signal_unsubscribe(self._sub)
+        except Exception:  # the connection is gone already
+            pass
+        self._ctx.wakeup()
+        self._thread.join(2)
+        try:
+            os.close(self._efd)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "SignalWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

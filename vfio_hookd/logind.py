@@ -1,0 +1,260 @@
+"""vfio-hookd's client for systemd-logind (``org.freedesktop.login1(5)``), and the door to the
+users' systemd instances (:mod:`vfio_hookd.usermgr`).
+
+What the desktop steps ask logind (FIELD-NOTES §3, §7, §8):
+
+- ``Manager.ListSessions() -> a(susso)`` and each session's properties ``Id``, ``Name`` (user
+  name), ``User`` (``(uo)``), ``Seat`` (``(so)``), ``Class`` (``user``, ``greeter``,
+  ``lock-screen``, ``background``), ``Type`` (``x11``, ``wayland``, ``tty``, ``mir``,
+  ``unspecified``), ``State`` (``online``, ``active``, ``closing``), ``Leader`` (PID), ``TTY``,
+  ``Scope`` (``session-2.scope``), ``Service`` (the PAM service), ``Remote``;
+- ``Manager.GetSessionByPID(u)`` / ``GetUserByPID(u)`` (errors ``NoSessionForPID``,
+  ``NoUserForPID``) and the user's ``UID``;
+- ``Manager.TerminateSession(s)``, and the signals ``SessionNew(so)``, ``SessionRemoved(so)``
+  and ``PropertiesChanged`` of the session objects, to wait without sleeping.
+
+A host where nothing owns ``org.freedesktop.login1`` (or no bus at all) has no sessions: the
+queries answer empty, so the steps leave the desktop to the units step as before.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from . import gdbus
+from .errors import SYSTEMD_UNAVAILABLE, HookdError
+
+LOGIND = "org.freedesktop.login1"
+MANAGER_PATH = "/org/freedesktop/login1"
+MANAGER_IFACE = "org.freedesktop.login1.Manager"
+SESSION_IFACE = "org.freedesktop.login1.Session"
+USER_IFACE = "org.freedesktop.login1.User"
+_ABSENT = {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
+_NO_SUCH = {"org.freedesktop.login1.NoSessionForPID", "org.freedesktop.login1.NoUserForPID",
+            "org.freedesktop.login1.NoSuchSession", "org.freedesktop.DBus.Error.UnknownObject"}
+
+
+@dataclass(frozen=True)
+class Session:
+    """One login session as logind shows it: ``id`` (str), ``user`` (name), ``uid`` (int),
+    ``seat`` (``"seat0"`` or ``""``), ``cls`` (``Class``), ``type`` (``Type``), ``state``,
+    ``leader`` (PID, int), ``tty`` (``"tty1"`` or ``""``), ``scope`` (unit), ``service`` (PAM
+    service), ``remote`` (bool)."""
+    id: str
+    user: str
+    uid: int
+    seat: str
+    cls: str
+    type: str
+    state: str
+    leader: int
+    tty: str
+    scope: str
+    service: str = ""
+    remote: bool = False
+
+    def to_dict(self) -> dict:
+        """The JSON-able form (``cls`` under the key ``class``)."""
+        d = asdict(self)
+        d["class"] = d.pop("cls")
+        return d
+
+
+class Logind:
+    """A connection to systemd-logind on the system bus (or on ``address``).
+
+    :param address: D-Bus address (str) or None for the system bus.
+    :param run_user: the real path of ``/run/user`` (users' runtime directories; the simulated
+        host passes its own).
+    :param call_timeout_s: timeout (s) of each method call and property read.
+
+    Thread-safe; the connection is opened on first use and closed by :meth:`close`.
+    """
+
+    def __init__(self, address: str | None = None, run_user: str = "/run/user",
+                 call_timeout_s: float = 25.0):
+        self._address = address
+        self.run_user = run_user
+        self._timeout = call_timeout_s
+        self._lock = threading.Lock()
+        self._con = None
+        self._unreachable = False
+
+    def _connection(self):
+        """The bus connection, or None when there is no bus (a host without D-Bus)."""
+        from gi.repository import GLib
+        with self._lock:
+            if self._con is not None and not self._con.is_closed():
+                return self._con
+            try:
+                self._con = gdbus.connect_bus(self._address)
+            except GLib.Error:
+                self._con = None
+            return self._con
+
+    def _call(self, method: str, args=None, signature=None):
+        """``Manager.method``; None when logind is absent."""
+        from gi.repository import GLib
+        con = self._connection()
+        if con is None:
+            return None
+        try:
+            return gdbus.call(con, LOGIND, MANAGER_PATH, MANAGER_IFACE, method, args, signature,
+                              self._timeout)
+        except GLib.Error as e:
+            name = gdbus.error_name(e)
+            if name in _ABSENT:
+                return None
+            if name in _NO_SUCH:
+                raise LookupError(name) from None
+            raise HookdError(SYSTEMD_UNAVAILABLE, f"systemd-logind: {method}: {e.message}") \
+                from None
+
+    def available(self) -> bool:
+        """True when something owns ``org.freedesktop.login1`` on the bus."""
+        from gi.repository import GLib
+        con = self._connection()
+        if con is None:
+            return False
+        try:
+            return bool(gdbus.call(con, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                   "org.freedesktop.DBus", "NameHasOwner", (LOGIND,), "s",
+                                   self._timeout)[0])
+        except GLib.Error:
+            return False
+
+    def sessions(self) -> list[Session]:
+        """Every session (``ListSessions`` + each one's properties); sessions that end while
+        read are left out; ``[]`` without logind.
+
+        :raises HookdError: ``SYSTEMD_UNAVAILABLE`` (logind fails to answer).
+        """
+        from gi.repository import GLib
+        rows = self._call("ListSessions")
+        if not rows:
+            return []
+        out = []
+        for sid, _uid, _name, _seat, path in rows[0]:
+            try:
+                p = gdbus.get_all(self._connection(), LOGIND, path, SESSION_IFACE, self._timeout)
+            except GLib.Error:
+                continue   # ended meanwhile
+            out.append(Session(
+                id=str(p.get("Id", sid)), user=str(p.get("Name", "")),
+                uid=int((p.get("User") or (0, ""))[0]), seat=str((p.get("Seat") or ("", ""))[0]),
+                cls=str(p.get("Class", "")), type=str(p.get("Type", "")),
+                state=str(p.get("State", "")), leader=int(p.get("Leader", 0)),
+                tty=str(p.get("TTY", "")), scope=str(p.get("Scope", "")),
+                service=str(p.get("Service", "")), remote=bool(p.get("Remote", False))))
+        return out
+
+    def session_of_pid(self, pid: int) -> str | None:
+        """Id of the session process ``pid`` belongs to (``GetSessionByPID``), or None (not in a
+        session, gone, or no logind)."""
+        from gi.repository import GLib
+        try:
+            reply = self._call("GetSessionByPID", (pid,), "u")
+            if not reply:
+                return None
+            return str(gdbus.get(self._connection(), LOGIND, reply[0], SESSION_IFACE, "Id",
+                                 self._timeout))
+        except (LookupError, GLib.Error):
+            return None
+
+    def user_of_pid(self, pid: int) -> int | None:
+        """UID of the user whose slice process ``pid`` runs in (``GetUserByPID``: also the
+        processes of ``user@UID.service``), or None."""
+        from gi.repository import GLib
+        try:
+            reply = self._call("GetUserByPID", (pid,), "u")
+            if not reply:
+                return None
+            return int(gdbus.get(self._connection(), LOGIND, reply[0], USER_IFACE, "UID",
+                                 self._timeout))
+        except (LookupError, GLib.Error):
+            return None
+
+    def system_pids(self) -> set[int]:
+        """PIDs never to signal: 1 (systemd, whose fdstore keeps logind's copies of session
+        devices), and the owners of ``org.freedesktop.login1`` and ``org.freedesktop.systemd1``
+        on the bus (``GetConnectionUnixProcessID``; FIELD-NOTES §8)."""
+        from gi.repository import GLib
+        pids = {1}
+        con = self._connection()
+        if con is None:
+            return pids
+        for name in (LOGIND, "org.freedesktop.systemd1"):
+            try:
+                pids.add(int(gdbus.call(con, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                        "org.freedesktop.DBus", "GetConnectionUnixProcessID",
+                                        (name,), "s", self._timeout)[0]))
+            except GLib.Error:
+                pass
+        return pids
+
+    def watch(self):
+        """A :class:`vfio_hookd.gdbus.SignalWatch` of logind's signals (``SessionNew``,
+        ``SessionRemoved``, ``UserNew``, ``UserRemoved``, ``PropertiesChanged``), or None
+        without a bus. Open it *before* reading the state it waits on."""
+        con = self._connection()
+        return None if con is None else gdbus.SignalWatch(con, LOGIND, None, None)
+
+    def terminate_sessions(self, ids: list[str], timeout_s: float) -> list[str]:
+        """``TerminateSession`` each of ``ids`` (all at once), then wait for their
+        ``SessionRemoved`` until ``timeout_s`` (s) in all. A session already gone counts as
+        ended.
+
+        :returns: the ids still present at the deadline (empty: all ended).
+        :raises HookdError: ``SYSTEMD_UNAVAILABLE``.
+        """
+        if not ids:
+            return []
+        deadline = time.monotonic() + timeout_s
+        watch = self.watch()
+        if watch is None:
+            return list(ids)
+        try:
+            for sid in ids:
+                try:
+                    self._call("TerminateSession", (sid,), "s")
+                except LookupError:
+                    pass
+            present = {s.id for s in self.sessions()}
+            left = [i for i in ids if i in present]
+
+            def gone() -> bool:
+                removed = {str(p[0]) for m, _path, p in watch.events if m == "SessionRemoved"}
+                return not [i for i in left if i not in removed]
+            watch.wait(gone, deadline)
+            removed = {str(p[0]) for m, _path, p in list(watch.events) if m == "SessionRemoved"}
+            return [i for i in left if i not in removed]
+        finally:
+            watch.close()
+
+    def user_manager(self, uid: int):
+        """The client of user ``uid``'s systemd instance
+        (:class:`vfio_hookd.usermgr.UserManager` on ``<run_user>/UID/systemd/private``), or None
+        when that instance does not run (no socket, or nothing listens on it any more).
+
+        :raises HookdError: ``SYSTEMD_UNAVAILABLE`` if the socket exists but does not answer.
+        """
+        from .usermgr import UserManager
+        path = os.path.join(self.run_user, str(uid), "systemd", "private")
+        try:
+            return UserManager(path, uid, self._timeout)
+        except LookupError:   # no instance, or one on its way out (UserStopDelaySec over)
+            return None
+
+    def close(self) -> None:
+        """Close the connection (a later call reconnects)."""
+        with self._lock:
+            con, self._con = self._con, None
+        if con is not None:
+            try:
+                con.close_sync(None)
+            except Exception:  # closed by the peer already
+                pass
+
