@@ -21,18 +21,16 @@ Rules (DEVELOPERS.md):
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
 import time
-from contextlib import ExitStack, contextmanager
 from typing import Callable
 
 from . import desktop, errors, pci
 from . import plan as plans
 from .errors import HookdError
 from .host import Host
+from .locks import Locks
 from .paths import Paths, check_vm_name
 from .plan import Plan
 from .record import HELD, Record, RecordStore, StepEntry
@@ -72,8 +70,7 @@ class Machine:
         self._systemd_lock = threading.Lock()
         self._logind_factory = logind_factory or (lambda: _default_logind(host))
         self._logind = None
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._lockset = Locks(paths.locks_dir, lock_timeout_s)
         self.lock_timeout_s = lock_timeout_s
         self.holders_grace_s = holders_grace_s
 
@@ -92,27 +89,9 @@ class Machine:
                 self._logind = self._logind_factory()
             return self._logind
 
-    @contextmanager
     def _locked(self, keys: list[str]):
-        """Hold the in-process lock and the ``flock`` of every key (sorted: no deadlock)."""
-        with ExitStack() as stack:
-            lockdir = self.paths.locks_dir
-            os.makedirs(lockdir, mode=0o700, exist_ok=True)
-            for key in sorted(set(keys)):
-                with self._locks_guard:
-                    lock = self._locks.setdefault(key, threading.Lock())
-                if not lock.acquire(timeout=self.lock_timeout_s):
-                    raise HookdError(errors.TIMEOUT, f"{key} stayed busy with another request "
-                                                     f"for {self.lock_timeout_s:g} s")
-                stack.callback(lock.release)
-                f = stack.enter_context(open(os.path.join(lockdir, key.replace("/", "_")), "a"))
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise HookdError(errors.DEVICE_CLAIMED,
-                                     f"{key} is being worked on by another vfio-hookd process "
-                                     f"(the daemon?); retry when it has finished") from None
-            yield
+        """:meth:`vfio_hookd.locks.Locks.held` for ``keys``."""
+        return self._lockset.held(keys)
 
     def _context(self, rec: Record, prof, deadlines, logger) -> Context:
         return Context(vm=rec.vm, host=self.host, profile=prof, deadlines=deadlines,
