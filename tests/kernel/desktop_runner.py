@@ -258,6 +258,8 @@ class Guest:
         self.nodes_before: list[str] = []
         self.ssh: subprocess.Popen | None = None
         self.ssh_session: dict | None = None
+        self.lv: subprocess.Popen | None = None
+        self.lv_t0 = 0.0
 
     def function_nodes(self) -> list[str]:
         return [n for a in self.funcs for n in self.gr.function_nodes(a)] + \
@@ -336,6 +338,31 @@ def ssh_alive(g: Guest) -> None:
           f"alice's non-seat session {sid} is gone or not alive: {s}")
 
 
+#: alice's user units that use the GPU's audio function (stopped by a prepare, issue 8).
+AUDIO_USER_UNITS = re.compile(r"^(pipewire|pipewire-pulse|wireplumber)\.(service|socket)$")
+
+
+def outside_seat0_kept(g: Guest, before: dict) -> None:
+    """Nothing outside seat0 was stopped by the prepare: sshd, alice's user instance, and her
+    user units that do not touch the GPU (her audio server's may be stopped, issue 8)."""
+    check(unit_state("ssh.service").find("ActiveState=active") >= 0,
+          f"ssh.service after prepare: {unit_state('ssh.service')}")
+    check(unit_state("user@1000.service").find("ActiveState=active") >= 0,
+          f"alice's user instance after prepare: {unit_state('user@1000.service')}")
+    now = set(user_units())
+    gone = [u for u in before["user_units"] if u not in now and not AUDIO_USER_UNITS.match(u)]
+    check(not gone, f"alice's user units that do not touch the GPU were stopped: {gone}")
+
+
+def desktop_check_back(st: dict) -> None:
+    """``status --json`` shows the desktop-back check as its own entry after a release
+    (issue 8: ``"desktop"``), and it says the desktop is back."""
+    d = st.get("desktop")
+    check(isinstance(d, dict), f"status --json has no \"desktop\" check for the VM after "
+          f"release (keys: {sorted(st)})")
+    check(d.get("check") == "back", f"status --json desktop check after release: {d}")
+
+
 def install(g: Guest) -> dict:
     """``vfio-hookd install``, then ``systemctl enable --now vfio-hookd.socket
     vfio-hookd.service`` under the guest's systemd; the profile names only the devices;
@@ -403,16 +430,19 @@ def write_getty() -> None:
 
 def expected_desktop(variant: str) -> dict:
     """What "the desktop is up" means for ``variant``: ``unit`` active, a seat0 session
-    ``(user, class, type)``, the command holding the card."""
+    ``(user, class, type)``, the command holding the card. Type None: whatever the session
+    was registered as. weston does not change it, and greetd 0.9 registers its sessions as
+    ``tty`` unless the command's environment says otherwise (seen in the guest: alice's
+    weston from greetd's initial_session is a ``tty`` session), as does a login on tty1."""
     if variant in ("x11", "x11-fault", "libvirt"):
         return {"unit": "lightdm.service", "session": (ALICE, "user", "x11"), "card": "Xorg"}
     if variant in ("wayland", "wayland-fault"):
-        return {"unit": "greetd.service", "session": (ALICE, "user", "wayland"),
+        return {"unit": "greetd.service", "session": (ALICE, "user", None),
                 "card": "weston"}
     if variant == "greeter":
-        return {"unit": "greetd.service", "session": ("_greetd", "greeter", "wayland"),
+        return {"unit": "greetd.service", "session": ("_greetd", "greeter", None),
                 "card": "weston"}
-    return {"unit": "getty@tty1.service", "session": (ALICE, "user", "tty"), "card": "weston"}
+    return {"unit": "getty@tty1.service", "session": (ALICE, "user", None), "card": "weston"}
 
 
 def desktop_up(g: Guest, want: dict, audio: bool) -> dict | None:
@@ -424,8 +454,8 @@ def desktop_up(g: Guest, want: dict, audio: bool) -> dict | None:
         return None
     s0 = seat0()
     u, c, t = want["session"]
-    if not any(x[0] == u and x[1] == c and (x[2] == t or want["unit"].startswith("getty"))
-               and x[3] == "active" for x in s0):
+    if not any(x[0] == u and x[1] == c and (t is None or x[2] == t) and x[3] == "active"
+               for x in s0):
         return None
     h = holders(g.function_nodes())
     card = [n for n in h if "/dri/card" in n and not n.endswith("(deleted)")]
@@ -527,6 +557,25 @@ def compare(g: Guest, before: dict, after: dict, notes, greetd_policy: bool) -> 
 
 
 # ---- variants ---------------------------------------------------------------------------------
+def steps_of(st: dict) -> dict:
+    return {s["name"]: s["status"] for s in st.get("steps", [])}
+
+
+def rollback_outcome(g: Guest, want: dict, before: dict, st: dict) -> str:
+    """After a prepare that failed: did its rollback give the desktop back, equal to
+    ``before``? One line for the failure message (the variant fails anyway)."""
+    greetd = want["unit"] == "greetd.service"
+    try:
+        wait_desktop(g, expected_desktop("greeter") if greetd else want,
+                     audio=not greetd and want["session"][1] != "greeter")
+    except Fail as exc:
+        return f"the desktop did not come back: {exc}"
+    notes = [n for s in st.get("steps", []) for n in (s.get("notes") or [])]
+    left, _, accepted = compare(g, before, g.snapshot(), notes, greetd)
+    return (f"desktop back, state equal to before{' (accepted: ' + '; '.join(accepted) + ')' if accepted else ''}"
+            if not left else f"desktop back but the state differs: {json.dumps(left)}")
+
+
 def prepare_timed(g: Guest) -> dict:
     """``vfio-hookd prepare``; the wall time and the time from the request until the GPU is on
     vfio-pci (its driver link polled every 10 ms: the harness's own measure)."""
@@ -569,21 +618,18 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
     st = g.status()
     res["prepare_steps"] = step_times(st)
     if p["rc"] != 0:
-        ev = evidence(g)
-        res["after_failed_prepare"] = ev
-        # the failed prepare must still have left the desktop as it was
-        try:
-            wait_desktop(g, want, audio=variant != "greeter")
-        except Fail as exc:
-            res["rollback"] = f"desktop not back after the failed prepare: {exc}"
-        raise Fail(f"prepare failed: {p['stderr'][:600]} (phase {st.get('phase')}; holders "
-                   f"before prepare: {json.dumps(pre_evidence)})")
+        res["after_failed_prepare"] = evidence(g)
+        rb = rollback_outcome(g, want, before, st)
+        res["rollback"] = rb
+        raise Fail(f"prepare failed: {p['stderr'][:600]} (holders before prepare: "
+                   f"{json.dumps(pre_evidence)}; steps {steps_of(st)}; the rollback: {rb})")
     for a in g.funcs:
         check(g.gr.driver(a) == "vfio-pci", f"{a} on {g.gr.driver(a)} after prepare")
     h = holders(g.nodes_before)
     check(not h, f"processes still hold nodes of the functions after prepare: "
           f"{json.dumps(holder_pids(g.nodes_before))}")
     ssh_alive(g)
+    outside_seat0_kept(g, before)
     res["after_prepare"] = {"seat0": seat0(), "user_units": user_units(),
                             "dm": unit_state("display-manager.service")}
     t0 = time.monotonic()
@@ -593,6 +639,7 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
     res["release_steps"] = step_times(st)
     res["desktop_check"] = st.get("desktop")
     check(r.returncode == 0, f"release failed: {r.stderr.strip()[:600]}")
+    desktop_check_back(st)
     back_want = dict(want)
     greetd = want["unit"] == "greetd.service"
     if greetd:
@@ -634,11 +681,13 @@ def v_fault(g: Guest, variant: str, res: dict) -> None:
         st = g.status()
         res["prepare_steps"] = step_times(st)
         check(p["rc"] != 0, "prepare succeeded although vfio-pci cannot load")
-        steps = {s["name"]: s["status"] for s in st.get("steps", [])}
-        ev = evidence(g)
-        check(p["stderr"].startswith("MODULE_FAILED: step bind_vfio"),
-              f"prepare did not fail at its last step (bind_vfio) but: {p['stderr'][:600]}; "
-              f"steps {steps}; holders before prepare {json.dumps(pre_evidence)}; now {ev}")
+        if not p["stderr"].startswith("MODULE_FAILED: step bind_vfio"):
+            res["after_failed_prepare"] = evidence(g)
+            rb = rollback_outcome(g, want, before, st)
+            res["rollback"] = rb
+            raise Fail(f"prepare did not fail at its last step (bind_vfio) but: "
+                       f"{p['stderr'][:600]}; steps {steps_of(st)}; holders before prepare "
+                       f"{json.dumps(pre_evidence)}; the rollback: {rb}")
         try:
             wait_desktop(g, want if want["unit"] != "greetd.service"
                          else expected_desktop("greeter"),
@@ -664,22 +713,10 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
     start proves the hook prepared: libvirt refuses unmanaged functions not on vfio-pci),
     then ``virsh destroy``; the desktop back and equal."""
     from testbed.domains import tiny_domain_xml
+    check(g.lv is not None, "libvirtd was not started by the setup")
+    lv = g.lv
     res["desktop_up"] = start_desktop(g, variant)
     want = expected_desktop(variant)
-    qemu_conf, libvirtd_conf = g.gr.libvirt_conf()
-    for d in ("/etc/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/log/libvirt/qemu",
-              "/var/cache/libvirt/qemu", "/run/libvirt"):
-        os.makedirs(d, exist_ok=True)
-    with open("/etc/libvirt/qemu.conf", "w") as f:
-        f.write(qemu_conf)
-    with open("/etc/libvirt/libvirtd.conf", "w") as f:
-        f.write(libvirtd_conf)
-    check(os.path.exists("/etc/libvirt/hooks/qemu.d/vfio-hookd"),
-          "vfio-hookd install did not put the hook into /etc/libvirt/hooks/qemu.d")
-    logf = open(f"{g.out}/libvirtd.log", "ab")
-    t = time.monotonic()
-    lv = subprocess.Popen(["/usr/sbin/libvirtd"], stdin=subprocess.DEVNULL, stdout=logf,
-                          stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def virsh(*a, timeout=300):
             return run("virsh", "-q", "-c", "qemu:///system", *a, timeout=timeout,
@@ -687,7 +724,7 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
         wait_for("libvirtd's socket", lambda: os.path.exists("/run/libvirt/libvirt-sock")
                  or lv.poll() is not None, 120, 0.1)
         check(virsh("version").returncode == 0, "libvirtd does not answer")
-        res["libvirtd_ready_s"] = round(time.monotonic() - t, 2)
+        res["libvirtd_ready_s"] = round(time.monotonic() - g.lv_t0, 2)
         xml = "/tmp/desk.xml"
         with open(xml, "w") as f:
             f.write(tiny_domain_xml(VM, g.funcs, managed=False))
@@ -702,18 +739,18 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
         st = g.status()
         res["prepare_steps"] = step_times(st)
         if r.returncode != 0:
-            ev = evidence(g)
-            try:
-                wait_desktop(g, want, audio=True)
-            except Fail as exc:
-                res["rollback"] = f"desktop not back after the failed start: {exc}"
+            res["after_failed_prepare"] = evidence(g)
+            rb = rollback_outcome(g, want, before, st)
+            res["rollback"] = rb
             raise Fail(f"virsh start failed: {' '.join(r.stderr.split())[:700]} (holders "
-                       f"before: {json.dumps(pre_evidence)}; now {ev})")
+                       f"before: {json.dumps(pre_evidence)}; steps {steps_of(st)}; the "
+                       f"rollback: {rb})")
         for a in g.funcs:
             check(g.gr.driver(a) == "vfio-pci", f"{a} on {g.gr.driver(a)} while the domain runs")
         check(not holders(g.nodes_before), f"nodes still held while the domain runs: "
               f"{json.dumps(holder_pids(g.nodes_before))}")
         ssh_alive(g)
+        outside_seat0_kept(g, before)
         t0 = time.monotonic()
         r = virsh("destroy", VM)
         res["virsh_destroy_s"] = round(time.monotonic() - t0, 2)
@@ -721,6 +758,7 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
         st = g.status()
         res["release_steps"] = step_times(st)
         res["desktop_check"] = st.get("desktop")
+        desktop_check_back(st)
         try:
             wait_desktop(g, want, audio=True)
         except Fail as exc:
@@ -737,7 +775,29 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
         run("virsh", "-q", "-c", "qemu:///system", "undefine", VM)
         from testbed.procs import stop as stop_process
         stop_process(lv, 60)
-        logf.close()
+        g.lv = None
+
+
+def start_libvirtd(g: Guest) -> None:
+    """Debian's ``/usr/sbin/libvirtd`` (``libvirt_conf()`` of ``guest_runner``: root QEMU, no
+    relabelling, no cgroups or namespaces, QEMU's log to a file) as the runner's child, started
+    in the setup after ``vfio-hookd install`` (libvirt finds hooks when it starts, FIELD-NOTES
+    §1): its first probe of QEMU takes a minute under TCG and overlaps the other variants."""
+    qemu_conf, libvirtd_conf = g.gr.libvirt_conf()
+    for d in ("/etc/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/log/libvirt/qemu",
+              "/var/cache/libvirt/qemu", "/run/libvirt"):
+        os.makedirs(d, exist_ok=True)
+    with open("/etc/libvirt/qemu.conf", "w") as f:
+        f.write(qemu_conf)
+    with open("/etc/libvirt/libvirtd.conf", "w") as f:
+        f.write(libvirtd_conf)
+    check(os.path.exists("/etc/libvirt/hooks/qemu.d/vfio-hookd"),
+          "vfio-hookd install did not put the hook into /etc/libvirt/hooks/qemu.d")
+    g.lv_t0 = time.monotonic()
+    g.lv = subprocess.Popen(["/usr/sbin/libvirtd"], stdin=subprocess.DEVNULL,
+                            stdout=open(f"{g.out}/libvirtd.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    LOG(f"libvirtd started (pid {g.lv.pid})")
 
 
 def run_variant(g: Guest, variant: str) -> dict:
@@ -805,6 +865,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_devices(g)
             open_ssh_session(g)
             setup.update(install(g))
+            if "libvirt" in cfg["scenarios"]:
+                start_libvirtd(g)
         except Exception as exc:
             setup.update(ok=False, error=str(exc), traceback=traceback.format_exc())
             LOG(f"setup FAILED: {exc}")
