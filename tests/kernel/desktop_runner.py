@@ -379,7 +379,9 @@ def install(g: Guest) -> dict:
     check("ActiveState=active" in r.stdout, f"vfio-hookd.service not active: {r.stdout}")
     os.makedirs(PROFILE_DIR, exist_ok=True)
     with open(f"{PROFILE_DIR}/{VM}.yaml", "w") as f:
-        f.write(f"devices: [{', '.join(repr(a) for a in g.funcs)}]\n")
+        # profile_extra: only for trying the harness by hand (the plan never sets it)
+        f.write(f"devices: [{', '.join(repr(a) for a in g.funcs)}]\n"
+                + g.cfg.get("profile_extra", ""))
     r = run("systemd-analyze", "security", "vfio-hookd.service", "--no-pager", timeout=300)
     with open(f"{g.out}/systemd-analyze-security.txt", "w") as f:
         f.write(r.stdout + r.stderr)

@@ -75,7 +75,7 @@ DESKTOP_BOOTS = {
                             desktop=True),
 }
 #: Hard deadline of a desktop boot (s).
-DESKTOP_BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_DESKTOP_BOOT_TIMEOUT", "900"))
+DESKTOP_BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_DESKTOP_BOOT_TIMEOUT", "1200"))
 #: Hard deadline of one boot (s), QEMU start to exit, under TCG on a loaded 2-core machine.
 BOOT_TIMEOUT_S = float(os.environ.get("VFIO_HOOKD_KERNEL_BOOT_TIMEOUT", "240"))
 PARALLEL = int(os.environ.get("VFIO_HOOKD_KERNEL_PARALLEL", str(max(1, min(2, os.cpu_count() or 1)))))
