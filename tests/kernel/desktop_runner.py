@@ -641,7 +641,11 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
     res["release_steps"] = step_times(st)
     res["desktop_check"] = st.get("desktop")
     check(r.returncode == 0, f"release failed: {r.stderr.strip()[:600]}")
-    desktop_check_back(st)
+    late = []      # failures that do not stop the variant's other observations
+    try:
+        desktop_check_back(st)
+    except Fail as exc:
+        late.append(str(exc))
     back_want = dict(want)
     greetd = want["unit"] == "greetd.service"
     if greetd:
@@ -656,7 +660,9 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
     notes = [n for s in st.get("steps", []) for n in (s.get("notes") or [])]
     left, expected, accepted = compare(g, before, after, notes, greetd)
     res["expected_differences"], res["accepted_by_dm_policy"] = expected, accepted
-    check(not left, f"state after release differs from before prepare: {json.dumps(left)}")
+    if left:
+        late.append(f"state after release differs from before prepare: {json.dumps(left)}")
+    check(not late, "; ".join(late))
 
 
 def v_fault(g: Guest, variant: str, res: dict) -> None:
@@ -760,7 +766,11 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
         st = g.status()
         res["release_steps"] = step_times(st)
         res["desktop_check"] = st.get("desktop")
-        desktop_check_back(st)
+        late = []
+        try:
+            desktop_check_back(st)
+        except Fail as exc:
+            late.append(str(exc))
         try:
             wait_desktop(g, want, audio=True)
         except Fail as exc:
@@ -771,8 +781,10 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
         notes = [n for s in st.get("steps", []) for n in (s.get("notes") or [])]
         left, expected, _ = compare(g, before, after, notes, False)
         res["expected_differences"] = expected
-        check(not left, f"state after virsh destroy differs from before start: "
-              f"{json.dumps(left)}")
+        if left:
+            late.append(f"state after virsh destroy differs from before start: "
+                        f"{json.dumps(left)}")
+        check(not late, "; ".join(late))
     finally:
         run("virsh", "-q", "-c", "qemu:///system", "undefine", VM)
         from testbed.procs import stop as stop_process
