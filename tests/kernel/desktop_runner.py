@@ -503,10 +503,33 @@ def stop_desktop(g: Guest) -> None:
     wait_for("seat0 without sessions", lambda: not seat0(), 60, 0.2)
 
 
-def start_desktop(g: Guest, variant: str) -> dict:
+def alice_systemctl(*args) -> subprocess.CompletedProcess:
+    """``systemctl --user ARGS`` in alice's user instance (her bus in /run/user/1000)."""
+    return run("setpriv", "--reuid=1000", "--regid=1000", "--init-groups", "systemctl",
+               "--user", *args, env={"PATH": os.environ["PATH"],
+                                     "XDG_RUNTIME_DIR": "/run/user/1000",
+                                     "DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus"})
+
+
+def restore_audio() -> list[str]:
+    """The variant's precondition: alice's audio server runs (an earlier variant may have
+    left it stopped). Starts the audio units that are not active; returns them."""
+    active = set(user_units())
+    missing = [u for u in ("pipewire.service", "pipewire-pulse.service", "wireplumber.service")
+               if u not in active]
+    if missing:
+        LOG(f"precondition: alice's {missing} not active (left so by an earlier variant): "
+            f"starting them")
+        alice_systemctl("start", *missing)
+    return missing
+
+
+def start_desktop(g: Guest, variant: str, res: dict) -> dict:
     """Configure and start ``variant``'s desktop; wait until it is up (with alice's audio,
-    except on the greeter, whose user's audio follows the seat's ACL)."""
+    except on the greeter, whose user's audio follows the seat's ACL). What had to be put
+    back first goes to ``res["precondition"]``."""
     stop_desktop(g)
+    res["precondition"] = {"audio_started": restore_audio()}
     dm = VARIANTS[variant]
     if dm == "lightdm.service":
         write_lightdm()
@@ -608,7 +631,7 @@ def evidence(g: Guest) -> dict:
 
 def v_desktop(g: Guest, variant: str, res: dict) -> None:
     """prepare -> checks -> release -> desktop back -> equal (see the module's docstring)."""
-    res["desktop_up"] = start_desktop(g, variant)
+    res["desktop_up"] = start_desktop(g, variant, res)
     want = expected_desktop(variant)
     before = g.snapshot()
     res["before"] = {k: before[k] for k in ("seat0", "holders", "user_units")}
@@ -669,7 +692,7 @@ def v_fault(g: Guest, variant: str, res: dict) -> None:
     """That desktop, and vfio-pci cannot be loaded (``install vfio_pci /bin/false`` in
     /etc/modprobe.d, as ``guest_runner.sc_fault``): prepare fails at ``bind_vfio``, its last
     step, after the units and modules steps, and the rollback gives the same state back."""
-    res["desktop_up"] = start_desktop(g, variant)
+    res["desktop_up"] = start_desktop(g, variant, res)
     want = expected_desktop(variant)
     for m in ("vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "vfio"):
         if m in g.gr.modules():
@@ -723,7 +746,7 @@ def v_libvirt(g: Guest, variant: str, res: dict) -> None:
     from testbed.domains import tiny_domain_xml
     check(g.lv is not None, "libvirtd was not started by the setup")
     lv = g.lv
-    res["desktop_up"] = start_desktop(g, variant)
+    res["desktop_up"] = start_desktop(g, variant, res)
     want = expected_desktop(variant)
     try:
         def virsh(*a, timeout=300):
