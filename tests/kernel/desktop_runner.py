@@ -476,8 +476,11 @@ def wait_desktop(g: Guest, want: dict, audio: bool, timeout_s: float = DESKTOP_T
         wait_for(f"the desktop {want} (audio held: {audio})",
                  lambda: desktop_up(g, want, audio), timeout_s, 0.25)
     except Fail as exc:
+        audio = [u for u in ("pipewire.service", "pipewire-pulse.service",
+                             "wireplumber.service") if u not in user_units()]
         raise Fail(f"{exc}; now: seat0={seat0()}, holders={holders(g.function_nodes())}, "
-                   f"{want['unit']}: {unit_state(want['unit'])}") from None
+                   f"{want['unit']}: {unit_state(want['unit'])}, alice's audio units not "
+                   f"active: {audio}") from None
     up_s = time.monotonic() - t0
     last, since = None, time.monotonic()
     deadline = time.monotonic() + timeout_s
