@@ -250,3 +250,16 @@ def pytest_collection_modifyitems(config, items):
     if wrong:
         raise pytest.UsageError("every test needs exactly one tier marker "
                                 f"({', '.join(TIERS)}):\n" + "\n".join(wrong))
+
+
+@pytest.fixture(scope="session")
+def kernel_boots():
+    """The kernel tests' boots (``tests/kernel/kernel_plan.Boots``), shared by
+    ``tests/kernel/test_kernel.py`` and ``test_desktop.py``: all start, two at a time, when the
+    first kernel test asks for its boot, so a run without kernel tests costs nothing. (Here and
+    not in a ``tests/kernel/conftest.py``: that module name would shadow this one, which tests
+    import ``write_profile`` from.)"""
+    from kernel_plan import Boots     # tests/kernel is on sys.path once its tests are collected
+    b = Boots()
+    yield b
+    b.close()

@@ -20,6 +20,20 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || echo "overlay mount failed"
 R=/newroot
+if [ "${DESKTOP:-0}" = 1 ]; then
+    # desktop boot: real systemd as PID 1 (FIELD-NOTES §8); the runner is its service
+    # (tests/kernel/desktop_runner.py) and reports the verdict through isa-debug-exit itself
+    mkdir -p "$R/lib/modules/$KV" "$R/vfio-out"
+    mount --bind "/host$KMODS" "$R/lib/modules/$KV"
+    mount --bind /out "$R/vfio-out"
+    . "/host$REPO/tests/kernel/desktop_root.sh"
+    echo /sbin/modprobe > /proc/sys/kernel/modprobe
+    mount --move /dev "$R/dev"
+    mount --move /sys "$R/sys"
+    mount --move /proc "$R/proc"
+    echo "vfio-hookd guest init: switch_root to systemd"
+    exec switch_root /newroot /lib/systemd/systemd
+fi
 mount -t proc proc "$R/proc"
 mount -t sysfs sysfs "$R/sys"
 mount -t devtmpfs devtmpfs "$R/dev"

@@ -329,14 +329,16 @@ def qemu_opt(value: str) -> str:
 
 
 def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory_mb: int,
-              accel: str = "tcg", shape: str = "single", cmdline: str = "") -> list[str]:
+              accel: str = "tcg", shape: str = "single", cmdline: str = "",
+              cpus: int = 1) -> list[str]:
     """The QEMU command line of one boot (list of str): ``shape`` (:data:`SHAPES`) adds its
-    devices, ``cmdline`` is appended to the kernel's command line (e.g. ``nomodeset``)."""
+    devices, ``cmdline`` is appended to the kernel's command line (e.g. ``nomodeset``),
+    ``cpus`` vCPUs (the desktop boots: 2, FIELD-NOTES §8)."""
     if gpu not in GPUS:
         raise ValueError(f"gpu must be one of {GPUS}")
     more = shape_devices(shape)
     kdir = os.path.join(CACHE, kv)
-    argv = [QEMU, "-M", "q35,kernel-irqchip=split", "-m", str(memory_mb), "-smp", "1",
+    argv = [QEMU, "-M", "q35,kernel-irqchip=split", "-m", str(memory_mb), "-smp", str(cpus),
             "-nodefaults", "-no-reboot", "-display", "none", "-vga", "none", "-monitor", "none",
             # -chardev, not "-serial file:PATH": the legacy form takes PATH verbatim (no ",,")
             "-chardev", f"file,id=console,path={qemu_opt(os.path.join(outdir, 'console.log'))}",
@@ -378,10 +380,13 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
 
 def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s: float,
              memory_mb: int = 1024, accel: str | None = None, extra: dict | None = None,
-             shape: str = "single", cmdline: str = "", kernel: str = DEFAULT_KERNEL) -> Boot:
+             shape: str = "single", cmdline: str = "", kernel: str = DEFAULT_KERNEL,
+             desktop: bool = False, cpus: int = 1) -> Boot:
     """Boot the guest once with ``kernel`` (:data:`KERNELS`) and run ``scenarios`` (names
     known to ``guest_runner.py``) in it, with the hardware of ``shape`` (:data:`SHAPES`) and
-    ``cmdline`` appended to the kernel's command line.
+    ``cmdline`` appended to the kernel's command line. ``desktop``: the guest switch_roots into
+    the real systemd and runs ``tests/kernel/desktop_runner.py`` as its service
+    (``desktop_root.sh``), with ``cpus`` vCPUs.
 
     The boot is killed (SIGKILL, by PID) at ``timeout_s``; QEMU also gets SIGKILL when the
     calling thread dies (``PR_SET_PDEATHSIG``), so a killed pytest leaves no guest running.
@@ -405,7 +410,7 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
         kmods = os.path.realpath(os.path.join(CACHE, kv, "lib", "modules", kv))
         f.write("".join(f"{k}={shlex.quote(v)}\n" for k, v in
                         (("KV", kv), ("REPO", REPO), ("KMODS", kmods),
-                         ("SCENARIOS", " ".join(scenarios)))))
+                         ("SCENARIOS", " ".join(scenarios)), ("DESKTOP", "1" if desktop else "0"))))
     cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
            "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR,
            "shape": shape, "cmdline": cmdline, "kernel": kernel, **SHAPES[shape]}
@@ -413,7 +418,7 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
     with open(os.path.join(outdir, "boot.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     accel = accel or os.environ.get("VFIO_HOOKD_KERNEL_ACCEL", "tcg")
-    argv = qemu_argv(gpu, firmware, kv, initrd, outdir, memory_mb, accel, shape, cmdline)
+    argv = qemu_argv(gpu, firmware, kv, initrd, outdir, memory_mb, accel, shape, cmdline, cpus)
     with open(os.path.join(outdir, "qemu.cmdline"), "w") as f:
         f.write(shlex.join(argv) + "\n")
     boot = Boot(name, outdir)

@@ -22,19 +22,10 @@ import pytest
 
 import guest_runner
 import kernel_harness as kh
-from kernel_plan import BOOTS, Boots, injected
+from kernel_plan import BOOTS, injected
 
 #: Every test here is a kernel test (``-m kernel`` / ``-m "not kernel"``).
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(scope="session")
-def kernel_boots():
-    """The session's boots (:class:`kernel_plan.Boots`): all start, two at a time, when the
-    first kernel test asks for its boot, so a run without kernel tests costs nothing."""
-    b = Boots()
-    yield b
-    b.close()
 
 
 CASES = [(boot, sc) for boot, spec in BOOTS.items() for sc in spec.scenarios
