@@ -255,7 +255,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def kernel_boots():
     """The kernel tests' boots (``tests/kernel/kernel_plan.Boots``), shared by
-    ``tests/kernel/test_kernel.py`` and ``test_desktop.py``: all start, two at a time, when the
+    ``tests/kernel/test_kernel.py`` and ``test_desktop_guest.py``: all start, two at a time, when the
     first kernel test asks for its boot, so a run without kernel tests costs nothing. (Here and
     not in a ``tests/kernel/conftest.py``: that module name would shadow this one, which tests
     import ``write_profile`` from.)"""
