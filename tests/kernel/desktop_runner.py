@@ -177,8 +177,13 @@ def user_units(user: str = ALICE) -> list[str]:
                         "--plain", "--all"], capture_output=True, text=True,
                        env={"PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": f"/run/user/{uid}",
                             "DBUS_SESSION_BUS_ADDRESS": f"unix:path={bus}"})
+    # sound.target of a user instance follows the sound card, not the desktop: udev's
+    # 99-systemd.rules gives controlC* SYSTEMD_USER_WANTS=sound.target, which an instance acts
+    # on when the card appears while it runs (a release re-adds the card; at boot the card
+    # predates the instance) and which stops with the card (StopWhenUnneeded=yes)
     return sorted(u for u in (line.split()[0] for line in r.stdout.splitlines() if line.split())
-                  if not u.endswith(".device") and not VOLATILE_UNITS.match(u))
+                  if not u.endswith(".device") and not VOLATILE_UNITS.match(u)
+                  and u != "sound.target")
 
 
 def proc_user(pid: str) -> str:
