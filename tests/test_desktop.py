@@ -135,7 +135,7 @@ def test_vt_session_getty_stopped_and_started_again(desk):
     assert seat0(w) == []
     w.machine.release("win11")
     assert w.systemd.list_units()["getty@tty1.service"] == "active"
-    assert seat0(w) == [("alice", "user", "wayland")]
+    assert seat0(w) == [("alice", "user", "tty")]
 
 
 def test_a_seat0_session_that_does_not_use_the_gpu_is_left_alone(desk):

@@ -46,7 +46,9 @@ def _users(greeter: str | None = None, greeter_uid: int = 107) -> dict:
 _REMOTE = [{"user": "alice", "type": "tty", "comm": "sshd-session", "service": "sshd"}]
 _LIGHTDM_GREETER = {"user": "lightdm", "type": "x11", "comm": "lightdm-gtk-gre",
                     "service": "lightdm-greeter"}
-_WESTON = {"user": "alice", "type": "wayland", "comm": "weston", "holds": NVIDIA_CARD,
+# type "tty": greetd 0.9 and login(1) on a VT register the session before the compositor runs,
+# and weston never changes it (seen in the real-systemd guest; only LightDM's X session is x11)
+_WESTON = {"user": "alice", "type": "tty", "comm": "weston", "holds": NVIDIA_CARD,
            "via_logind": ["/dev/dri/card0"]}
 
 DESKTOPS = {
