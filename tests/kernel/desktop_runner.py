@@ -61,7 +61,8 @@ ALICE = "alice"
 #: The desktop variants and their display manager unit (None: getty@tty1, no DM).
 VARIANTS = {"x11": "lightdm.service", "x11-fault": "lightdm.service",
             "wayland": "greetd.service", "wayland-fault": "greetd.service",
-            "greeter": "greetd.service", "nodm": None, "libvirt": "lightdm.service"}
+            "greeter": "greetd.service", "nodm": None, "libvirt": "lightdm.service",
+            "package": "greetd.service"}
 #: How long a desktop may take to come up or back under TCG (s; FIELD-NOTES §8: LightDM's
 #: session +2.8 s and audio +6.8 s after start, the measured worst x3 for a loaded machine).
 DESKTOP_TIMEOUT_S = 90.0
@@ -278,8 +279,12 @@ class Guest:
                 "user_units": user_units(), "seat0": seat0(sess), "holders": holders(nodes),
                 "sessions": sess}
 
+    #: the command the CLI runs as: the checkout's (``vfio-hookd install``'s PATH entry), or
+    #: the package's ``/usr/bin/vfio-hookd`` once the ``package`` variant installed it
+    command = "vfio-hookd"
+
     def cli(self, *args, timeout=600) -> subprocess.CompletedProcess:
-        return run("vfio-hookd", *args, timeout=timeout)
+        return run(self.command, *args, timeout=timeout)
 
     def status(self) -> dict:
         r = self.cli("status", VM, "--json")
@@ -856,6 +861,86 @@ def start_libvirtd(g: Guest) -> None:
     LOG(f"libvirtd started (pid {g.lv.pid})")
 
 
+# ---- the Debian package (issue 10) under the guest's real systemd ------------------------------
+INSTALLED_BY_CLI = ("/etc/systemd/system/vfio-hookd.service", "/etc/systemd/system/vfio-hookd.socket",
+                    "/etc/libvirt/hooks/qemu.d/vfio-hookd", "/usr/local/bin/vfio-hookd")
+PKG_HOOK = "/etc/libvirt/hooks/qemu.d/vfio-hookd"
+
+
+def _unit_is(unit: str, verb: str) -> str:
+    return run("systemctl", verb, unit).stdout.strip()
+
+
+def v_package(g: Guest, variant: str, res: dict) -> None:
+    """The .deb that ``scripts/build-deb`` made on the host (``cfg["deb"]``), installed with
+    dpkg in place of ``vfio-hookd install``'s files, under real systemd: its maintainer
+    scripts enable and start the socket and the service (dh_installsystemd), the hook is in
+    qemu.d, ``vfio-hookd check`` runs from the installed files, a prepare and a release of the
+    desktop left by the previous variant go through the packaged daemon (desktop back), a
+    removal is refused while the VM holds its GPU, ``dpkg -r`` takes the hook and the daemon
+    away and keeps the profile, ``dpkg -P`` keeps ``/etc/vfio-hookd`` while it holds it."""
+    deb = g.cfg.get("deb")
+    check(bool(deb) and os.path.exists(deb), f"no .deb to install: {deb!r} (scripts/build-deb)")
+    before = g.snapshot()
+    run("systemctl", "disable", "--now", "vfio-hookd.socket", "vfio-hookd.service", check_rc=True)
+    for p in INSTALLED_BY_CLI:
+        if os.path.lexists(p):
+            os.unlink(p)
+    run("systemctl", "daemon-reload", check_rc=True)
+    t = time.monotonic()
+    r = run("dpkg", "-i", deb, timeout=300)
+    res["dpkg_install_s"] = round(time.monotonic() - t, 2)
+    check(r.returncode == 0, f"dpkg -i: {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+    g.command = "/usr/bin/vfio-hookd"
+    for unit in ("vfio-hookd.socket", "vfio-hookd.service"):
+        res[unit] = (_unit_is(unit, "is-enabled"), _unit_is(unit, "is-active"))
+        check(res[unit] == ("enabled", "active"), f"{unit} after dpkg -i: {res[unit]}")
+    check(os.path.realpath(PKG_HOOK) == "/usr/libexec/vfio-hookd/qemu-hook",
+          f"{PKG_HOOK} -> {os.path.realpath(PKG_HOOK) if os.path.lexists(PKG_HOOK) else None}")
+    r = g.cli("check", VM)
+    res["check"] = {"rc": r.returncode, "out": r.stdout.strip().splitlines()}
+    check(r.returncode in (0, 31), f"vfio-hookd check: {r.returncode} {r.stderr.strip()}")
+    for name in ("hook.installed", "daemon.socket", "daemon.service", "vm.profile",
+                 "vm.iommu_group", "vm.display_manager"):
+        check(re.search(rf"^PASS +{re.escape(name)}:", r.stdout, re.M),
+              f"vfio-hookd check from the package: no PASS {name}:\n{r.stdout}")
+    t = time.monotonic()
+    r = g.cli("prepare", VM)
+    res["prepare"] = {"rc": r.returncode, "wall_s": round(time.monotonic() - t, 2)}
+    check(r.returncode == 0, f"prepare through the packaged daemon: {r.stderr.strip()}")
+    for a in g.funcs:
+        check(g.gr.driver(a) == "vfio-pci", f"{a} on {g.gr.driver(a)} after prepare")
+    r = run("dpkg", "-r", "vfio-hookd", timeout=300)
+    res["remove_while_prepared"] = r.returncode
+    check(r.returncode != 0 and os.path.exists("/usr/bin/vfio-hookd"),
+          f"dpkg -r while the VM holds its GPU: {r.returncode} {r.stdout[-800:]}")
+    t = time.monotonic()
+    r = g.cli("release", VM)
+    res["release"] = {"rc": r.returncode, "wall_s": round(time.monotonic() - t, 2)}
+    check(r.returncode == 0, f"release through the packaged daemon: {r.stderr.strip()}")
+    st = g.status()
+    res["desktop_check"] = st.get("desktop")
+    desktop_check_back(st)
+    wait_desktop(g, expected_desktop("greeter"), audio=False)
+    after = g.snapshot()
+    notes = [n for s in st.get("steps", []) for n in (s.get("notes") or [])]
+    left, expected, accepted = compare(g, before, after, notes, greetd_policy=True)
+    res["expected_differences"], res["accepted_by_dm_policy"] = expected, accepted
+    check(not left, f"state after the packaged prepare/release differs: {json.dumps(left)[:3000]}")
+    r = run("dpkg", "-r", "vfio-hookd", timeout=300)
+    check(r.returncode == 0, f"dpkg -r: {r.returncode} {r.stdout[-800:]} {r.stderr[-800:]}")
+    res["after_remove"] = {u: _unit_is(u, "is-active") for u in ("vfio-hookd.socket",
+                                                                 "vfio-hookd.service")}
+    check(set(res["after_remove"].values()) <= {"inactive", "unknown"},
+          f"units after dpkg -r: {res['after_remove']}")
+    check(not os.path.lexists(PKG_HOOK) and not os.path.exists("/usr/bin/vfio-hookd"),
+          "dpkg -r left the hook or the program")
+    check(os.path.exists(f"{PROFILE_DIR}/{VM}.yaml"), "dpkg -r removed the user's profile")
+    r = run("dpkg", "-P", "vfio-hookd", timeout=300)
+    check(r.returncode == 0 and os.path.exists(f"{PROFILE_DIR}/{VM}.yaml"),
+          f"dpkg -P: {r.returncode}, profile kept: {os.path.exists(f'{PROFILE_DIR}/{VM}.yaml')}")
+
+
 def run_variant(g: Guest, variant: str) -> dict:
     res: dict = {"variant": variant}
     t = time.monotonic()
@@ -865,6 +950,8 @@ def run_variant(g: Guest, variant: str) -> dict:
             v_fault(g, variant, res)
         elif variant == "libvirt":
             v_libvirt(g, variant, res)
+        elif variant == "package":
+            v_package(g, variant, res)
         else:
             v_desktop(g, variant, res)
         res.update(ok=True, error=None)

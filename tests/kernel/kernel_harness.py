@@ -138,6 +138,25 @@ class SessionLock:
         self._f.close()
 
 
+def build_deb() -> str:
+    """The path of the Debian package ``scripts/build-deb`` makes from this checkout (reused
+    from ``.cache/deb/`` when its sources did not change), for the desktop guest's ``package``
+    variant (issue 10: installed under real systemd).
+
+    :raises HarnessError: the build failed.
+    """
+    r = subprocess.run([os.path.join(REPO, "scripts", "build-deb")], capture_output=True,
+                       text=True, timeout=900, cwd=REPO,
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"})
+    if r.returncode != 0:
+        raise HarnessError(f"scripts/build-deb failed ({r.returncode}): {r.stderr[-2000:]}")
+    out = r.stdout.strip().splitlines()[-1]
+    debs = sorted(f for f in os.listdir(out) if f.endswith(".deb"))
+    if len(debs) != 1:
+        raise HarnessError(f"scripts/build-deb left {debs} in {out}")
+    return os.path.join(out, debs[0])
+
+
 def kernel_version(prepare: bool = True, kernel: str = DEFAULT_KERNEL) -> str:
     """The cached version of ``kernel`` (:data:`KERNELS`: ``6.1.0-56-amd64`` for ``current``,
     ``6.12.57+deb12-amd64`` for ``backports``), running ``scripts/kernel-cache`` first when the

@@ -81,8 +81,8 @@ BOOTS = {
 #: first: they are the longest, and two boots run at a time. The Wayland variants share a boot
 #: with the greeter (greetd), the X11 ones with the libvirt and the no-DM variants.
 DESKTOP_BOOTS = {
-    "desktop-wayland": BootSpec("bochs-display", "bios", ["wayland", "wayland-fault", "greeter"],
-                                desktop=True),
+    "desktop-wayland": BootSpec("bochs-display", "bios", ["wayland", "wayland-fault", "greeter",
+                                                          "package"], desktop=True),
     "desktop-x11": BootSpec("bochs-display", "bios", ["x11", "x11-fault", "nodm", "libvirt"],
                             desktop=True),
 }
@@ -121,14 +121,17 @@ class Boots:
         self._futures: dict[str, Future] = {}
         self._session: kh.SessionLock | None = None
         self._setup_error: Exception | None = None
+        self._deb: str | None = None
         self.summary: dict = {}
 
     def _run(self, name: str) -> kh.Boot:
         spec = ALL_BOOTS[name]
         scenarios = spec.scenarios
         if spec.desktop:
+            extra = {"deb": self._deb} if "package" in scenarios else None
             boot = kh.run_boot(name, spec.gpu, spec.firmware, scenarios, DESKTOP_BOOT_TIMEOUT_S,
-                               memory_mb=2048, desktop=True, cpus=2, kernel=spec.kernel)
+                               memory_mb=2048, desktop=True, cpus=2, kernel=spec.kernel,
+                               extra=extra)
             scenarios = ["setup", *scenarios]
         else:
             boot = kh.run_boot(name, spec.gpu, spec.firmware, scenarios, BOOT_TIMEOUT_S,
@@ -165,6 +168,9 @@ class Boots:
                     for kernel in sorted({s.kernel for s in BOOTS.values()}):
                         # once each, before the boots race for it
                         kh.build_initramfs(kh.kernel_version(kernel=kernel))
+                    if any("package" in ALL_BOOTS[n].scenarios for n in ALL_BOOTS
+                           if not ONLY or n in ONLY):
+                        self._deb = kh.build_deb()
                 except Exception as exc:
                     self._setup_error = exc
                     raise
