@@ -961,8 +961,10 @@ def run_variant(g: Guest, variant: str) -> dict:
         LOG(f"{variant} FAILED: {res['error']}")
         # leave no half-prepared guest to the next variant
         try:
+            # a failed prepare whose rollback was incomplete leaves phase "failed" (the next
+            # prepare answers STATE_DRIFT until a release): release that too
             st = g.status()
-            if st.get("phase") not in ("idle", "failed", None):
+            if st.get("phase") not in ("idle", None):
                 g.cli("release", VM, "--force")
         except Exception as exc2:
             LOG(f"cleanup after {variant}: {exc2}")
