@@ -9,7 +9,15 @@ set -u
 E=$R/etc
 # tmpfs on /tmp before systemd starts: Debian's tmp.conf (D /tmp) otherwise makes
 # systemd-tmpfiles write overlay whiteouts for the whole /tmp of this machine over 9p (2 min).
+# A clone under /tmp (as CI may make) is kept visible: moved aside, put back on top of the tmpfs,
+# and also bound at /opt/vh-repo, which vfio-hookd's wrapper below uses: the daemon's unit has
+# PrivateTmp=yes, so a service sees an empty /tmp of its own.
+mkdir -p /rw/repo-aside "$R/opt/vh-repo"
+mount --bind "$R$REPO" /rw/repo-aside
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
+mkdir -p "$R$REPO"
+mount --bind /rw/repo-aside "$R$REPO"
+mount --bind /rw/repo-aside "$R/opt/vh-repo"
 : >"$E/.updated"
 : >"$R/var/.updated"
 printf '# vfio-hookd guest: nothing to mount\n' >"$E/fstab"
@@ -70,6 +78,6 @@ ln -sf ../vh-desktop-runner.service "$E/systemd/system/graphical.target.wants/vh
 # repository's code, whichever checkout the venv was made in
 cat >"$R/usr/local/bin/vfio-hookd" <<SH
 #!/bin/sh
-PYTHONPATH=$REPO exec $REPO/.venv/bin/python -m vfio_hookd "\$@"
+PYTHONPATH=/opt/vh-repo exec /opt/vh-repo/.venv/bin/python -m vfio_hookd "\$@"
 SH
 chmod 755 "$R/usr/local/bin/vfio-hookd"
