@@ -179,7 +179,7 @@ def test_defaults_are_the_documented_ones():
     assert p.vtconsoles is True and p.framebuffer is True
     assert p.modules == AUTO
     assert p.on_busy == "fail"
-    assert p.deadlines == Deadlines(unit_stop=30.0, unit_start=30.0, terminate=5.0, unbind=10.0,
+    assert p.deadlines == Deadlines(unit_stop=100.0, unit_start=30.0, terminate=5.0, unbind=10.0,
                                     module_unload=15.0, module_load=30.0)
 
 

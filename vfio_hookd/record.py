@@ -8,7 +8,7 @@ JSON form of :class:`Record`::
      "devices": ["0000:01:00.0", "0000:01:00.1"],
      "drivers": {"0000:01:00.0": "nvidia", "0000:01:00.1": "snd_hda_intel"},
      "child_modules": {"0000:01:00.0": []},   # modules of drivers bound to child devices
-     "deadlines": {"unit_stop": 30.0, ...},   # seconds, in force for this prepare and its release
+     "deadlines": {"unit_stop": 100.0, ...},   # seconds, in force for this prepare and its release
      "profile": {...the profile as prepare used it; shown by status, never read by release...},
      "error": null | {"code", "message", "step"},
      "release_errors": [{"code", "message", "step"}],

@@ -47,7 +47,12 @@ MAX_DEADLINE_S = 3600
 
 #: Keys under ``deadlines`` and their defaults in seconds.
 DEFAULT_DEADLINES = {
-    "unit_stop": 30.0,
+    # Longer than systemd's DefaultTimeoutStopSec (90 s, systemd-system.conf(5)), after which
+    # systemd SIGKILLs what ignores SIGTERM and the stop job ends: seen in the real-systemd
+    # guest, LightDM and its session scope hung on SIGTERM for the full 90 s. A shorter
+    # deadline turned that slow stop into a failed prepare whose rollback could not start
+    # the display manager either (its start job waits behind the stop).
+    "unit_stop": 100.0,
     "unit_start": 30.0,
     "terminate": 5.0,
     "unbind": 10.0,
