@@ -65,6 +65,9 @@ class Server:
         self._busy_cv = threading.Condition()
         self._stopping = False
         self._activated = False
+        # stop() from another thread wakes the accept loop through this pipe, not by a
+        # shutdown(2) of the socket: an activated socket is systemd's too
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._refusing = False   # in a DAEMON_BUSY episode (logged once per episode)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class Server:
             daemon does not wake up.
         """
         assert self._sock is not None
-        watched = [self._sock] + ([wake_fd] if wake_fd is not None else [])
+        watched = [self._sock, self._wake_r] + ([wake_fd] if wake_fd is not None else [])
         backoff = 0.0
         while not self._stopping:
             try:
@@ -206,11 +209,18 @@ class Server:
         self._stopping = True
         with self._busy_cv:
             self._busy_cv.notify_all()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:     # full: the loop is awake already
+            pass
         if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if not self._activated:
+                # ours alone; an activated socket is shared with systemd, and a shutdown(2)
+                # of it fails the socket unit ("Got POLLHUP on a listening socket")
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._sock.close()
         self.wait_idle(wait_s)
         if not self._activated:   # systemd owns an activated socket's file
