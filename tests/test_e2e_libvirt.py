@@ -1,6 +1,7 @@
 """End to end: Debian's real libvirtd runs the installed hook on ``virsh start``/``destroy``.
 
-Each test runs :func:`testbed.demo.run` on a fresh simulated NVIDIA host (``tmp_path``) with
+Each test runs :func:`testbed.demo.run` on a fresh simulated NVIDIA host with an X11 desktop
+(``demo.DEMO_HOST``, in ``tmp_path``) with
 latencies off: the private libvirtd (``testbed.libvirtd``) has ``hooks/vfio-hookd`` in
 its ``qemu.d`` and the default ``/etc/vfio-hookd`` and ``/run/vfio-hookd`` bound into the state
 dir; the daemon runs on the simulated host (``testbed.daemon``); ``virsh`` and ``vfio-hookd
@@ -16,6 +17,7 @@ import json
 import pytest
 
 from testbed import demo, expected as kernel
+from testbed.sim.desktops import UNITS as DESKTOP_UNITS
 
 GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
 FB_REMOVED = kernel.fb_removed("efi-framebuffer.0")
@@ -23,7 +25,10 @@ PROC_FB = kernel.proc_fb_gone(["0 EFI VGA"])
 VTCON_REMOVED = kernel.vtcon_removed("vtcon1", "(M) frame buffer device")
 VTCON_TAKEOVER = kernel.vtcon_took_over("vtcon0", "(S) dummy device", ["vtcon1"])
 VFIO_LOADED = kernel.vfio_left_loaded(["vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci"])
-UNITS = {"gdm.service": "active", "nvidia-persistenced.service": "active", "sshd.service": "active"}
+#: The demo host's units (``demo.DEMO_HOST``, an X11 desktop: LightDM) active before and after.
+UNITS = {u: "active" for u, spec in DESKTOP_UNITS[demo.DEMO_HOST].items() if spec.get("active")}
+DM = next(u for u, spec in DESKTOP_UNITS[demo.DEMO_HOST].items()
+          if "display-manager.service" in spec.get("aliases", ()))
 
 pytestmark = pytest.mark.libvirt
 
@@ -59,15 +64,15 @@ def test_start_prepares_the_host_and_destroy_gives_it_back(run_demo):
     assert running["status"]["phase"] == "prepared", why
     assert running["drivers"] == {GPU: "vfio-pci", AUDIO: "vfio-pci"}
     assert [d["driver"] for d in running["status"]["devices"]] == ["vfio-pci", "vfio-pci"]
-    assert running["units"]["gdm.service"] == "inactive"
-    assert running["units"]["nvidia-persistenced.service"] == "inactive"
-    assert [s["status"] for s in running["status"]["steps"]] == ["done"] * 6, why
+    assert running["units"][DM] == "inactive"
+    assert running["units"]["sshd.service"] == "active"     # outside seat0: untouched
+    assert [s["status"] for s in running["status"]["steps"]] == ["done"] * 7, why
 
     assert sc["destroy"]["rc"] == 0, why
     stopped = sc["after_destroy"]
     assert stopped["status"]["phase"] == "idle", why
     assert stopped["drivers"] == {GPU: "nvidia", AUDIO: "snd_hda_intel"}
-    assert [s["status"] for s in stopped["status"]["steps"]] == ["undone"] * 6, why
+    assert [s["status"] for s in stopped["status"]["steps"]] == ["undone"] * 7, why
     cmp = stopped["compare"]
     assert cmp["unexpected"] == {}, why
     # vfio-pci took the boot VGA function: the kernel removed the firmware framebuffer, its
