@@ -538,9 +538,31 @@ def test_plan_names_the_holders_now_and_what_ends_them(world, holder):
     rc, out, _ = _cli(world, "plan", "win11")
     assert rc == 0
     assert "(gdm, unit gdm.service) holds /dev/dri/card0" in out
-    assert "ends when its unit is stopped" in out
+    assert "ends: its unit is stopped" in out
     assert (f"holding the GPU now: PID {stray.pid} (sleep) holds /dev/dri/renderD128: nothing "
             f"ends it: on_busy: fail fails the start (DEVICE_BUSY)") in out
     rc, out, _ = _cli(world, "plan", "win11", "--json")
     ends = {h["pid"]: h["ends"] for h in json.loads(out)["holders_now"]}
     assert ends[stray.pid] == "on_busy" and sorted(set(ends.values())) == ["on_busy", "unit"]
+
+
+@pytest.mark.parametrize("pid,unit,want", [
+    (4242, "gdm.service", "unit"),
+    (4243, "nvidia-persistenced.service", "unit"),
+    (4244, "session-11.scope", "session"),
+    (4245, "user@1000.service", "user"),
+    (4246, "user@102.service", "user"),
+    (1, "init.scope", "system"),
+    (268, "systemd-logind.service", "system"),
+    (4247, "ollama.service", None),
+    (4248, None, None),
+])
+def test_what_ends_each_holder_is_what_the_steps_do(pid, unit, want):
+    """check and plan say of each holder what the units and sessions steps do with it (the
+    real-systemd guest: weston in a session, WirePlumber in alice's and the greeter's user
+    instances, PID 1 and logind holding card0 for weston); before the sessions step existed,
+    check told a user to put systemd-logind.service in stop_units."""
+    from vfio_hookd.gpu_users import FATES, GpuUser, fate
+    got = fate(GpuUser(pid, "x", ["/dev/dri/card0"], unit), "gdm.service",
+               ["nvidia-persistenced.service"])
+    assert got == want and (got is None or got in FATES)

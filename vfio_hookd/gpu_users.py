@@ -68,15 +68,33 @@ def gpu_users(host: Host, devices, systemd=None) -> list[GpuUser]:
     return [users[p] for p in sorted(users)]
 
 
+#: How :func:`fate` says a prepare ends a holder, as ``check`` and ``plan`` print it.
+FATES = {
+    "unit": "its unit is stopped (display manager or stop_units)",
+    "session": "its seat0 login session ends (sessions step, through logind)",
+    "user": "its user unit is stopped through the user's systemd instance (sessions step)",
+    "system": "systemd/logind let go once the sessions ended (never signalled)",
+}
+
+
 def fate(user: GpuUser, display_manager: str | None, stop_units) -> str | None:
-    """How a prepare would end ``user``: ``"unit"`` (its unit is stopped: the display manager
-    or one of ``stop_units``), ``"session"`` (a login session's scope: it ends with the display
-    manager), or None (nothing ends it: ``on_busy`` decides; FIELD-NOTES §7, §8).
+    """How a prepare would end ``user``, as the units and sessions steps do
+    (:mod:`vfio_hookd.steps.sessions`; FIELD-NOTES §7, §8): ``"unit"`` (its unit is stopped: the
+    display manager or one of ``stop_units``), ``"session"`` (a login session's scope: the
+    sessions step ends a seat0 session; a session off seat0 is left alone, which this
+    unit-only view cannot tell), ``"user"`` (a unit of a user's instance, ``user@UID.service``:
+    stopped through that instance), ``"system"`` (PID 1 or systemd-logind, holding a
+    compositor's device for its session: they let go when it ends), or None (nothing ends it:
+    ``on_busy`` decides). Keys of :data:`FATES`.
 
     :param display_manager: the resolved display manager that would be stopped, or None.
     """
     if user.unit and (user.unit == display_manager or user.unit in stop_units):
         return "unit"
-    if user.is_session and display_manager:
+    if user.is_session:
         return "session"
+    if user.unit and user.unit.startswith("user@") and user.unit.endswith(".service"):
+        return "user"
+    if user.pid == 1 or user.unit == "systemd-logind.service":
+        return "system"
     return None

@@ -12,6 +12,7 @@ a later step observes after the earlier ones have run (e.g. after the display ma
 
 from __future__ import annotations
 
+from .gpu_users import FATES
 from .plan import Plan
 
 
@@ -20,8 +21,10 @@ def document(machine, plan: Plan) -> dict:
     "steps": [{"name", "facts"}], "holders_now": [{"pid", "command", "nodes", "unit",
     "ends"}]}`` for ``plan`` on ``machine``'s host. ``holders_now`` are the processes holding
     the functions' nodes now; ``ends`` says how the prepare ends each: ``"unit"`` (the units
-    step stops its unit), ``"session"`` (its login session ends with the display manager) or
-    ``"on_busy"`` (nothing does: the profile's ``on_busy`` decides).
+    step stops its unit), ``"session"``, ``"user"``, ``"system"`` (the sessions step ends its
+    seat0 session, stops its user unit, or waits for systemd/logind to let go:
+    :data:`vfio_hookd.gpu_users.FATES`) or ``"on_busy"`` (nothing does: the profile's
+    ``on_busy`` decides).
 
     :raises HookdError: what a step's observe raises (e.g. ``SYSTEMD_UNAVAILABLE``),
         ``RECORD_INVALID`` / ``UNTRUSTED_FILE`` for the VM's record.
@@ -91,9 +94,8 @@ def render(doc: dict) -> list[str]:
                 lines.append(f"    {label}: {_item(value)}")
     for h in doc["holders_now"]:
         unit = f", unit {h['unit']}" if h["unit"] else ""
-        how = {"unit": "ends when its unit is stopped",
-               "session": "ends with its login session (the display manager's stop)"}.get(
-            h["ends"], f"nothing ends it: on_busy: {doc['on_busy']}"
+        how = ("ends: " + FATES[h["ends"]]) if h["ends"] in FATES else (
+            f"nothing ends it: on_busy: {doc['on_busy']}"
             + (" fails the start (DEVICE_BUSY)" if doc["on_busy"] == "fail" else ""))
         lines.append(f"  holding the GPU now: PID {h['pid']} ({h['command']}{unit}) holds "
                      f"{', '.join(h['nodes'])}: {how}")

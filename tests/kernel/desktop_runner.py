@@ -901,7 +901,7 @@ def v_package(g: Guest, variant: str, res: dict) -> None:
     res["check"] = {"rc": r.returncode, "out": r.stdout.strip().splitlines()}
     check(r.returncode in (0, 31), f"vfio-hookd check: {r.returncode} {r.stderr.strip()}")
     for name in ("hook.installed", "daemon.socket", "daemon.service", "vm.profile",
-                 "vm.iommu_group", "vm.display_manager"):
+                 "vm.iommu_group", "vm.display_manager", "vm.holders"):
         check(re.search(rf"^PASS +{re.escape(name)}:", r.stdout, re.M),
               f"vfio-hookd check from the package: no PASS {name}:\n{r.stdout}")
     t = time.monotonic()

@@ -127,7 +127,7 @@ def _hostdevs(vm, devices, hostdevs, auto, snippet) -> list[Check]:
 
 def _units_and_holders(host, systemd, prof, devices) -> list[Check]:
     """``vm.display_manager``, ``vm.stop_units`` and ``vm.holders``."""
-    from ..gpu_users import fate, gpu_users
+    from ..gpu_users import FATES, fate, gpu_users
     out = []
     try:
         dm = None
@@ -157,9 +157,7 @@ def _units_and_holders(host, systemd, prof, devices) -> list[Check]:
     for u in users:
         how = fate(u, dm, units)
         (ending if how else blocking).append((u, how))
-    said = "; ".join(f"{u} (ends: " + ("its unit is stopped" if how == "unit" else
-                                        "its session ends with the display manager") + ")"
-                     for u, how in ending)
+    said = "; ".join(f"{u} (ends: {FATES[how]})" for u, how in ending)
     if not blocking:
         out.append(Check("vm.holders", PASS, said or "nothing holds the GPU's device nodes"))
     elif prof.on_busy == "terminate":
