@@ -30,6 +30,9 @@ from .errors import SYSTEMD_UNAVAILABLE, TIMEOUT, UNIT_FAILED, HookdError
 MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+#: How long (s) the courtesy ``Subscribe()`` of a new connection may take (its answer is not
+#: needed: see :class:`UserManager`).
+SUBSCRIBE_TIMEOUT_S = 2.0
 _NO_UNIT = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.NoUnitForPID",
             "org.freedesktop.systemd1.NoSuchProcess"}
 
@@ -58,18 +61,22 @@ class UserManager:
                 raise LookupError(f"{path}: {e.strerror}") from None
             self._watch = gdbus.SignalWatch(self._con, None, MANAGER_IFACE, "JobRemoved")
             try:
-                self._manager("Subscribe")
+                # a direct connection gets the manager's signals without it (bus_foreach_bus);
+                # asked as systemctl does, but not waited on for long: in the real-systemd
+                # guest the first call on a new connection sometimes got no answer until the
+                # 25 s call timeout, after which the connection worked (2 of 4 variants)
+                self._manager("Subscribe", timeout_s=SUBSCRIBE_TIMEOUT_S)
             except HookdError:
-                pass   # AlreadySubscribed: the signals come all the same
+                pass   # AlreadySubscribed, or no answer: the signals come all the same
         except (OSError, GLib.Error) as e:
             raise HookdError(SYSTEMD_UNAVAILABLE, f"the systemd instance of uid {uid} does not "
                              f"answer on {path}: {getattr(e, 'message', e)}") from None
 
-    def _manager(self, method: str, args=None, signature=None):
+    def _manager(self, method: str, args=None, signature=None, timeout_s: float | None = None):
         from gi.repository import GLib
         try:
             return gdbus.call(self._con, None, MANAGER_PATH, MANAGER_IFACE, method, args,
-                              signature, self._timeout)
+                              signature, self._timeout if timeout_s is None else timeout_s)
         except GLib.Error as e:
             if gdbus.error_name(e) in _NO_UNIT:
                 raise LookupError(e.message) from None
