@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from .. import errors
 from ..errors import HookdError
-from ..pci import device_nodes
 from .base import Context, Shape, Step
 
 ACTIVE = ("active", "activating", "reloading")
@@ -79,20 +78,11 @@ class Units(Step):
     @staticmethod
     def _desktop_users(ctx: Context, sd, dm: str) -> list[str]:
         """``PID N (command, unit U) holds NODE, ...`` for each process of ``dm``'s unit or of a
-        login session's scope that holds device nodes of the functions handed over."""
-        from .. import procs
-        nodes: list[str] = []
-        for addr in ctx.devices:
-            nodes.extend(device_nodes(ctx.host, addr))
-        held: dict[tuple[int, str], list[str]] = {}
-        for h in procs.find_holders(ctx.host, list(dict.fromkeys(nodes))):
-            held.setdefault((h.pid, h.command), []).append(h.node)
-        out = []
-        for (pid, command), held_nodes in held.items():
-            unit = sd.unit_of_pid(pid)   # once per process
-            if unit == dm or (unit or "").startswith("session-"):
-                out.append(f"PID {pid} ({command}, unit {unit}) holds {', '.join(held_nodes)}")
-        return out
+        login session's scope that holds device nodes of the functions handed over
+        (:func:`vfio_hookd.gpu_users.gpu_users`: one ``GetUnitByPID`` per process)."""
+        from ..gpu_users import gpu_users
+        return [str(u) for u in gpu_users(ctx.host, ctx.devices, sd)
+                if u.unit == dm or (u.unit or "").startswith("session-")]
 
     def apply(self, ctx: Context, facts: dict) -> None:
         facts["done"] = list(facts["plan"])   # before any job: a rollback knows them all
