@@ -816,6 +816,9 @@ class Kernel:
         m = re.fullmatch(r"/sys/devices/pci[^/]+/(?:[^/]+/)*([^/]+)/driver_override", rp)
         if m and _PCI_ADDR.match(m.group(1)):
             return "driver_override", (m.group(1),)
+        m = re.fullmatch(r"/sys/devices/pci[^/]+/(?:[^/]+/)*([^/]+)/rom", rp)
+        if m and _PCI_ADDR.match(m.group(1)):
+            return "rom", (m.group(1),)   # testbed.sim.rom
         m = re.fullmatch(r"/sys/devices/virtual/vtconsole/(vtcon\d+)/bind", rp)
         if m:
             return "vtcon_bind", (m.group(1),)
@@ -855,6 +858,9 @@ class Kernel:
             self.platform_bind(args[0], name)
         elif kind == "fb_unbind":
             self.platform_unbind(args[0], name)
+        elif kind == "rom":
+            from . import rom
+            rom.write(self.root, args[0], data)
         else:
             st = os.stat(path)
             if not st.st_mode & 0o222:
@@ -933,6 +939,20 @@ class SimHost(Host):
                 k.write(rp, data)
         except _Hang:
             _hang()
+
+    def read_bytes(self, p: str, limit: int) -> bytes:
+        """A function's ``rom`` is answered by :mod:`testbed.sim.rom` (``EINVAL`` until enabled,
+        the valid images only); any other file is read as it is."""
+        try:
+            rp = Kernel(self.root, {}, self.proc).resolve(p)
+        except OSError:
+            rp = p
+        kind, args = Kernel.classify(rp)
+        if kind != "rom":
+            return super().read_bytes(p, limit)
+        from . import rom
+        with locked_kernel(self.root, self.proc):
+            return rom.read(self.root, args[0], limit)
 
     def run_command(self, argv: list[str], timeout_s: float) -> tuple[int, str]:
         """Emulate ``modprobe NAME`` (load NAME and its dependencies, probe its PCI driver's
