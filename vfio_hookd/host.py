@@ -63,10 +63,13 @@ class Host:
 
     def read_bytes(self, p: str, limit: int) -> bytes:
         """The bytes of ``p`` up to EOF, at most ``limit`` (a binary sysfs attribute such as a
-        function's ``rom``, which the kernel hands out in chunks).
+        function's ``rom``, which the kernel answers from its state and hands out in chunks).
 
         :raises OSError: as the kernel reports it (``EINVAL``, ``EIO``, ...).
         """
+        return self._read_bytes_now(p, limit)
+
+    def _read_bytes_now(self, p: str, limit: int) -> bytes:
         chunks, got = [], 0
         with open(self.path(p), "rb", buffering=0) as f:
             while got < limit:

@@ -2,8 +2,10 @@
 commands the way kmod does.
 
 :class:`SimHost` is the :class:`~vfio_hookd.host.Host` of the simulated host (a directory
-holding ``.sim/``, built by :mod:`testbed.sim.hosts`); it replaces only the product's two doors
-to the kernel, one sysfs write and one ``modprobe``/``rmmod`` command, and raises what those
+holding ``.sim/``, built by :mod:`testbed.sim.hosts`); it replaces only the product's three doors
+to the kernel, one sysfs write, one binary read of an attribute the kernel answers from its
+state (a function's ``rom``, :mod:`testbed.sim.rom`) and one ``modprobe``/``rmmod`` command,
+and raises what those
 raise (``OSError``, ``TimeoutError``) or answers what they answer (exit status and message):
 never a product error. The state lives in the tree itself --
 real directories, regular files, relative symlinks that stay inside the root, exactly where sysfs
@@ -876,11 +878,12 @@ class SimHost(Host):
     """The :class:`~vfio_hookd.host.Host` of a simulated host directory (one holding
     ``.sim/state.json``, built by :mod:`testbed.sim.hosts`).
 
-    Only the two places where the product meets the kernel and kmod are replaced:
-    :meth:`_write_now` (one ``write(2)`` to a sysfs attribute) and :meth:`run_command` (a
-    ``modprobe NAME`` / ``rmmod NAME`` command); both are answered by :class:`Kernel` under the
-    kernel lock. Everything else (reads, deadlines, turning exit statuses into errors) is the
-    product's own :class:`~vfio_hookd.host.Host` code.
+    Only the places where the product meets the kernel and kmod are replaced:
+    :meth:`_write_now` (one ``write(2)`` to a sysfs attribute), :meth:`_read_bytes_now` (a
+    binary read; a function's ``rom`` is answered by :mod:`testbed.sim.rom`) and
+    :meth:`run_command` (a ``modprobe NAME`` / ``rmmod NAME`` command); they are answered under
+    the kernel lock. Everything else (text reads, deadlines, turning exit statuses into errors)
+    is the product's own :class:`~vfio_hookd.host.Host` code.
 
     Before each operation the fault rules of :mod:`testbed.sim.faults` are consulted (op
     ``write`` with the host path as given and as resolved, ``modprobe``/``rmmod`` with the module
@@ -940,16 +943,17 @@ class SimHost(Host):
         except _Hang:
             _hang()
 
-    def read_bytes(self, p: str, limit: int) -> bytes:
-        """A function's ``rom`` is answered by :mod:`testbed.sim.rom` (``EINVAL`` until enabled,
-        the valid images only); any other file is read as it is."""
+    def _read_bytes_now(self, p: str, limit: int) -> bytes:
+        """One binary read of host path ``p``: a function's ``rom`` is answered by
+        :mod:`testbed.sim.rom` (``EINVAL`` until enabled, the valid images only, ``EIO`` when
+        none); any other file is read as it is."""
         try:
             rp = Kernel(self.root, {}, self.proc).resolve(p)
         except OSError:
             rp = p
         kind, args = Kernel.classify(rp)
         if kind != "rom":
-            return super().read_bytes(p, limit)
+            return super()._read_bytes_now(p, limit)
         from . import rom
         with locked_kernel(self.root, self.proc):
             return rom.read(self.root, args[0], limit)
