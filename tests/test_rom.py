@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from testbed.sim import faults, hosts
@@ -233,3 +233,45 @@ def test_the_sim_rom_attribute_follows_the_kernel(twogpu_vfio_world):
     assert w.host.read_bytes(p, 1 << 20) == legacy_efi(AMD, AMD_GPU)
     w.host.write(p, "0\n", 1)
     assert not simrom.enabled(w.root, GPU)
+
+
+def test_a_failed_disable_is_reported_and_nothing_written(twogpu_vfio_world, tmp_path, capsys):
+    w = twogpu_vfio_world
+    simrom.install(w.root, GPU, legacy_efi(AMD, AMD_GPU))
+    real_write = w.host.write
+
+    def write(p, data, timeout_s):
+        if p.endswith("/rom") and data == "0\n":
+            raise OSError(5, "Input/output error")
+        return real_write(p, data, timeout_s)
+    w.host.write = write
+    rc, o, e = run(w, capsys, tmp_path / "gpu.rom")
+    assert rc == errors.EXIT_STATUS["HOST_IO"] and "(it stays enabled)" in e
+    assert not (tmp_path / "gpu.rom").exists()
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=3000),
+                      st.lists(st.tuples(st.integers(0, 5119), st.integers(0, 255)),
+                               max_size=4).map(lambda ch: _changed(legacy_efi(AMD, AMD_GPU), ch))))
+def test_any_rom_behind_the_attribute_dumps_or_is_rom_invalid(twogpu_vfio_world, tmp_path,
+                                                              capsys, data):
+    """Whatever the ROM BAR holds, the dump through the kernel's attribute ends in a valid
+    file or ROM_INVALID (never INTERNAL or a traceback), and the attribute is left disabled."""
+    w = twogpu_vfio_world
+    simrom.install(w.root, GPU, data, bar_size=8192)
+    out = tmp_path / "gpu.rom"
+    rc, o, e = run(w, capsys, out, "--force")
+    assert rc in (0, 36), e
+    assert (rc == 0) == out.exists() and not simrom.enabled(w.root, GPU)
+    if rc == 0:
+        assert out.read_bytes() == data[:out.stat().st_size]
+        out.unlink()
+
+
+def _changed(rom: bytes, changes) -> bytes:
+    b = bytearray(rom)
+    for at, value in changes:
+        b[at] = value
+    return bytes(b)

@@ -252,18 +252,27 @@ def read_rom(host: Host, addr: str) -> tuple[bytes, int]:
     return data, bar
 
 
-def _write_file(out: str, data: bytes, force: bool) -> None:
-    """Write ``data`` to ``out`` through a temporary file in its directory, renamed (or, without
-    ``force``, linked) into place: ``out`` is never half-written and never replaced unasked.
+def _check_out(out: str, force: bool) -> str:
+    """``out`` as an absolute path, once its directory exists and it may be written.
 
-    :raises HookdError: ``HOST_IO`` (directory missing, file exists, write error)."""
+    :raises HookdError: ``HOST_IO`` naming FILE (directory missing, file exists)."""
     out = os.path.abspath(out)
     d = os.path.dirname(out)
     if not os.path.isdir(d):
         raise HookdError(errors.HOST_IO, f"FILE {out}: directory {d} does not exist")
     if os.path.lexists(out) and not force:
         raise HookdError(errors.HOST_IO, f"FILE {out} exists: use --force to replace it")
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    return out
+
+
+def _write_file(out: str, data: bytes, force: bool) -> None:
+    """Write ``data`` to ``out`` through a temporary file in its directory, renamed (or, without
+    ``force``, linked) into place: ``out`` is never half-written and never replaced unasked.
+
+    :raises HookdError: ``HOST_IO`` (directory missing, file exists, write error)."""
+    out = _check_out(out, force)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.",
+                               suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -304,11 +313,7 @@ def dump(host: Host, address: str, out: str, force: bool = False) -> dict:
     if not host.exists(pci.path(addr)):
         raise HookdError(errors.DEVICE_NOT_FOUND, f"ADDR {addr}: no such PCI function on "
                          f"this host ({pci.path(addr)})")
-    d = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(d):
-        raise HookdError(errors.HOST_IO, f"FILE {out}: directory {d} does not exist")
-    if os.path.lexists(out) and not force:
-        raise HookdError(errors.HOST_IO, f"FILE {out} exists: use --force to replace it")
+    _check_out(out, force)   # before the ROM is touched; again when written
     why = _unreliable_reason(host, addr)
     if why:
         raise HookdError(errors.ROM_UNRELIABLE, why)

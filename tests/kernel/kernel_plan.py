@@ -60,7 +60,7 @@ BOOTS = {
                                          "rom_dump"]),
     "VGA-ovmf": BootSpec("VGA", "ovmf", ["efifb_holders", "efifb_prepare", "efifb_release",
                                          "prepare", "vfio_qemu", "release", "holders",
-                                         "fault", "rom_dump"]),
+                                         "rom_dump", "fault"]),
     "bochs-display-bios": BootSpec("bochs-display", "bios", ["prepare", "release", "holders",
                                                              "holders_stubborn"]),
     "two-gpu-VGA-bios": BootSpec("VGA", "bios", ["second_gpu_vfio", "second_gpu",
