@@ -184,6 +184,7 @@ def cmd_plan(args, env: Env) -> int:
 
 
 def cmd_rom(args, env: Env) -> int:
+    """``rom dump ADDR FILE``: :func:`vfio_hookd.rom.dump` on the host, one line (or JSON)."""
     from .rom import dump, summary_line
     result = dump(env.host, args.address, args.file, force=args.force)
     if args.json:

@@ -89,6 +89,7 @@ class RomImage:
         return name
 
     def to_dict(self) -> dict:
+        """The fields, IDs as hex strings, plus ``kind`` (for ``--json``)."""
         d = asdict(self)
         d.update(vendor=f"{self.vendor:04x}", device_ids=[f"{i:04x}" for i in self.device_ids],
                  class_code=f"{self.class_code:06x}", kind=self.kind)
