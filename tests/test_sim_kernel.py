@@ -81,7 +81,9 @@ def module_error(fn, *args) -> str:
 # ---- the built hosts ------------------------------------------------------------------------
 def test_sim_host_replaces_only_the_kernel_and_kmod(host, tmp_path):
     overridden = {n for n in vars(SimHost) if n in vars(Host) and not n.startswith("__")}
-    assert overridden == {"_write_now", "run_command"}
+    # a sysfs write, a binary read the kernel answers from its state (a function's rom), and
+    # a kmod command: the product's three doors to the kernel
+    assert overridden == {"_write_now", "_read_bytes_now", "run_command"}
     with pytest.raises(ValueError):
         SimHost(str(tmp_path))   # no .sim/state.json: not a simulated host
 

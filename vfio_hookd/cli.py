@@ -14,6 +14,8 @@
   (:mod:`vfio_hookd.preflight`); exit status 0 only if nothing FAILs (else ``CHECK_FAILED``).
 - ``vfio-hookd plan VM [--xml FILE] [--json]``: what a prepare would do now, step by step, and
   its deadline (:mod:`vfio_hookd.plan_view`).
+- ``vfio-hookd rom dump ADDR FILE [--force] [--json]``: the function's expansion ROM, validated,
+  into FILE; no daemon needed (:mod:`vfio_hookd.rom`).
 
 Exit status: 0 on success; otherwise ``CODE: message`` on stderr and the code's status
 (:data:`vfio_hookd.errors.EXIT_STATUS`; 1 for an unexpected bug).
@@ -181,6 +183,20 @@ def cmd_plan(args, env: Env) -> int:
     return run(args, env)
 
 
+def cmd_rom(args, env: Env) -> int:
+    """``rom dump ADDR FILE``: :func:`vfio_hookd.rom.dump` on the host, one line (or JSON)."""
+    from .rom import dump, summary_line
+    result = dump(env.host, args.address, args.file, force=args.force)
+    if args.json:
+        import json
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(summary_line(result))
+        for w in result["warnings"]:
+            print(f"warning: {w}")
+    return 0
+
+
 def _refuse_if_running(vm: str) -> None:
     """Refuse a hand-made release while libvirt runs ``vm``: it would take the GPU from a
     running guest. When libvirt cannot be asked (no libvirtd, plain QEMU), say so and go on.
@@ -312,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--xml", help="domain XML file (for devices: auto)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_plan)
+    s = sub.add_parser("rom", help="the expansion ROM of a PCI function (for <rom file=...>)")
+    s = s.add_subparsers(dest="rom_command", required=True).add_parser(
+        "dump", help="read ADDR's ROM through sysfs, validate it, write its images to FILE "
+        "(run while the function is on vfio-pci or unbound)")
+    s.add_argument("address", metavar="ADDR", help="PCI address, e.g. 0000:01:00.0")
+    s.add_argument("file", metavar="FILE", help="output file (its directory must exist)")
+    s.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_rom)
     s = sub.add_parser("daemon", help="run the daemon (normally from systemd)")
     s.set_defaults(func=cmd_daemon)
     s = sub.add_parser("install", help="install the libvirt hook and the systemd unit")

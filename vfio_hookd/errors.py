@@ -42,6 +42,9 @@ PROFILE_EXISTS = "PROFILE_EXISTS"            # vfio-hookd init would overwrite a
 CHECK_FAILED = "CHECK_FAILED"                # vfio-hookd check found at least one FAIL
 DESKTOP_NOT_BACK = "DESKTOP_NOT_BACK"        # release undid everything, but the desktop seen at
                                             # prepare did not come back by deadlines.desktop_back
+ROM_INVALID = "ROM_INVALID"                  # rom dump: no valid expansion ROM image (rom.py)
+ROM_UNRELIABLE = "ROM_UNRELIABLE"            # rom dump: the kernel would not hand out the
+                                            # card's own ROM now (shadow copy, a driver on it)
 
 #: The CLI's exit status for each code: explicit and stable (a new code gets a new number;
 #: no number is ever reused). 0 is success, 1 an unexpected bug outside the error path.
@@ -54,6 +57,7 @@ EXIT_STATUS = {
     INSTALL_FAILED: 23, VM_RUNNING: 24, INTERNAL: 25, RECORD_INVALID: 26,
     UNTRUSTED_FILE: 27, DEVICE_STUCK: 28, DAEMON_BUSY: 29, PROFILE_EXISTS: 30,
     CHECK_FAILED: 31, DESKTOP_NOT_BACK: 32,
+    ROM_INVALID: 36, ROM_UNRELIABLE: 37,
 }
 CODES = tuple(EXIT_STATUS)
 

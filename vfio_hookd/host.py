@@ -61,6 +61,25 @@ class Host:
         with open(self.path(p), encoding="utf-8", errors="replace") as f:
             return f.read().rstrip("\n")
 
+    def read_bytes(self, p: str, limit: int) -> bytes:
+        """The bytes of ``p`` up to EOF, at most ``limit`` (a binary sysfs attribute such as a
+        function's ``rom``, which the kernel answers from its state and hands out in chunks).
+
+        :raises OSError: as the kernel reports it (``EINVAL``, ``EIO``, ...).
+        """
+        return self._read_bytes_now(p, limit)
+
+    def _read_bytes_now(self, p: str, limit: int) -> bytes:
+        chunks, got = [], 0
+        with open(self.path(p), "rb", buffering=0) as f:
+            while got < limit:
+                chunk = f.read(min(65536, limit - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        return b"".join(chunks)
+
     def read_or(self, p: str, default: str | None = None) -> str | None:
         """Like :meth:`read` but ``default`` when ``p`` is absent or unreadable."""
         try:

@@ -2,8 +2,10 @@
 commands the way kmod does.
 
 :class:`SimHost` is the :class:`~vfio_hookd.host.Host` of the simulated host (a directory
-holding ``.sim/``, built by :mod:`testbed.sim.hosts`); it replaces only the product's two doors
-to the kernel, one sysfs write and one ``modprobe``/``rmmod`` command, and raises what those
+holding ``.sim/``, built by :mod:`testbed.sim.hosts`); it replaces only the product's three doors
+to the kernel, one sysfs write, one binary read of an attribute the kernel answers from its
+state (a function's ``rom``, :mod:`testbed.sim.rom`) and one ``modprobe``/``rmmod`` command,
+and raises what those
 raise (``OSError``, ``TimeoutError``) or answers what they answer (exit status and message):
 never a product error. The state lives in the tree itself --
 real directories, regular files, relative symlinks that stay inside the root, exactly where sysfs
@@ -816,6 +818,9 @@ class Kernel:
         m = re.fullmatch(r"/sys/devices/pci[^/]+/(?:[^/]+/)*([^/]+)/driver_override", rp)
         if m and _PCI_ADDR.match(m.group(1)):
             return "driver_override", (m.group(1),)
+        m = re.fullmatch(r"/sys/devices/pci[^/]+/(?:[^/]+/)*([^/]+)/rom", rp)
+        if m and _PCI_ADDR.match(m.group(1)):
+            return "rom", (m.group(1),)   # testbed.sim.rom
         m = re.fullmatch(r"/sys/devices/virtual/vtconsole/(vtcon\d+)/bind", rp)
         if m:
             return "vtcon_bind", (m.group(1),)
@@ -855,6 +860,9 @@ class Kernel:
             self.platform_bind(args[0], name)
         elif kind == "fb_unbind":
             self.platform_unbind(args[0], name)
+        elif kind == "rom":
+            from . import rom
+            rom.write(self.root, args[0], data)
         else:
             st = os.stat(path)
             if not st.st_mode & 0o222:
@@ -870,11 +878,12 @@ class SimHost(Host):
     """The :class:`~vfio_hookd.host.Host` of a simulated host directory (one holding
     ``.sim/state.json``, built by :mod:`testbed.sim.hosts`).
 
-    Only the two places where the product meets the kernel and kmod are replaced:
-    :meth:`_write_now` (one ``write(2)`` to a sysfs attribute) and :meth:`run_command` (a
-    ``modprobe NAME`` / ``rmmod NAME`` command); both are answered by :class:`Kernel` under the
-    kernel lock. Everything else (reads, deadlines, turning exit statuses into errors) is the
-    product's own :class:`~vfio_hookd.host.Host` code.
+    Only the places where the product meets the kernel and kmod are replaced:
+    :meth:`_write_now` (one ``write(2)`` to a sysfs attribute), :meth:`_read_bytes_now` (a
+    binary read; a function's ``rom`` is answered by :mod:`testbed.sim.rom`) and
+    :meth:`run_command` (a ``modprobe NAME`` / ``rmmod NAME`` command); they are answered under
+    the kernel lock. Everything else (text reads, deadlines, turning exit statuses into errors)
+    is the product's own :class:`~vfio_hookd.host.Host` code.
 
     Before each operation the fault rules of :mod:`testbed.sim.faults` are consulted (op
     ``write`` with the host path as given and as resolved, ``modprobe``/``rmmod`` with the module
@@ -933,6 +942,21 @@ class SimHost(Host):
                 k.write(rp, data)
         except _Hang:
             _hang()
+
+    def _read_bytes_now(self, p: str, limit: int) -> bytes:
+        """One binary read of host path ``p``: a function's ``rom`` is answered by
+        :mod:`testbed.sim.rom` (``EINVAL`` until enabled, the valid images only, ``EIO`` when
+        none); any other file is read as it is."""
+        try:
+            rp = Kernel(self.root, {}, self.proc).resolve(p)
+        except OSError:
+            rp = p
+        kind, args = Kernel.classify(rp)
+        if kind != "rom":
+            return super()._read_bytes_now(p, limit)
+        from . import rom
+        with locked_kernel(self.root, self.proc):
+            return rom.read(self.root, args[0], limit)
 
     def run_command(self, argv: list[str], timeout_s: float) -> tuple[int, str]:
         """Emulate ``modprobe NAME`` (load NAME and its dependencies, probe its PCI driver's

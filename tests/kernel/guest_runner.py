@@ -1333,6 +1333,152 @@ def sc_holders_stubborn(ctx: Ctx, ph: Phase) -> dict:
         ctx.profile()
 
 
+# ---- issue 11: the GPU's ROM dump ----------------------------------------------------------
+def _raw_rom(addr: str) -> bytes:
+    """The ``rom`` attribute read by hand as seed 001 does (``echo 1 > rom; cat rom; echo 0 >
+    rom``): what the kernel hands out, for comparison with what ``rom dump`` wrote."""
+    p = f"/sys/bus/pci/devices/{addr}/rom"
+    with open(p, "w") as f:
+        f.write("1\n")
+    try:
+        with open(p, "rb") as f:
+            return f.read()
+    finally:
+        with open(p, "w") as f:
+            f.write("0\n")
+
+
+def _rom_facts(addr: str) -> dict:
+    """What the kernel says of ``addr``'s expansion ROM: the ROM resource (line 7 of
+    ``resource``: start, end, flags; IORESOURCE_ROM_SHADOW is 0x2), ``boot_vga``, the driver,
+    the ``rom`` attribute's size (the ROM BAR's) and the kernel's log lines about ROMs."""
+    lines = (rd(f"/sys/bus/pci/devices/{addr}/resource") or "").splitlines()
+    res = lines[6].split() if len(lines) > 6 else []
+    log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+    return {"resource": res, "boot_vga": rd(f"/sys/bus/pci/devices/{addr}/boot_vga"),
+            "driver": driver(addr),
+            "rom_size": os.stat(f"/sys/bus/pci/devices/{addr}/rom").st_size,
+            "dmesg": [ln for ln in log if "ROM" in ln or "rom" in ln.split(":")[-1]][:20]}
+
+
+def _rom_dump(ctx: Ctx, out: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``vfio-hookd rom dump GPU OUT --json`` and its wall time (ms)."""
+    if os.path.exists(out):
+        os.unlink(out)
+    t = time.monotonic()
+    r = ctx.cli("rom", "dump", ctx.gpu, out, "--json")
+    return r, round((time.monotonic() - t) * 1000, 1)
+
+
+def sc_rom_dump(ctx: Ctx, ph: Phase) -> dict:
+    """Scenario (issue 11): ``vfio-hookd rom dump`` of the GPU handed over, whose ROM BAR holds
+    the file QEMU loaded (``boot.json``'s ``gpu_romfile``: path, size, sha256, found on this
+    machine in QEMU's firmware path).
+
+    What the kernel does (seen on Linux 6.1, SeaBIOS and OVMF): for the boot VGA device the
+    x86 fixup ``pci_fixup_video`` replaces the ROM resource by the shadow copy at 0xC0000
+    (``resource`` line 7 flags 0x212: IORESOURCE_ROM_SHADOW), whatever driver is bound later:
+    ``rom`` then gives SeaBIOS's RAM copy as its VGA BIOS left it (same length, other bytes
+    than the file) or, under OVMF (nothing at 0xC0000), EIO.
+
+    - The GPU is the boot VGA (the single-GPU boots): the dump is refused with ROM_UNRELIABLE
+      naming the shadow copy, under bochs-drm and on vfio-pci alike; what a hand-made read
+      (seed 001) gives is recorded and checked not to be the file QEMU loaded.
+    - The GPU is not the boot VGA (``two-gpu``): under bochs-drm the dump is refused
+      (ROM_UNRELIABLE: a driver on the card); after ``vfio-hookd prepare`` (the recommended
+      time) it succeeds, the image validates and equals the file's first image-length bytes
+      (the file may be longer than its images: QEMU maps the whole file, the kernel's ``rom``
+      stops at the last image, ``pci_get_rom_size``; here they are equal, 39936 bytes).
+
+    Each time: the ``rom`` attribute is left disabled (a read by hand fails EINVAL), nothing
+    but the output file is written, a refused dump writes nothing. Ends released."""
+    import errno as errno_
+    import hashlib
+    world = ph.world
+    ctx.profile()
+    romfile = ctx.cfg.get("gpu_romfile") or {}
+    check(romfile.get("path"), f"boot.json has no gpu_romfile for {ctx.cfg.get('gpu')}")
+    with open(romfile["path"], "rb") as f:
+        loaded = f.read()
+    check(hashlib.sha256(loaded).hexdigest() == romfile["sha256"],
+          f"{romfile['path']} changed since the harness hashed it")
+    boot_gpu = ctx.desktop_gpu is None
+    out = f"{WORK}/gpu.rom"
+    rom_attr = f"/sys/bus/pci/devices/{ctx.gpu}/rom"
+
+    def disabled() -> bool:
+        try:
+            with open(rom_attr, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            return exc.errno == errno_.EINVAL
+        return False
+
+    def refused(state: str, why: str) -> dict:
+        before = ctx.snapshot(world)
+        r, ms = _rom_dump(ctx, out)
+        check(r.returncode == 37 and r.stderr.startswith("ROM_UNRELIABLE:") and why in r.stderr,
+              f"rom dump {state}: exit {r.returncode}: {r.stderr.strip()} (expected "
+              f"ROM_UNRELIABLE: ...{why}...)")
+        check(not os.path.exists(out), f"{out} written although the dump was refused")
+        check(disabled(), f"{rom_attr} left enabled after a refused dump")
+        left, _ = compare(before, ctx.snapshot(world, like=before))
+        check(not left, f"the guest changed after a refused dump: {json.dumps(left)}")
+        return {"ms": ms, "stderr": r.stderr.strip()}
+
+    res: dict = {"romfile": romfile, "boot_gpu": boot_gpu}
+    res["facts_drm"] = facts = _rom_facts(ctx.gpu)
+    shadow = bool(facts["resource"]) and int(facts["resource"][2], 16) & 0x2 != 0
+    check(shadow == boot_gpu, f"the ROM resource of {ctx.gpu} (boot_vga {facts['boot_vga']}) "
+          f"is {'' if shadow else 'not '}the shadow copy: {facts['resource']}")
+    try:
+        raw = _raw_rom(ctx.gpu)
+        res["raw_drm"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                          "equals_file_prefix": raw == loaded[:len(raw)], "head": raw[:4].hex()}
+    except OSError as exc:
+        res["raw_drm"] = {"error": str(exc), "errno": exc.errno}
+    ctx.log(f"rom facts with {facts['driver']}: {json.dumps(res)}")
+    if boot_gpu:   # what seed 001's read gives is not the card's ROM
+        check(not res["raw_drm"].get("equals_file_prefix"),
+              f"the shadow copy equals {romfile['path']}: {res['raw_drm']}")
+    res["drm"] = refused(f"while {facts['driver']} drives the GPU",
+                         "shadow copy" if boot_gpu else f"driven by {facts['driver']}")
+    r = ctx.cli("prepare", VM)
+    check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+    ph.prepared_from = before = ctx.snapshot(world)
+    res["facts_vfio"] = _rom_facts(ctx.gpu)
+    if boot_gpu:
+        res["vfio"] = refused("on vfio-pci", "shadow copy")
+    else:
+        r, ms = _rom_dump(ctx, out)
+        check(r.returncode == 0, f"rom dump on vfio-pci: exit {r.returncode}: {r.stderr.strip()}")
+        summary = json.loads(r.stdout)
+        with open(out, "rb") as f:
+            dumped = f.read()
+        res["vfio"] = {"ms": ms, "summary": summary}
+        check(len(dumped) == summary["size"] == sum(i["length"] for i in summary["images"]),
+              f"{out}: {len(dumped)} bytes, summary {summary}")
+        check(dumped == loaded[:len(dumped)],
+              f"the dumped image ({len(dumped)} bytes) differs from {romfile['path']}'s first "
+              f"{len(dumped)} bytes")
+        check(summary["vendor"] == rd(f"/sys/bus/pci/devices/{ctx.gpu}/vendor")[2:]
+              and summary["warnings"] == [], f"summary {summary}")
+        check(disabled(), f"{rom_attr} left enabled after the dump")
+        left, _ = compare(before, ctx.snapshot(world, like=before))
+        check(not left, f"the guest changed with the dump: {json.dumps(left)}")
+        ms_runs = []
+        for _ in range(3):
+            r, ms = _rom_dump(ctx, out)
+            check(r.returncode == 0, f"repeated rom dump: {r.stderr.strip()}")
+            ms_runs.append((ms, json.loads(r.stdout)["duration_ms"]))
+        res["vfio"]["ms_repeated"] = ms_runs
+        os.unlink(out)
+    r = ctx.cli("release", VM)
+    check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+    ph.prepared_from = None
+    return res
+
+
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
 #: The phase's baseline: the guest as the phase's coldplug left it (the snapshot taken when its
 #: world was ready) up to the changes the kernel makes itself (:func:`compare`), nothing held
@@ -1378,6 +1524,7 @@ SCENARIOS = MappingProxyType({
     "second_gpu_vfio": Scenario(sc_second_gpu_vfio, BASELINE, VFIO_AT_BOOT),
     "vgacon": Scenario(sc_vgacon, BASELINE),
     "holders_stubborn": Scenario(sc_holders_stubborn, BASELINE),
+    "rom_dump": Scenario(sc_rom_dump, BASELINE),
 })
 
 

@@ -397,6 +397,31 @@ def qemu_argv(gpu: str, firmware: str, kv: str, initrd: str, outdir: str, memory
     return argv
 
 
+#: The option ROM file QEMU loads into each GPU model's ROM BAR (its ``romfile`` property's
+#: default, ``hw/display/vga-pci.c``, ``bochs-display.c``, ``virtio-vga.c``).
+GPU_ROMFILES = {"VGA": "vgabios-stdvga.bin", "bochs-display": "vgabios-bochs-display.bin",
+                "virtio-vga": "vgabios-virtio.bin"}
+
+
+def gpu_romfile(gpu: str) -> dict | None:
+    """The ROM file QEMU loads for ``gpu`` (:data:`GPU_ROMFILES`), found the way QEMU finds it:
+    the first of its firmware directories (``qemu-system-x86_64 -L help``; Debian:
+    ``/usr/share/qemu``, ``/usr/share/seabios``, ...) that has it. ``{"path", "size",
+    "sha256"}``, or None when no directory has it."""
+    name = GPU_ROMFILES.get(gpu)
+    if name is None:
+        return None
+    dirs = subprocess.run([QEMU, "-L", "help"], capture_output=True, text=True,
+                          timeout=30).stdout.split()
+    for d in dirs:
+        p = os.path.realpath(os.path.join(d, name))
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                data = f.read()
+            return {"path": p, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return None
+
+
 def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s: float,
              memory_mb: int = 1024, accel: str | None = None, extra: dict | None = None,
              shape: str = "single", cmdline: str = "", kernel: str = DEFAULT_KERNEL,
@@ -432,7 +457,8 @@ def run_boot(name: str, gpu: str, firmware: str, scenarios: list[str], timeout_s
                          ("SCENARIOS", " ".join(scenarios)), ("DESKTOP", "1" if desktop else "0"))))
     cfg = {"name": name, "gpu": gpu, "firmware": firmware, "kv": kv, "repo": REPO,
            "scenarios": scenarios, "gpu_addr": GPU_ADDR, "audio_addr": AUDIO_ADDR,
-           "shape": shape, "cmdline": cmdline, "kernel": kernel, **SHAPES[shape]}
+           "shape": shape, "cmdline": cmdline, "kernel": kernel, **SHAPES[shape],
+           "gpu_romfile": gpu_romfile(gpu)}
     cfg.update(extra or {})
     with open(os.path.join(outdir, "boot.json"), "w") as f:
         json.dump(cfg, f, indent=1)
