@@ -70,7 +70,7 @@ import time
 from vfio_hookd.deadline import run_with_deadline
 from vfio_hookd.host import Host, identity_of
 
-from . import children, faults
+from . import children, cpus, faults
 
 #: The schema of ``<root>/.sim/state.json`` (documentation only).
 STATE_DOC = """
@@ -855,6 +855,8 @@ class Kernel:
             self.platform_bind(args[0], name)
         elif kind == "fb_unbind":
             self.platform_unbind(args[0], name)
+        elif cpus.handles(rp):   # cpufreq: testbed.sim.cpus
+            cpus.write(self.root, rp, data)
         else:
             st = os.stat(path)
             if not st.st_mode & 0o222:
