@@ -189,6 +189,8 @@ def test_seed_000_setup_round_trip_leaves_the_host_identical(world):
     st = world.machine.status("win11")["vms"]["win11"]
     by = {s["name"]: s for s in st["steps"]}
     assert by["cpu_isolation"]["why"]["init.scope"].startswith("AllowedCPUs 0-7 (before: all")
+    assert by["cpu_governor"]["why"] == {"CPU 8-15": "scaling_governor performance (before: "
+                                                     "powersave)"}
     world.machine.release("win11")
     assert allowed(world) == {u: "" for u in UNITS}
     assert {c: world.host.read_or(EPP.format(c)) for c in range(16)} == epp_before

@@ -117,7 +117,8 @@ class CpuGovernor(Step):
 
     Facts: ``{"plan": [{"cpu": 8, "governor": "powersave", "epp": str | None}], "done":
     [...], "governor": "performance", "vm_cpus": "8-15", "no_cpufreq": [ints], "offline":
-    [ints], "skipped": [...]}``.
+    [ints], "skipped": [...], "why": {"CPU 8-15": "scaling_governor performance (before:
+    powersave)"}}`` (``why`` and ``skipped`` are what ``status`` and ``plan`` show).
     """
     name = "cpu_governor"
 
@@ -148,8 +149,13 @@ class CpuGovernor(Step):
                            f"({CPU_DIR}/cpuN/cpufreq absent): governor left as it is")
         if offline:
             skipped.append(f"CPU {cpumod.format_list(offline)}: offline: left alone")
+        was: dict[str, list[int]] = {}
+        for item in plan:
+            was.setdefault(item["governor"] or "unknown", []).append(item["cpu"])
+        why = {f"CPU {cpumod.format_list(c)}": f"scaling_governor {governor} (before: {g})"
+               for g, c in sorted(was.items())}
         return {"plan": plan, "governor": governor, "vm_cpus": ctx.cpus["vm"],
-                "no_cpufreq": missing, "offline": offline, "skipped": skipped}
+                "no_cpufreq": missing, "offline": offline, "skipped": skipped, "why": why}
 
     def _write(self, ctx: Context, cpu: int, attr: str, value: str) -> None:
         p = f"{CPU_DIR}/cpu{cpu}/cpufreq/{attr}"
