@@ -315,3 +315,35 @@ def test_release_after_a_daemon_restart_works_from_the_record_alone(bus_world, t
     assert after["units"] == before["units"]
     kernel_only(before["tree"], after["tree"])
     assert os.path.exists(path)
+
+
+# ---- properties ----------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_cpulists_and_masks_round_trip_for_any_set():
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None)
+    @given(st.sets(st.integers(0, cpus.MAX_CPU), max_size=64))
+    def prop(s):
+        assert cpus.parse(cpus.format_list(s)) == s
+        assert cpus.from_mask(cpus.to_mask(s)) == s
+    prop()
+
+
+@pytest.mark.unit
+def test_any_cpuset_text_in_the_domain_xml_is_read_or_refused_with_its_code(world):
+    from hypothesis import given, settings, strategies as st
+    world.profile(extra="host_cpus: auto\n")
+
+    @settings(max_examples=200, derandomize=True, database=None, deadline=None)
+    @given(st.text(alphabet="0123456789-,^ x", max_size=12))
+    def prop(text):
+        xml = f"<domain><cputune><vcpupin vcpu='0' cpuset='{text}'/></cputune></domain>"
+        try:
+            plan = world.machine.plan_prepare("win11", xml)
+        except HookdError as e:
+            assert e.code in (errors.DOMAIN_XML_INVALID, errors.PROFILE_INVALID), e
+        else:
+            assert cpus.parse(plan.cpus["vm"]) and cpus.parse(plan.cpus["host"])
+    prop()

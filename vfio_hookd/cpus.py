@@ -203,6 +203,11 @@ def resolve(host, profile, xml: str | None) -> dict | None:
         return {"host": None, "vm": format_list(vm), "online": format_list(on),
                 "source": "the domain XML's <vcpupin> CPUs"}
     if host_cpus == "auto":
+        if not pinned & on:
+            raise HookdError(errors.DOMAIN_XML_INVALID,
+                             f"host_cpus: auto, but none of the domain XML's pinned CPUs "
+                             f"({format_list(pinned) or 'none'}) is online (online: "
+                             f"{format_list(on)}): nothing would be left for the VM")
         keep = on - pinned
         source = "host_cpus: auto (the online CPUs outside the domain XML's <vcpupin>/<emulatorpin>)"
     else:

@@ -9,9 +9,12 @@ in a(sv) properties)``; the ``AllowedCPUs`` property of the ``Slice``/``Scope``/
 interfaces, type ``ay``: a little-endian CPU bitmask, :func:`vfio_hookd.cpus.to_mask`).
 ``runtime=true`` keeps the change below ``/run/systemd/system.control/``: gone at reboot, so a
 host that crashes while a VM runs boots with all its CPUs. The call is synchronous: systemd
-answers once it has taken the new value (and written its drop-in); it writes the cgroup's
-``cpuset.cpus`` from its cgroup-realize queue, in the same main-loop turn. The step reads the
-property back; the real-systemd guest (tests/kernel/desktop_runner.py) checks the cgroup file.
+answers once it has taken the new value; it writes the cgroup's ``cpuset.cpus`` itself (the
+step reads the property back). Seen under real systemd 252 (the desktop guest,
+tests/kernel/desktop_runner.py, Linux 6.1): ``AllowedCPUs`` works on ``init.scope`` as on the
+slices; ``cpuset.cpus`` of each unit's cgroup held the new value by the time the prepare had
+returned; systemd enabled the ``cpuset`` controller in the root cgroup's
+``cgroup.subtree_control`` for it and disabled it again once every unit was reset to empty.
 """
 
 from __future__ import annotations
