@@ -2,7 +2,7 @@
 
 :class:`FakeSystemd` has the interface of :class:`vfio_hookd.systemd.Systemd` (``connect``,
 ``close``, ``resolve``, ``active_state``, ``shutting_down``, ``list_units``, ``stop``,
-``start``, ``stop_all``, ``start_all``, context manager) with the same results and the same errors (:class:`HookdError`
+``start``, ``stop_all``, ``start_all``, ``allowed_cpus``, ``set_allowed_cpus``, context manager) with the same results and the same errors (:class:`HookdError`
 with ``UNIT_FAILED`` "unit X not found" / "stopping X: job result failed", ``TIMEOUT``
 "stopping X: job J did not end within S s"), and is both that client and the systemd it talks
 to. Give it to the state machine: ``Machine(host, paths, systemd_factory=lambda: fake)``.
@@ -24,6 +24,11 @@ outlives its caller's deadline goes on, as in systemd. :meth:`FakeSystemd.stop_a
 :meth:`FakeSystemd.kill_all` ends the unit processes (tests call it at teardown; ``close`` only
 closes "the connection", as for the real client). :meth:`FakeSystemd.set_system_state` stands
 for the D-Bus fake's ``SetSystemState`` (``"stopping"``: a shutdown in progress).
+
+``AllowedCPUs`` of ``system.slice``, ``user.slice``, ``init.scope`` (and ``machine.slice``) is
+:mod:`testbed.sim.cpus`' state, shared with the D-Bus fake; ``set_allowed_cpus`` meets the
+``set_property`` fault rules (``fail``: systemd's error, ``hang``: no answer until the
+caller's deadline) and waits the ``set_property`` latency.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ import signal
 import threading
 import time
 
-from vfio_hookd.errors import UNIT_FAILED, HookdError
+from vfio_hookd import cpus as cpulist
+from vfio_hookd.errors import TIMEOUT, UNIT_FAILED, HookdError
 from vfio_hookd.jobs import enqueue_order, outcome
 
 from .procs import stop as stop_process
+from testbed.sim import cpus as simcpus
 from testbed.sim import units as model
 
 JOB_PREFIX = "/org/freedesktop/systemd1/job/"
@@ -169,6 +176,45 @@ class FakeSystemd:
     def start(self, unit: str, timeout_s: float) -> str:
         """Start ``unit`` and wait for its job, as :meth:`vfio_hookd.systemd.Systemd.start`."""
         return self._jobs("start", "starting", [unit], timeout_s)[unit]
+
+    def _cgroup_unit(self, unit: str, what: str) -> str:
+        if unit not in simcpus.CGROUP_UNITS and unit not in self.names:
+            raise HookdError(UNIT_FAILED, f"unit {unit} not found", {"unit": unit})
+        if unit.rsplit(".", 1)[-1] not in ("slice", "scope", "service"):
+            raise HookdError(UNIT_FAILED, f"{unit}: only slices, scopes and services have "
+                             f"AllowedCPUs", {"unit": unit})
+        return unit
+
+    def allowed_cpus(self, unit: str, timeout_s: float | None = None) -> bytes:
+        """``AllowedCPUs`` of ``unit`` as the bitmask, as
+        :meth:`vfio_hookd.systemd.Systemd.allowed_cpus` (``b""``: no restriction)."""
+        self.connected = True
+        self._cgroup_unit(unit, "reading")
+        return cpulist.to_mask(cpulist.parse(simcpus.allowed(self.state_root, unit)))
+
+    def set_allowed_cpus(self, unit: str, mask: bytes, timeout_s: float) -> None:
+        """``SetUnitProperties(unit, true, [("AllowedCPUs", mask)])``, as
+        :meth:`vfio_hookd.systemd.Systemd.set_allowed_cpus`.
+
+        :raises HookdError: ``UNIT_FAILED`` (unknown unit, injected failure), ``TIMEOUT``
+            (injected hang: no answer by ``timeout_s``).
+        """
+        self.connected = True
+        self._cgroup_unit(unit, "setting")
+        rule = simcpus.property_rule(self.state_root, unit)
+        if rule and rule["action"] == "hang":
+            threading.Event().wait(timeout_s)   # systemd never answers: the caller's deadline
+            raise HookdError(TIMEOUT, f"setting AllowedCPUs of {unit}: systemd did not answer "
+                             f"in time", {"unit": unit})
+        if rule:
+            raise HookdError(UNIT_FAILED, f"setting AllowedCPUs of {unit}: "
+                             f"org.freedesktop.DBus.Error.Failed: injected failure",
+                             {"unit": unit})
+        delay = simcpus.property_latency(self.state_root)
+        if delay:
+            threading.Event().wait(delay)   # systemd's time for the call (simulated)
+        simcpus.set_allowed(self.root, self.state_root, unit,
+                            cpulist.format_list(cpulist.from_mask(mask)))
 
     # ---- for the tests -----------------------------------------------------------------------
     def set_system_state(self, state: str) -> None:

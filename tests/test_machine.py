@@ -95,13 +95,18 @@ def _ctx(world, vm="win11"):
     plan = world.machine.plan_prepare(vm, None)
     return Context(vm=vm, host=world.host, profile=plan.profile, deadlines=plan.deadlines,
                    devices=plan.devices, drivers=plan.drivers, systemd=lambda: world.systemd,
-                   logind=lambda: world.logind)
+                   logind=lambda: world.logind, cpus=plan.cpus)
+
+
+#: The host tuning steps are off by default: these profile keys turn them on (seed 000's
+#: setup on the simulated 16-CPU host), so that every step has something to do.
+TUNING = 'host_cpus: "0-7"\ncpu_governor: performance\n'
 
 
 # What must be true before a step can run alone: the display manager and
 # nvidia-persistenced hold the GPU, so steps that unbind it need the units stopped first.
 PREREQS = {"units": [], "sessions": ["units"], "holders": ["units"], "vtconsoles": [], "framebuffer": [],
-           "bind_vfio": ["units"], "modules": ["units"]}
+           "bind_vfio": ["units"], "modules": ["units"], "cpu_isolation": [], "cpu_governor": []}
 
 
 # the sessions step: tests/test_desktop.py (it has nothing to do on a host without logind)
@@ -112,7 +117,7 @@ _ON_THIS_HOST = [k for k, n in enumerate(STEP_NAMES) if n != "sessions"]
 def test_each_step_undo_restores_exactly(world, holder, k):
     """Step k's observe -> apply -> undo leaves the whole host as it was (with vfio-pci
     already loaded, as on most passthrough hosts)."""
-    world.profile(extra="on_busy: terminate\n")
+    world.profile(extra="on_busy: terminate\n" + TUNING)
     world.host.modprobe("vfio-pci", 5)
     ctx = _ctx(world)
     earlier = []
@@ -155,6 +160,8 @@ FAULTS = {
     "framebuffer": ("write", "/sys/bus/platform/drivers/efi-framebuffer/unbind"),
     "bind_vfio": ("write", "/sys/bus/pci/devices/0000:01:00.1/driver_override"),  # 2nd function
     "modules": ("rmmod", "nvidia"),                       # after nvidia_drm... were unloaded
+    "cpu_isolation": ("set_property", "user.slice"),      # after system.slice was restricted
+    "cpu_governor": ("write", "/sys/devices/system/cpu/cpu9/cpufreq/scaling_governor"),  # after cpu8
 }
 
 
@@ -162,7 +169,7 @@ FAULTS = {
 # tested on the desktop hosts (tests/test_desktop.py)
 @pytest.mark.parametrize("name", [n for n in STEP_NAMES if n != "sessions"])
 def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
-    world.profile()
+    world.profile(extra=TUNING)
     before = world.snapshot()
     if FAULTS[name] is None:
         holder("/dev/dri/card0")

@@ -93,13 +93,13 @@ class Machine:
         """:meth:`vfio_hookd.locks.Locks.held` for ``keys``."""
         return self._lockset.held(keys)
 
-    def _context(self, rec: Record, prof, deadlines, logger) -> Context:
+    def _context(self, rec: Record, prof, deadlines, logger, cpus: dict | None = None) -> Context:
         return Context(vm=rec.vm, host=self.host, profile=prof, deadlines=deadlines,
                        devices=tuple(rec.devices), drivers=dict(rec.drivers),
                        systemd=self.systemd, log=logger,
                        child_modules=dict(rec.child_modules),
                        holders_grace_s=self.holders_grace_s,
-                       stopped_units=tuple(_stopped_units(rec)), logind=self.logind)
+                       stopped_units=tuple(_stopped_units(rec)), logind=self.logind, cpus=cpus)
 
     def _save(self, rec: Record) -> None:
         """Save ``rec``; on failure log it and go on (an undo must not stop because /run is
@@ -194,7 +194,8 @@ class Machine:
         :raises HookdError: what an observe raises (e.g. ``SYSTEMD_UNAVAILABLE``).
         """
         rec = self._new_record(plan)
-        return [(step.name, step.observe(self._context(rec, plan.profile, plan.deadlines, log)))
+        return [(step.name, step.observe(self._context(rec, plan.profile, plan.deadlines, log,
+                                                       plan.cpus)))
                 for step in STEPS]
 
     def _check_claims(self, vm: str, devices) -> None:
@@ -227,7 +228,7 @@ class Machine:
                  extra={"VM": vm, "PHASE": "preparing"})
         for step, entry in zip(STEPS, rec.steps):
             slog = logging.LoggerAdapter(log, {"VM": vm, "STEP": step.name})
-            ctx = self._context(rec, plan.profile, plan.deadlines, slog)
+            ctx = self._context(rec, plan.profile, plan.deadlines, slog, plan.cpus)
             t0 = time.monotonic()
             try:
                 entry.facts = step.observe(ctx)

@@ -39,6 +39,7 @@ class Plan:
     :ivar drivers: each function's driver when planned (prepare; re-read under the lock).
     :ivar record: the record a release works from (None: nothing to release).
     :ivar shape: the :class:`vfio_hookd.steps.Shape` the deadline was computed for.
+    :ivar cpus: whose CPUs are whose (:func:`vfio_hookd.cpus.resolve`; prepare), or None.
     """
     op: str
     vm: str
@@ -49,6 +50,7 @@ class Plan:
     drivers: dict = field(default_factory=dict)
     record: Record | None = None
     shape: Shape | None = None
+    cpus: dict | None = None
 
 
 def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=None) -> Plan:
@@ -58,7 +60,8 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
     :param profile: the profile if the caller has read it already (it is read once per
         request); else it is read from ``paths``.
     :raises HookdError: ``VM_NAME_INVALID``, ``NOT_MANAGED``, ``PROFILE_INVALID``,
-        ``DOMAIN_XML_INVALID``, ``DEVICE_NOT_FOUND``, ``IOMMU_GROUP_INCOMPLETE``.
+        ``DOMAIN_XML_INVALID``, ``DEVICE_NOT_FOUND``, ``IOMMU_GROUP_INCOMPLETE``; and for
+        ``host_cpus``/``cpu_governor``, what :func:`vfio_hookd.cpus.resolve` raises.
     """
     if profile is None:
         from .profile import load_profile
@@ -86,14 +89,17 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
                              f"{where} is not a PCI function on this host (see lspci -D)")
     check_groups(host, prof.path if prof.devices is not None else
                   f"{prof.path} (devices: auto, from the domain XML's <hostdev>s)", devices)
+    from .cpus import parse, resolve
+    cpus = resolve(host, prof, xml)
     shape = Shape(devices=len(devices), units=Units.count(prof),
                   vtconsoles=len(host.listdir("/sys/class/vtconsole")),
-                  modules=Modules.count(prof))
+                  modules=Modules.count(prof), cpus=len(parse(cpus["vm"])) if cpus else 0)
     wait = sum(s.max_apply_s(prof, shape) + s.max_undo_s(prof.deadlines, shape, None)
                for s in STEPS) + prof.deadlines.desktop_back   # the check after a rollback
     return Plan(op="prepare", vm=vm, devices=devices, deadlines=prof.deadlines,
                 deadline_s=round(wait + MARGIN_S, 1), profile=prof,
-                drivers={a: pci.current_driver(host, a) for a in devices}, shape=shape)
+                drivers={a: pci.current_driver(host, a) for a in devices}, shape=shape,
+                cpus=cpus)
 
 
 def check_groups(host: Host, source: str, devices) -> None:

@@ -45,6 +45,7 @@ import time
 
 from .errors import SYSTEMD_UNAVAILABLE, TIMEOUT, UNIT_FAILED, HookdError
 from .jobs import JobWatch as _JobWatch, enqueue_order, outcome
+from .systemd_cpus import AllowedCpus
 
 BUS_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -64,8 +65,9 @@ _UNREACHABLE = {
 DEFAULT_CALL_TIMEOUT_S = 25.0
 
 
-class Systemd:
-    """A connection to systemd's manager on the system bus (or on ``address``).
+class Systemd(AllowedCpus):
+    """A connection to systemd's manager on the system bus (or on ``address``); its
+    ``AllowedCPUs`` methods are in :mod:`vfio_hookd.systemd_cpus`.
 
     :param address: a D-Bus address (str, e.g. ``"unix:path=/run/x/bus.sock"``), or None for the
         system bus (``DBUS_SYSTEM_BUS_ADDRESS`` if set, else ``/run/dbus/system_bus_socket``).

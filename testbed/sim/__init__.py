@@ -70,10 +70,11 @@ def make_host(root: str, variant: str = "nvidia", latency: dict[str, float] | No
 
     :raises ValueError: unknown variant.
     """
-    from . import faults, hosts
+    from . import cpus, faults, hosts
     if variant not in UNITS:
         raise ValueError(f"variant must be one of {sorted(UNITS)}")
     hosts.build_host(root, "nvidia" if variant in DESKTOPS else variant)
+    cpus.build(root)   # 16 CPUs with cpufreq; slices with AllowedCPUs (testbed.sim.cpus)
     with open(os.path.join(root, ".sim", "units.json"), "w") as f:
         json.dump(UNITS[variant], f, indent=1)
     if variant in DESKTOPS:   # logind's sessions, users and their instances (.desktop)

@@ -9,7 +9,8 @@ process working on the simulated host (daemon, fake systemd, tests) sees the sam
      "latency": {"unbind": 0.05, "rmmod": 0.15, "unit_stop": 0.8}}
 
 - ``op``: ``write`` (target: a host path), ``modprobe`` / ``rmmod`` (target: module name),
-  ``stop`` / ``start`` (target: unit name).
+  ``stop`` / ``start`` (target: unit name), ``set_property`` (target: unit name; systemd's
+  ``SetUnitProperties``, :mod:`testbed.sim.cpus`).
 - ``target``: an ``fnmatch`` pattern.
 - ``action``: ``fail`` (the operation fails with ``errno``; for units, the job ends "failed"),
   ``hang`` (the operation never completes, like an NVIDIA unbind with a holder) or ``stall``
@@ -18,7 +19,8 @@ process working on the simulated host (daemon, fake systemd, tests) sees the sam
 - ``count``: how many times the rule fires before it is spent (``null``: always).
 
 Latency keys (seconds): ``driver_override``, ``bind``, ``unbind``, ``drivers_probe``,
-``vtcon_bind``, ``fb_unbind``, ``fb_bind``, ``modprobe``, ``rmmod``, ``unit_stop``, ``unit_start``.
+``vtcon_bind``, ``fb_unbind``, ``fb_bind``, ``modprobe``, ``rmmod``, ``unit_stop``, ``unit_start``,
+``set_property``.
 :data:`REALISTIC` holds the per-operation latencies the benchmarks and the demo use.
 """
 
@@ -38,7 +40,7 @@ REALISTIC = {
     "modprobe": 0.15, "rmmod": 0.15, "unit_stop": 0.8, "unit_start": 0.8,
 }
 
-OPS = ("write", "modprobe", "rmmod", "stop", "start")
+OPS = ("write", "modprobe", "rmmod", "stop", "start", "set_property")
 ACTIONS = ("fail", "hang", "stall")
 
 

@@ -72,7 +72,7 @@ import time
 from vfio_hookd.deadline import run_with_deadline
 from vfio_hookd.host import Host, identity_of
 
-from . import children, faults
+from . import children, cpus, faults
 
 #: The schema of ``<root>/.sim/state.json`` (documentation only).
 STATE_DOC = """
@@ -863,6 +863,8 @@ class Kernel:
         elif kind == "rom":
             from . import rom
             rom.write(self.root, args[0], data)
+        elif cpus.handles(rp):   # cpufreq: testbed.sim.cpus
+            cpus.write(self.root, rp, data)
         else:
             st = os.stat(path)
             if not st.st_mode & 0o222:

@@ -11,7 +11,9 @@ object paths and D-Bus error names:
 
 - ``/org/freedesktop/systemd1``, ``org.freedesktop.systemd1.Manager``: ``Subscribe()``,
   ``Unsubscribe()``, ``GetUnit(s) -> o``, ``LoadUnit(s) -> o``, ``StartUnit(ss) -> o``,
-  ``StopUnit(ss) -> o``, ``RestartUnit(ss) -> o``, ``ListUnits() -> a(ssssssouso)``; signals
+  ``StopUnit(ss) -> o``, ``RestartUnit(ss) -> o``, ``ListUnits() -> a(ssssssouso)``,
+  ``SetUnitProperties(sba(sv))`` (only ``AllowedCPUs`` (``ay``) of the cgroup units below, and
+  only with ``runtime=true``: a persistent change is refused, ``InvalidArgs``); signals
   ``JobNew(uos)`` and ``JobRemoved(uoss)``; property ``SystemState`` (``"running"``). The private
   interface ``org.vfiohookd.Sim`` on the same object has ``SetSystemState(s)`` for tests
   (e.g. ``"stopping"`` to model a shutdown).
@@ -25,6 +27,12 @@ object paths and D-Bus error names:
   to the object of its unit, whose ``Id`` is the real name, as in systemd.
 - ``/org/freedesktop/systemd1/job/<id>``, ``org.freedesktop.systemd1.Job``: ``Id``, ``Unit``,
   ``JobType``, ``State``, ``Cancel()``.
+- ``system.slice``, ``user.slice``, ``machine.slice`` (``org.freedesktop.systemd1.Slice``)
+  and ``init.scope`` (``.Scope``), active, not in ``ListUnits``: ``AllowedCPUs`` (``ay``, the
+  state of :mod:`testbed.sim.cpus`, shared with :mod:`testbed.fake_systemd`).
+  ``SetUnitProperties`` meets the ``set_property`` fault rules (``fail``:
+  ``org.freedesktop.DBus.Error.Failed``; ``hang``: no reply) and waits the ``set_property``
+  latency before it answers.
 
 Units come from ``<root>/.sim/units.json``::
 
@@ -82,7 +90,10 @@ import sys
 
 from gi.repository import Gio, GLib
 
+from vfio_hookd import cpus as cpulist
+
 from ..procs import stop
+from . import cpus as simcpus
 from . import units as model
 from .units import Unit as _Unit
 
@@ -119,6 +130,9 @@ INTROSPECTION = """
   <method name="RestartUnit"><arg name="name" type="s" direction="in"/>
    <arg name="mode" type="s" direction="in"/><arg name="job" type="o" direction="out"/></method>
   <method name="ListUnits"><arg name="units" type="a(ssssssouso)" direction="out"/></method>
+  <method name="SetUnitProperties"><arg name="name" type="s" direction="in"/>
+   <arg name="runtime" type="b" direction="in"/>
+   <arg name="properties" type="a(sv)" direction="in"/></method>
   <signal name="JobNew"><arg name="id" type="u"/><arg name="job" type="o"/>
    <arg name="unit" type="s"/></signal>
   <signal name="JobRemoved"><arg name="id" type="u"/><arg name="job" type="o"/>
@@ -141,6 +155,12 @@ INTROSPECTION = """
  </interface>
  <interface name="org.freedesktop.systemd1.Service">
   <property name="MainPID" type="u" access="read"/>
+ </interface>
+ <interface name="org.freedesktop.systemd1.Slice">
+  <property name="AllowedCPUs" type="ay" access="read"/>
+ </interface>
+ <interface name="org.freedesktop.systemd1.Scope">
+  <property name="AllowedCPUs" type="ay" access="read"/>
  </interface>
  <interface name="org.freedesktop.systemd1.Job">
   <method name="Cancel"/>
@@ -229,6 +249,12 @@ class SimSystemd:
             if (table[unit.id] or {}).get("active"):
                 self._activate(unit)
         self._persist()
+        self.hung: list = []   # SetUnitProperties calls never answered (hang fault)
+        for name in simcpus.CGROUP_UNITS:   # the cgroup units (testbed.sim.cpus)
+            if name not in self.names:
+                unit = _Unit(name, {})
+                unit.active_state = unit.sub_state = "active"
+                self.names[name] = unit
 
     def _register(self) -> None:
         iface = self.node.lookup_interface
@@ -237,11 +263,18 @@ class SimSystemd:
                                      self._on_manager_property, None)
         for unit in self.units.values():
             self._register_unit(unit, unit_path(unit.id))
+        for name in simcpus.CGROUP_UNITS:
+            if name not in self.units:
+                self._register_unit(self.names[name], unit_path(name))
 
     def _register_unit(self, unit: _Unit, path: str) -> None:
         names = ["org.freedesktop.systemd1.Unit"]
         if unit.id.endswith(".service"):
             names.append("org.freedesktop.systemd1.Service")
+        elif unit.id.endswith(".slice") and unit.load_state == "loaded":
+            names.append("org.freedesktop.systemd1.Slice")
+        elif unit.id.endswith(".scope") and unit.load_state == "loaded":
+            names.append("org.freedesktop.systemd1.Scope")
         for name in names:
             unit.reg_ids.append(self.con.register_object(
                 path, self.node.lookup_interface(name), None,
@@ -486,6 +519,8 @@ class SimSystemd:
                                              f"PID {args[0]} does not belong to any loaded unit.")
             else:
                 invocation.return_value(GLib.Variant("(o)", (unit_path(unit.id),)))
+        elif method == "SetUnitProperties":
+            self._set_properties(*args, invocation)
         elif method == "ListUnits":
             rows = []
             for u in self.units.values():
@@ -494,6 +529,43 @@ class SimSystemd:
                              unit_path(u.id), job.id if job else 0, job.type if job else "",
                              job.path if job else "/"))
             invocation.return_value(GLib.Variant("(a(ssssssouso))", (rows,)))
+
+    def _set_properties(self, name: str, runtime: bool, props, invocation) -> None:
+        """``SetUnitProperties``: ``AllowedCPUs`` of a cgroup unit, at runtime only."""
+        unit = self.names.get(name)
+        if unit is None or name not in simcpus.CGROUP_UNITS:
+            invocation.return_dbus_error(ERR_NO_SUCH_UNIT, f"Unit {name} not loaded.")
+            return
+        if not runtime:
+            invocation.return_dbus_error(ERR_INVALID_ARGS, "the simulated systemd takes "
+                                         "runtime property changes only")
+            return
+        masks = []
+        for prop, value in props:
+            if prop != "AllowedCPUs":
+                invocation.return_dbus_error("org.freedesktop.DBus.Error.PropertyReadOnly",
+                                             f"Cannot set property {prop}, or unknown property.")
+                return
+            masks.append(bytes(value))
+        rule = simcpus.property_rule(self.state_root, name)
+        if rule and rule["action"] == "hang":
+            self.hung.append(invocation)   # kept, never answered
+            return
+        if rule:
+            invocation.return_dbus_error("org.freedesktop.DBus.Error.Failed", "injected failure")
+            return
+
+        def answer():
+            for mask in masks:
+                simcpus.set_allowed(self.root, self.state_root, name,
+                                    cpulist.format_list(cpulist.from_mask(mask)))
+            invocation.return_value(None)
+            return GLib.SOURCE_REMOVE
+        delay = simcpus.property_latency(self.state_root)
+        if delay:
+            GLib.timeout_add(int(delay * 1000), answer)
+        else:
+            answer()
 
     def _on_manager_property(self, con, sender, path, iface, prop):
         if prop == "SystemState":
@@ -510,6 +582,9 @@ class SimSystemd:
         return path
 
     def _unit_property(self, unit: _Unit, prop: str):
+        if prop == "AllowedCPUs":
+            return GLib.Variant("ay", cpulist.to_mask(cpulist.parse(
+                simcpus.allowed(self.state_root, unit.id))))
         job = unit.job
         values = {
             "Id": GLib.Variant("s", unit.id),

@@ -63,6 +63,12 @@ VARIANTS = {"x11": "lightdm.service", "x11-fault": "lightdm.service",
             "wayland": "greetd.service", "wayland-fault": "greetd.service",
             "greeter": "greetd.service", "nodm": None, "libvirt": "lightdm.service",
             "package": "greetd.service"}
+#: Per-variant profile keys, after the devices (written before each variant). ``wayland`` also
+#: isolates the guest's CPUs (2 vCPUs: the host keeps CPU 0, the VM gets CPU 1) and asks for
+#: the performance governor (the QEMU guest has no cpufreq: reported, not an error).
+PROFILE_EXTRA = {"wayland": 'host_cpus: "0"\ncpu_governor: performance\n'}
+#: The units the cpu_isolation step confines (vfio_hookd.steps.cpus.UNITS).
+CPU_UNITS = ("system.slice", "user.slice", "init.scope")
 #: How long a desktop may take to come up or back under TCG (s; FIELD-NOTES §8: LightDM's
 #: session +2.8 s and audio +6.8 s after start, the measured worst x3 for a loaded machine).
 DESKTOP_TIMEOUT_S = 90.0
@@ -387,11 +393,7 @@ def install(g: Guest) -> dict:
             "-p", "MainPID", "-p", "ExecMainStartTimestampMonotonic")
     out["service"] = r.stdout.strip()
     check("ActiveState=active" in r.stdout, f"vfio-hookd.service not active: {r.stdout}")
-    os.makedirs(PROFILE_DIR, exist_ok=True)
-    with open(f"{PROFILE_DIR}/{VM}.yaml", "w") as f:
-        # profile_extra: only for trying the harness by hand (the plan never sets it)
-        f.write(f"devices: [{', '.join(repr(a) for a in g.funcs)}]\n"
-                + g.cfg.get("profile_extra", ""))
+    write_profile(g, None)
     r = run("systemd-analyze", "security", "vfio-hookd.service", "--no-pager", timeout=300)
     with open(f"{g.out}/systemd-analyze-security.txt", "w") as f:
         f.write(r.stdout + r.stderr)
@@ -399,6 +401,68 @@ def install(g: Guest) -> dict:
     out["exposure"] = f"{m.group(1)} {m.group(2)}" if m else None
     LOG(f"systemd-analyze security: {out['exposure']}")
     return out
+
+
+def write_profile(g: Guest, variant: str | None) -> None:
+    """The VM's profile: the devices, and :data:`PROFILE_EXTRA` of ``variant``."""
+    os.makedirs(PROFILE_DIR, exist_ok=True)
+    with open(f"{PROFILE_DIR}/{VM}.yaml", "w") as f:
+        # profile_extra: only for trying the harness by hand (the plan never sets it)
+        f.write(f"devices: [{', '.join(repr(a) for a in g.funcs)}]\n"
+                + g.cfg.get("profile_extra", "") + PROFILE_EXTRA.get(variant, ""))
+
+
+def cpu_state() -> dict:
+    """What real systemd says of the CPU units: ``systemctl show -p AllowedCPUs -p
+    EffectiveCPUs``, the cgroup's ``cpuset.cpus`` (absent while systemd has not enabled the
+    cpuset controller for it) and ``cpuset.cpus.effective``, the root's subtree_control."""
+    out: dict = {}
+    for unit in CPU_UNITS:
+        r = run("systemctl", "show", "-p", "AllowedCPUs", "-p", "EffectiveCPUs", unit)
+        props = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+        cg = {}
+        for f in ("cpuset.cpus", "cpuset.cpus.effective"):
+            try:
+                with open(f"/sys/fs/cgroup/{unit}/{f}") as fh:
+                    cg[f] = fh.read().strip()
+            except OSError:
+                cg[f] = None
+        out[unit] = {**props, **cg}
+    with open("/sys/fs/cgroup/cgroup.subtree_control") as fh:
+        out["subtree_control"] = fh.read().split()
+    return out
+
+
+def cpus_prepared(st: dict, res: dict) -> None:
+    """While prepared: AllowedCPUs is the profile's ``host_cpus`` on each unit (and the
+    cgroup file agrees); the governor step reports the CPUs without cpufreq."""
+    now = cpu_state()
+    res["cpus"]["prepared"] = now
+    for unit in CPU_UNITS:
+        check(now[unit].get("AllowedCPUs") == "0", f"{unit}: AllowedCPUs while prepared: {now[unit]}")
+        check(now[unit].get("cpuset.cpus") == "0", f"{unit}: cpuset.cpus while prepared: {now[unit]}")
+    gov = next((s for s in st.get("steps", []) if s["name"] == "cpu_governor"), {})
+    res["cpus"]["governor_step"] = {k: gov.get(k) for k in ("status", "skipped", "duration_ms")}
+    check(gov.get("status") == "done" and any("no cpufreq" in x for x in gov.get("skipped") or []),
+          f"cpu_governor did not report the CPUs without cpufreq: {gov}")
+
+
+def cpus_released(res: dict) -> list[str]:
+    """After release: each unit's AllowedCPUs is what it was before, and its processes may
+    run on every online CPU again (``cpuset.cpus.effective``, where the cgroup has it).
+    What else differs (systemd keeping the cpuset controller enabled) is noted, not failed."""
+    before, after = res["cpus"]["before"], cpu_state()
+    res["cpus"]["after"] = after
+    with open("/sys/devices/system/cpu/online") as fh:
+        online = fh.read().strip()
+    wrong = [f"{u}: AllowedCPUs {before[u].get('AllowedCPUs')!r} before, "
+             f"{after[u].get('AllowedCPUs')!r} after" for u in CPU_UNITS
+             if before[u].get("AllowedCPUs") != after[u].get("AllowedCPUs")]
+    wrong += [f"{u}: cpuset.cpus.effective {after[u]['cpuset.cpus.effective']!r} after release "
+              f"(online: {online})" for u in CPU_UNITS
+              if after[u]["cpuset.cpus.effective"] not in (None, online)]
+    res["cpus"]["differences"] = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+    return [f"CPU units after release: {'; '.join(wrong)}"] if wrong else []
 
 
 # ---- desktops ---------------------------------------------------------------------------------
@@ -662,6 +726,8 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
     g.nodes_before = g.function_nodes()
     pre_evidence = holder_pids(g.nodes_before)
     res["holders_before_pids"] = pre_evidence
+    if variant in PROFILE_EXTRA:
+        res["cpus"] = {"before": cpu_state()}
     p = prepare_timed(g)
     res["prepare"] = p
     st = g.status()
@@ -679,6 +745,8 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
           f"{json.dumps(holder_pids(g.nodes_before))}")
     ssh_alive(g)
     outside_seat0_kept(g, before)
+    if variant in PROFILE_EXTRA:
+        cpus_prepared(st, res)
     res["after_prepare"] = {"seat0": seat0(), "user_units": user_units(),
                             "dm": unit_state("display-manager.service")}
     t0 = time.monotonic()
@@ -693,6 +761,8 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
         desktop_check_back(st)
     except Fail as exc:
         late.append(str(exc))
+    if variant in PROFILE_EXTRA:
+        late.extend(cpus_released(res))
     back_want = dict(want)
     greetd = want["unit"] == "greetd.service"
     if greetd:
@@ -946,6 +1016,7 @@ def run_variant(g: Guest, variant: str) -> dict:
     t = time.monotonic()
     LOG(f"== variant {variant}")
     try:
+        write_profile(g, variant)
         if variant.endswith("-fault"):
             v_fault(g, variant, res)
         elif variant == "libvirt":

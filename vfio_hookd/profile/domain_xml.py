@@ -126,3 +126,58 @@ def _xml_uint(s: str | None) -> int | None:
     if re.fullmatch(r"[1-9][0-9]*", s):
         return int(s)
     return None
+
+
+def cputune_cpusets(xml: str, source: str = "domain XML") -> dict:
+    """The host CPU sets of a domain's ``<cputune>`` (libvirt ``docs/formatdomain.rst``, CPU
+    Tuning): ``{"vcpupin": [cpuset of each <vcpupin>, in document order], "emulatorpin":
+    cpuset of <emulatorpin> or None}``, the ``cpuset`` attributes as written (libvirt's
+    syntax: ``1-4,^3,6``; read with :func:`vfio_hookd.cpus.parse`).
+
+    :raises HookdError: ``DOMAIN_XML_INVALID`` as :func:`pci_hostdevs`, and for a
+        ``<vcpupin>``/``<emulatorpin>`` without ``cpuset``.
+    """
+    root = _parse(xml, source)
+    out: dict = {"vcpupin": [], "emulatorpin": None}
+    for tag in ("vcpupin", "emulatorpin"):
+        for el in root.findall(f"./cputune/{tag}"):
+            cpuset = el.get("cpuset")
+            if cpuset is None:
+                raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                        f"{source}: <cputune><{tag}> has no cpuset attribute")
+            if tag == "vcpupin":
+                out["vcpupin"].append(cpuset)
+            else:
+                out["emulatorpin"] = cpuset
+    return out
+
+
+def _parse(xml: str, source: str):
+    """The root element of domain XML ``xml`` (size-checked, DTDs refused, root ``<domain>``).
+
+    :raises HookdError: ``DOMAIN_XML_INVALID`` as :func:`pci_hostdevs` (the same checks, for
+        the readers added after it).
+    """
+    from xml.etree.ElementTree import ParseError
+
+    import defusedxml
+    from defusedxml import ElementTree
+
+    check_domain_xml_size(xml, source)
+    try:
+        root = ElementTree.fromstring(xml, forbid_dtd=True)
+    except ParseError as e:
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: not well-formed XML: {e}") from None
+    except defusedxml.DefusedXmlException as e:
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: has a DTD or entity declarations, which libvirt "
+                                f"never writes; refused unread ({type(e).__name__})") from None
+    except ValueError as e:  # e.g. a str with an encoding declaration expat cannot honour
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: not readable XML: {_short(str(e))}") from None
+    if root.tag != "domain":
+        raise errors.HookdError(
+            errors.DOMAIN_XML_INVALID,
+            f"{source}: the root element is <{_short(root.tag)}>, expected <domain>")
+    return root

@@ -10,6 +10,8 @@ display_manager    ``"auto"`` (``AUTO``)   ``None``                    unit name
 modules            ``"auto"`` (``AUTO``)   ``()`` (empty tuple)        ``tuple`` of names
 vtconsoles         ``True``                ``False``                   --
 framebuffer        ``True``                ``False``                   --
+host_cpus          ``"auto"`` (``AUTO``)   ``None``                    canonical cpulist ``str``
+cpu_governor       --                      ``None``                    governor name ``str``
 =================  ======================  ==========================  =======================
 
 The defaults of the dataclass fields are the defaults of the profile keys (an absent key takes
@@ -32,7 +34,7 @@ ON_BUSY = ("fail", "terminate")
 
 #: Top-level keys of a profile, in the order they are documented.
 KEYS = ("devices", "display_manager", "stop_units", "vtconsoles", "framebuffer", "modules",
-        "on_busy", "deadlines")
+        "on_busy", "deadlines", "host_cpus", "cpu_governor")
 
 #: The largest profile file (bytes): refused before YAML builds anything from it. A profile
 #: with every key and every list full is about 23 KiB.
@@ -143,6 +145,12 @@ class Profile:
     :ivar on_busy: ``"fail"`` or ``"terminate"``: what to do with processes still holding the
         GPU's device nodes once the units are stopped.
     :ivar deadlines: :class:`Deadlines`.
+    :ivar host_cpus: the CPUs the host keeps while the VM runs (step ``cpu_isolation``): a
+        canonical cpulist (``"0-7"``, :func:`vfio_hookd.cpus.format_list`), ``"auto"``
+        (:data:`AUTO`: the online CPUs outside the domain XML's ``<vcpupin>``/``<emulatorpin>``)
+        or ``None`` for ``none`` (no isolation).
+    :ivar cpu_governor: the cpufreq scaling governor for the VM's CPUs (step
+        ``cpu_governor``, e.g. ``"performance"``), or ``None`` for ``none``.
     """
 
     name: str
@@ -155,13 +163,16 @@ class Profile:
     modules: str | tuple[str, ...] = AUTO
     on_busy: str = "fail"
     deadlines: Deadlines = field(default_factory=Deadlines)
+    host_cpus: str | None = None
+    cpu_governor: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-able dict in the profile file's own vocabulary, plus ``name`` and ``path``.
 
         ``devices`` is ``"auto"`` or a list; ``display_manager`` ``"auto"``, a unit or
         ``"none"``; ``vtconsoles``/``framebuffer`` ``"auto"``/``"none"``; ``modules``
-        ``"auto"``, a list or ``"none"``; ``deadlines`` a dict of floats (seconds).
+        ``"auto"``, a list or ``"none"``; ``deadlines`` a dict of floats (seconds);
+        ``host_cpus`` ``"auto"``, a cpulist or ``"none"``; ``cpu_governor`` a name or ``"none"``.
         :func:`vfio_hookd.profile.profile_from_dict` reads it back to an equal :class:`Profile`.
         """
         return {
@@ -176,4 +187,6 @@ class Profile:
                         else NONE if not self.modules else list(self.modules)),
             "on_busy": self.on_busy,
             "deadlines": self.deadlines.to_dict(),
+            "host_cpus": NONE if self.host_cpus is None else self.host_cpus,
+            "cpu_governor": NONE if self.cpu_governor is None else self.cpu_governor,
         }

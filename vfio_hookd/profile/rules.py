@@ -252,6 +252,24 @@ def _check_deadlines(f: Field, so_far: dict) -> Deadlines:
     return Deadlines(**values)
 
 
+def _check_host_cpus(f: Field, so_far: dict):
+    """``auto``, ``none`` or a cpulist (:func:`vfio_hookd.cpus.profile_value`)."""
+    from ..cpus import profile_value
+    try:
+        return profile_value(f.value, _type_name(f.value))
+    except ValueError as e:
+        f.fail(str(e))
+
+
+def _check_cpu_governor(f: Field, so_far: dict):
+    """``none`` or a cpufreq governor name (:func:`vfio_hookd.cpus.governor_value`)."""
+    from ..cpus import governor_value
+    try:
+        return governor_value(f.value, _type_name(f.value))
+    except ValueError as e:
+        f.fail(str(e))
+
+
 # ---- the table -----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +302,8 @@ RULES = (
     Rule("modules", _check_modules),
     Rule("on_busy", _check_on_busy),
     Rule("deadlines", _check_deadlines, keys=tuple(DEFAULT_DEADLINES)),
+    Rule("host_cpus", _check_host_cpus),
+    Rule("cpu_governor", _check_cpu_governor),
 )
 
 _BY_KEY = {r.key: r for r in RULES}

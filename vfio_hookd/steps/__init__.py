@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Context, Shape, Step
 from .bind import BindVfio
 from .consoles import FIRMWARE_FRAMEBUFFERS, Framebuffer, Vtconsoles
+from .cpus import CpuGovernor, CpuIsolation
 from .holders import Holders
 from .modules import Modules
 from .sessions import Sessions
@@ -12,9 +13,10 @@ from .units import Units
 
 #: The steps in prepare order.
 STEPS: tuple[Step, ...] = (Units(), Sessions(), Holders(), Vtconsoles(), Framebuffer(),
-                           Modules(), BindVfio())
+                           Modules(), BindVfio(), CpuIsolation(), CpuGovernor())
 STEP_NAMES = tuple(s.name for s in STEPS)
 BY_NAME = {s.name: s for s in STEPS}
 
 __all__ = ["Context", "Shape", "Step", "STEPS", "STEP_NAMES", "BY_NAME", "FIRMWARE_FRAMEBUFFERS",
-           "Units", "Sessions", "Holders", "Vtconsoles", "Framebuffer", "Modules", "BindVfio"]
+           "Units", "Sessions", "Holders", "Vtconsoles", "Framebuffer", "Modules", "BindVfio",
+           "CpuIsolation", "CpuGovernor"]

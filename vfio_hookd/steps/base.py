@@ -14,7 +14,7 @@ Each step is a small class with three methods, in the manner of tuned's plugins
   expected differences; raises :class:`HookdError` on failure.
 
 Order on prepare (release is the reverse): units, sessions, holders, vtconsoles, framebuffer, modules,
-bind_vfio. The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
+bind_vfio, then the host tuning steps (cpu_isolation, cpu_governor: :mod:`.cpus`). The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
 holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
 proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
 functions are given back first and the modules loaded after (they bind what they find).
@@ -38,11 +38,13 @@ class Shape:
     """What a prepare's waits depend on, known before any step runs (for the declared
     deadlines): ``devices`` functions handed over, ``units`` units the profile names (display
     manager + ``stop_units``), ``vtconsoles`` entries under ``/sys/class/vtconsole``,
-    ``modules`` the most modules the modules step may unload."""
+    ``modules`` the most modules the modules step may unload, ``cpus`` the VM's CPUs whose
+    governor the cpu_governor step may set."""
     devices: int
     units: int = 0
     vtconsoles: int = 0
     modules: int = 0
+    cpus: int = 0
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Context:
         those of login sessions, get the holders' grace period).
     :param logind: zero-argument callable returning a :class:`vfio_hookd.logind.Logind` (or
         an object with its interface; connected on first use).
+    :param cpus: on prepare, whose CPUs are whose (:func:`vfio_hookd.cpus.resolve`: ``{"host",
+        "vm", "online", "source"}`` cpulists), None when the profile tunes no CPU; None on
+        release (the CPU steps undo from their facts).
     """
     vm: str
     host: Host
@@ -83,6 +88,7 @@ class Context:
     holders_grace_s: float = 2.0
     stopped_units: tuple[str, ...] = ()
     logind: Callable[[], Any] | None = None
+    cpus: dict | None = None
 
 
 pci = pcimod.path
