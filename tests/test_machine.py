@@ -101,7 +101,10 @@ def _ctx(world, vm="win11"):
 # What must be true before a step can run alone: the display manager and
 # nvidia-persistenced hold the GPU, so steps that unbind it need the units stopped first.
 PREREQS = {"units": [], "sessions": ["units"], "holders": ["units"], "vtconsoles": [], "framebuffer": [],
-           "bind_vfio": ["units"], "modules": ["units"]}
+           "bind_vfio": ["units"], "modules": ["units"], "hugepages": []}
+
+# What the profile adds for the steps that are off unless it asks for them.
+EXTRA = {"hugepages": "hugepages: {pages: 16, size: 2M}\n"}
 
 
 # the sessions step: tests/test_desktop.py (it has nothing to do on a host without logind)
@@ -112,7 +115,7 @@ _ON_THIS_HOST = [k for k, n in enumerate(STEP_NAMES) if n != "sessions"]
 def test_each_step_undo_restores_exactly(world, holder, k):
     """Step k's observe -> apply -> undo leaves the whole host as it was (with vfio-pci
     already loaded, as on most passthrough hosts)."""
-    world.profile(extra="on_busy: terminate\n")
+    world.profile(extra="on_busy: terminate\n" + EXTRA.get(STEPS[k].name, ""))
     world.host.modprobe("vfio-pci", 5)
     ctx = _ctx(world)
     earlier = []
@@ -155,6 +158,8 @@ FAULTS = {
     "framebuffer": ("write", "/sys/bus/platform/drivers/efi-framebuffer/unbind"),
     "bind_vfio": ("write", "/sys/bus/pci/devices/0000:01:00.1/driver_override"),  # 2nd function
     "modules": ("rmmod", "nvidia"),                       # after nvidia_drm... were unloaded
+    # after compact_memory was written
+    "hugepages": ("write", "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
 }
 
 
@@ -162,7 +167,7 @@ FAULTS = {
 # tested on the desktop hosts (tests/test_desktop.py)
 @pytest.mark.parametrize("name", [n for n in STEP_NAMES if n != "sessions"])
 def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
-    world.profile()
+    world.profile(extra=EXTRA.get(name, ""))
     before = world.snapshot()
     if FAULTS[name] is None:
         holder("/dev/dri/card0")
@@ -214,12 +219,13 @@ UNDO_FAULTS = {
     "units": ("start", "gdm.service"),
     "bind_vfio": ("write", "/sys/bus/pci/drivers/vfio-pci/unbind"),
     "modules": ("modprobe", "nvidia_uvm"),
+    "hugepages": ("write", "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNDO_FAULTS))
 def test_release_carries_on_past_a_failed_undo(world, name):
-    world.profile()
+    world.profile(extra=EXTRA.get(name, ""))
     world.machine.prepare("win11")
     op, target = UNDO_FAULTS[name]
     faults.inject(world.root, op, target, "fail", errno=5)

@@ -36,6 +36,9 @@ Behaviour modelled, with its source:
   its dynamic ids (``vfio-pci.ids=``, ``ids``); ``drivers_probe`` binds the first matching
   driver in registration order (``bus_for_each_drv``), so vfio-pci with ids, loaded first,
   takes a function back from a native driver loaded later.
+- Hugepage pools (:mod:`testbed.sim.hugepages`): ``nr_hugepages`` grows while contiguous
+  memory lasts (short otherwise), ``compact_memory`` makes more of it contiguous, pages in use
+  become surplus when the pool shrinks below them.
 - Child devices (:mod:`testbed.sim.children`): what a driver creates below its function -- USB
   root hubs and devices, i2c adapters and clients, HID and input devices -- on their buses and
   classes, bound to bus drivers of other modules (usbcore's ``usb``, usbhid), with ``/dev``
@@ -822,7 +825,8 @@ class Kernel:
         m = re.fullmatch(r"/sys/bus/platform/drivers/([^/]+)/(bind|unbind)", rp)
         if m:
             return f"fb_{m.group(2)}", (m.group(1),)
-        return "plain", ()
+        from . import hugepages   # the hugepage pools: testbed.sim.hugepages
+        return hugepages.classify(rp) or ("plain", ())
 
     def write(self, rp: str, data: str) -> None:
         """Apply a write of ``data`` to the resolved host path ``rp``."""
@@ -855,6 +859,9 @@ class Kernel:
             self.platform_bind(args[0], name)
         elif kind == "fb_unbind":
             self.platform_unbind(args[0], name)
+        elif kind in ("hugepages_nr", "compact_memory"):
+            from . import hugepages
+            hugepages.write(self, kind, args, data)
         else:
             st = os.stat(path)
             if not st.st_mode & 0o222:

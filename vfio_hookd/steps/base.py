@@ -14,7 +14,7 @@ Each step is a small class with three methods, in the manner of tuned's plugins
   expected differences; raises :class:`HookdError` on failure.
 
 Order on prepare (release is the reverse): units, sessions, holders, vtconsoles, framebuffer, modules,
-bind_vfio. The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
+bind_vfio, hugepages (most memory is free once the desktop has let go of it). The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
 holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
 proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
 functions are given back first and the modules loaded after (they bind what they find).
@@ -38,11 +38,13 @@ class Shape:
     """What a prepare's waits depend on, known before any step runs (for the declared
     deadlines): ``devices`` functions handed over, ``units`` units the profile names (display
     manager + ``stop_units``), ``vtconsoles`` entries under ``/sys/class/vtconsole``,
-    ``modules`` the most modules the modules step may unload."""
+    ``modules`` the most modules the modules step may unload, ``hugepages`` the hugepage pools
+    the hugepages step may grow (0 or 1)."""
     devices: int
     units: int = 0
     vtconsoles: int = 0
     modules: int = 0
+    hugepages: int = 0
 
 
 @dataclass
