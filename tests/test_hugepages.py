@@ -55,7 +55,8 @@ def test_apply_then_undo_leaves_the_host_identical(world):
                               "add": 64}]
     STEP.apply(ctx, facts)
     assert pool(world) == {"nr": 64, "free": 64, "resv": 0, "surplus": 0, "overcommit": 0}
-    assert facts["done"] == [{"size_kb": M2, "before": 0, "add": 64, "added": 64, "freed": 0}]
+    assert facts["done"] == [{"size_kb": M2, "before": 0, "add": 64, "added": 64, "promoted": 0,
+                              "freed": 0}]
     assert world.host.read("/proc/meminfo").count("HugePages_Total:    64")
     notes = STEP.undo(ctx, facts)
     assert notes == ["freed the 64 2M pages this VM added (nr_hugepages 64 -> 0)"]
@@ -148,8 +149,28 @@ def test_pages_still_in_use_become_surplus_and_are_freed_when_let_go(world):
                                                    "still in use")
     assert "surplus_hugepages 40" in notes[0]
     assert pool(world) == {"nr": 0, "free": 0, "resv": 0, "surplus": 40, "overcommit": 0}
+    # nr_hugepages reads persistent + surplus pages (as Linux 6.1 does in the kernel tests)
+    assert world.host.read(NR2) == "40"
+    assert world.host.read("/proc/sys/vm/nr_hugepages") == "0"
     simhp.release_pages(world.root, M2, 40)        # QEMU exits
     assert diff(before["tree"], world.snapshot()["tree"]) == {}
+
+
+def test_surplus_pages_of_another_user_stay_surplus(world):
+    """Surplus pages (another program's, in use after someone shrank the pool below them) are
+    promoted by the growing write; undo makes them surplus again, not persistent."""
+    simhp.configure(world.root, boot_pages={M2: 10})
+    simhp.use_pages(world.root, M2, 10)
+    world.host.write(NR2, "0", 5)
+    start = pool(world)
+    assert start == {"nr": 0, "free": 0, "resv": 0, "surplus": 10, "overcommit": 0}
+    ctx = ctx_for(world, "win11", "{pages: 20, size: 2M}")
+    facts = STEP.observe(ctx)
+    STEP.apply(ctx, facts)
+    assert pool(world)["nr"] == 30 and pool(world)["free"] == 20
+    assert facts["done"][0]["promoted"] == 10 and facts["done"][0]["added"] == 20
+    STEP.undo(ctx, facts)
+    assert pool(world) == start
 
 
 def test_a_pool_shrunk_by_someone_else_is_left_alone(world):

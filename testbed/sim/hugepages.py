@@ -1,7 +1,8 @@
 """The simulated kernel's hugepage pools (``Documentation/admin-guide/mm/hugetlbpage.rst``).
 
 Per page size a pool ``/sys/kernel/mm/hugepages/hugepages-<N>kB/`` (2 MiB and 1 GiB, as on
-x86-64) with ``nr_hugepages`` (persistent pages, read-write), ``free_hugepages``,
+x86-64) with ``nr_hugepages`` (a write sets the persistent pages; a read gives persistent +
+surplus, ``nr_hugepages_show_common``, as Linux 6.1 does in the kernel tests' guest), ``free_hugepages``,
 ``resv_hugepages``, ``surplus_hugepages`` and ``nr_overcommit_hugepages``; the default size's
 pool also as ``/proc/sys/vm/nr_hugepages`` and in ``/proc/meminfo`` (``HugePages_Total`` ...
 ``Hugepagesize``); ``/proc/sys/vm/compact_memory`` (write-only). The counts live in the
@@ -33,7 +34,7 @@ STATE_DOC = """
               "contiguous_kb": N,          # memory a new huge page can be allocated from
               "fragmented_kb": N,          # memory compact_memory makes contiguous
               "compactions": 0,            # how many times compact_memory was written
-              "pools": {"2048": {"nr": 0, "surplus": 0, "free": 0, "resv": 0,
+              "pools": {"2048": {"nr": 0 (persistent), "surplus": 0, "free": 0, "resv": 0,
                                  "overcommit": 0}, "1048576": {...}}}
 """
 
@@ -182,7 +183,10 @@ def write_files(k) -> None:
     hp = k.st["hugepages"]
     for size, p in hp["pools"].items():
         d = f"{POOLS}/hugepages-{size}kB"
-        for name, key, mode in (("nr_hugepages", "nr", 0o644), ("free_hugepages", "free", 0o444),
+        # sysfs nr_hugepages reads every page of the pool, persistent and surplus
+        # (nr_hugepages_show_common: h->nr_huge_pages); the sysctl the persistent ones
+        K.mkfile(k.root, f"{d}/nr_hugepages", f"{p['nr'] + p['surplus']}\n", 0o644)
+        for name, key, mode in (("free_hugepages", "free", 0o444),
                                 ("resv_hugepages", "resv", 0o444),
                                 ("surplus_hugepages", "surplus", 0o444),
                                 ("nr_overcommit_hugepages", "overcommit", 0o644)):

@@ -5,12 +5,15 @@ Kernel interface (``Documentation/admin-guide/mm/hugetlbpage.rst``): one pool pe
 write grows or shrinks it; reading it back tells how many the kernel really has),
 ``free_hugepages`` (in the pool, not allocated), ``resv_hugepages`` (free but promised to a
 mapping, e.g. a QEMU that mapped its memory and has not touched it yet) and
-``surplus_hugepages``; ``/proc/meminfo``'s ``Hugepagesize`` is the default size. Growing the
-pool first promotes surplus pages, then allocates new ones while physically contiguous memory
-is found, so it may stop short; writing ``1`` to ``/proc/sys/vm/compact_memory`` first
-compacts memory to make more of it contiguous. Shrinking frees free pages; pages still in use
-become surplus pages (even beyond ``nr_overcommit_hugepages``) and go back to the kernel
-when their user lets go of them.
+``surplus_hugepages``; ``/proc/meminfo``'s ``Hugepagesize`` is the default size. A write to
+``nr_hugepages`` sets the *persistent* pool, but reading it gives every page of the pool,
+persistent and surplus (``nr_hugepages_show_common``: ``h->nr_huge_pages``; seen on Linux 6.1:
+50 read back after writing 10 while 40 pages were in use), so the persistent count is
+``nr_hugepages - surplus_hugepages``. Growing the pool first promotes surplus pages, then
+allocates new ones while physically contiguous memory is found, so it may stop short; writing
+``1`` to ``/proc/sys/vm/compact_memory`` first compacts memory to make more of it contiguous.
+Shrinking frees free pages; pages still in use become surplus pages (even beyond
+``nr_overcommit_hugepages``) and go back to the kernel when their user lets go of them.
 
 NUMA: the global ``nr_hugepages`` is used, which ignores the writer's memory policy and spreads
 the pool over every node with memory. Per-node pools
@@ -62,7 +65,8 @@ def default_size(host) -> int | None:
 
 
 def counts(host, size_kb: int) -> dict:
-    """The pool of ``size_kb`` now: ``{"nr", "free", "resv", "surplus"}`` (ints, pages).
+    """The pool of ``size_kb`` now: ``{"nr", "free", "resv", "surplus", "persistent"}`` (ints,
+    pages; ``nr`` as ``nr_hugepages`` reads: persistent + surplus).
 
     :raises HookdError: ``HOST_IO`` when a count cannot be read.
     """
@@ -72,6 +76,7 @@ def counts(host, size_kb: int) -> dict:
         if text is None or not text.strip().isdigit():
             raise HookdError(errors.HOST_IO, f"cannot read {pool(size_kb, key + '_hugepages')}")
         out[key] = int(text)
+    out["persistent"] = out["nr"] - out["surplus"]
     return out
 
 
@@ -132,7 +137,9 @@ class HugepagesStep(Step):
     (its QEMU still maps them) become surplus pages, which the kernel frees once they are let
     go: reported in a note. Off unless the profile asks (``hugepages``).
     Facts: ``{"plan": [{"size_kb", "pages", "available", "nr_before", "add"}], "why":
-    {"hugepages": text}, "done": [{"size_kb", "before", "add", "added", "freed"}]}`` (``added``:
+    {"hugepages": text}, "done": [{"size_kb", "before", "add", "added", "promoted",
+    "freed"}]}`` (``promoted``: surplus pages the growing write made persistent, given back to
+    surplus on undo) (``added``:
     the pages this VM added, None while the write has not been read back).
     """
     name = "hugepages"
@@ -165,8 +172,10 @@ class HugepagesStep(Step):
                 if not add:
                     continue   # freed meanwhile: the target holds already
                 host.write(COMPACT, "1", limit)
+                # the persistent target: every page now (surplus ones get promoted first,
+                # adding no free page) plus the missing ones
                 entry = {"size_kb": size, "before": c["nr"], "add": add, "added": None,
-                         "freed": 0}
+                         "promoted": c["surplus"], "freed": 0}
                 facts["done"].append(entry)
                 host.write(pool(size, "nr_hugepages"), str(c["nr"] + add), limit)
                 got = counts(host, size)["nr"] - c["nr"]
@@ -176,8 +185,10 @@ class HugepagesStep(Step):
                                     f"(nr_hugepages {c['nr']} -> {c['nr'] + got}); the VM "
                                     f"needs {item['pages']}"}
                     continue
-                host.write(pool(size, "nr_hugepages"), str(c["nr"]), limit)   # give it back
+                # give it back: the persistent pool as it was
+                host.write(pool(size, "nr_hugepages"), str(c["persistent"]), limit)
                 entry["added"] = max(0, counts(host, size)["nr"] - c["nr"])
+                entry["promoted"] = 0
             total = c["nr"] + add
             raise HookdError(
                 errors.HUGEPAGES_SHORT,
@@ -205,20 +216,24 @@ class HugepagesStep(Step):
                         - item.get("freed", 0)
                 if n <= 0:
                     continue
-                if c["nr"] < n:
-                    notes.append(f"nr_hugepages of {size_text(size)} is {c['nr']}, fewer than "
-                                 f"the {n} pages this VM added: someone else shrank the pool; "
-                                 f"left as it is")
+                if c["persistent"] < n:
+                    notes.append(f"the persistent pool of {size_text(size)} pages is "
+                                 f"{c['persistent']}, fewer than the {n} pages this VM added: "
+                                 f"someone else shrank it; left as it is")
                     continue
                 in_use = n - max(0, min(n, c["free"] - c["resv"]))
-                host.write(pool(size, "nr_hugepages"), str(c["nr"] - n), limit)
+                # the surplus pages the growing write promoted go back to surplus as well
+                target = max(0, c["persistent"] - n - item.get("promoted", 0))
+                host.write(pool(size, "nr_hugepages"), str(target), limit)
                 now = counts(host, size)
-                item["freed"] = item.get("freed", 0) + max(0, c["nr"] - now["nr"])
-                if now["nr"] != c["nr"] - n:
+                item["freed"] = item.get("freed", 0) + max(0, c["persistent"] - now["persistent"])
+                item["promoted"] = 0
+                if now["persistent"] != target:
                     raise HookdError(errors.HOST_IO,
-                                     f"{pool(size, 'nr_hugepages')} is {now['nr']} after "
-                                     f"writing {c['nr'] - n}: the kernel could not free all "
-                                     f"of them (memory pressure); run the release again later")
+                                     f"{pool(size, 'nr_hugepages')}: {now['persistent']} "
+                                     f"persistent pages after writing {target}: the kernel "
+                                     f"could not free all of them (memory pressure); run the "
+                                     f"release again later")
             if in_use:
                 notes.append(f"{in_use} of the {n} {size_text(size)} pages this VM added are "
                              f"still in use (its QEMU still maps them?): they are surplus "
