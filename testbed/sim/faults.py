@@ -18,7 +18,8 @@ process working on the simulated host (daemon, fake systemd, tests) sees the sam
 - ``count``: how many times the rule fires before it is spent (``null``: always).
 
 Latency keys (seconds): ``driver_override``, ``bind``, ``unbind``, ``drivers_probe``,
-``vtcon_bind``, ``fb_unbind``, ``fb_bind``, ``modprobe``, ``rmmod``, ``unit_stop``, ``unit_start``.
+``vtcon_bind``, ``fb_unbind``, ``fb_bind``, ``modprobe``, ``rmmod``, ``unit_stop``, ``unit_start``,
+``hugepages_nr`` (a write of ``nr_hugepages``), ``compact_memory``.
 :data:`REALISTIC` holds the per-operation latencies the benchmarks and the demo use.
 """
 

@@ -226,7 +226,8 @@ class HugepagesStep(Step):
                 target = max(0, c["persistent"] - n - item.get("promoted", 0))
                 host.write(pool(size, "nr_hugepages"), str(target), limit)
                 now = counts(host, size)
-                item["freed"] = item.get("freed", 0) + max(0, c["persistent"] - now["persistent"])
+                item["freed"] = item.get("freed", 0) + min(n, max(0, c["persistent"]
+                                                                   - now["persistent"]))
                 item["promoted"] = 0
                 if now["persistent"] != target:
                     raise HookdError(errors.HOST_IO,
