@@ -48,3 +48,7 @@ def test_an_unknown_code_from_the_socket_becomes_internal():
     assert err.code == errors.INTERNAL and "NO_SUCH" in err.message
     with pytest.raises(ValueError):
         HookdError("NO_SUCH", "m")
+
+
+def test_the_codes_of_this_round_keep_their_reserved_numbers():
+    assert errors.EXIT_STATUS["HUGEPAGES_SHORT"] == 34

@@ -99,14 +99,16 @@ def _ctx(world, vm="win11"):
 
 
 #: The host tuning steps are off by default: these profile keys turn them on (seed 000's
-#: setup on the simulated 16-CPU host), so that every step has something to do.
-TUNING = 'host_cpus: "0-7"\ncpu_governor: performance\n'
+#: setup on the simulated 16-CPU host, and 16 pages of 2 MiB), so that every step has
+#: something to do.
+TUNING = 'host_cpus: "0-7"\ncpu_governor: performance\nhugepages: {pages: 16, size: 2M}\n'
 
 
 # What must be true before a step can run alone: the display manager and
 # nvidia-persistenced hold the GPU, so steps that unbind it need the units stopped first.
 PREREQS = {"units": [], "sessions": ["units"], "holders": ["units"], "vtconsoles": [], "framebuffer": [],
-           "bind_vfio": ["units"], "modules": ["units"], "cpu_isolation": [], "cpu_governor": []}
+           "bind_vfio": ["units"], "modules": ["units"], "hugepages": [], "cpu_isolation": [],
+           "cpu_governor": []}
 
 
 # the sessions step: tests/test_desktop.py (it has nothing to do on a host without logind)
@@ -162,6 +164,8 @@ FAULTS = {
     "modules": ("rmmod", "nvidia"),                       # after nvidia_drm... were unloaded
     "cpu_isolation": ("set_property", "user.slice"),      # after system.slice was restricted
     "cpu_governor": ("write", "/sys/devices/system/cpu/cpu9/cpufreq/scaling_governor"),  # after cpu8
+    # after compact_memory was written
+    "hugepages": ("write", "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
 }
 
 
@@ -221,12 +225,13 @@ UNDO_FAULTS = {
     "units": ("start", "gdm.service"),
     "bind_vfio": ("write", "/sys/bus/pci/drivers/vfio-pci/unbind"),
     "modules": ("modprobe", "nvidia_uvm"),
+    "hugepages": ("write", "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNDO_FAULTS))
 def test_release_carries_on_past_a_failed_undo(world, name):
-    world.profile()
+    world.profile(extra=TUNING)
     world.machine.prepare("win11")
     op, target = UNDO_FAULTS[name]
     faults.inject(world.root, op, target, "fail", errno=5)

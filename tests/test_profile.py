@@ -598,9 +598,9 @@ def test_profile_modules_stay_small():
 
 def test_rule_table_is_in_the_documented_order_and_matches_profile():
     assert tuple(r.key for r in rules.RULES) == profile.KEYS
-    assert rules.SECTIONS == {"deadlines"}
+    assert rules.SECTIONS == {"deadlines", "hugepages"}
     assert {r.key: r.keys for r in rules.RULES if r.keys} == {
-        "deadlines": tuple(profile.DEFAULT_DEADLINES)}
+        "deadlines": tuple(profile.DEFAULT_DEADLINES), "hugepages": ("pages", "size")}
     want = defaults()
     assert rules.defaults() == {k: getattr(want, k) for k in profile.KEYS}
 

@@ -150,7 +150,7 @@ def cmd_prepare(args, env: Env) -> int:
     if xml is None:
         from .profile import load_profile
         prof = load_profile(paths, args.vm)
-        if prof.devices is None:
+        if prof.needs_domain_xml:
             xml = _domain_xml(args.vm)
     result = _daemon_request(paths, {"op": "prepare", "vm": args.vm, "xml": xml})
     if result is None:

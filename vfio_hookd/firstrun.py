@@ -16,7 +16,8 @@ from .errors import HookdError
 from .paths import check_vm_name
 
 
-def domain_xml(vm: str, readonly: bool = False, why: str = "devices: auto needs") -> str:
+def domain_xml(vm: str, readonly: bool = False,
+               why: str = "devices: auto (or hugepages: auto) needs") -> str:
     """The domain XML of ``vm`` from libvirt, for ``devices: auto`` (the CLI is not a hook, so
     it may call libvirt); ``readonly``: on a read-only connection.
 
@@ -120,7 +121,7 @@ def cmd_plan(args, env) -> int:
     if xml is None:
         from .profile import load_profile
         prof = load_profile(env.paths, args.vm)
-        if prof.devices is None:
+        if prof.needs_domain_xml:
             xml = domain_xml(args.vm, True)
     try:
         doc = document(machine, machine.plan_prepare(args.vm, xml, prof))

@@ -181,6 +181,9 @@ def render(vm: str, devices: list[str], missing: list[str], hostdevs: list[str],
             "# on_busy: processes still holding the GPU once the units are stopped: fail (name",
             "# them) or terminate (SIGTERM, then SIGKILL after deadlines.terminate).",
             "on_busy: fail", "",
+            "# hugepages: the VM's memory in the hugepage pool while it runs: auto (the",
+            "# domain's <memory> when its XML has <memoryBacking><hugepages/>), a request such",
+            "# as {pages: 8192, size: 2M}, or none.", "hugepages: none", "",
             "# deadlines (seconds) of each host operation; past one, the step fails with TIMEOUT",
             "# and what was done is undone.", "deadlines:"]
     from .profile import DEFAULT_DEADLINES
@@ -287,7 +290,7 @@ def report(result: dict, vm: str) -> list[str]:
         lines.append("  stop_units: none (no system service holds the GPU now)")
     lines.extend(f"  also holding the GPU: {o}" for o in result["others"])
     lines.extend(f"  note: {n}" for n in result["notes"])
-    lines.append("  vtconsoles, framebuffer, modules, on_busy, deadlines: defaults")
+    lines.append("  vtconsoles, framebuffer, modules, on_busy, hugepages, deadlines: defaults")
     if result["missing"]:
         lines.append(f"add to the domain (virsh edit {vm}), inside <devices>:")
         for addr in result["missing"]:

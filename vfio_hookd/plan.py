@@ -19,6 +19,7 @@ from .host import Host
 from .paths import Paths
 from .record import Record
 from .steps import STEPS, Shape
+from .steps import hugepages
 from .steps.modules import Modules
 from .steps.units import Units
 
@@ -59,6 +60,9 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
     :param xml: the domain XML (needed for ``devices: auto``).
     :param profile: the profile if the caller has read it already (it is read once per
         request); else it is read from ``paths``.
+    The plan's profile has ``hugepages`` resolved (:func:`vfio_hookd.steps.hugepages.resolve`:
+    ``auto`` from the domain XML, the page size checked against the host's pools).
+
     :raises HookdError: ``VM_NAME_INVALID``, ``NOT_MANAGED``, ``PROFILE_INVALID``,
         ``DOMAIN_XML_INVALID``, ``DEVICE_NOT_FOUND``, ``IOMMU_GROUP_INCOMPLETE``; and for
         ``host_cpus``/``cpu_governor``, what :func:`vfio_hookd.cpus.resolve` raises.
@@ -91,9 +95,12 @@ def plan_prepare(host: Host, paths: Paths, vm: str, xml: str | None, profile=Non
                   f"{prof.path} (devices: auto, from the domain XML's <hostdev>s)", devices)
     from .cpus import parse, resolve
     cpus = resolve(host, prof, xml)
+    prof = hugepages.resolve(host, prof, xml, vm)   # auto: from the domain XML
     shape = Shape(devices=len(devices), units=Units.count(prof),
                   vtconsoles=len(host.listdir("/sys/class/vtconsole")),
-                  modules=Modules.count(prof), cpus=len(parse(cpus["vm"])) if cpus else 0)
+                  modules=Modules.count(prof),
+                  hugepages=int(bool(prof.hugepages and prof.hugepages.pages)),
+                  cpus=len(parse(cpus["vm"])) if cpus else 0)
     wait = sum(s.max_apply_s(prof, shape) + s.max_undo_s(prof.deadlines, shape, None)
                for s in STEPS) + prof.deadlines.desktop_back   # the check after a rollback
     return Plan(op="prepare", vm=vm, devices=devices, deadlines=prof.deadlines,

@@ -20,7 +20,7 @@ process working on the simulated host (daemon, fake systemd, tests) sees the sam
 
 Latency keys (seconds): ``driver_override``, ``bind``, ``unbind``, ``drivers_probe``,
 ``vtcon_bind``, ``fb_unbind``, ``fb_bind``, ``modprobe``, ``rmmod``, ``unit_stop``, ``unit_start``,
-``set_property``.
+``set_property``, ``hugepages_nr`` (a write of ``nr_hugepages``), ``compact_memory``.
 :data:`REALISTIC` holds the per-operation latencies the benchmarks and the demo use.
 """
 

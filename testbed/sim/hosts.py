@@ -378,6 +378,8 @@ def build_host(root: str, variant: str = "nvidia", firmware: str | None = None) 
         builders[variant](root)
     else:
         builders[variant](root, firmware)
+    from . import hugepages
+    hugepages.build(root)   # empty 2 MiB and 1 GiB pools, memory to fill them
 
 
 def snapshot(root: str) -> dict:

@@ -38,6 +38,9 @@ Behaviour modelled, with its source:
   its dynamic ids (``vfio-pci.ids=``, ``ids``); ``drivers_probe`` binds the first matching
   driver in registration order (``bus_for_each_drv``), so vfio-pci with ids, loaded first,
   takes a function back from a native driver loaded later.
+- Hugepage pools (:mod:`testbed.sim.hugepages`): ``nr_hugepages`` grows while contiguous
+  memory lasts (short otherwise), ``compact_memory`` makes more of it contiguous, pages in use
+  become surplus when the pool shrinks below them.
 - Child devices (:mod:`testbed.sim.children`): what a driver creates below its function -- USB
   root hubs and devices, i2c adapters and clients, HID and input devices -- on their buses and
   classes, bound to bus drivers of other modules (usbcore's ``usb``, usbhid), with ``/dev``
@@ -827,7 +830,8 @@ class Kernel:
         m = re.fullmatch(r"/sys/bus/platform/drivers/([^/]+)/(bind|unbind)", rp)
         if m:
             return f"fb_{m.group(2)}", (m.group(1),)
-        return "plain", ()
+        from . import hugepages   # the hugepage pools: testbed.sim.hugepages
+        return hugepages.classify(rp) or ("plain", ())
 
     def write(self, rp: str, data: str) -> None:
         """Apply a write of ``data`` to the resolved host path ``rp``."""
@@ -865,6 +869,9 @@ class Kernel:
             rom.write(self.root, args[0], data)
         elif cpus.handles(rp):   # cpufreq: testbed.sim.cpus
             cpus.write(self.root, rp, data)
+        elif kind in ("hugepages_nr", "compact_memory"):
+            from . import hugepages
+            hugepages.write(self, kind, args, data)
         else:
             st = os.stat(path)
             if not st.st_mode & 0o222:

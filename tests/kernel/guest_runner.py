@@ -296,7 +296,8 @@ def tree(funcs: tuple) -> dict:
     (link, directory, ``name``, ``bind``), ``/proc/fb``, the firmware framebuffer devices, the
     device nodes (``/dev/dri``, ``/dev/snd``, ``/dev/vfio/N``, ``/dev/fbN``), and every USB
     device and interface (its link in ``/sys/bus/usb/devices``, which names the controller it
-    is below, and its ``driver`` link)."""
+    is below, and its ``driver`` link), and each hugepage pool's ``nr_hugepages`` and
+    ``surplus_hugepages``."""
     from testbed.expected import FIRMWARE_FBS
     out: dict = {}
 
@@ -342,6 +343,10 @@ def tree(funcs: tuple) -> dict:
     for n in nodes():
         if n != "/dev/vfio/vfio":
             out[n] = ("node", None)
+    pools = "/sys/kernel/mm/hugepages"
+    for d in sorted(os.listdir(pools)) if os.path.isdir(pools) else []:
+        file(f"{pools}/{d}/nr_hugepages")
+        file(f"{pools}/{d}/surplus_hugepages")
     return out
 
 
@@ -1477,6 +1482,121 @@ def sc_rom_dump(ctx: Ctx, ph: Phase) -> dict:
     check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
     ph.prepared_from = None
     return res
+# ---- hugepages (issue 11) --------------------------------------------------------------------
+#: The pool of 2 MiB pages of the guest's kernel.
+HP2 = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+
+
+def hp_pool() -> dict:
+    """The 2 MiB pool now: ``{"nr", "free", "resv", "surplus"}`` (pages)."""
+    return {k: int(rd(f"{HP2}/{k}_hugepages")) for k in ("nr", "free", "resv", "surplus")}
+
+
+def _hp_user(pages: int) -> subprocess.Popen:
+    """A process that maps ``pages`` 2 MiB hugepages (a hugetlbfs memfd, as QEMU's memory
+    backend does), touches each, prints ``ready`` and waits for its stdin to close."""
+    code = ("import mmap, os, sys\n"
+            f"n = {pages} * 2 * 1024 * 1024\n"
+            "fd = os.memfd_create('vm', os.MFD_HUGETLB)\n"
+            "os.ftruncate(fd, n)\n"
+            "m = mmap.mmap(fd, n)\n"
+            "for i in range(0, n, 2 * 1024 * 1024):\n"
+            "    m[i] = 1\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    check(p.stdout.readline().strip() == "ready", "the hugepage user did not map its pages")
+    return p
+
+
+def sc_hugepages(ctx: Ctx, ph: Phase) -> dict:
+    """Issue 11: the hugepages step on the guest kernel's real 2 MiB pool (1 GiB of guest
+    memory). Pages of the "boot configuration" (10, written to ``nr_hugepages`` first) count
+    and stay; a prepare that needs 74 adds the 64 missing ones (``nr_hugepages`` and
+    ``free_hugepages`` read back) and its release frees exactly those; a release while a
+    process still maps 40 of them leaves them as surplus pages the kernel frees when the
+    process exits; a request larger than the guest's memory fails with ``HUGEPAGES_SHORT`` and
+    leaves the pool (and everything else) as it was."""
+    world = ph.world
+    check(os.path.isdir(HP2), f"{HP2} missing: the guest kernel has no 2 MiB hugepages")
+    start = hp_pool()
+    check(start == {"nr": 0, "free": 0, "resv": 0, "surplus": 0}, f"pool at start: {start}")
+    out: dict = {"start": start}
+    try:
+        with open(f"{HP2}/nr_hugepages", "w") as f:
+            f.write("10")
+        boot = hp_pool()
+        check(boot["nr"] == 10 and boot["free"] == 10, f"10 boot pages: {boot}")
+        # a prepare that needs 74 pages: the 10 free count, 64 are added
+        ctx.profile("hugepages: {pages: 74, size: 2M}\n")
+        before = ctx.snapshot(world)
+        r, out["prepare_s"] = timed_cli(ctx, "prepare", VM)
+        check(r.returncode == 0, f"prepare failed: {r.stderr.strip()}")
+        ph.prepared_from = before
+        now = hp_pool()
+        check(now["nr"] == 74 and now["free"] == 74, f"pool after prepare: {now}")
+        entry = record_steps()["hugepages"]
+        check(entry["status"] == "done" and entry["facts"]["done"][0]["added"] == 64,
+              f"hugepages step: {entry}")
+        out["prepared"] = {"pool": now, "apply_ms": entry["duration_ms"],
+                           "why": entry["facts"]["why"]}
+        r, out["release_s"] = timed_cli(ctx, "release", VM)
+        check(r.returncode == 0, f"release failed: {r.stderr.strip()}")
+        ph.prepared_from = None
+        now = hp_pool()
+        check(now == {"nr": 10, "free": 10, "resv": 0, "surplus": 0},
+              f"pool after release (the 10 boot pages must stay): {now}")
+        entry = record_steps()["hugepages"]
+        out["released"] = {"pool": now, "undo_ms": entry["undo_ms"], "notes": entry["notes"]}
+        left, _ = compare(before, ctx.snapshot(world, like=before),
+                          [n for s_ in ctx.status()["steps"] for n in (s_.get("notes") or [])])
+        check(not left, f"state after release differs: {json.dumps(left)}")
+        # released while a process still maps 50 pages (the 10 boot ones and 40 of the VM's)
+        r = ctx.cli("prepare", VM)
+        check(r.returncode == 0, f"second prepare failed: {r.stderr.strip()}")
+        user = _hp_user(50)
+        try:
+            mapped = hp_pool()
+            r = ctx.cli("release", VM)
+            check(r.returncode == 0, f"release with pages in use failed: {r.stderr.strip()}")
+            in_use = hp_pool()
+            # the sysctl (default size: 2 MiB here) reads the persistent pages alone
+            in_use["sysctl"] = int(rd("/proc/sys/vm/nr_hugepages"))
+            notes = record_steps()["hugepages"]["notes"]
+            # nr_hugepages reads persistent + surplus: the 40 still mapped are surplus now
+            check(in_use["nr"] - in_use["surplus"] == 10 and in_use["surplus"] == 40
+                  and in_use["sysctl"] == 10, f"pool after the release: {in_use}")
+            check(any("still in use" in n for n in notes), f"no in-use note: {notes}")
+        finally:
+            user.stdin.close()
+            user.wait(30)
+        gone = hp_pool()
+        check(gone == {"nr": 10, "free": 10, "resv": 0, "surplus": 0},
+              f"pool once the user exited: {gone}")
+        out["in_use"] = {"mapped": mapped, "after_release": in_use, "after_exit": gone,
+                         "notes": notes}
+        # more than the guest's memory: HUGEPAGES_SHORT, the pool and the guest as before
+        ctx.profile("hugepages: {pages: 1024, size: 2M}\n")
+        before = ctx.snapshot(world)
+        r = ctx.cli("prepare", VM)
+        check(r.returncode == 34 and r.stderr.startswith("HUGEPAGES_SHORT: step hugepages: "
+                                                         "the kernel allocated "),
+              f"not HUGEPAGES_SHORT: {r.returncode} {r.stderr.strip()}")
+        now = hp_pool()
+        check(now == {"nr": 10, "free": 10, "resv": 0, "surplus": 0},
+              f"pool after the short allocation: {now}")
+        left, _ = compare(before, ctx.snapshot(world, like=before),
+                          [n for s_ in ctx.status()["steps"] for n in (s_.get("notes") or [])])
+        check(not left, f"state after the rollback differs: {json.dumps(left)}")
+        entry = record_steps()["hugepages"]
+        out["short"] = {"error": r.stderr.strip(), "pool": now,
+                        "apply_ms": entry["duration_ms"], "undo_ms": entry["undo_ms"]}
+        return out
+    finally:
+        ctx.profile()
+        with open(f"{HP2}/nr_hugepages", "w") as f:
+            f.write("0")
 
 
 # ---- preconditions: each scenario starts from a state it declares -----------------------------
@@ -1525,6 +1645,7 @@ SCENARIOS = MappingProxyType({
     "vgacon": Scenario(sc_vgacon, BASELINE),
     "holders_stubborn": Scenario(sc_holders_stubborn, BASELINE),
     "rom_dump": Scenario(sc_rom_dump, BASELINE),
+    "hugepages": Scenario(sc_hugepages, BASELINE),
 })
 
 
@@ -1691,6 +1812,11 @@ def restore_baseline(ctx: Ctx, ph: Phase) -> list[str]:
             name = ((base["tree"].get(f"{vtbase}{v}/name") or ("file", ""))[1] or "").strip()
             _write(path, was[1], actions)
             actions.append(f"{v} ({name}): bind {was[1].strip()}")
+    for path, (was, now) in left.items():   # hugepage pools: the baseline's size
+        if path.startswith("/sys/kernel/mm/hugepages/") and path.endswith("/nr_hugepages") \
+                and was and now:
+            _write(path, was[1], actions)
+            actions.append(f"{path}: {was[1].strip()}")
     units = w.units()
     for unit, state in base["units"].items():
         if state == "active" and units.get(unit) != "active":

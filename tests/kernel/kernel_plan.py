@@ -42,7 +42,8 @@ class BootSpec(NamedTuple):
 #: The shapes of issue 7 ("take only what the VM needs"): ``usb-c-VGA-bios`` (the GPU's xHCI
 #: function handed over, the guest's own USB kept), ``two-gpu-VGA-bios`` (the desktop on the
 #: other GPU), ``nomodeset-VGA-bios`` (the VGA text console), and ``holders_stubborn``
-#: (holders that ignore SIGTERM) folded into ``bochs-display-bios``.
+#: (holders that ignore SIGTERM) folded into ``bochs-display-bios``, and so is ``hugepages``
+#: (issue 11: the guest kernel's real 2 MiB pool; 1 GiB of guest memory).
 #:
 #: The boots named ``*-6.12`` run the plain scenarios on the Linux 6.12 of bookworm-backports
 #: (issue 8), once with OVMF (efifb first) and once with SeaBIOS; the others run Linux 6.1.
@@ -62,7 +63,7 @@ BOOTS = {
                                          "prepare", "vfio_qemu", "release", "holders",
                                          "rom_dump", "fault"]),
     "bochs-display-bios": BootSpec("bochs-display", "bios", ["prepare", "release", "holders",
-                                                             "holders_stubborn"]),
+                                                             "holders_stubborn", "hugepages"]),
     "two-gpu-VGA-bios": BootSpec("VGA", "bios", ["second_gpu_vfio", "second_gpu",
                                                  "rom_dump"], shape="two-gpu"),
     "virtio-vga-bios": BootSpec("virtio-vga", "bios", ["prepare", "release", "holders"]),

@@ -62,28 +62,7 @@ def pci_hostdevs(xml: str, source: str = "domain XML") -> list[dict]:
         entity declarations: libvirt writes none), a root that is not ``<domain>``, or a PCI hostdev whose source address is missing or malformed (the
         message names the element).
     """
-    from xml.etree.ElementTree import ParseError
-
-    import defusedxml
-    from defusedxml import ElementTree
-
-    check_domain_xml_size(xml, source)
-    try:
-        root = ElementTree.fromstring(xml, forbid_dtd=True)
-    except ParseError as e:
-        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
-                                f"{source}: not well-formed XML: {e}") from None
-    except defusedxml.DefusedXmlException as e:
-        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
-                                f"{source}: has a DTD or entity declarations, which libvirt "
-                                f"never writes; refused unread ({type(e).__name__})") from None
-    except ValueError as e:  # e.g. a str with an encoding declaration expat cannot honour
-        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
-                                f"{source}: not readable XML: {_short(str(e))}") from None
-    if root.tag != "domain":
-        raise errors.HookdError(
-            errors.DOMAIN_XML_INVALID,
-            f"{source}: the root element is <{_short(root.tag)}>, expected <domain>")
+    root = _root(xml, source)
     found: dict[str, bool] = {}   # document order, duplicates dropped, linear
     for n, hostdev in enumerate(root.findall("./devices/hostdev"), start=1):
         mode = hostdev.get("mode", "subsystem")
@@ -108,6 +87,36 @@ def pci_hostdevs(xml: str, source: str = "domain XML") -> list[dict]:
         addr = "%04x:%02x:%02x.%x" % tuple(parts)
         found.setdefault(addr, hostdev.get("managed", "no") == "yes")
     return [{"address": a, "managed": m} for a, m in found.items()]
+
+
+def _root(xml: str, source: str):
+    """The ``<domain>`` element of ``xml``, parsed by defusedxml with DTDs forbidden.
+
+    :raises HookdError: ``DOMAIN_XML_INVALID`` (too large, not well-formed, a DTD, another root).
+    """
+    from xml.etree.ElementTree import ParseError
+
+    import defusedxml
+    from defusedxml import ElementTree
+
+    check_domain_xml_size(xml, source)
+    try:
+        root = ElementTree.fromstring(xml, forbid_dtd=True)
+    except ParseError as e:
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: not well-formed XML: {e}") from None
+    except defusedxml.DefusedXmlException as e:
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: has a DTD or entity declarations, which libvirt "
+                                f"never writes; refused unread ({type(e).__name__})") from None
+    except ValueError as e:  # e.g. a str with an encoding declaration expat cannot honour
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: not readable XML: {_short(str(e))}") from None
+    if root.tag != "domain":
+        raise errors.HookdError(
+            errors.DOMAIN_XML_INVALID,
+            f"{source}: the root element is <{_short(root.tag)}>, expected <domain>")
+    return root
 
 
 def _short(s: str, limit: int = 80) -> str:
@@ -137,7 +146,7 @@ def cputune_cpusets(xml: str, source: str = "domain XML") -> dict:
     :raises HookdError: ``DOMAIN_XML_INVALID`` as :func:`pci_hostdevs`, and for a
         ``<vcpupin>``/``<emulatorpin>`` without ``cpuset``.
     """
-    root = _parse(xml, source)
+    root = _root(xml, source)
     out: dict = {"vcpupin": [], "emulatorpin": None}
     for tag in ("vcpupin", "emulatorpin"):
         for el in root.findall(f"./cputune/{tag}"):
@@ -152,32 +161,55 @@ def cputune_cpusets(xml: str, source: str = "domain XML") -> dict:
     return out
 
 
-def _parse(xml: str, source: str):
-    """The root element of domain XML ``xml`` (size-checked, DTDs refused, root ``<domain>``).
+#: libvirt's memory units (``docs/formatdomain.rst``, Memory Allocation): the factor in bytes;
+#: no unit is KiB.
+_UNITS = {"b": 1, "bytes": 1, "KB": 1000, "k": 1024, "KiB": 1024, "MB": 1000 ** 2,
+          "M": 1024 ** 2, "MiB": 1024 ** 2, "GB": 1000 ** 3, "G": 1024 ** 3, "GiB": 1024 ** 3,
+          "TB": 1000 ** 4, "T": 1024 ** 4, "TiB": 1024 ** 4}
 
-    :raises HookdError: ``DOMAIN_XML_INVALID`` as :func:`pci_hostdevs` (the same checks, for
-        the readers added after it).
-    """
-    from xml.etree.ElementTree import ParseError
 
-    import defusedxml
-    from defusedxml import ElementTree
-
-    check_domain_xml_size(xml, source)
-    try:
-        root = ElementTree.fromstring(xml, forbid_dtd=True)
-    except ParseError as e:
-        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
-                                f"{source}: not well-formed XML: {e}") from None
-    except defusedxml.DefusedXmlException as e:
-        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
-                                f"{source}: has a DTD or entity declarations, which libvirt "
-                                f"never writes; refused unread ({type(e).__name__})") from None
-    except ValueError as e:  # e.g. a str with an encoding declaration expat cannot honour
-        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
-                                f"{source}: not readable XML: {_short(str(e))}") from None
-    if root.tag != "domain":
+def _bytes(element, what: str, source: str) -> int:
+    """The size an element gives as its text (``<memory unit='GiB'>8</memory>``) or its
+    ``size`` attribute (``<page size='2' unit='M'/>``) with ``unit`` (default KiB), in bytes."""
+    text = element.get("size") if element.tag == "page" else element.text
+    unit = element.get("unit", "KiB")
+    number = _xml_uint((text or "").strip())
+    if number is None or number == 0 or unit not in _UNITS:
         raise errors.HookdError(
             errors.DOMAIN_XML_INVALID,
-            f"{source}: the root element is <{_short(root.tag)}>, expected <domain>")
-    return root
+            f"{source}: {what} is {_short(repr(text))} {_short(repr(unit))}: expected a number "
+            f"> 0 and a unit of libvirt's ({', '.join(_UNITS)})")
+    return number * _UNITS[unit]
+
+
+def hugepages_from_domain_xml(xml: str, source: str = "domain XML") -> dict | None:
+    """What a domain asks for hugepages: None when its XML has no
+    ``<memoryBacking><hugepages/>``, else ``{"memory_kib": int, "page_kib": int | None}``:
+    the domain's ``<memory>`` (``unit`` attribute, KiB by default) and the size of the one
+    ``<page size= unit=>`` inside ``<hugepages>`` (KiB; None: no ``<page>``, the host's
+    default hugepage size). Source of the format: libvirt ``docs/formatdomain.rst`` (Memory
+    Allocation, Memory Backing).
+
+    :raises HookdError: ``DOMAIN_XML_INVALID`` as :func:`pci_hostdevs`, and for a missing or
+        malformed ``<memory>`` or ``<page>``, or pages of several sizes (libvirt backs guest
+        NUMA nodes with different sizes through ``nodeset``; give ``hugepages: {pages, size}``
+        in the profile then).
+    """
+    root = _root(xml, source)
+    hp = root.find("./memoryBacking/hugepages")
+    if hp is None:
+        return None
+    memory = root.find("./memory")
+    if memory is None:
+        raise errors.HookdError(errors.DOMAIN_XML_INVALID,
+                                f"{source}: <memoryBacking><hugepages/> but no <memory>")
+    sizes = sorted({_bytes(p, "<hugepages><page size=... unit=...>", source)
+                    for p in hp.findall("./page")})
+    if len(sizes) > 1:
+        raise errors.HookdError(
+            errors.DOMAIN_XML_INVALID,
+            f"{source}: <hugepages> has pages of {len(sizes)} sizes (per guest NUMA node); "
+            f"vfio-hookd allocates one size: give hugepages: {{pages: N, size: S}} in the "
+            f"profile")
+    return {"memory_kib": -(-_bytes(memory, "<memory>", source) // 1024),
+            "page_kib": sizes[0] // 1024 if sizes else None}

@@ -12,6 +12,7 @@ vtconsoles         ``True``                ``False``                   --
 framebuffer        ``True``                ``False``                   --
 host_cpus          ``"auto"`` (``AUTO``)   ``None``                    canonical cpulist ``str``
 cpu_governor       --                      ``None``                    governor name ``str``
+hugepages          ``"auto"`` (``AUTO``)   ``None``                    :class:`Hugepages`
 =================  ======================  ==========================  =======================
 
 The defaults of the dataclass fields are the defaults of the profile keys (an absent key takes
@@ -34,7 +35,7 @@ ON_BUSY = ("fail", "terminate")
 
 #: Top-level keys of a profile, in the order they are documented.
 KEYS = ("devices", "display_manager", "stop_units", "vtconsoles", "framebuffer", "modules",
-        "on_busy", "deadlines", "host_cpus", "cpu_governor")
+        "on_busy", "hugepages", "host_cpus", "cpu_governor", "deadlines")
 
 #: The largest profile file (bytes): refused before YAML builds anything from it. A profile
 #: with every key and every list full is about 23 KiB.
@@ -64,6 +65,9 @@ DEFAULT_DEADLINES = {
     # back at +2.8 s and PipeWire/WirePlumber hold the audio nodes at +6.8 s; greetd's greeter
     # user instance takes /dev/snd within ~4 s. 30 s is about four times the slowest of these.
     "desktop_back": 30.0,
+    # Each write of the hugepages step (compact_memory, nr_hugepages): compacting and
+    # allocating gigabytes of 2 MiB pages takes seconds on a loaded host, 1 GiB pages more.
+    "hugepages": 60.0,
 }
 
 
@@ -79,6 +83,8 @@ class Deadlines:
     :ivar module_load: each ``modprobe``.
     :ivar desktop_back: after a release (or a rolled-back prepare): until the desktop seen at
         prepare is back (:mod:`vfio_hookd.desktop`).
+    :ivar hugepages: each write of the hugepages step (``/proc/sys/vm/compact_memory``,
+        ``nr_hugepages``), which the kernel answers once it has compacted or allocated.
     """
 
     unit_stop: float = DEFAULT_DEADLINES["unit_stop"]
@@ -88,9 +94,10 @@ class Deadlines:
     module_unload: float = DEFAULT_DEADLINES["module_unload"]
     module_load: float = DEFAULT_DEADLINES["module_load"]
     desktop_back: float = DEFAULT_DEADLINES["desktop_back"]
+    hugepages: float = DEFAULT_DEADLINES["hugepages"]
 
     def to_dict(self) -> dict:
-        """``{"unit_stop": float, ...}``: the seven deadlines in seconds."""
+        """``{"unit_stop": float, ...}``: every deadline in seconds."""
         return {k: getattr(self, k) for k in DEFAULT_DEADLINES}
 
     @classmethod
@@ -116,6 +123,38 @@ class Deadlines:
                     and math.isfinite(v) and v > 0):
                 values[key] = float(v)
         return cls(**values)
+
+
+#: The largest hugepages request (KiB): 16 TiB, beyond any host this runs on.
+MAX_HUGEPAGES_KIB = 16 * 1024 ** 3
+
+
+def size_text(kib: int) -> str:
+    """A page size in KiB as the profile writes it: ``2048`` -> ``"2M"``, ``1048576`` ->
+    ``"1G"``, ``64`` -> ``"64K"``."""
+    for unit, factor in (("G", 1024 ** 2), ("M", 1024)):
+        if kib % factor == 0:
+            return f"{kib // factor}{unit}"
+    return f"{kib}K"
+
+
+@dataclass(frozen=True)
+class Hugepages:
+    """An explicit hugepages request: ``pages`` pages (int >= 0; 0 only after ``auto``
+    found nothing to back) of ``size_kb`` KiB each (int, e.g. 2048 or 1048576; None: the
+    host's default hugepage size, ``Hugepagesize`` of ``/proc/meminfo``). ``why`` says where
+    it came from (``"auto: ..."`` once :func:`vfio_hookd.steps.hugepages.resolve` read the
+    domain XML; not compared, not written by :meth:`Profile.to_dict`)."""
+    pages: int
+    size_kb: int | None = None
+    why: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict:
+        """``{"pages": N, "size": "2M"}`` (``size`` left out when it is the host's default)."""
+        out: dict = {"pages": self.pages}
+        if self.size_kb is not None:
+            out["size"] = size_text(self.size_kb)
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,6 +183,10 @@ class Profile:
         iterating.
     :ivar on_busy: ``"fail"`` or ``"terminate"``: what to do with processes still holding the
         GPU's device nodes once the units are stopped.
+    :ivar hugepages: ``None`` for ``none`` (the default: no hugepages allocated), ``"auto"``
+        (:data:`AUTO`: the domain's ``<memory>`` when its XML has
+        ``<memoryBacking><hugepages/>``), or a :class:`Hugepages` request. A prepare's plan
+        replaces ``auto`` by the :class:`Hugepages` it resolves to.
     :ivar deadlines: :class:`Deadlines`.
     :ivar host_cpus: the CPUs the host keeps while the VM runs (step ``cpu_isolation``): a
         canonical cpulist (``"0-7"``, :func:`vfio_hookd.cpus.format_list`), ``"auto"``
@@ -162,17 +205,24 @@ class Profile:
     framebuffer: bool = True
     modules: str | tuple[str, ...] = AUTO
     on_busy: str = "fail"
+    hugepages: str | Hugepages | None = None
     deadlines: Deadlines = field(default_factory=Deadlines)
     host_cpus: str | None = None
     cpu_governor: str | None = None
+
+    @property
+    def needs_domain_xml(self) -> bool:
+        """True when a prepare needs the domain XML: ``devices: auto`` or ``hugepages: auto``."""
+        return self.devices is None or self.hugepages == AUTO
 
     def to_dict(self) -> dict:
         """A JSON-able dict in the profile file's own vocabulary, plus ``name`` and ``path``.
 
         ``devices`` is ``"auto"`` or a list; ``display_manager`` ``"auto"``, a unit or
         ``"none"``; ``vtconsoles``/``framebuffer`` ``"auto"``/``"none"``; ``modules``
-        ``"auto"``, a list or ``"none"``; ``deadlines`` a dict of floats (seconds);
-        ``host_cpus`` ``"auto"``, a cpulist or ``"none"``; ``cpu_governor`` a name or ``"none"``.
+        ``"auto"``, a list or ``"none"``; ``hugepages`` ``"none"``, ``"auto"`` or ``{"pages",
+        "size"}``; ``host_cpus`` ``"auto"``, a cpulist or ``"none"``; ``cpu_governor`` a name
+        or ``"none"``; ``deadlines`` a dict of floats (seconds).
         :func:`vfio_hookd.profile.profile_from_dict` reads it back to an equal :class:`Profile`.
         """
         return {
@@ -186,6 +236,8 @@ class Profile:
             "modules": (AUTO if self.modules == AUTO
                         else NONE if not self.modules else list(self.modules)),
             "on_busy": self.on_busy,
+            "hugepages": (NONE if self.hugepages is None else self.hugepages
+                          if self.hugepages == AUTO else self.hugepages.to_dict()),
             "deadlines": self.deadlines.to_dict(),
             "host_cpus": NONE if self.host_cpus is None else self.host_cpus,
             "cpu_governor": NONE if self.cpu_governor is None else self.cpu_governor,

@@ -25,6 +25,7 @@ from typing import Callable
 from .. import errors
 from ..paths import check_vm_name
 from ..pci import never_unload_reason, normalize_address
+from . import hugepages as _hugepages
 from .model import (AUTO, DEFAULT_DEADLINES, DISPLAY_MANAGER_ALIAS, MAX_DEADLINE_S,
                     MAX_LIST_ITEMS, NONE, ON_BUSY, Deadlines, Profile)
 from .reader import Field, fail, read_data
@@ -301,9 +302,10 @@ RULES = (
     Rule("framebuffer", _check_auto_none),
     Rule("modules", _check_modules),
     Rule("on_busy", _check_on_busy),
-    Rule("deadlines", _check_deadlines, keys=tuple(DEFAULT_DEADLINES)),
+    Rule("hugepages", _hugepages.check, keys=_hugepages.KEYS),
     Rule("host_cpus", _check_host_cpus),
     Rule("cpu_governor", _check_cpu_governor),
+    Rule("deadlines", _check_deadlines, keys=tuple(DEFAULT_DEADLINES)),
 )
 
 _BY_KEY = {r.key: r for r in RULES}

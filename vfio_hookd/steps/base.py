@@ -14,7 +14,9 @@ Each step is a small class with three methods, in the manner of tuned's plugins
   expected differences; raises :class:`HookdError` on failure.
 
 Order on prepare (release is the reverse): units, sessions, holders, vtconsoles, framebuffer, modules,
-bind_vfio, then the host tuning steps (cpu_isolation, cpu_governor: :mod:`.cpus`). The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
+bind_vfio, then the host tuning steps: hugepages (most memory is free once the desktop has let
+go of it), cpu_isolation, cpu_governor (:mod:`.cpus`). The GPU's modules go before the bind:
+with nvidia_drm/nvidia_modeset loaded, nvkms
 holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
 proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
 functions are given back first and the modules loaded after (they bind what they find).
@@ -38,13 +40,15 @@ class Shape:
     """What a prepare's waits depend on, known before any step runs (for the declared
     deadlines): ``devices`` functions handed over, ``units`` units the profile names (display
     manager + ``stop_units``), ``vtconsoles`` entries under ``/sys/class/vtconsole``,
-    ``modules`` the most modules the modules step may unload, ``cpus`` the VM's CPUs whose
-    governor the cpu_governor step may set."""
+    ``modules`` the most modules the modules step may unload, ``hugepages`` the hugepage pools
+    the hugepages step may grow (0 or 1), ``cpus`` the VM's CPUs whose governor the
+    cpu_governor step may set."""
     devices: int
     units: int = 0
     vtconsoles: int = 0
     modules: int = 0
     cpus: int = 0
+    hugepages: int = 0
 
 
 @dataclass
