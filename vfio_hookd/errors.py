@@ -42,6 +42,8 @@ PROFILE_EXISTS = "PROFILE_EXISTS"            # vfio-hookd init would overwrite a
 CHECK_FAILED = "CHECK_FAILED"                # vfio-hookd check found at least one FAIL
 DESKTOP_NOT_BACK = "DESKTOP_NOT_BACK"        # release undid everything, but the desktop seen at
                                             # prepare did not come back by deadlines.desktop_back
+INHIBIT_FAILED = "INHIBIT_FAILED"            # logind did not give the sleep inhibitor lock the
+                                            # profile asks for (not running, refused, no answer)
 
 #: The CLI's exit status for each code: explicit and stable (a new code gets a new number;
 #: no number is ever reused). 0 is success, 1 an unexpected bug outside the error path.
@@ -53,7 +55,7 @@ EXIT_STATUS = {
     DAEMON_UNREACHABLE: 19, BAD_REQUEST: 20, PERMISSION_DENIED: 21, SYSTEMD_UNAVAILABLE: 22,
     INSTALL_FAILED: 23, VM_RUNNING: 24, INTERNAL: 25, RECORD_INVALID: 26,
     UNTRUSTED_FILE: 27, DEVICE_STUCK: 28, DAEMON_BUSY: 29, PROFILE_EXISTS: 30,
-    CHECK_FAILED: 31, DESKTOP_NOT_BACK: 32,
+    CHECK_FAILED: 31, DESKTOP_NOT_BACK: 32, INHIBIT_FAILED: 35,
 }
 CODES = tuple(EXIT_STATUS)
 

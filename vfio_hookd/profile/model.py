@@ -10,6 +10,7 @@ display_manager    ``"auto"`` (``AUTO``)   ``None``                    unit name
 modules            ``"auto"`` (``AUTO``)   ``()`` (empty tuple)        ``tuple`` of names
 vtconsoles         ``True``                ``False``                   --
 framebuffer        ``True``                ``False``                   --
+inhibit            --                      ``()`` (empty tuple)        ``tuple`` of lock types
 =================  ======================  ==========================  =======================
 
 The defaults of the dataclass fields are the defaults of the profile keys (an absent key takes
@@ -30,9 +31,13 @@ DISPLAY_MANAGER_ALIAS = "display-manager.service"
 #: The values of ``on_busy``.
 ON_BUSY = ("fail", "terminate")
 
+#: The logind lock types ``inhibit`` may name, in the order they are joined for ``Inhibit``'s
+#: ``what`` (``org.freedesktop.login1(5)``; systemd.io "Inhibitor Locks").
+INHIBIT_WHAT = ("sleep", "idle")
+
 #: Top-level keys of a profile, in the order they are documented.
 KEYS = ("devices", "display_manager", "stop_units", "vtconsoles", "framebuffer", "modules",
-        "on_busy", "deadlines")
+        "on_busy", "inhibit", "deadlines")
 
 #: The largest profile file (bytes): refused before YAML builds anything from it. A profile
 #: with every key and every list full is about 23 KiB.
@@ -142,6 +147,10 @@ class Profile:
         iterating.
     :ivar on_busy: ``"fail"`` or ``"terminate"``: what to do with processes still holding the
         GPU's device nodes once the units are stopped.
+    :ivar inhibit: the logind lock types held while the VM runs (a block inhibitor taken by
+        the ``inhibit`` step, :mod:`vfio_hookd.steps.inhibit`): a tuple of
+        :data:`INHIBIT_WHAT` members in that order (``("sleep",)``, ``("sleep", "idle")``),
+        or ``()`` for ``none`` (the default: no inhibitor).
     :ivar deadlines: :class:`Deadlines`.
     """
 
@@ -154,6 +163,7 @@ class Profile:
     framebuffer: bool = True
     modules: str | tuple[str, ...] = AUTO
     on_busy: str = "fail"
+    inhibit: tuple[str, ...] = ()
     deadlines: Deadlines = field(default_factory=Deadlines)
 
     def to_dict(self) -> dict:
@@ -161,7 +171,8 @@ class Profile:
 
         ``devices`` is ``"auto"`` or a list; ``display_manager`` ``"auto"``, a unit or
         ``"none"``; ``vtconsoles``/``framebuffer`` ``"auto"``/``"none"``; ``modules``
-        ``"auto"``, a list or ``"none"``; ``deadlines`` a dict of floats (seconds).
+        ``"auto"``, a list or ``"none"``; ``inhibit`` a list or ``"none"``; ``deadlines`` a
+        dict of floats (seconds).
         :func:`vfio_hookd.profile.profile_from_dict` reads it back to an equal :class:`Profile`.
         """
         return {
@@ -175,5 +186,6 @@ class Profile:
             "modules": (AUTO if self.modules == AUTO
                         else NONE if not self.modules else list(self.modules)),
             "on_busy": self.on_busy,
+            "inhibit": list(self.inhibit) if self.inhibit else NONE,
             "deadlines": self.deadlines.to_dict(),
         }

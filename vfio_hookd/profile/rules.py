@@ -25,8 +25,8 @@ from typing import Callable
 from .. import errors
 from ..paths import check_vm_name
 from ..pci import never_unload_reason, normalize_address
-from .model import (AUTO, DEFAULT_DEADLINES, DISPLAY_MANAGER_ALIAS, MAX_DEADLINE_S,
-                    MAX_LIST_ITEMS, NONE, ON_BUSY, Deadlines, Profile)
+from .model import (AUTO, DEFAULT_DEADLINES, DISPLAY_MANAGER_ALIAS, INHIBIT_WHAT,
+                    MAX_DEADLINE_S, MAX_LIST_ITEMS, NONE, ON_BUSY, Deadlines, Profile)
 from .reader import Field, fail, read_data
 
 # systemd unit names (systemd.unit(5)): "prefix[@instance].type"; the characters allowed are
@@ -234,6 +234,36 @@ def _check_modules(f: Field, so_far: dict):
     return tuple(seen)
 
 
+def _check_inhibit(f: Field, so_far: dict) -> tuple[str, ...]:
+    """``none`` -> ``()``; ``sleep`` / ``idle`` or a list of them -> a tuple in
+    :data:`INHIBIT_WHAT` order (logind's ``what`` is the set, joined by ``:``)."""
+    v, kinds = f.value, "'none', 'sleep', 'idle' or a list of them"
+    if isinstance(v, bool):
+        f.fail(f"must be {kinds}, got bool: write {'sleep' if v else NONE!r}")
+    if isinstance(v, str) and v != NONE and v not in INHIBIT_WHAT and ":" in v:
+        f.fail(f"write the lock types as a list: inhibit: [{', '.join(v.split(':'))}]")
+    items = [] if v == NONE else [v] if isinstance(v, str) else v
+    if items == [] and v != NONE:
+        f.fail("empty list: write 'none' to take no inhibitor lock, or [sleep]")
+    if not isinstance(items, list):
+        f.fail(f"must be {kinds}, got {_type_name(v)}")
+    seen: dict[str, int] = {}
+    for i, w in enumerate(items):
+        at = i if isinstance(v, list) else None
+        if w == "shutdown":
+            f.fail("'shutdown' is not taken: a shutdown stops the VM (libvirt-guests) and its "
+                   "release gives the GPU back; the lock types are 'sleep' and 'idle'", at)
+        if w not in INHIBIT_WHAT:
+            shown = repr(w) if isinstance(w, str) else _type_name(w)
+            f.fail(f"must be {kinds if at is None else repr('sleep') + ' or ' + repr('idle')}, "
+                   f"got {shown}"
+                   + (_did_you_mean(w, INHIBIT_WHAT) if isinstance(w, str) else ""), at)
+        if w in seen:
+            f.fail(f"duplicate lock type {w!r} (also {f.key}[{seen[w]}])", at)
+        seen[w] = i
+    return tuple(w for w in INHIBIT_WHAT if w in seen)
+
+
 def _check_deadlines(f: Field, so_far: dict) -> Deadlines:
     if f.sub is None:
         f.fail(f"must be a mapping of deadlines in seconds "
@@ -283,6 +313,7 @@ RULES = (
     Rule("framebuffer", _check_auto_none),
     Rule("modules", _check_modules),
     Rule("on_busy", _check_on_busy),
+    Rule("inhibit", _check_inhibit),
     Rule("deadlines", _check_deadlines, keys=tuple(DEFAULT_DEADLINES)),
 )
 

@@ -6,15 +6,16 @@ from .base import Context, Shape, Step
 from .bind import BindVfio
 from .consoles import FIRMWARE_FRAMEBUFFERS, Framebuffer, Vtconsoles
 from .holders import Holders
+from .inhibit import Inhibit
 from .modules import Modules
 from .sessions import Sessions
 from .units import Units
 
 #: The steps in prepare order.
-STEPS: tuple[Step, ...] = (Units(), Sessions(), Holders(), Vtconsoles(), Framebuffer(),
-                           Modules(), BindVfio())
+STEPS: tuple[Step, ...] = (Inhibit(), Units(), Sessions(), Holders(), Vtconsoles(),
+                           Framebuffer(), Modules(), BindVfio())
 STEP_NAMES = tuple(s.name for s in STEPS)
 BY_NAME = {s.name: s for s in STEPS}
 
 __all__ = ["Context", "Shape", "Step", "STEPS", "STEP_NAMES", "BY_NAME", "FIRMWARE_FRAMEBUFFERS",
-           "Units", "Sessions", "Holders", "Vtconsoles", "Framebuffer", "Modules", "BindVfio"]
+           "Inhibit", "Units", "Sessions", "Holders", "Vtconsoles", "Framebuffer", "Modules", "BindVfio"]

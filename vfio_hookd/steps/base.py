@@ -13,8 +13,9 @@ Each step is a small class with three methods, in the manner of tuned's plugins
   what ``facts["plan"]`` lists, each item idempotently). Returns notes (list of str) about
   expected differences; raises :class:`HookdError` on failure.
 
-Order on prepare (release is the reverse): units, sessions, holders, vtconsoles, framebuffer, modules,
-bind_vfio. The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
+Order on prepare (release is the reverse): inhibit, units, sessions, holders, vtconsoles,
+framebuffer, modules, bind_vfio. The sleep inhibitor comes first, so the host cannot suspend
+mid-prepare, and goes last. The GPU's modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
 holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
 proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
 functions are given back first and the modules loaded after (they bind what they find).
@@ -31,6 +32,7 @@ from typing import Any, Callable
 
 from .. import pci as pcimod
 from ..host import Host
+from ..inhibitors import Inhibitors
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Context:
         those of login sessions, get the holders' grace period).
     :param logind: zero-argument callable returning a :class:`vfio_hookd.logind.Logind` (or
         an object with its interface; connected on first use).
+    :param inhibitors: the process's inhibitor locks by VM
+        (:class:`vfio_hookd.inhibitors.Inhibitors`; the machine's own, shared by its runs).
     """
     vm: str
     host: Host
@@ -83,6 +87,7 @@ class Context:
     holders_grace_s: float = 2.0
     stopped_units: tuple[str, ...] = ()
     logind: Callable[[], Any] | None = None
+    inhibitors: Inhibitors = field(default_factory=Inhibitors)
 
 
 pci = pcimod.path
