@@ -26,7 +26,7 @@ STEP = BY_NAME["inhibit"]
 def desk(dirs):
     """The LightDM desktop host (logind runs), its audio servers up."""
     w = SimWorld(dirs, "desktop-x11")
-    wait_held(w, AUDIO, "wireplumber")
+    wait_held(w, AUDIO, "wireplumber", timeout_s=30)   # the machine may be loaded
     yield w
     w.close()
 

@@ -130,6 +130,14 @@ def error_name(e) -> str | None:
     return Gio.DBusError.get_remote_error(e)
 
 
+def remote_message(e) -> str:
+    """The message of a ``GLib.Error`` from a call without GDBus's ``GDBus.Error:NAME: ``
+    prefix (what ``Gio.DBusError.strip_remote_error`` removes; PyGObject's errors are copies,
+    so it is cut here). A D-Bus error name holds no ``": "``."""
+    msg = e.message or ""
+    return msg.split(": ", 1)[1] if msg.startswith("GDBus.Error:") and ": " in msg else msg
+
+
 class SignalWatch:
     """Signals of one connection, recorded for a waiter: one ``signal_subscribe`` on a GLib main
     context of its own, iterated by a daemon thread that blocks in ``poll(2)`` between signals.

@@ -280,7 +280,8 @@ class Logind:
                                  f"{LOGIND} on the system bus): no {what} inhibitor lock; "
                                  f"start systemd-logind.service, or set inhibit: none") from None
             raise HookdError(INHIBIT_FAILED, f"systemd-logind did not give the {what} "
-                             f"inhibitor lock (mode {mode}): {e.message}") from None
+                             f"inhibitor lock (mode {mode}): {gdbus.remote_message(e)}") \
+                from None
         index = reply[0] if reply else -1
         fd = fds.pop(index) if isinstance(index, int) and 0 <= index < len(fds) else None
         for other in fds:   # a reply carries one; never leak what else came with it
