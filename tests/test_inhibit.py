@@ -239,3 +239,43 @@ def test_the_record_alone_releases_it(desk):
     desk.profile(extra="inhibit: none\n")
     desk.machine.release("win11")
     assert locks(desk) == []
+
+
+@pytest.mark.parametrize("text,want", [
+    ("inhibit: none", ()), ("inhibit: sleep", ("sleep",)), ("inhibit: idle", ("idle",)),
+    ("inhibit: [sleep]", ("sleep",)), ("inhibit: [idle, sleep]", ("sleep", "idle")),
+    ("inhibit:\n  - sleep\n  - idle", ("sleep", "idle")), ("", ()),
+])
+def test_the_profile_key(text, want):
+    from vfio_hookd import profile
+    p = profile.parse_profile(f"devices: ['0000:01:00.0']\n{text}\n", "/p.yaml", "vm")
+    assert p.inhibit == want
+    assert profile.profile_from_dict(p.to_dict()) == p          # the record's copy reads back
+    assert p.to_dict()["inhibit"] == (list(want) if want else "none")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("inhibit: true", "/p.yaml:2: inhibit: must be 'none', 'sleep', 'idle' or a list of them, "
+                      "got bool: write 'sleep'"),
+    ("inhibit: sleep:idle", "/p.yaml:2: inhibit: write the lock types as a list: "
+                            "inhibit: [sleep, idle]"),
+    ("inhibit: slep", "/p.yaml:2: inhibit: must be 'none', 'sleep', 'idle' or a list of them, "
+                      "got 'slep' (did you mean 'sleep'?)"),
+    ("inhibit: []", "/p.yaml:2: inhibit: empty list: write 'none' to take no inhibitor lock, "
+                    "or [sleep]"),
+    ("inhibit: 3", "/p.yaml:2: inhibit: must be 'none', 'sleep', 'idle' or a list of them, "
+                   "got int"),
+    ("inhibit:\n  - sleep\n  - shutdown", "/p.yaml:4: inhibit[1]: 'shutdown' is not taken: a "
+                                          "shutdown stops the VM (libvirt-guests) and its "
+                                          "release gives the GPU back; the lock types are "
+                                          "'sleep' and 'idle'"),
+    ("inhibit: [sleep, sleep]", "/p.yaml:2: inhibit[1]: duplicate lock type 'sleep' (also "
+                                "inhibit[0])"),
+    ("inhibit: [5]", "/p.yaml:2: inhibit[0]: must be 'sleep' or 'idle', got int"),
+])
+def test_a_bad_profile_key_names_file_line_and_key(text, message):
+    from vfio_hookd import profile
+    with pytest.raises(HookdError) as exc:
+        profile.parse_profile(f"devices: ['0000:01:00.0']\n{text}\n", "/p.yaml", "vm")
+    assert exc.value.code == errors.PROFILE_INVALID
+    assert exc.value.message == message
