@@ -52,7 +52,7 @@ class Inhibitors:
             self._held[vm] = held
             self._errors.pop(vm, None)
         if old is not None:
-            os.close(old.fd)
+            _close(old.fd)
         return held
 
     def release(self, vm: str) -> Held | None:
@@ -65,7 +65,7 @@ class Inhibitors:
             held = self._held.pop(vm, None)
             self._errors.pop(vm, None)
         if held is not None:
-            os.close(held.fd)
+            _close(held.fd)
         return held
 
     def get(self, vm: str) -> Held | None:
@@ -88,4 +88,13 @@ class Inhibitors:
         with self._lock:
             held, self._held = self._held, {}
         for h in held.values():
-            os.close(h.fd)
+            _close(h.fd)
+
+
+def _close(fd: int) -> None:
+    """Close a lock's descriptor. Its number is forgotten first, and ``close(2)`` releases the
+    descriptor whatever it reports (EINTR, EIO): never closed twice, never retried."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
