@@ -6,7 +6,7 @@ Locks"), so the descriptor lives here, in the daemon's memory, never in a record
 says what was taken (what, who, why, mode) and the ``inhibit`` step
 (:mod:`vfio_hookd.steps.inhibit`) puts it here and takes it out. When the daemon stops, the
 descriptors close with the process and logind drops the locks; a new daemon takes them again
-for the VMs still prepared (:meth:`vfio_hookd.machine.Machine.retake_inhibitors`), and notes
+for the VMs still prepared (:func:`vfio_hookd.steps.inhibit.retake_all`), and notes
 here the VMs for which that failed, for ``status``.
 """
 

@@ -36,12 +36,16 @@ class Inhibit(Step):
     descriptor; the lock lasts while it is open. The descriptor stays in this process's
     registry (:class:`vfio_hookd.inhibitors.Inhibitors`, ``ctx.inhibitors``), never in the
     record; the record's facts say what was taken, so a release (and a daemon that starts
-    again, :meth:`vfio_hookd.machine.Machine.retake_inhibitors`) works from the record alone.
+    again, :func:`vfio_hookd.steps.inhibit.retake_all`) works from the record alone.
     Logind not running, a refusal or no answer fails the prepare with ``INHIBIT_FAILED``.
 
     Undo: close the descriptor. If this process does not hold it (the daemon that took it
     ended: the kernel closed the descriptor and logind dropped the lock then), undo is a no-op
-    with a note. Nothing waits in either direction but the one ``Inhibit`` call.
+    with a note. Nothing waits in either direction but the one ``Inhibit`` call (at most
+    :data:`vfio_hookd.logind.INHIBIT_CALL_S`). A process that is not the daemon (``vfio-hookd
+    prepare`` without one) holds the lock only while it runs; the daemon takes it again when
+    it starts. Measured: 2-15 ms on the simulated host over D-Bus; 166 ms under systemd 252's
+    logind in the TCG guest; the undo under 10 ms.
 
     Facts: ``{"plan": [{"what", "who", "why", "mode"}] (empty: off), "done": [...],
     "since": UTC time taken, "pid": the process that took it}``.
