@@ -6,7 +6,8 @@ simulated host has one (``.sim/desktop.json``), else it is a host without logind
 Same interface, results and errors as the real clients: ``available``, ``sessions`` (list of
 :class:`vfio_hookd.logind.Session`), ``session_of_pid``, ``user_of_pid``, ``system_pids``,
 ``watch`` (an object with ``fileno``, ``clear``, ``wait``, ``close``, ``events``),
-``terminate_sessions``, ``user_manager`` (None when the instance does not run), ``close``.
+``terminate_sessions``, ``user_manager`` (None when the instance does not run), ``inhibit``
+(a real descriptor: a pipe end, :mod:`testbed.sim.inhibitors`), ``inhibitors``, ``close``.
 
 logind's own hold on a compositor's devices is a process named ``systemd-logind`` here (the test
 process itself is excluded from holder scans), whose PID :meth:`FakeLogind.system_pids` names.
@@ -20,11 +21,12 @@ import signal
 import threading
 import time
 
-from vfio_hookd.errors import TIMEOUT, UNIT_FAILED, HookdError
-from vfio_hookd.logind import Session
+from vfio_hookd.errors import INHIBIT_FAILED, TIMEOUT, UNIT_FAILED, HookdError
+from vfio_hookd.logind import Inhibitor, Session
 
 from .procs import stop as stop_process
 from .sim import desktop as model
+from .sim.inhibitors import Inhibitors, Refused
 
 
 class _Watch:
@@ -111,10 +113,12 @@ class FakeLogind:
     def __init__(self, root: str, state_root: str | None = None):
         state_root = state_root or root
         self.model = None
+        self.locks = None
         self._src = _Source()
         if os.path.exists(os.path.join(state_root, ".sim", "desktop.json")):
             self.model = _FakeDesktop(root, state_root)
             self.model.listeners.append(self._on_event)
+            self.locks = Inhibitors(state_root)
 
     def _on_event(self, event: str, args: tuple) -> None:
         member = {"SessionChanged": "PropertiesChanged"}.get(event, event)
@@ -190,11 +194,31 @@ class FakeLogind:
                 return None
         return FakeUserManager(self, uid)
 
+    def inhibit(self, what: str, who: str, why: str, mode: str = "block",
+                timeout_s: float = 10.0) -> int:
+        """As :meth:`vfio_hookd.logind.Logind.inhibit` (same errors and messages): the caller's
+        end of a pipe whose other end the model keeps."""
+        if self.locks is None:
+            raise HookdError(INHIBIT_FAILED, f"systemd-logind is not running (nothing owns "
+                             f"org.freedesktop.login1 on the system bus): no {what} inhibitor "
+                             f"lock; start systemd-logind.service, or set inhibit: none")
+        try:
+            return self.locks.take(what, who, why, mode, os.getuid(), os.getpid())
+        except Refused as exc:
+            raise HookdError(INHIBIT_FAILED, f"systemd-logind did not give the {what} "
+                             f"inhibitor lock (mode {mode}): {exc.message}") from None
+
+    def inhibitors(self) -> list[Inhibitor]:
+        """The locks whose descriptor is open (``ListInhibitors``)."""
+        return [Inhibitor(*row) for row in self.locks.live()] if self.locks else []
+
     def close(self) -> None:
         """"Close the connection" (the model keeps running)."""
 
     def kill_all(self) -> None:
         """End every process of the model (tests call it at teardown)."""
+        if self.locks is not None:
+            self.locks.close()
         if self.model is not None:
             pids = [p for fds in self.model.logind_fds.values() for p in fds]
             self.model.close()

@@ -34,6 +34,8 @@ def test_exit_statuses_never_move():
     assert {c: errors.EXIT_STATUS[c] for c in released} == {c: i + 2 for i, c in enumerate(released)}
     assert errors.EXIT_STATUS["RECORD_INVALID"] == 26
     assert errors.EXIT_STATUS["UNTRUSTED_FILE"] == 27
+    # reserved for issue 11's steps (33 CPU tuning, 34 hugepages, 36/37 the ROM dump)
+    assert errors.EXIT_STATUS["INHIBIT_FAILED"] == 35
 
 
 def test_the_readme_documents_every_exit_status():

@@ -106,13 +106,15 @@ TUNING = 'host_cpus: "0-7"\ncpu_governor: performance\nhugepages: {pages: 16, si
 
 # What must be true before a step can run alone: the display manager and
 # nvidia-persistenced hold the GPU, so steps that unbind it need the units stopped first.
-PREREQS = {"units": [], "sessions": ["units"], "holders": ["units"], "vtconsoles": [], "framebuffer": [],
-           "bind_vfio": ["units"], "modules": ["units"], "hugepages": [], "cpu_isolation": [],
-           "cpu_governor": []}
+PREREQS = {"inhibit": [], "units": [], "sessions": ["units"], "holders": ["units"], "vtconsoles": [],
+           "framebuffer": [], "bind_vfio": ["units"], "modules": ["units"], "hugepages": [],
+           "cpu_isolation": [], "cpu_governor": []}
 
 
-# the sessions step: tests/test_desktop.py (it has nothing to do on a host without logind)
-_ON_THIS_HOST = [k for k, n in enumerate(STEP_NAMES) if n != "sessions"]
+# the sessions step: tests/test_desktop.py (it has nothing to do on a host without logind);
+# the inhibit step (off by default, and logind's): tests/test_inhibit.py
+_ELSEWHERE = ("sessions", "inhibit")
+_ON_THIS_HOST = [k for k, n in enumerate(STEP_NAMES) if n not in _ELSEWHERE]
 
 
 @pytest.mark.parametrize("k", _ON_THIS_HOST, ids=[STEP_NAMES[k] for k in _ON_THIS_HOST])
@@ -169,9 +171,9 @@ FAULTS = {
 }
 
 
-# the sessions step has nothing to do on this host (no logind): its failures and rollback are
-# tested on the desktop hosts (tests/test_desktop.py)
-@pytest.mark.parametrize("name", [n for n in STEP_NAMES if n != "sessions"])
+# the sessions and inhibit steps have nothing to do on this host (no logind): their failures
+# and rollback are tested on the desktop hosts (tests/test_desktop.py, tests/test_inhibit.py)
+@pytest.mark.parametrize("name", [n for n in STEP_NAMES if n not in _ELSEWHERE])
 def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
     world.profile(extra=TUNING)
     before = world.snapshot()

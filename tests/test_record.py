@@ -15,7 +15,7 @@ from vfio_hookd.plan import MARGIN_S, plan_release
 from vfio_hookd.profile import Deadlines
 from vfio_hookd.record import VERSION, Record, RecordStore
 from vfio_hookd.status import status_from_records
-from vfio_hookd.steps import STEPS, Shape
+from vfio_hookd.steps import BY_NAME, STEPS, Shape
 
 pytestmark = pytest.mark.unit
 
@@ -92,7 +92,7 @@ def test_prepare_deadline_sums_each_steps_declared_waits(world):
                 for s in STEPS) + plan.deadlines.desktop_back   # the check after a rollback
     assert plan.deadline_s == pytest.approx(total + MARGIN_S)
     # the units step's share follows the profile: two stops of 11 s
-    assert STEPS[0].max_apply_s(plan.profile, shape) == 22.0
+    assert BY_NAME["units"].max_apply_s(plan.profile, shape) == 22.0
 
 
 def _rewrite(world, change) -> None:

@@ -104,6 +104,12 @@ def cmd_status(args, env: Env) -> int:
             print(f"  device {dev['address']}: driver {dev['driver'] or 'none'}"
                   + (f" (held by VM {dev['held_by']})" if dev.get("held_by") else
                      f" (before: {before or 'none'})" if "driver_before" in dev else ""))
+        inh = vm.get("inhibitor")
+        if inh:
+            print(f"  inhibitor {inh['what']} ({inh['mode']}) since {inh['since']}: " + (
+                "held by the daemon" if inh["held"] else f"NOT held: {inh['error']}"
+                if inh["error"] else "NOT held by the daemon" if inh["held"] is False else
+                "the daemon that took it is not running (it takes it again when it starts)"))
         for s in vm["steps"]:
             times = []
             if s["duration_ms"] is not None:

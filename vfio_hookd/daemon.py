@@ -82,6 +82,17 @@ class Daemon(Server):
         except Exception:
             log.exception("connecting to systemd failed")
 
+    def retake_inhibitors(self) -> dict:
+        """Take the logind inhibitor locks again for the VMs still prepared
+        (:func:`vfio_hookd.steps.inhibit.retake_all`): the locks of the daemon that ran before
+        ended with its descriptors. Called before ``READY=1``, so a ``systemctl restart`` has
+        them back when it returns; a failure is logged and shown by status, never fatal.
+
+        :returns: ``{vm: None (taken) or the error (str)}``.
+        """
+        from .steps.inhibit import retake_all
+        return retake_all(self.machine, log)
+
     def recover(self) -> list[threading.Thread]:
         """Release, in the background, every VM whose record was left ``preparing`` or
         ``releasing`` by a daemon that died mid-operation. Such a prepare never answered, so
@@ -209,6 +220,7 @@ def run(paths: Paths, host: Host | None = None, systemd_factory=None,
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     preload()
+    daemon.retake_inhibitors()   # before serving: the host must not sleep under a running VM
     logmod.notify("READY=1")
     threading.Thread(target=daemon.warm_up, daemon=True, name="warm-up").start()
     daemon.recover()

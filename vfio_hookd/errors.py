@@ -46,6 +46,8 @@ CPU_TUNING_FAILED = "CPU_TUNING_FAILED"      # AllowedCPUs or a cpufreq governor
                                             # or given back (steps cpu_isolation, cpu_governor)
 HUGEPAGES_SHORT = "HUGEPAGES_SHORT"          # the kernel allocated fewer hugepages than the VM
                                             # needs (the part it did allocate is given back)
+INHIBIT_FAILED = "INHIBIT_FAILED"            # logind did not give the sleep inhibitor lock the
+                                            # profile asks for (not running, refused, no answer)
 ROM_INVALID = "ROM_INVALID"                  # rom dump: no valid expansion ROM image (rom.py)
 ROM_UNRELIABLE = "ROM_UNRELIABLE"            # rom dump: the kernel would not hand out the
                                             # card's own ROM now (shadow copy, a driver on it)
@@ -61,7 +63,7 @@ EXIT_STATUS = {
     INSTALL_FAILED: 23, VM_RUNNING: 24, INTERNAL: 25, RECORD_INVALID: 26,
     UNTRUSTED_FILE: 27, DEVICE_STUCK: 28, DAEMON_BUSY: 29, PROFILE_EXISTS: 30,
     CHECK_FAILED: 31, DESKTOP_NOT_BACK: 32, CPU_TUNING_FAILED: 33, HUGEPAGES_SHORT: 34,
-    ROM_INVALID: 36, ROM_UNRELIABLE: 37,
+    INHIBIT_FAILED: 35, ROM_INVALID: 36, ROM_UNRELIABLE: 37,
 }
 CODES = tuple(EXIT_STATUS)
 

@@ -89,6 +89,28 @@ def call(con, dest: str | None, path: str, iface: str, method: str, args=None,
     return reply.unpack() if reply is not None else ()
 
 
+def call_fds(con, dest: str | None, path: str, iface: str, method: str, args=None,
+             signature: str | None = None, timeout_s: float = 25.0) -> tuple[tuple, list[int]]:
+    """:func:`call` for a method whose reply carries file descriptors (D-Bus type ``h``: an
+    index into the message's descriptors). pydbus cannot do this (it calls ``call_sync``,
+    whose reply drops the descriptors), so it is Gio's ``call_with_unix_fd_list_sync``.
+
+    :returns: ``(reply tuple, fds)``: ``fds`` (list of int) are the reply's descriptors,
+        stolen from the ``Gio.UnixFDList`` (``steal_fds``: the list no longer closes them),
+        so the caller owns each one and must close it. GLib receives them close-on-exec
+        (``SCM_RIGHTS`` with ``MSG_CMSG_CLOEXEC``).
+    :raises gi.repository.GLib.Error: the call failed or timed out.
+    """
+    from gi.repository import Gio, GLib
+
+    params = GLib.Variant(f"({signature})", args) if signature else None
+    reply, fd_list = con.call_with_unix_fd_list_sync(
+        dest, path, iface, method, params, None, Gio.DBusCallFlags.NONE,
+        max(1, math.ceil(timeout_s * 1000)), None, None)
+    fds = list(fd_list.steal_fds()) if fd_list is not None else []
+    return (reply.unpack() if reply is not None else ()), fds
+
+
 def get(con, dest: str | None, path: str, iface: str, prop: str, timeout_s: float = 25.0):
     """Property ``iface.prop`` of object ``path`` (``org.freedesktop.DBus.Properties.Get``)."""
     return call(con, dest, path, "org.freedesktop.DBus.Properties", "Get", (iface, prop), "ss",
@@ -106,6 +128,14 @@ def error_name(e) -> str | None:
     from gi.repository import Gio
 
     return Gio.DBusError.get_remote_error(e)
+
+
+def remote_message(e) -> str:
+    """The message of a ``GLib.Error`` from a call without GDBus's ``GDBus.Error:NAME: ``
+    prefix (what ``Gio.DBusError.strip_remote_error`` removes; PyGObject's errors are copies,
+    so it is cut here). A D-Bus error name holds no ``": "``."""
+    msg = e.message or ""
+    return msg.split(": ", 1)[1] if msg.startswith("GDBus.Error:") and ": " in msg else msg
 
 
 class SignalWatch:

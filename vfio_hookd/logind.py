@@ -11,7 +11,9 @@ What the desktop steps ask logind (FIELD-NOTES §3, §7, §8):
 - ``Manager.GetSessionByPID(u)`` / ``GetUserByPID(u)`` (errors ``NoSessionForPID``,
   ``NoUserForPID``) and the user's ``UID``;
 - ``Manager.TerminateSession(s)``, and the signals ``SessionNew(so)``, ``SessionRemoved(so)``
-  and ``PropertiesChanged`` of the session objects, to wait without sleeping.
+  and ``PropertiesChanged`` of the session objects, to wait without sleeping;
+- ``Manager.Inhibit(ssss) -> h`` and ``ListInhibitors() -> a(ssssuu)`` for the ``inhibit``
+  step (:mod:`vfio_hookd.steps.inhibit`; systemd.io "Inhibitor Locks").
 
 A host where nothing owns ``org.freedesktop.login1`` (or no bus at all) has no sessions: the
 queries answer empty, so the steps leave the desktop to the units step as before.
@@ -25,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from . import gdbus
-from .errors import SYSTEMD_UNAVAILABLE, HookdError
+from .errors import INHIBIT_FAILED, SYSTEMD_UNAVAILABLE, HookdError
 
 LOGIND = "org.freedesktop.login1"
 MANAGER_PATH = "/org/freedesktop/login1"
@@ -33,6 +35,9 @@ MANAGER_IFACE = "org.freedesktop.login1.Manager"
 SESSION_IFACE = "org.freedesktop.login1.Session"
 USER_IFACE = "org.freedesktop.login1.User"
 _ABSENT = {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
+#: How long (s) logind may take to answer ``Inhibit`` (it answers in milliseconds; a logind
+#: that does not answer in this time fails the prepare rather than hanging it).
+INHIBIT_CALL_S = 10.0
 _NO_SUCH = {"org.freedesktop.login1.NoSessionForPID", "org.freedesktop.login1.NoUserForPID",
             "org.freedesktop.login1.NoSuchSession", "org.freedesktop.DBus.Error.UnknownObject"}
 
@@ -61,6 +66,19 @@ class Session:
         d = asdict(self)
         d["class"] = d.pop("cls")
         return d
+
+
+@dataclass(frozen=True)
+class Inhibitor:
+    """One inhibitor lock as ``ListInhibitors`` shows it (``systemd-inhibit --list``): ``what``
+    (``"sleep:idle"``), ``who``, ``why``, ``mode`` (``block`` or ``delay``), ``uid`` and
+    ``pid`` (int) of the process that took it."""
+    what: str
+    who: str
+    why: str
+    mode: str
+    uid: int
+    pid: int
 
 
 class Logind:
@@ -233,6 +251,54 @@ class Logind:
             return [i for i in left if i not in removed]
         finally:
             watch.close()
+
+    def inhibit(self, what: str, who: str, why: str, mode: str = "block",
+                timeout_s: float = INHIBIT_CALL_S) -> int:
+        """Take an inhibitor lock: ``Manager.Inhibit(what, who, why, mode) -> h``
+        (``org.freedesktop.login1(5)``; systemd.io "Inhibitor Locks"). The lock holds while
+        the returned descriptor (one end of a FIFO logind watches) is open anywhere: closing
+        it releases the lock, and so does the end of the process that holds it.
+
+        :param what: lock types joined by ``:`` (``"sleep"``, ``"sleep:idle"``).
+        :param who: / :param why: what ``systemd-inhibit --list`` shows. :param mode:
+            ``block`` or ``delay``. :param timeout_s: how long logind may take to answer (s).
+        :returns: the descriptor (int, close-on-exec); the caller owns it.
+        :raises HookdError: ``INHIBIT_FAILED``: no system bus, logind not running, the lock
+            refused (polkit, a bad argument), or no answer within ``timeout_s``.
+        """
+        from gi.repository import GLib
+        con = self._connection()
+        if con is None:
+            raise HookdError(INHIBIT_FAILED, f"no D-Bus system bus: systemd-logind cannot be "
+                             f"asked for the {what} inhibitor lock")
+        try:
+            reply, fds = gdbus.call_fds(con, LOGIND, MANAGER_PATH, MANAGER_IFACE, "Inhibit",
+                                        (what, who, why, mode), "ssss", timeout_s)
+        except GLib.Error as e:
+            if gdbus.error_name(e) in _ABSENT:
+                raise HookdError(INHIBIT_FAILED, f"systemd-logind is not running (nothing owns "
+                                 f"{LOGIND} on the system bus): no {what} inhibitor lock; "
+                                 f"start systemd-logind.service, or set inhibit: none") from None
+            raise HookdError(INHIBIT_FAILED, f"systemd-logind did not give the {what} "
+                             f"inhibitor lock (mode {mode}): {gdbus.remote_message(e)}") \
+                from None
+        index = reply[0] if reply else -1
+        fd = fds.pop(index) if isinstance(index, int) and 0 <= index < len(fds) else None
+        for other in fds:   # a reply carries one; never leak what else came with it
+            os.close(other)
+        if fd is None:
+            raise HookdError(INHIBIT_FAILED, f"systemd-logind answered Inhibit({what!r}) "
+                             f"without a file descriptor")
+        return fd
+
+    def inhibitors(self) -> list[Inhibitor]:
+        """Every inhibitor lock logind holds now (``ListInhibitors``); ``[]`` without logind.
+
+        :raises HookdError: ``SYSTEMD_UNAVAILABLE`` (logind fails to answer).
+        """
+        reply = self._call("ListInhibitors")
+        return [Inhibitor(str(w), str(who), str(why), str(m), int(u), int(p))
+                for w, who, why, m, u, p in (reply[0] if reply else [])]
 
     def user_manager(self, uid: int):
         """The client of user ``uid``'s systemd instance

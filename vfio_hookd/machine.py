@@ -30,6 +30,7 @@ from . import desktop, errors, pci
 from . import plan as plans
 from .errors import HookdError
 from .host import Host
+from .inhibitors import Inhibitors
 from .locks import Locks
 from .paths import Paths, check_vm_name
 from .plan import Plan
@@ -73,6 +74,7 @@ class Machine:
         self._lockset = Locks(paths.locks_dir, lock_timeout_s)
         self.lock_timeout_s = lock_timeout_s
         self.holders_grace_s = holders_grace_s
+        self.inhibitors = Inhibitors()   # the inhibitor locks' descriptors: the process's own
 
     # ---- helpers ------------------------------------------------------------------------------
     def systemd(self):
@@ -99,7 +101,8 @@ class Machine:
                        systemd=self.systemd, log=logger,
                        child_modules=dict(rec.child_modules),
                        holders_grace_s=self.holders_grace_s,
-                       stopped_units=tuple(_stopped_units(rec)), logind=self.logind, cpus=cpus)
+                       stopped_units=tuple(_stopped_units(rec)), logind=self.logind, cpus=cpus,
+                       inhibitors=self.inhibitors)
 
     def _save(self, rec: Record) -> None:
         """Save ``rec``; on failure log it and go on (an undo must not stop because /run is
@@ -360,9 +363,10 @@ class Machine:
 
     # ---- status -------------------------------------------------------------------------------
     def status(self, vm: str | None = None) -> dict:
-        """The status document (:func:`vfio_hookd.status.status_from_records`)."""
+        """The status document (:func:`vfio_hookd.status.status_from_records`), with the
+        inhibitor locks this process holds."""
         from .status import status_from_records
-        return status_from_records(self.host, self.paths, vm)
+        return status_from_records(self.host, self.paths, vm, self.inhibitors)
 
 
 def _stopped_units(rec: Record) -> list[str]:

@@ -10,7 +10,8 @@ process working on the simulated host (daemon, fake systemd, tests) sees the sam
 
 - ``op``: ``write`` (target: a host path), ``modprobe`` / ``rmmod`` (target: module name),
   ``stop`` / ``start`` (target: unit name), ``set_property`` (target: unit name; systemd's
-  ``SetUnitProperties``, :mod:`testbed.sim.cpus`).
+  ``SetUnitProperties``, :mod:`testbed.sim.cpus`), ``inhibit`` (target: logind's ``what``, e.g.
+  ``sleep``: the lock is refused, :mod:`.inhibitors`).
 - ``target``: an ``fnmatch`` pattern.
 - ``action``: ``fail`` (the operation fails with ``errno``; for units, the job ends "failed"),
   ``hang`` (the operation never completes, like an NVIDIA unbind with a holder) or ``stall``
@@ -40,7 +41,7 @@ REALISTIC = {
     "modprobe": 0.15, "rmmod": 0.15, "unit_stop": 0.8, "unit_start": 0.8,
 }
 
-OPS = ("write", "modprobe", "rmmod", "stop", "start", "set_property")
+OPS = ("write", "modprobe", "rmmod", "stop", "start", "set_property", "inhibit")
 ACTIONS = ("fail", "hang", "stall")
 
 

@@ -8,8 +8,9 @@ Run as ``python -m testbed.sim.logind --root SIMROOT --address ADDR [--state-roo
 
 - ``/org/freedesktop/login1``, ``org.freedesktop.login1.Manager``: ``ListSessions() ->
   a(susso)``, ``GetSession(s) -> o``, ``GetSessionByPID(u) -> o`` (``NoSessionForPID``),
-  ``GetUserByPID(u) -> o`` (``NoUserForPID``), ``TerminateSession(s)`` (``NoSuchSession``);
-  signals ``SessionNew(so)``, ``SessionRemoved(so)``, ``UserNew(uo)``, ``UserRemoved(uo)``.
+  ``GetUserByPID(u) -> o`` (``NoUserForPID``), ``TerminateSession(s)`` (``NoSuchSession``),
+  ``Inhibit(ssss) -> h`` (a real descriptor over the bus: a pipe end) and ``ListInhibitors()
+  -> a(ssssuu)`` (the locks whose descriptor is still open; :mod:`.inhibitors`); signals ``SessionNew(so)``, ``SessionRemoved(so)``, ``UserNew(uo)``, ``UserRemoved(uo)``.
 - ``/org/freedesktop/login1/session/_3N``, ``org.freedesktop.login1.Session``: ``Id``, ``Name``,
   ``User (uo)``, ``Seat (so)``, ``Class``, ``Type``, ``State``, ``Leader``, ``TTY``, ``Scope``,
   ``Service``, ``Remote`` (``PropertiesChanged`` on ``State``).
@@ -34,6 +35,7 @@ import sys
 from gi.repository import Gio, GLib
 
 from . import desktop as model
+from .inhibitors import Inhibitors, Refused
 from .systemd import bus_label
 
 NAME = "org.freedesktop.login1"
@@ -49,6 +51,10 @@ INTROSPECTION = """
   <method name="GetUserByPID"><arg type="u" direction="in"/><arg type="o" direction="out"/>
   </method>
   <method name="TerminateSession"><arg type="s" direction="in"/></method>
+  <method name="Inhibit"><arg type="s" direction="in"/><arg type="s" direction="in"/>
+   <arg type="s" direction="in"/><arg type="s" direction="in"/><arg type="h" direction="out"/>
+  </method>
+  <method name="ListInhibitors"><arg type="a(ssssuu)" direction="out"/></method>
   <signal name="SessionNew"><arg type="s"/><arg type="o"/></signal>
   <signal name="SessionRemoved"><arg type="s"/><arg type="o"/></signal>
   <signal name="UserNew"><arg type="u"/><arg type="o"/></signal>
@@ -105,6 +111,7 @@ class SimLogind:
         self.regs: dict[str, int] = {}
         self.servers: dict[int, tuple] = {}     # uid -> (service, socket path, [connections])
         self.guid = Gio.dbus_generate_guid()
+        self.locks = Inhibitors(desk.state_root)
         con.register_object(LOGIN_PATH, self._iface("org.freedesktop.login1.Manager"),
                             self._on_manager, None, None)
         with desk.lock:
@@ -183,9 +190,36 @@ class SimLogind:
                                   GLib.Variant("(uoss)", (jid, path, unit, result)))
         return GLib.SOURCE_REMOVE
 
+    def _inhibit(self, con, sender: str, args: tuple, inv) -> None:
+        """``Inhibit``: the caller's end of the lock's pipe goes over the bus in the reply's
+        descriptor list (which holds its own copy: ours is closed at once)."""
+        def peer(method: str) -> int:
+            return con.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                 "org.freedesktop.DBus", method, GLib.Variant("(s)", (sender,)),
+                                 GLib.VariantType("(u)"), Gio.DBusCallFlags.NONE, 5000,
+                                 None).unpack()[0]
+        try:
+            w = self.locks.take(*args, peer("GetConnectionUnixUser"),
+                                peer("GetConnectionUnixProcessID"))
+        except Refused as exc:
+            inv.return_dbus_error(exc.name, exc.message)
+            return
+        fds = Gio.UnixFDList.new()
+        try:
+            index = fds.append(w)
+        finally:
+            os.close(w)
+        inv.return_value_with_unix_fd_list(GLib.Variant("(h)", (index,)), fds)
+
     def _on_manager(self, con, sender, path, iface, method, params, inv) -> None:
         args = params.unpack()
         d = self.desk
+        if method == "Inhibit":
+            self._inhibit(con, sender, args, inv)
+            return
+        if method == "ListInhibitors":
+            inv.return_value(GLib.Variant("(a(ssssuu))", (self.locks.live(),)))
+            return
         with d.lock:
             if method == "ListSessions":
                 inv.return_value(GLib.Variant("(a(susso))", ([

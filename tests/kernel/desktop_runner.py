@@ -25,6 +25,14 @@ A variant is a desktop as users run it, started by the guest's systemd:
 - ``x11-fault``, ``wayland-fault``: that desktop, and a prepare that fails at its last step
   (``bind_vfio``: vfio-pci cannot be loaded) must roll back to the same state.
 
+The profile names the devices, plus :data:`PROFILE_EXTRA` of the variant (written before each
+variant). ``wayland`` also isolates the CPUs (``host_cpus: "0"``: ``AllowedCPUs`` of
+``system.slice``, ``user.slice``, ``init.scope`` read back from the real systemd while
+prepared, and as before after the release). ``x11`` asks ``inhibit: sleep``: while prepared, the guest's real logind lists
+vfio-hookd's ``block`` lock on ``sleep`` held by the daemon's PID (``ListInhibitors``); after
+``systemctl restart vfio-hookd.service`` it lists it again, held by the new daemon; after the
+release it is gone (:func:`check_inhibitor`).
+
 In every variant alice's user instance runs PipeWire + WirePlumber (+ pipewire-pulse), which
 open the HDA function's nodes (alice is in ``audio``), and alice has a second session that is
 not on seat0: ``ssh alice@localhost`` to the guest's real sshd (class user, no seat), opened
@@ -65,8 +73,9 @@ VARIANTS = {"x11": "lightdm.service", "x11-fault": "lightdm.service",
             "package": "greetd.service"}
 #: Per-variant profile keys, after the devices (written before each variant). ``wayland`` also
 #: isolates the guest's CPUs (2 vCPUs: the host keeps CPU 0, the VM gets CPU 1) and asks for
-#: the performance governor (the QEMU guest has no cpufreq: reported, not an error).
-PROFILE_EXTRA = {"wayland": 'host_cpus: "0"\ncpu_governor: performance\n'}
+#: the performance governor (the QEMU guest has no cpufreq: reported, not an error); ``x11``
+#: also holds a logind sleep inhibitor lock while prepared.
+PROFILE_EXTRA = {"wayland": 'host_cpus: "0"\ncpu_governor: performance\n', "x11": "inhibit: sleep\n"}
 #: The units the cpu_isolation step confines (vfio_hookd.steps.cpus.UNITS).
 CPU_UNITS = ("system.slice", "user.slice", "init.scope")
 #: How long a desktop may take to come up or back under TCG (s; FIELD-NOTES §8: LightDM's
@@ -465,6 +474,68 @@ def cpus_released(res: dict) -> list[str]:
     return [f"CPU units after release: {'; '.join(wrong)}"] if wrong else []
 
 
+# ---- logind's inhibitor locks -----------------------------------------------------------------
+def inhibitors() -> list[list]:
+    """``[[what, who, why, mode, uid, pid]]``: logind's ``ListInhibitors`` (busctl, JSON)."""
+    r = run("busctl", "call", "--json=short", "org.freedesktop.login1",
+            "/org/freedesktop/login1", "org.freedesktop.login1.Manager", "ListInhibitors",
+            check_rc=True)
+    return json.loads(r.stdout)["data"][0]
+
+
+def ours() -> list[list]:
+    """vfio-hookd's locks among :func:`inhibitors`."""
+    return [i for i in inhibitors() if i[1] == "vfio-hookd"]
+
+
+def daemon_pid() -> int:
+    r = run("systemctl", "show", "-p", "MainPID", "--value", "vfio-hookd.service")
+    return int(r.stdout.strip() or 0)
+
+
+def check_inhibitor(g: Guest, res: dict) -> None:
+    """While prepared with ``inhibit: sleep``: logind lists one ``block`` lock on ``sleep``
+    of who ``vfio-hookd`` held by the daemon; ``systemctl restart vfio-hookd.service`` -> it
+    is listed again, held by the new daemon (taken before ``READY=1``). logind drops a lock
+    when it sees its FIFO closed, and tells no one: where a lock must go, the harness polls
+    ``ListInhibitors`` with a deadline."""
+    out = res.setdefault("inhibitor", {})
+    pid = daemon_pid()
+    locks = ours()
+    out["prepared"] = {"daemon_pid": pid, "locks": locks,
+                       "block_inhibited": run("busctl", "get-property",
+                                              "org.freedesktop.login1", "/org/freedesktop/login1",
+                                              "org.freedesktop.login1.Manager",
+                                              "BlockInhibited").stdout.strip(),
+                       "systemd_inhibit_list": run("systemd-inhibit", "--list",
+                                                   "--no-pager").stdout}
+    check([(i[0], i[3], i[5]) for i in locks] == [("sleep", "block", pid)],
+          f"logind's locks of vfio-hookd while prepared: {locks} (daemon PID {pid})")
+    check(f"VM {VM} holds the GPU" in locks[0][2], f"why: {locks[0][2]!r}")
+    st = g.status().get("inhibitor") or {}
+    check(st.get("held") is True and st.get("what") == "sleep", f"status inhibitor: {st}")
+    t0 = time.monotonic()
+    run("systemctl", "restart", "vfio-hookd.service", check_rc=True)
+    out["restart_s"] = round(time.monotonic() - t0, 2)
+    new = daemon_pid()
+    check(new and new != pid, f"vfio-hookd.service MainPID {new} after the restart (was {pid})")
+    out["listed_at_restart_return"] = ours()
+    locks = wait_for("only the new daemon's lock", lambda: (
+        lambda l: l if [(i[0], i[3], i[5]) for i in l] == [("sleep", "block", new)] else None)(
+        ours()), 10.0, every_s=0.2)
+    out["restarted"] = {"daemon_pid": new, "locks": locks}
+    st = g.status().get("inhibitor") or {}
+    check(st.get("held") is True, f"status inhibitor after the restart: {st}")
+
+
+def check_inhibitor_gone(res: dict) -> None:
+    """After the release: vfio-hookd's lock is gone from logind's list."""
+    t0 = time.monotonic()
+    wait_for("vfio-hookd's lock gone", lambda: ours() == [], 10.0, every_s=0.2)
+    res["inhibitor"]["gone_after_release_s"] = round(time.monotonic() - t0, 2)
+    res["inhibitor"]["after_release"] = inhibitors()
+
+
 # ---- desktops ---------------------------------------------------------------------------------
 def alias_dm(unit: str | None) -> None:
     link = "/etc/systemd/system/display-manager.service"
@@ -726,7 +797,8 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
     g.nodes_before = g.function_nodes()
     pre_evidence = holder_pids(g.nodes_before)
     res["holders_before_pids"] = pre_evidence
-    if variant in PROFILE_EXTRA:
+    cpus = "host_cpus:" in PROFILE_EXTRA.get(variant, "")
+    if cpus:
         res["cpus"] = {"before": cpu_state()}
     p = prepare_timed(g)
     res["prepare"] = p
@@ -745,10 +817,13 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
           f"{json.dumps(holder_pids(g.nodes_before))}")
     ssh_alive(g)
     outside_seat0_kept(g, before)
-    if variant in PROFILE_EXTRA:
+    if cpus:
         cpus_prepared(st, res)
     res["after_prepare"] = {"seat0": seat0(), "user_units": user_units(),
                             "dm": unit_state("display-manager.service")}
+    inhibit = "inhibit:" in PROFILE_EXTRA.get(variant, "")
+    if inhibit:
+        check_inhibitor(g, res)
     t0 = time.monotonic()
     r = g.cli("release", VM)
     res["release_wall_s"] = round(time.monotonic() - t0, 2)
@@ -756,12 +831,14 @@ def v_desktop(g: Guest, variant: str, res: dict) -> None:
     res["release_steps"] = step_times(st)
     res["desktop_check"] = st.get("desktop")
     check(r.returncode == 0, f"release failed: {r.stderr.strip()[:600]}")
+    if inhibit:
+        check_inhibitor_gone(res)
     late = []      # failures that do not stop the variant's other observations
     try:
         desktop_check_back(st)
     except Fail as exc:
         late.append(str(exc))
-    if variant in PROFILE_EXTRA:
+    if cpus:
         late.extend(cpus_released(res))
     back_want = dict(want)
     greetd = want["unit"] == "greetd.service"

@@ -61,6 +61,26 @@ def test_desktop_variant(kernel_boots, boot, variant):
     assert b.rc in (kh.EXIT_PASS, kh.EXIT_FAIL), f"{b.verdict()} although {variant} passed."
 
 
+def test_desktop_x11_holds_a_sleep_inhibitor(kernel_boots):
+    """The ``x11`` variant's profile asks ``inhibit: sleep`` (``desktop_runner.PROFILE_EXTRA``):
+    the guest's real logind (systemd 252) listed vfio-hookd's ``block`` lock on ``sleep`` held
+    by the daemon while prepared, again held by the new daemon after ``systemctl restart
+    vfio-hookd.service``, and no more after the release."""
+    assert desktop_runner.PROFILE_EXTRA["x11"] == "inhibit: sleep\n"
+    b = kernel_boots.get("desktop-x11")
+    res = b.results.get("x11")
+    assert res is not None, f"{b.verdict()}; no result for x11. {_where(b, 'x11')}"
+    inh = res.get("inhibitor") or {}
+    pid, new = inh["prepared"]["daemon_pid"], inh["restarted"]["daemon_pid"]
+    assert [(i[0], i[1], i[3], i[5]) for i in inh["prepared"]["locks"]] == \
+        [("sleep", "vfio-hookd", "block", pid)], inh
+    assert new != pid and [(i[0], i[3], i[5]) for i in inh["restarted"]["locks"]] == \
+        [("sleep", "block", new)], inh
+    assert not [i for i in inh["after_release"] if i[1] == "vfio-hookd"], inh
+    assert res["prepare_steps"]["inhibit"]["status"] == "done", res["prepare_steps"]
+    assert res["release_steps"]["inhibit"]["status"] == "undone", res["release_steps"]
+
+
 def test_desktop_plan():
     """Every desktop boot's entries are variants the guest's runner knows, each once."""
     for boot, spec in DESKTOP_BOOTS.items():

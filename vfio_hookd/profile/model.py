@@ -10,6 +10,7 @@ display_manager    ``"auto"`` (``AUTO``)   ``None``                    unit name
 modules            ``"auto"`` (``AUTO``)   ``()`` (empty tuple)        ``tuple`` of names
 vtconsoles         ``True``                ``False``                   --
 framebuffer        ``True``                ``False``                   --
+inhibit            --                      ``()`` (empty tuple)        ``tuple`` of lock types
 host_cpus          ``"auto"`` (``AUTO``)   ``None``                    canonical cpulist ``str``
 cpu_governor       --                      ``None``                    governor name ``str``
 hugepages          ``"auto"`` (``AUTO``)   ``None``                    :class:`Hugepages`
@@ -33,9 +34,13 @@ DISPLAY_MANAGER_ALIAS = "display-manager.service"
 #: The values of ``on_busy``.
 ON_BUSY = ("fail", "terminate")
 
+#: The logind lock types ``inhibit`` may name, in the order they are joined for ``Inhibit``'s
+#: ``what`` (``org.freedesktop.login1(5)``; systemd.io "Inhibitor Locks").
+INHIBIT_WHAT = ("sleep", "idle")
+
 #: Top-level keys of a profile, in the order they are documented.
 KEYS = ("devices", "display_manager", "stop_units", "vtconsoles", "framebuffer", "modules",
-        "on_busy", "hugepages", "host_cpus", "cpu_governor", "deadlines")
+        "on_busy", "inhibit", "hugepages", "host_cpus", "cpu_governor", "deadlines")
 
 #: The largest profile file (bytes): refused before YAML builds anything from it. A profile
 #: with every key and every list full is about 23 KiB.
@@ -183,6 +188,10 @@ class Profile:
         iterating.
     :ivar on_busy: ``"fail"`` or ``"terminate"``: what to do with processes still holding the
         GPU's device nodes once the units are stopped.
+    :ivar inhibit: the logind lock types held while the VM runs (a block inhibitor taken by
+        the ``inhibit`` step, :mod:`vfio_hookd.steps.inhibit`): a tuple of
+        :data:`INHIBIT_WHAT` members in that order (``("sleep",)``, ``("sleep", "idle")``),
+        or ``()`` for ``none`` (the default: no inhibitor).
     :ivar hugepages: ``None`` for ``none`` (the default: no hugepages allocated), ``"auto"``
         (:data:`AUTO`: the domain's ``<memory>`` when its XML has
         ``<memoryBacking><hugepages/>``), or a :class:`Hugepages` request. A prepare's plan
@@ -205,6 +214,7 @@ class Profile:
     framebuffer: bool = True
     modules: str | tuple[str, ...] = AUTO
     on_busy: str = "fail"
+    inhibit: tuple[str, ...] = ()
     hugepages: str | Hugepages | None = None
     deadlines: Deadlines = field(default_factory=Deadlines)
     host_cpus: str | None = None
@@ -212,17 +222,20 @@ class Profile:
 
     @property
     def needs_domain_xml(self) -> bool:
-        """True when a prepare needs the domain XML: ``devices: auto`` or ``hugepages: auto``."""
-        return self.devices is None or self.hugepages == AUTO
+        """True when a prepare needs the domain XML: ``devices: auto``, ``hugepages: auto``,
+        ``host_cpus: auto``, or ``cpu_governor`` without ``host_cpus`` (the ``<vcpupin>`` CPUs)."""
+        return (self.devices is None or self.hugepages == AUTO or self.host_cpus == AUTO
+                or (self.cpu_governor is not None and self.host_cpus is None))
 
     def to_dict(self) -> dict:
         """A JSON-able dict in the profile file's own vocabulary, plus ``name`` and ``path``.
 
         ``devices`` is ``"auto"`` or a list; ``display_manager`` ``"auto"``, a unit or
         ``"none"``; ``vtconsoles``/``framebuffer`` ``"auto"``/``"none"``; ``modules``
-        ``"auto"``, a list or ``"none"``; ``hugepages`` ``"none"``, ``"auto"`` or ``{"pages",
-        "size"}``; ``host_cpus`` ``"auto"``, a cpulist or ``"none"``; ``cpu_governor`` a name
-        or ``"none"``; ``deadlines`` a dict of floats (seconds).
+        ``"auto"``, a list or ``"none"``; ``inhibit`` a list or ``"none"``; ``hugepages``
+        ``"none"``, ``"auto"`` or ``{"pages", "size"}``; ``host_cpus`` ``"auto"``, a cpulist or
+        ``"none"``; ``cpu_governor`` a name or ``"none"``; ``deadlines`` a dict of floats
+        (seconds).
         :func:`vfio_hookd.profile.profile_from_dict` reads it back to an equal :class:`Profile`.
         """
         return {
@@ -236,6 +249,7 @@ class Profile:
             "modules": (AUTO if self.modules == AUTO
                         else NONE if not self.modules else list(self.modules)),
             "on_busy": self.on_busy,
+            "inhibit": list(self.inhibit) if self.inhibit else NONE,
             "hugepages": (NONE if self.hugepages is None else self.hugepages
                           if self.hugepages == AUTO else self.hugepages.to_dict()),
             "deadlines": self.deadlines.to_dict(),

@@ -11,8 +11,8 @@ file or from a record alike; :func:`build` checks, in this order (the first mist
 3. each key of :data:`RULES` in table (documented) order: its checker; absent keys take the
    :class:`Profile` field's default.
 
-PCI addresses and the modules never unloaded are :mod:`vfio_hookd.pci`'s facts. ``difflib``
-is imported only for a "did you mean".
+PCI addresses and the modules never unloaded are :mod:`vfio_hookd.pci`'s facts; the words of
+the errors (a type's YAML name, "did you mean") are :mod:`.words`'.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from .. import errors
 from ..paths import check_vm_name
 from ..pci import never_unload_reason, normalize_address
 from . import hugepages as _hugepages
+from . import inhibit as _inhibit
 from .model import (AUTO, DEFAULT_DEADLINES, DISPLAY_MANAGER_ALIAS, MAX_DEADLINE_S,
                     MAX_LIST_ITEMS, NONE, ON_BUSY, Deadlines, Profile)
 from .reader import Field, fail, read_data
+from .words import did_you_mean as _did_you_mean, type_name as _type_name
 
 # systemd unit names (systemd.unit(5)): "prefix[@instance].type"; the characters allowed are
 # ASCII letters, digits, ":", "-", "_", "." and "\"; at most 255 characters.
@@ -40,35 +42,6 @@ _UNIT_MAX = 255
 # Kernel module names as modprobe accepts them; '-' and '_' are the same to the kernel
 # (modprobe(8): "there is no difference between _ and - in module names").
 _MODULE_RE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _type_name(value) -> str:
-    """The YAML word for the type of ``value``: null, bool, int, float, string, list, mapping."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "list"
-    if isinstance(value, dict):
-        return "mapping"
-    return type(value).__name__
-
-
-def _did_you_mean(word: str, choices) -> str:
-    """``" (did you mean 'x'?)"`` for the closest of ``choices``, else the list of them."""
-    import difflib
-
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (valid: {', '.join(choices)})"
 
 
 # ---- the checkers: check(field, so_far) -> the Profile attribute's value --------------------
@@ -302,6 +275,7 @@ RULES = (
     Rule("framebuffer", _check_auto_none),
     Rule("modules", _check_modules),
     Rule("on_busy", _check_on_busy),
+    Rule("inhibit", _inhibit.check),
     Rule("hugepages", _hugepages.check, keys=_hugepages.KEYS),
     Rule("host_cpus", _check_host_cpus),
     Rule("cpu_governor", _check_cpu_governor),

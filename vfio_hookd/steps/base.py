@@ -13,10 +13,11 @@ Each step is a small class with three methods, in the manner of tuned's plugins
   what ``facts["plan"]`` lists, each item idempotently). Returns notes (list of str) about
   expected differences; raises :class:`HookdError` on failure.
 
-Order on prepare (release is the reverse): units, sessions, holders, vtconsoles, framebuffer, modules,
-bind_vfio, then the host tuning steps: hugepages (most memory is free once the desktop has let
-go of it), cpu_isolation, cpu_governor (:mod:`.cpus`). The GPU's modules go before the bind:
-with nvidia_drm/nvidia_modeset loaded, nvkms
+Order on prepare (release is the reverse): inhibit, units, sessions, holders, vtconsoles,
+framebuffer, modules, bind_vfio, then the host tuning steps: hugepages (most memory is free
+once the desktop has let go of it), cpu_isolation, cpu_governor (:mod:`.cpus`). The sleep
+inhibitor comes first, so the host cannot suspend mid-prepare, and goes last. The GPU's
+modules go before the bind: with nvidia_drm/nvidia_modeset loaded, nvkms
 holds the GPU inside the kernel and an unbind of nvidia can block for good; and on release the
 proprietary nvidia module refuses to load (ENODEV) while its GPU is still on vfio-pci, so the
 functions are given back first and the modules loaded after (they bind what they find).
@@ -33,6 +34,7 @@ from typing import Any, Callable
 
 from .. import pci as pcimod
 from ..host import Host
+from ..inhibitors import Inhibitors
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Context:
     :param cpus: on prepare, whose CPUs are whose (:func:`vfio_hookd.cpus.resolve`: ``{"host",
         "vm", "online", "source"}`` cpulists), None when the profile tunes no CPU; None on
         release (the CPU steps undo from their facts).
+    :param inhibitors: the process's inhibitor locks by VM
+        (:class:`vfio_hookd.inhibitors.Inhibitors`; the machine's own, shared by its runs).
     """
     vm: str
     host: Host
@@ -93,6 +97,7 @@ class Context:
     stopped_units: tuple[str, ...] = ()
     logind: Callable[[], Any] | None = None
     cpus: dict | None = None
+    inhibitors: Inhibitors = field(default_factory=Inhibitors)
 
 
 pci = pcimod.path
