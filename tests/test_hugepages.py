@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import diff, write_profile
-from test_machine import kernel_only
+from test_machine import assert_rolled_back, kernel_only
 from testbed.sim import faults, hugepages as simhp
 from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
@@ -370,12 +370,7 @@ def test_a_failure_at_any_step_leaves_the_pool_as_it_was(world, monkeypatch, k):
         world.machine.prepare("win11")
     assert f"injected after {step.name}" in exc.value.message
     assert pool(world) == {"nr": 4, "free": 4, "resv": 0, "surplus": 0, "overcommit": 0}
-    after = world.snapshot()
-    assert after["units"] == before["units"]
-    if k >= STEP_NAMES.index("bind_vfio"):
-        kernel_only(before["tree"], after["tree"])
-    else:
-        assert diff(before["tree"], after["tree"]) == {}
+    assert_rolled_back(before, world.snapshot(), k)
 
 
 def test_a_record_that_cannot_be_saved_after_the_last_step_frees_the_pages(world, monkeypatch):

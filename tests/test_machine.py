@@ -171,6 +171,17 @@ FAULTS = {
 }
 
 
+def assert_rolled_back(before: dict, after: dict, k: int) -> None:
+    """After a prepare that failed at step ``k`` (index in STEP_NAMES) and rolled back: the
+    units as before, and the tree as before except, once bind_vfio may have run, the kernel's
+    own documented changes."""
+    assert after["units"] == before["units"]
+    if k >= STEP_NAMES.index("bind_vfio"):
+        kernel_only(before["tree"], after["tree"])
+    else:
+        assert diff(before["tree"], after["tree"]) == {}
+
+
 # the sessions and inhibit steps have nothing to do on this host (no logind): their failures
 # and rollback are tested on the desktop hosts (tests/test_desktop.py, tests/test_inhibit.py)
 @pytest.mark.parametrize("name", [n for n in STEP_NAMES if n not in _ELSEWHERE])
@@ -196,11 +207,7 @@ def test_prepare_failure_at_each_step_rolls_back(world, holder, name):
     assert all(statuses[n] == "undone" for n in STEP_NAMES[:k])
     assert all(statuses[n] == "pending" for n in STEP_NAMES[k + 1:])
     after = world.snapshot()
-    assert after["units"] == before["units"]
-    if k >= STEP_NAMES.index("bind_vfio"):
-        kernel_only(before["tree"], after["tree"])
-    else:
-        assert diff(before["tree"], after["tree"]) == {}
+    assert_rolled_back(before, after, k)
     if name == "bind_vfio":  # the first function went over and came back
         assert current_driver(world.host, "0000:01:00.0") == "nvidia"
     assert not rec.holds_host
