@@ -32,7 +32,8 @@ from . import errors
 from .errors import HookdError
 from .host import Host
 from .paths import Paths, check_vm_name
-from .server import MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S, Server
+from .server import (FD_HEADROOM, FD_PER_REQUEST, MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S,
+                     Server, free_fds)
 
 log = logging.getLogger("vfio_hookd")
 #: The longest ``reason`` of a release (libvirt's are words such as ``destroyed``).
@@ -47,13 +48,16 @@ class Daemon(Server):
     :param machine: the :class:`~vfio_hookd.machine.Machine` (default: one on ``host``).
     :param max_connections: connections served at once; more are answered ``DAEMON_BUSY``.
     :param request_timeout_s: how long (s) a client may take to send its request.
+    :param fd_headroom: descriptors kept free for the requests in flight
+        (:class:`vfio_hookd.server.Server`).
     """
 
     def __init__(self, host: Host, paths: Paths, machine=None,
                  max_connections: int = MAX_CONNECTIONS,
-                 request_timeout_s: float = REQUEST_READ_TIMEOUT_S):
+                 request_timeout_s: float = REQUEST_READ_TIMEOUT_S,
+                 fd_headroom: int = FD_HEADROOM):
         from .machine import Machine
-        super().__init__(paths.socket, max_connections, request_timeout_s)
+        super().__init__(paths.socket, max_connections, request_timeout_s, fd_headroom)
         self.host = host
         self.paths = paths
         self.machine = machine or Machine(host, paths)
@@ -132,6 +136,11 @@ class Daemon(Server):
             raise HookdError(errors.BAD_REQUEST, f"unknown op {_short(op)!r} "
                                                  f"(prepare, release, status, ping)")
         vm = check_vm_name(_field(req, "vm", "a string"))
+        free = free_fds()
+        if free < FD_PER_REQUEST:   # a D-Bus call without a descriptor aborts GLib
+            raise HookdError(errors.DAEMON_BUSY, f"the daemon has {free} file descriptors "
+                             f"free (RLIMIT_NOFILE), a {op} needs {FD_PER_REQUEST}; retry when "
+                             f"the requests in flight have ended")
         if op == "prepare":
             from .profile.domain_xml import check_domain_xml_size
             xml = _field(req, "xml", "a string or null", null=True)
@@ -180,7 +189,7 @@ def preload() -> None:
 
 def run(paths: Paths, host: Host | None = None, systemd_factory=None,
         max_connections: int = MAX_CONNECTIONS,
-        request_timeout_s: float = REQUEST_READ_TIMEOUT_S) -> int:
+        request_timeout_s: float = REQUEST_READ_TIMEOUT_S, fd_headroom: int = FD_HEADROOM) -> int:
     """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status.
 
     :param paths: where profiles, records and the socket are.
@@ -189,13 +198,15 @@ def run(paths: Paths, host: Host | None = None, systemd_factory=None,
         bus's systemd).
     :param max_connections: as for :class:`Daemon`.
     :param request_timeout_s: as for :class:`Daemon`.
+    :param fd_headroom: as for :class:`Daemon`.
     """
     from . import log as logmod
     from .machine import Machine
     logmod.setup()
     host = host or Host("/")
     daemon = Daemon(host, paths, Machine(host, paths, systemd_factory),
-                    max_connections=max_connections, request_timeout_s=request_timeout_s)
+                    max_connections=max_connections, request_timeout_s=request_timeout_s,
+                    fd_headroom=fd_headroom)
     daemon.bind()
     log.info("vfio-hookd daemon listening on %s (host root %s)", daemon.socket_path, host.root)
     daemon.log_records()
