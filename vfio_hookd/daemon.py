@@ -75,9 +75,10 @@ class Daemon(Server):
                      extra={"VM": name, "PHASE": rec.phase})
 
     def warm_up(self) -> None:
-        """Connect to systemd once, in the background after ``READY=1``, so the first prepare
-        does not pay for the connection (about 10 ms). A failure is only logged: every
-        request connects again if needed and reports ``SYSTEMD_UNAVAILABLE`` itself."""
+        """Connect to systemd and logind once, in the background after ``READY=1``, so the
+        first prepare does not pay for the connections (about 10 ms), nor grow the daemon's
+        memory by them (bench/daemon_memory.py). A failure is only logged: every request
+        connects again if needed and reports ``SYSTEMD_UNAVAILABLE`` itself."""
         try:
             self.machine.systemd().connect()
             log.info("connected to systemd")
@@ -85,6 +86,11 @@ class Daemon(Server):
             log.warning("systemd not reachable yet: %s", exc)
         except Exception:
             log.exception("connecting to systemd failed")
+        try:
+            log.info("connected to systemd-logind" if self.machine.logind().available()
+                     else "systemd-logind is not on the bus")
+        except Exception as exc:   # a request says it again, with its code
+            log.warning("systemd-logind not reachable yet: %s", exc)
 
     def recover(self) -> list[threading.Thread]:
         """Release, in the background, every VM whose record was left ``preparing`` or
@@ -178,11 +184,17 @@ def _short(s: str, limit: int = 80) -> str:
 
 
 def preload() -> None:
-    """Import what every request needs (profile parsing, systemd's D-Bus client, the holder
-    scan) so that the first prepare does not pay for it (about 25 ms, bench/prepare_release.py).
-    The D-Bus connection itself stays lazy."""
+    """Import what every request needs (profile parsing, systemd's and logind's D-Bus clients,
+    the holder scan, the domain XML reader) so that the first prepare does not pay for it
+    (about 25 ms, bench/prepare_release.py), and its memory is the daemon's from the start,
+    not a growth of the first request (bench/daemon_memory.py). The D-Bus connection itself
+    stays lazy."""
+    import pwd  # noqa: F401
     import yaml  # noqa: F401
     from . import machine, plan, procs, profile, status, steps, systemd  # noqa: F401
+    from . import gdbus, gpu_users, inotify, logind, usermgr  # noqa: F401
+    from .profile import domain_xml  # noqa: F401
+    import defusedxml.ElementTree  # noqa: F401
     import psutil  # noqa: F401
     systemd.load_bindings()
 
@@ -201,7 +213,9 @@ def run(paths: Paths, host: Host | None = None, systemd_factory=None,
     :param fd_headroom: as for :class:`Daemon`.
     """
     from . import log as logmod
+    from . import memory
     from .machine import Machine
+    memory.limit_arenas()   # before any thread: one malloc arena (vfio_hookd.memory)
     logmod.setup()
     host = host or Host("/")
     daemon = Daemon(host, paths, Machine(host, paths, systemd_factory),

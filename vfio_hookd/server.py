@@ -34,7 +34,7 @@ import socket
 import struct
 import threading
 
-from . import errors
+from . import errors, memory
 from .errors import HookdError
 
 log = logging.getLogger("vfio_hookd")
@@ -246,7 +246,10 @@ class Server:
         with self._busy_cv:
             self._connections -= 1
             self._busy -= 1
+            idle = self._busy == 0
             self._busy_cv.notify_all()
+        if idle:   # the freed heap pages of the request go back (vfio_hookd.memory)
+            memory.trim()
 
     def stop(self, wait_s: float = 600.0) -> None:
         """Stop accepting, then wait up to ``wait_s`` for requests in flight to finish (a
