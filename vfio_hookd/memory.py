@@ -17,6 +17,13 @@ busy one. Two glibc calls end that, through ``ctypes`` (no dependency):
   since glibc 2.8), so the next request starts from the same footprint.
 
 On a C library without these (musl), both do nothing and say so by returning False.
+
+What is left (measured): the growth that remains after the first cycles is in one of
+pymalloc's 1 MiB arenas (``/proc/PID/smaps``), while Python's live blocks stay flat
+(``sys.getallocatedblocks()``): pymalloc carves new 16 KiB pools from the untouched part of its
+fullest arena before it reuses free pools of other arenas, so that arena's resident pages rise
+towards its 1 MiB and stop there. ``malloc_trim`` cannot reach them, and ``PYTHONMALLOC=malloc``
+made the growth larger (+764 KiB over cycles 10-100 against +460).
 """
 
 from __future__ import annotations
