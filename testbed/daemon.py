@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the daemon's max_connections (default: the product's)")
     ap.add_argument("--request-timeout", type=float, default=None,
                     help="the daemon's request_timeout_s (default: the product's)")
+    ap.add_argument("--fd-headroom", type=int, default=None,
+                    help="the daemon's fd_headroom (default: the product's)")
     opts = ap.parse_args(argv)
     require_private_bus()
     from vfio_hookd import daemon
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"testbed.daemon: {exc}") from None
     limits = {k: v for k, v in (("max_connections", opts.max_connections),
-                                ("request_timeout_s", opts.request_timeout)) if v is not None}
+                                ("request_timeout_s", opts.request_timeout),
+                                ("fd_headroom", opts.fd_headroom)) if v is not None}
     return daemon.run(Paths.from_env(), host=host, **limits)
 
 

@@ -5,7 +5,9 @@ requests (read and dispatched in this process: no daemon process)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
 import threading
 
 import pytest
@@ -22,6 +24,7 @@ from conftest import write_profile
 
 pytestmark = pytest.mark.unit
 FILE = "/etc/vfio-hookd/vms/win10.yaml"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def refused(fn, *args, code=errors.PROFILE_INVALID) -> HookdError:
@@ -114,9 +117,64 @@ def test_a_list_of_exactly_the_limit_is_read(key):
 def test_a_list_one_past_the_limit_is_refused_at_its_line(key):
     items = LISTS[key](MAX_LIST_ITEMS + 1)
     err = refused(profile.parse_profile, yaml_list(key, items), FILE, "win10")
-    assert err.message == (f"{FILE}:2: {key}: has {MAX_LIST_ITEMS + 1} items; a profile list "
-                           f"may have at most {MAX_LIST_ITEMS}")
+    assert err.message == (f"{FILE}:2: {key}: has more than {MAX_LIST_ITEMS} items (the "
+                           f"{MAX_LIST_ITEMS + 1}th at line {MAX_LIST_ITEMS + 3}); a profile "
+                           f"list may have at most {MAX_LIST_ITEMS}")
     assert err.details == {"file": FILE, "line": 2, "key": key}
+
+
+@pytest.mark.parametrize("case", ["flow", "block", "nested", "section", "in-a-list"])
+def test_a_long_list_is_refused_while_parsing_before_its_nodes_are_built(case, monkeypatch):
+    """A 64 KiB profile holding a list of ~21 000 items is refused at the 65th item: no YAML
+    node of it is composed (pyyaml's composer is never called) and the parser stops there."""
+    import yaml
+    n = 21_000
+    text, key, line = {
+        "flow": ("modules: [" + "a, " * n + "a]\n", "modules", 1),
+        "block": ("on_busy: fail\nstop_units:\n" + "- a\n" * 16_000, "stop_units", 2),
+        "nested": ("devices: [[" + "a," * n + "a]]\n", "devices[0]", 1),
+        "section": ("deadlines:\n  unbind: [" + "1," * n + "1]\n", "deadlines.unbind", 2),
+        "in-a-list": ("devices:\n  - [a, b]\n  - [" + "a," * n + "a]\n", "devices[1]", 3),
+    }[case]
+    assert len(text.encode()) <= MAX_PROFILE_BYTES
+    cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    counts = {"events": 0, "composed": 0}
+
+    class Loader(cls):
+        def get_event(self):
+            counts["events"] += 1
+            return super().get_event()
+
+        def get_single_node(self):
+            counts["composed"] += 1
+            return super().get_single_node()
+    monkeypatch.setattr(yaml, cls.__name__, Loader)
+    err = refused(profile.parse_profile, text, FILE, "win10")
+    assert err.details == {"file": FILE, "line": line, "key": key}
+    assert f"{FILE}:{line}: {key}: has more than {MAX_LIST_ITEMS} items" in err.message
+    assert counts["composed"] == 0
+    assert counts["events"] < 4 * MAX_LIST_ITEMS
+
+
+def test_a_document_of_many_small_nodes_is_refused_while_parsing(monkeypatch):
+    """Lists of at most 64 items each, nested (64 lists of 64), or thousands of keys: more
+    nodes than any profile needs is refused at the first node too many, before composing."""
+    from vfio_hookd.profile import reader
+    many_lists = "devices: [" + ", ".join(["[" + "a," * 63 + "a]"] * 64) + "]\n"
+    many_keys = "".join(f"k{i}: 1\n" for i in range(5000))
+    for text in (many_lists, many_keys):
+        assert len(text.encode()) <= MAX_PROFILE_BYTES
+        err = refused(profile.parse_profile, text, FILE, "win10")
+        assert f"the profile has more than {reader.MAX_NODES} values" in err.message
+        assert err.details["key"] is None and err.details["line"] >= 1
+
+
+def test_the_largest_allowed_profile_fits_the_node_bound():
+    """Every list full with the keys of today stays far below MAX_NODES."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from profile_limits import largest_profile
+    prof = profile.parse_profile(largest_profile(), FILE, "win10")
+    assert len(prof.devices) == len(prof.stop_units) == len(prof.modules) == MAX_LIST_ITEMS
 
 
 @pytest.mark.parametrize("key", LISTS)

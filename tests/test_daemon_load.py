@@ -66,7 +66,9 @@ def _flood(path: str, n: int) -> list[socket.socket]:
 
 
 def test_the_daemon_survives_running_out_of_file_descriptors(world, tmp_path):
-    d = DaemonProcess(world.root, log_path=tmp_path / "daemon.log", ready_timeout_s=20)
+    """EMFILE on accept (headroom off: as when something else took the descriptors)."""
+    argv = [sys.executable, "-m", "testbed.daemon", "--root", world.root, "--fd-headroom", "0"]
+    d = DaemonProcess(argv=argv, log_path=tmp_path / "daemon.log", ready_timeout_s=20)
     flood: list[socket.socket] = []
     try:
         path = _sock_path(world)
@@ -91,6 +93,100 @@ def test_the_daemon_survives_running_out_of_file_descriptors(world, tmp_path):
         for c in flood:
             c.close()
         assert d.stop() == 0, d.read_log()
+
+
+def _flood_until_full(path: str, n: int, wait_s: float = 1.0) -> list[socket.socket]:
+    """Up to ``n`` idle connections, each a blocking ``connect`` that the kernel holds until
+    the daemon's queue has room, at most ``wait_s``: it ends when the daemon stops taking
+    connections (queue full for ``wait_s``) or at ``n``."""
+    out = []
+    for _ in range(n):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(wait_s)
+        try:
+            c.connect(path)
+        except (socket.timeout, BlockingIOError):
+            c.close()
+            break
+        out.append(c)
+    return out
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _soft_limit(pid: int) -> int:
+    return resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+
+
+def test_a_connection_flood_leaves_descriptors_for_the_prepare_s_dbus_calls(world, tmp_path):
+    """RLIMIT_NOFILE lowered to what is open + FD_HEADROOM + 8, then far more idle connections
+    than that: the daemon stops accepting with FD_HEADROOM descriptors still free (GLib aborts
+    the process on a D-Bus call that finds none), stays alive, and a prepare that needs systemd
+    on D-Bus, sent by the hook while the flood still holds its connections, is answered (its
+    connection is taken as soon as one idle connection ends) and succeeds; so does the
+    release."""
+    from vfio_hookd.server import FD_HEADROOM
+    world.profile()
+    argv = [sys.executable, "-m", "testbed.daemon", "--root", world.root,
+            "--request-timeout", "2"]
+    d = DaemonProcess(argv=argv, log_path=tmp_path / "daemon.log", ready_timeout_s=20)
+    flood: list[socket.socket] = []
+    try:
+        path = _sock_path(world)
+        _wait_for_log(d, "connected to systemd")
+        _soft, hard = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (_open_fds(d.pid) + FD_HEADROOM + 8, hard))
+        flood = _flood_until_full(path, 3 * FD_HEADROOM)
+        _wait_for_log(d, "file descriptors free (RLIMIT_NOFILE); accepting no connection")
+        assert d.running()
+        assert _soft_limit(d.pid) - _open_fds(d.pid) >= FD_HEADROOM
+        assert "Too many open files" not in d.read_log()
+        # the prepare waits in the queue behind the flood; idle connections end after 2 s
+        r = run_hook("win11", "prepare", "begin", "-", stdin=_domain_xml(world), timeout=120)
+        assert r.returncode == 0, (r.stderr, d.read_log()[-3000:])
+        assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "vfio-pci"
+        assert d.running() and "Too many open files" not in d.read_log()
+        for c in flood:
+            c.close()
+        flood = []
+        r = run_hook("win11", "release", "end", "-", timeout=120)
+        assert r.returncode == 0, (r.stderr, d.read_log()[-3000:])
+        assert world.host.link_name("/sys/bus/pci/devices/0000:01:00.0/driver") == "nvidia"
+    finally:
+        for c in flood:
+            c.close()
+        assert d.stop() == 0, d.read_log()
+
+
+def test_a_request_without_descriptors_to_spare_is_refused_busy(world, tmp_path):
+    """A prepare accepted while the process has fewer than FD_PER_REQUEST descriptors free
+    (headroom off, the limit lowered under it) is answered DAEMON_BUSY before any D-Bus call,
+    the host untouched, and the daemon lives on."""
+    from vfio_hookd.server import FD_PER_REQUEST
+    world.profile()
+    argv = [sys.executable, "-m", "testbed.daemon", "--root", world.root, "--fd-headroom", "0"]
+    d = DaemonProcess(argv=argv, log_path=tmp_path / "daemon.log", ready_timeout_s=20)
+    try:
+        _wait_for_log(d, "connected to systemd")
+        _soft, hard = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (_open_fds(d.pid) + FD_PER_REQUEST // 2,
+                                                         hard))
+        before = world.snapshot()
+        r = run_hook("win11", "prepare", "begin", "-", stdin=_domain_xml(world), timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("DAEMON_BUSY: "), r.stderr
+        assert "file descriptors free" in r.stderr
+        assert world.snapshot() == before
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (_soft, hard))
+        assert _ping(_sock_path(world))["ok"]
+    finally:
+        assert d.stop() == 0, d.read_log()
+
+
+def _domain_xml(world) -> str:
+    from testbed.domains import tiny_domain_xml
+    return tiny_domain_xml("win11", ("0000:01:00.0", "0000:01:00.1"))
 
 
 def test_connections_beyond_the_cap_are_told_the_daemon_is_busy(world, tmp_path):

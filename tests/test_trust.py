@@ -255,3 +255,78 @@ def test_an_untrusted_record_is_refused_on_release_and_the_host_is_untouched(wor
     os.chown(victim, 0, 0)
     os.chmod(victim, 0o644 if fault != "records-dir" else 0o700)
     assert world.machine.release("win11").phase == "idle"
+
+
+# ---- writing records ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["run-owner", "run-mode", "records-mode", "records-sticky",
+                                   "parent-mode", "records-link"])
+def test_a_record_is_not_written_where_others_could_swap_it(world, tmp_path, fault):
+    """RecordStore.save checks the records directory and every directory above it before it
+    writes: release acts on what the record says. Nothing is written, nothing on the host
+    changes, and the refusal names the directory, its owner, mode and the fix."""
+    from vfio_hookd.record import Record, RecordStore
+    run = world.paths.run_dir
+    records = world.paths.records_dir
+    os.makedirs(records, mode=0o700, exist_ok=True)
+    victim = {"run-owner": run, "run-mode": run, "records-mode": records,
+              "records-sticky": records, "parent-mode": str(tmp_path),
+              "records-link": str(tmp_path / "elsewhere")}[fault]
+    if fault == "run-owner":
+        os.chown(run, NOBODY, NOBODY)
+    elif fault == "records-sticky":
+        os.chmod(records, 0o1777)
+    elif fault == "records-link":   # the records directory is a link to a directory of nobody's
+        os.mkdir(victim, 0o755)
+        os.chown(victim, NOBODY, NOBODY)
+        os.rmdir(records)
+        os.symlink(victim, records)
+    else:
+        os.chmod(victim, 0o777 if fault != "parent-mode" else 0o707)
+    before = world.snapshot()
+    rec = Record.new("win11", ["0000:01:00.0"], {"0000:01:00.0": "nvidia"}, {}, ["units"], {}, {})
+    err = refused(lambda: RecordStore(world.paths).save(rec))
+    assert err.details["path"] == victim and err.details["file"] == records
+    assert err.message.startswith(records + ": the directory")
+    assert "writes its records only in directories that root owns" in err.message
+    assert ("chown root:root " + victim) in err.message or ("chmod go-w " + victim) in err.message
+    assert os.listdir(victim if fault == "records-link" else records) == []
+    # a prepare is refused the same way before anything on the host changes
+    world.profile()
+    refused(lambda: world.machine.prepare("win11"))
+    assert world.snapshot() == before
+    assert os.listdir(victim if fault == "records-link" else records) == []
+
+
+def test_the_records_directory_is_made_0700_and_checked_when_missing(world):
+    from vfio_hookd.record import RecordStore
+    world.profile()
+    assert not os.path.exists(world.paths.records_dir)
+    rec = world.machine.prepare("win11")
+    st = os.stat(world.paths.records_dir)
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o700
+    assert RecordStore(world.paths).load("win11").phase == rec.phase == "prepared"
+    assert sorted(os.listdir(world.paths.records_dir)) == ["win11.json"]
+
+
+def test_a_missing_records_directory_is_not_made_under_an_untrusted_run_directory(world):
+    from vfio_hookd.record import Record, RecordStore
+    os.chmod(world.paths.run_dir, 0o777)
+    rec = Record.new("win11", ["0000:01:00.0"], {}, {}, ["units"], {}, {})
+    err = refused(lambda: RecordStore(world.paths).save(rec))
+    assert err.details["path"] == world.paths.run_dir
+    assert not os.path.exists(world.paths.records_dir)
+
+
+def test_a_planted_temporary_file_is_not_written_through(world, tmp_path):
+    """A link (or file) at the temporary name is replaced, never followed."""
+    from vfio_hookd.record import Record, RecordStore
+    os.makedirs(world.paths.records_dir, mode=0o700)
+    target = tmp_path / "target"
+    target.write_text("untouched")
+    os.symlink(target, os.path.join(world.paths.records_dir, f"win11.json.{os.getpid()}.tmp"))
+    rec = Record.new("win11", ["0000:01:00.0"], {}, {}, ["units"], {}, {})
+    RecordStore(world.paths).save(rec)
+    assert target.read_text() == "untouched"
+    assert sorted(os.listdir(world.paths.records_dir)) == ["win11.json"]
+    assert RecordStore(world.paths).load("win11").vm == "win11"

@@ -32,7 +32,8 @@ from . import errors
 from .errors import HookdError
 from .host import Host
 from .paths import Paths, check_vm_name
-from .server import MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S, Server
+from .server import (FD_HEADROOM, FD_PER_REQUEST, MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S,
+                     Server, free_fds)
 
 log = logging.getLogger("vfio_hookd")
 #: The longest ``reason`` of a release (libvirt's are words such as ``destroyed``).
@@ -47,13 +48,16 @@ class Daemon(Server):
     :param machine: the :class:`~vfio_hookd.machine.Machine` (default: one on ``host``).
     :param max_connections: connections served at once; more are answered ``DAEMON_BUSY``.
     :param request_timeout_s: how long (s) a client may take to send its request.
+    :param fd_headroom: descriptors kept free for the requests in flight
+        (:class:`vfio_hookd.server.Server`).
     """
 
     def __init__(self, host: Host, paths: Paths, machine=None,
                  max_connections: int = MAX_CONNECTIONS,
-                 request_timeout_s: float = REQUEST_READ_TIMEOUT_S):
+                 request_timeout_s: float = REQUEST_READ_TIMEOUT_S,
+                 fd_headroom: int = FD_HEADROOM):
         from .machine import Machine
-        super().__init__(paths.socket, max_connections, request_timeout_s)
+        super().__init__(paths.socket, max_connections, request_timeout_s, fd_headroom)
         self.host = host
         self.paths = paths
         self.machine = machine or Machine(host, paths)
@@ -71,9 +75,10 @@ class Daemon(Server):
                      extra={"VM": name, "PHASE": rec.phase})
 
     def warm_up(self) -> None:
-        """Connect to systemd once, in the background after ``READY=1``, so the first prepare
-        does not pay for the connection (about 10 ms). A failure is only logged: every
-        request connects again if needed and reports ``SYSTEMD_UNAVAILABLE`` itself."""
+        """Connect to systemd and logind once, in the background after ``READY=1``, so the
+        first prepare does not pay for the connections (about 10 ms), nor grow the daemon's
+        memory by them (bench/daemon_memory.py). A failure is only logged: every request
+        connects again if needed and reports ``SYSTEMD_UNAVAILABLE`` itself."""
         try:
             self.machine.systemd().connect()
             log.info("connected to systemd")
@@ -81,6 +86,11 @@ class Daemon(Server):
             log.warning("systemd not reachable yet: %s", exc)
         except Exception:
             log.exception("connecting to systemd failed")
+        try:
+            log.info("connected to systemd-logind" if self.machine.logind().available()
+                     else "systemd-logind is not on the bus")
+        except Exception as exc:   # a request says it again, with its code
+            log.warning("systemd-logind not reachable yet: %s", exc)
 
     def retake_inhibitors(self) -> dict:
         """Take the logind inhibitor locks again for the VMs still prepared
@@ -143,6 +153,11 @@ class Daemon(Server):
             raise HookdError(errors.BAD_REQUEST, f"unknown op {_short(op)!r} "
                                                  f"(prepare, release, status, ping)")
         vm = check_vm_name(_field(req, "vm", "a string"))
+        free = free_fds()
+        if free < FD_PER_REQUEST:   # a D-Bus call without a descriptor aborts GLib
+            raise HookdError(errors.DAEMON_BUSY, f"the daemon has {free} file descriptors "
+                             f"free (RLIMIT_NOFILE), a {op} needs {FD_PER_REQUEST}; retry when "
+                             f"the requests in flight have ended")
         if op == "prepare":
             from .profile.domain_xml import check_domain_xml_size
             xml = _field(req, "xml", "a string or null", null=True)
@@ -180,18 +195,24 @@ def _short(s: str, limit: int = 80) -> str:
 
 
 def preload() -> None:
-    """Import what every request needs (profile parsing, systemd's D-Bus client, the holder
-    scan) so that the first prepare does not pay for it (about 25 ms, bench/prepare_release.py).
-    The D-Bus connection itself stays lazy."""
+    """Import what every request needs (profile parsing, systemd's and logind's D-Bus clients,
+    the holder scan, the domain XML reader) so that the first prepare does not pay for it
+    (about 25 ms, bench/prepare_release.py), and its memory is the daemon's from the start,
+    not a growth of the first request (bench/daemon_memory.py). The D-Bus connection itself
+    stays lazy."""
+    import pwd  # noqa: F401
     import yaml  # noqa: F401
     from . import machine, plan, procs, profile, status, steps, systemd  # noqa: F401
+    from . import gdbus, gpu_users, inotify, logind, usermgr  # noqa: F401
+    from .profile import domain_xml  # noqa: F401
+    import defusedxml.ElementTree  # noqa: F401
     import psutil  # noqa: F401
     systemd.load_bindings()
 
 
 def run(paths: Paths, host: Host | None = None, systemd_factory=None,
         max_connections: int = MAX_CONNECTIONS,
-        request_timeout_s: float = REQUEST_READ_TIMEOUT_S) -> int:
+        request_timeout_s: float = REQUEST_READ_TIMEOUT_S, fd_headroom: int = FD_HEADROOM) -> int:
     """``vfio-hookd daemon``: serve until SIGTERM/SIGINT; returns the exit status.
 
     :param paths: where profiles, records and the socket are.
@@ -200,13 +221,17 @@ def run(paths: Paths, host: Host | None = None, systemd_factory=None,
         bus's systemd).
     :param max_connections: as for :class:`Daemon`.
     :param request_timeout_s: as for :class:`Daemon`.
+    :param fd_headroom: as for :class:`Daemon`.
     """
     from . import log as logmod
+    from . import memory
     from .machine import Machine
+    memory.limit_arenas()   # before any thread: one malloc arena (vfio_hookd.memory)
     logmod.setup()
     host = host or Host("/")
     daemon = Daemon(host, paths, Machine(host, paths, systemd_factory),
-                    max_connections=max_connections, request_timeout_s=request_timeout_s)
+                    max_connections=max_connections, request_timeout_s=request_timeout_s,
+                    fd_headroom=fd_headroom)
     daemon.bind()
     log.info("vfio-hookd daemon listening on %s (host root %s)", daemon.socket_path, host.root)
     daemon.log_records()

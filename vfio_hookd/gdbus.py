@@ -123,11 +123,27 @@ def get_all(con, dest: str | None, path: str, iface: str, timeout_s: float = 25.
                 timeout_s)[0]
 
 
-def error_name(e) -> str | None:
-    """The D-Bus error name of a ``GLib.Error`` from a call (None if it was not remote)."""
-    from gi.repository import Gio
+#: What GDBus puts before the D-Bus error name in the message of every remote error
+#: (``g_dbus_error_new_for_dbus_error``: ``"GDBus.Error:NAME: message"``).
+_REMOTE_PREFIX = "GDBus.Error:"
 
-    return Gio.DBusError.get_remote_error(e)
+
+def error_name(e) -> str | None:
+    """The D-Bus error name of a ``GLib.Error`` from a call (None if it was not remote).
+
+    Read from the message as ``g_dbus_error_get_remote_error()`` does for unregistered names,
+    without calling it: through PyGObject each call kept its returned string alive (about one
+    per request in the daemon's memory benchmark, ``bench/daemon_memory.py``; tracemalloc
+    traced them to this call).
+    """
+    message = getattr(e, "message", None) or ""
+    if not message.startswith(_REMOTE_PREFIX):
+        if getattr(e, "domain", None) == "g-dbus-error-quark":   # a registered one, unprefixed
+            from gi.repository import Gio
+            return Gio.DBusError.get_remote_error(e)
+        return None
+    name, sep, _ = message[len(_REMOTE_PREFIX):].partition(": ")
+    return name if sep and name else None
 
 
 def remote_message(e) -> str:

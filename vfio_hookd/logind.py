@@ -102,15 +102,22 @@ class Logind:
         self._unreachable = False
 
     def _connection(self):
-        """The bus connection, or None when there is no bus (a host without D-Bus)."""
-        from gi.repository import GLib
+        """The bus connection, or None when there is no bus (a host without D-Bus).
+
+        :raises HookdError: ``SYSTEMD_UNAVAILABLE`` when the process is out of file
+            descriptors (that is no host without logind: going on as if would skip sessions).
+        """
+        from gi.repository import Gio, GLib
         with self._lock:
             if self._con is not None and not self._con.is_closed():
                 return self._con
             try:
                 self._con = gdbus.connect_bus(self._address)
-            except GLib.Error:
+            except GLib.Error as e:
                 self._con = None
+                if e.matches(Gio.io_error_quark(), Gio.IOErrorEnum.TOO_MANY_OPEN_FILES):
+                    raise HookdError(SYSTEMD_UNAVAILABLE, f"systemd-logind: cannot connect to "
+                                     f"the bus: {e.message}") from None
             return self._con
 
     def _call(self, method: str, args=None, signature=None):

@@ -109,7 +109,7 @@ class Machine:
         full: giving the host back comes first)."""
         try:
             self.records.save(rec)
-        except OSError as exc:
+        except (OSError, HookdError) as exc:   # HookdError: UNTRUSTED_FILE (run directory)
             log.error("cannot write the record: %s", exc, extra={"VM": rec.vm})
 
     # ---- plans --------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ class Machine:
         rec.phase = "prepared"
         try:
             self.records.save(rec)
-        except OSError as exc:
+        except (OSError, HookdError) as exc:
             self._fail_prepare(rec, STEPS[-1].name, rec.steps[-1], exc, time.monotonic())
         log.info("prepared in %.0f ms", _ms(started),
                  extra={"VM": vm, "PHASE": "prepared", "DURATION_MS": _ms(started)})

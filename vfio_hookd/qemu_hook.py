@@ -14,6 +14,9 @@ whatever libvirtd's PATH is).
 - Everything else exits 0 at once, prints nothing and contacts nothing.
 - On failure: one line ``CODE: message`` on stderr and exit status 1; libvirt then aborts the
   start and shows the line to the user.
+- The domain XML on stdin is read up to ``MAX_XML_BYTES`` (the daemon's limit, 1 MiB) plus one
+  byte, within ``STDIN_TIMEOUT_S``: more, or a stdin that does not end in time (libvirt writes
+  the XML and closes the pipe at once), is ``DOMAIN_XML_INVALID``, nothing is sent.
 - It never calls libvirt (the domain is locked while a hook runs: a call back deadlocks) and
   starts no child, so nothing can keep libvirt waiting on its stdout/stderr.
 """
@@ -24,6 +27,10 @@ import sys
 HANDLED = {("prepare", "begin"): "prepare", ("release", "end"): "release"}
 ACCEPT_TIMEOUT_S = 15.0   # the daemon accepts a request at once; this covers a loaded machine
 ANSWER_MARGIN_S = 10.0    # added to the deadline the daemon states
+#: The largest domain XML (bytes) the hook reads from stdin: the daemon's limit
+#: (vfio_hookd.profile.domain_xml.MAX_DOMAIN_XML_BYTES; libvirt's XML of a big VM is far below).
+MAX_XML_BYTES = 1024 * 1024
+STDIN_TIMEOUT_S = 10.0    # libvirt writes the XML to the pipe and closes it before waiting
 
 
 class HookFailure(Exception):
@@ -138,6 +145,48 @@ def _connect(sock, path, deadline):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
 
+def read_xml(fd, limit=MAX_XML_BYTES, timeout_s=None):
+    """The domain XML (str) libvirt writes to ``fd`` (stdin), read until end of file.
+
+    At most ``limit`` + 1 bytes are read (the one more tells that there is more), each read
+    waiting in ``poll(2)`` for what is left of ``timeout_s`` (s, default ``STDIN_TIMEOUT_S``): a
+    writer that never closes the pipe cannot keep the hook (and libvirt, which waits for it)
+    forever.
+
+    :raises HookFailure: ``DOMAIN_XML_INVALID`` when more than ``limit`` bytes come, when the
+        input does not end within ``timeout_s``, or when it is not UTF-8.
+    """
+    import select
+    import time
+    timeout_s = STDIN_TIMEOUT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(max(1, int(left * 1000))):
+            raise HookFailure("DOMAIN_XML_INVALID", f"the domain XML on stdin did not end within "
+                                                    f"{timeout_s:g} s (libvirt writes it and "
+                                                    f"closes stdin at once)")
+        try:
+            chunk = os.read(fd, min(65536, limit + 1 - size))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise HookFailure("DOMAIN_XML_INVALID", f"the domain XML on stdin is larger than "
+                                                    f"{limit} bytes, vfio-hookd's limit")
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HookFailure("DOMAIN_XML_INVALID", f"the domain XML on stdin is not UTF-8 "
+                                                f"({exc.reason} at byte {exc.start})") from None
+
+
 def main(argv):
     """Entry point; returns the exit status (0, or 1 after printing ``CODE: message``)."""
     if len(argv) < 4:
@@ -157,7 +206,11 @@ def main(argv):
         return 0
     payload = {"op": what, "vm": name}
     if what == "prepare":
-        payload["xml"] = sys.stdin.read()
+        try:
+            payload["xml"] = read_xml(sys.stdin.fileno())
+        except HookFailure as exc:
+            sys.stderr.write(f"{exc.code}: {exc.message}\n")
+            return 1
     else:
         # libvirt's reason is a word ("destroyed"); the daemon takes printable text of at most
         # 256 characters (vfio_hookd.daemon.MAX_REASON_CHARS): never lose a release over it

@@ -36,7 +36,11 @@ from dataclasses import asdict, dataclass, field
 from . import errors
 from .errors import HookdError
 from .paths import Paths
-from .trust import open_trusted
+from .trust import open_trusted, open_trusted_dir
+
+#: A record's temporary file: created new, never through a symbolic link.
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIRFD = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 VERSION = 2
 #: Versions this code reads (1 is upgraded on load).
@@ -168,17 +172,63 @@ class RecordStore:
     def save(self, rec: Record) -> None:
         """Write ``rec`` atomically (temporary file, fsync, rename); sets ``rec.updated``.
 
+        Release trusts what is written here, so the records directory and every directory up
+        to ``/`` must be root's and writable by root alone before anything is written
+        (:func:`vfio_hookd.trust.open_trusted_dir`, the rule :meth:`load` reads by; missing
+        directories are made 0700 under the deepest one that passes); the file is written and
+        renamed relative to the checked directory's descriptor.
+
+        :raises HookdError: ``UNTRUSTED_FILE`` naming the directory at fault, its owner, mode
+            and the fix (nothing is written).
         :raises OSError: the run directory cannot be written.
         """
         path = self.paths.record_path(rec.vm)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        rec.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(rec.to_json(), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        name = os.path.basename(path)
+        dfd = self._records_dir()
+        try:
+            rec.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            tmp = f"{name}.{os.getpid()}.tmp"
+            try:   # a leftover (or planted) temporary file is never written through
+                os.unlink(tmp, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            fd = os.open(tmp, _NEW, 0o644, dir_fd=dfd)
+            with os.fdopen(fd, "w") as f:
+                json.dump(rec.to_json(), f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def _records_dir(self) -> int:
+        """An ``O_PATH`` descriptor of the checked records directory, made (0700) if missing
+        under the deepest existing directory, which is checked first."""
+        uid, top = self.paths.trusted_uid, self.paths.records_dir
+        missing, d = [], top
+        while True:
+            try:
+                fd = open_trusted_dir(d, uid)
+                break
+            except FileNotFoundError:
+                if d == os.path.dirname(d):
+                    raise
+                missing.append(os.path.basename(d))
+                d = os.path.dirname(d)
+        if not missing:
+            return fd
+        try:
+            for part in reversed(missing):
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                nfd = os.open(part, _DIRFD, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        finally:
+            os.close(fd)
+        return open_trusted_dir(top, uid)   # what was made is checked like the rest
 
     def load(self, vm: str) -> Record | None:
         """The record of ``vm``, or None when there is none.

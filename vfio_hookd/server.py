@@ -14,6 +14,13 @@ Load (issue 9):
   descriptor). A connection that sends no complete request within ``request_timeout_s`` is
   answered ``BAD_REQUEST`` and closed.
 - A thread that cannot be started is answered ``DAEMON_BUSY`` too.
+- Descriptors are kept for the requests in flight: a connection is accepted only while more
+  than ``fd_headroom`` (32) descriptors are free under ``RLIMIT_NOFILE``'s soft limit, and a
+  prepare/release starts only with :data:`FD_PER_REQUEST` free (else ``DAEMON_BUSY``). A D-Bus
+  call needs a descriptor of its own (GDBus makes a ``GMainContext`` per synchronous call, and
+  its ``GWakeup`` eventfd failing is a ``g_error()``: GLib aborts the process), a prepare about
+  20 at its peak (sockets to systemd, logind and a user instance, their signal watches, sysfs
+  writes, inotify, locks, the record); idle connections must never take them.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import socket
 import struct
 import threading
 
-from . import errors
+from . import errors, memory
 from .errors import HookdError
 
 log = logging.getLogger("vfio_hookd")
@@ -42,6 +49,24 @@ OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 TRANSIENT = (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO)
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
+#: Descriptors left free when accepting (see the module docstring).
+FD_HEADROOM = 32
+#: Descriptors a prepare or release needs free to start.
+FD_PER_REQUEST = 16
+
+
+def free_fds() -> int:
+    """Descriptors this process may still open: ``RLIMIT_NOFILE``'s soft limit minus those
+    open (``/proc/self/fd``, proc(5)); a large number when either is unknown or unlimited."""
+    import resource
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        used = len(os.listdir("/proc/self/fd")) - 1   # listdir's own descriptor
+    except OSError:
+        return 1 << 30
+    return soft - used
 
 
 class Server:
@@ -50,15 +75,19 @@ class Server:
     :param socket_path: where :meth:`bind` creates the socket (str).
     :param max_connections: connections served at once; more are answered ``DAEMON_BUSY``.
     :param request_timeout_s: how long (s) a connection may take to send its request line.
+    :param fd_headroom: descriptors left free for the requests in flight: no connection is
+        accepted while this many or fewer are free (0: accept until ``EMFILE``).
     """
 
     def __init__(self, socket_path: str, max_connections: int = MAX_CONNECTIONS,
-                 request_timeout_s: float = REQUEST_READ_TIMEOUT_S):
+                 request_timeout_s: float = REQUEST_READ_TIMEOUT_S,
+                 fd_headroom: int = FD_HEADROOM):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.socket_path = socket_path
         self.max_connections = max_connections
         self.request_timeout_s = request_timeout_s
+        self.fd_headroom = fd_headroom
         self._sock: socket.socket | None = None
         self._busy = 0           # connections + background tasks: stop() waits for them
         self._connections = 0    # connections being served
@@ -136,6 +165,10 @@ class Server:
                     os.read(wake_fd, 512)   # the handler itself runs when we return to Python
                 if self._sock not in ready:
                     continue
+                if self.fd_headroom and (free := free_fds()) <= self.fd_headroom:
+                    backoff = min(max(backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
+                    self._short_of_fds(free, first=backoff == BACKOFF_MIN_S, wait_s=backoff)
+                    continue
                 conn, _ = self._sock.accept()
             except OSError as exc:
                 if self._stopping:
@@ -151,6 +184,18 @@ class Server:
                 backoff = 0.0
                 log.info("accepting connections again")
             self._start(conn)
+
+    def _short_of_fds(self, free: int, first: bool, wait_s: float) -> None:
+        """Leave the waiting connections queued until a connection ends or ``wait_s`` passes:
+        the ``fd_headroom`` last descriptors are for the requests in flight."""
+        with self._busy_cv:
+            n = self._connections
+            if first:
+                log.warning("only %d file descriptors free (RLIMIT_NOFILE); accepting no "
+                            "connection until more than %d are, for the %d connections open",
+                            free, self.fd_headroom, n)
+            self._busy_cv.wait_for(lambda: self._connections < n or self._stopping,
+                                   timeout=wait_s)
 
     def _out_of_fds(self, exc: OSError, first: bool, wait_s: float) -> None:
         """Wait until a connection ends (its descriptor is free again) or ``wait_s`` passes."""
@@ -201,7 +246,10 @@ class Server:
         with self._busy_cv:
             self._connections -= 1
             self._busy -= 1
+            idle = self._busy == 0
             self._busy_cv.notify_all()
+        if idle:   # the freed heap pages of the request go back (vfio_hookd.memory)
+            memory.trim()
 
     def stop(self, wait_s: float = 600.0) -> None:
         """Stop accepting, then wait up to ``wait_s`` for requests in flight to finish (a

@@ -21,7 +21,8 @@ left about 0.5 KiB a job behind in GDBus (``bench/daemon_memory.py``).
 Where pydbus is not enough, Gio from ``gi.repository`` is used directly, in this module:
 
 - D-Bus error names: pydbus passes on the raw ``GLib.Error``; the name
-  (``org.freedesktop.systemd1.NoSuchUnit``) comes from ``Gio.DBusError.get_remote_error``.
+  (``org.freedesktop.systemd1.NoSuchUnit``) is read from the message the way
+  ``Gio.DBusError.get_remote_error`` does (:func:`vfio_hookd.gdbus.error_name`).
 - Properties: a pydbus proxy introspects the object first (``bus.get`` calls ``Introspect``: a
   real systemd unit answers with ~40 KB of XML to parse per unit read) and its property access
   has no timeout (it waits forever, ``G_MAXINT``), so unit and manager properties are read with
@@ -367,10 +368,11 @@ def load_bindings() -> None:
 
 
 def _error_name(e) -> str | None:
-    """The D-Bus error name of a ``GLib.Error`` from a call, or None if it was not remote."""
-    from gi.repository import Gio
+    """The D-Bus error name of a ``GLib.Error`` from a call, or None if it was not remote
+    (:func:`vfio_hookd.gdbus.error_name`)."""
+    from .gdbus import error_name
 
-    return Gio.DBusError.get_remote_error(e)
+    return error_name(e)
 
 
 def _error_text(e) -> str:

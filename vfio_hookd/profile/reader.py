@@ -16,7 +16,13 @@ Errors are ``HookdError(PROFILE_INVALID, "<file>:<line>: <key>: <what is wrong>"
 from __future__ import annotations
 
 from .. import errors
-from .model import KEYS
+from .model import KEYS, MAX_LIST_ITEMS
+
+#: The most nodes (keys, values, list items, collections) a profile may have: far above what
+#: the keys allow with every list full (3 lists of 64 and a few dozen keys), far below what
+#: 64 KiB of YAML can hold (32 000 one-character list items). Counted while parsing, before
+#: any node is built.
+MAX_NODES = 16 * MAX_LIST_ITEMS
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -121,6 +127,7 @@ def read_yaml(text: str, path: str, sections=()) -> list[Field]:
         _character_error(text, path, e)
     try:
         try:
+            _check_sizes(type(loader)(text), path)
             root = loader.get_single_node()
         except yaml.reader.ReaderError as e:  # a character YAML forbids (NUL, most controls)
             _character_error(text, path, e)
@@ -135,6 +142,71 @@ def read_yaml(text: str, path: str, sections=()) -> list[Field]:
         return _read_mapping(loader, root, path, None, sections)
     finally:
         loader.dispose()
+
+
+def _check_sizes(scanner, path: str) -> None:
+    """Refuse a document with a list of more than :data:`MAX_LIST_ITEMS` items, or more than
+    :data:`MAX_NODES` nodes, from pyyaml's parser events, before any node is composed: the
+    scan stops at the first item or node too many, so refusing any 64 KiB input costs about as
+    much as reading a valid profile (``bench/profile_limits.py``), not the 21 000 nodes a flow
+    list ``[a, a, ...]`` holds. A syntax error is left to the composer (raised alike).
+
+    :param scanner: a fresh loader of the same class and text (disposed here).
+    :raises HookdError: ``PROFILE_INVALID`` ``"<path>:<line>: <key>: has more than 64 items
+        (the 65th at line N); a profile list may have at most 64"`` at the line of the list's
+        key (``devices``, ``deadlines.x``, ``devices[0]`` for a list in a list), or
+        ``"<path>:<line>: the profile has more than MAX_NODES values ..."``.
+    """
+    import yaml
+
+    # one frame per open collection: {"seq": is a list, "n": items so far, "key"/"line": the
+    # key naming it and its line, "want_key": a mapping's next node is a key, "cur"/"cur_line":
+    # the mapping's current key}
+    stack: list[dict] = []
+    nodes = 0
+    try:
+        while True:
+            event = scanner.get_event()
+            if event is None or isinstance(event, yaml.StreamEndEvent):
+                return
+            if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                stack.pop()
+                continue
+            if not isinstance(event, yaml.NodeEvent):
+                continue   # stream and document start/end
+            nodes += 1
+            line = event.start_mark.line + 1
+            if nodes > MAX_NODES:
+                fail(path, line, None, f"the profile has more than {MAX_NODES} values; no "
+                     f"profile needs that many (lists of at most {MAX_LIST_ITEMS} items)")
+            key, key_line, is_key = None, line, False
+            if stack:
+                top = stack[-1]
+                if top["seq"]:
+                    top["n"] += 1
+                    if top["n"] > MAX_LIST_ITEMS:
+                        fail(path, top["line"], top["key"],
+                             f"has more than {MAX_LIST_ITEMS} items (the {MAX_LIST_ITEMS + 1}th "
+                             f"at line {line}); a profile list may have at most {MAX_LIST_ITEMS}")
+                    key = f"{top['key']}[{top['n'] - 1}]" if top["key"] else None
+                else:
+                    is_key, top["want_key"] = top["want_key"], not top["want_key"]
+                    if is_key:
+                        shown = (event.value[:80] if isinstance(event, yaml.ScalarEvent) else
+                                 "list" if isinstance(event, yaml.SequenceStartEvent) else
+                                 "mapping")
+                        top["cur"] = f"{top['key']}.{shown}" if top["key"] else shown
+                        top["cur_line"] = line
+                    else:
+                        key, key_line = top["cur"], top["cur_line"]
+            if isinstance(event, yaml.CollectionStartEvent):
+                stack.append({"seq": isinstance(event, yaml.SequenceStartEvent), "n": 0,
+                              "key": key, "line": key_line, "want_key": True,
+                              "cur": None, "cur_line": line})
+    except yaml.YAMLError:
+        return   # the composer meets the same error and reports it
+    finally:
+        scanner.dispose()
 
 
 def read_data(data: dict, path: str, sections=()) -> list[Field]:
