@@ -18,6 +18,7 @@ import pytest
 
 from testbed import demo, expected as kernel
 from testbed.sim.desktops import UNITS as DESKTOP_UNITS
+from vfio_hookd.steps import STEPS
 
 GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
 FB_REMOVED = kernel.fb_removed("efi-framebuffer.0")
@@ -66,7 +67,7 @@ def test_start_prepares_the_host_and_destroy_gives_it_back(run_demo):
     assert [d["driver"] for d in running["status"]["devices"]] == ["vfio-pci", "vfio-pci"]
     assert running["units"][DM] == "inactive"
     assert running["units"]["sshd.service"] == "active"     # outside seat0: untouched
-    assert [s["status"] for s in running["status"]["steps"]] == ["done"] * 7, why
+    assert [s["status"] for s in running["status"]["steps"]] == ["done"] * len(STEPS), why
 
     assert sc["destroy"]["rc"] == 0, why
     stopped = sc["after_destroy"]

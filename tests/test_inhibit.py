@@ -26,7 +26,8 @@ STEP = BY_NAME["inhibit"]
 def desk(dirs):
     """The LightDM desktop host (logind runs), its audio servers up."""
     w = SimWorld(dirs, "desktop-x11")
-    wait_held(w, AUDIO, "wireplumber", timeout_s=30)   # the machine may be loaded
+    for server in ("pipewire", "wireplumber"):   # both open the audio nodes (module refcnt)
+        wait_held(w, AUDIO, server, timeout_s=30)   # the machine may be loaded
     yield w
     w.close()
 

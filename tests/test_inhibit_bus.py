@@ -26,7 +26,8 @@ pytestmark = pytest.mark.dbus
 def desk(dirs, monkeypatch):
     w = SimWorld(dirs, "desktop-x11", bus=True)
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", w.address)
-    wait_held(w, AUDIO, "wireplumber", timeout_s=30)   # the machine may be loaded
+    for server in ("pipewire", "wireplumber"):   # both open the audio nodes (module refcnt)
+        wait_held(w, AUDIO, server, timeout_s=30)   # the machine may be loaded
     yield w
     w.close()
 
