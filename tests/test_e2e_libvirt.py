@@ -73,7 +73,7 @@ def test_start_prepares_the_host_and_destroy_gives_it_back(run_demo):
     stopped = sc["after_destroy"]
     assert stopped["status"]["phase"] == "idle", why
     assert stopped["drivers"] == {GPU: "nvidia", AUDIO: "snd_hda_intel"}
-    assert [s["status"] for s in stopped["status"]["steps"]] == ["undone"] * 7, why
+    assert [s["status"] for s in stopped["status"]["steps"]] == ["undone"] * len(STEPS), why
     cmp = stopped["compare"]
     assert cmp["unexpected"] == {}, why
     # vfio-pci took the boot VGA function: the kernel removed the firmware framebuffer, its
