@@ -86,13 +86,14 @@ def test_off_by_default_records_nothing(desk):
     desk.profile()
     rec = desk.machine.prepare("win11")
     entry = rec.step("inhibit")
-    assert entry.status == "done" and entry.facts == {"plan": [], "done": []}
+    assert entry.status == "done"
+    assert entry.facts == {"plan": [], "done": [], "skipped": ["inhibit: none in the profile"]}
     assert locks(desk) == []
     st = desk.machine.status("win11")["vms"]["win11"]
     assert st["inhibitor"] is None
     assert desk.machine.release("win11").step("inhibit").notes == []
     assert plan_view.document(desk.machine, desk.machine.plan_prepare("win11"))["steps"][0] \
-        == {"name": "inhibit", "facts": {"plan": []}}
+        == {"name": "inhibit", "facts": {"plan": [], "skipped": ["inhibit: none in the profile"]}}
 
 
 def test_prepare_holds_the_lock_until_release(desk):

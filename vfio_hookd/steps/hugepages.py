@@ -147,7 +147,7 @@ class HugepagesStep(Step):
     def observe(self, ctx: Context) -> dict:
         req = ctx.profile.hugepages
         if req is None:
-            return {"plan": []}
+            return {"plan": [], "skipped": ["hugepages: none in the profile"]}
         if not isinstance(req, Hugepages):   # auto: resolve() runs in every prepare's plan
             raise HookdError(errors.INTERNAL, "hugepages: auto was not resolved by the plan")
         if req.pages == 0:

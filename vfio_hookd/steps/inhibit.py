@@ -55,7 +55,7 @@ class Inhibit(Step):
     def observe(self, ctx: Context) -> dict:
         kinds = ctx.profile.inhibit
         if not kinds:
-            return {"plan": []}
+            return {"plan": [], "skipped": ["inhibit: none in the profile"]}
         what = ":".join(kinds)
         return {"plan": [{"what": what, "who": WHO, "why": why(ctx.vm, ctx.devices),
                           "mode": MODE}],
