@@ -125,6 +125,23 @@ def test_a_cpu_setup_that_cannot_work_is_refused_untouched(world, extra, offline
 
 
 @pytest.mark.unit
+def test_the_cpu_steps_add_nothing_to_the_deadline_when_off(world):
+    """A profile without host_cpus/cpu_governor: the CPU steps declare 0 s for apply and for
+    the rollback, so the announced deadline is what it was before these steps existed; with
+    seed 000's setup they declare their calls."""
+    from vfio_hookd.steps.cpus import CpuGovernor, CpuIsolation
+    world.profile()
+    plan = world.machine.plan_prepare("win11", None)
+    for step in (CpuIsolation(), CpuGovernor()):
+        assert step.max_apply_s(plan.profile, plan.shape) == 0
+        assert step.max_undo_s(plan.deadlines, plan.shape, None) == 0
+    world.profile(extra=TUNING)
+    plan = world.machine.plan_prepare("win11", None)
+    assert CpuIsolation().max_undo_s(plan.deadlines, plan.shape, None) > 0
+    assert CpuGovernor().max_apply_s(plan.profile, plan.shape) > 0
+
+
+@pytest.mark.unit
 def test_a_domain_without_vcpupin_is_refused_for_auto(world):
     world.profile(extra="host_cpus: auto\n")
     with pytest.raises(HookdError) as exc:

@@ -96,8 +96,9 @@ class CpuIsolation(Step):
         return 3 * len(UNITS) * profile.deadlines.unit_start if profile.host_cpus else 0.0
 
     def max_undo_s(self, deadlines, shape: Shape, facts: dict | None) -> float:
-        """Per changed unit: the call and a read back, each up to ``deadlines.unit_start``."""
-        n = len(UNITS) if facts is None else len(self.undo_items(facts))
+        """Per changed unit: the call and a read back, each up to ``deadlines.unit_start``
+        (before apply: every unit when the plan tunes CPUs, ``shape.cpus`` > 0, else none)."""
+        n = (len(UNITS) if shape.cpus else 0) if facts is None else len(self.undo_items(facts))
         return 2 * n * deadlines.unit_start
 
 
