@@ -166,16 +166,19 @@ class Server:
                 if self._sock not in ready:
                     continue
                 if self.fd_headroom and (free := free_fds()) <= self.fd_headroom:
-                    backoff = min(max(backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
-                    self._short_of_fds(free, first=backoff == BACKOFF_MIN_S, wait_s=backoff)
+                    backoff = self._wait_for_fds(
+                        backoff, "only %d file descriptors free (RLIMIT_NOFILE); accepting no "
+                        "connection until more than %d are, for the %d connections open",
+                        free, self.fd_headroom)
                     continue
                 conn, _ = self._sock.accept()
             except OSError as exc:
                 if self._stopping:
                     break
                 if exc.errno in OUT_OF_FDS:
-                    backoff = min(max(backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
-                    self._out_of_fds(exc, first=backoff == BACKOFF_MIN_S, wait_s=backoff)
+                    backoff = self._wait_for_fds(
+                        backoff, "cannot accept a connection: %s (%d connections open); "
+                        "accepting again when one ends", os.strerror(exc.errno or 0))
                     continue
                 if exc.errno in TRANSIENT:
                     continue
@@ -185,27 +188,20 @@ class Server:
                 log.info("accepting connections again")
             self._start(conn)
 
-    def _short_of_fds(self, free: int, first: bool, wait_s: float) -> None:
-        """Leave the waiting connections queued until a connection ends or ``wait_s`` passes:
-        the ``fd_headroom`` last descriptors are for the requests in flight."""
+    def _wait_for_fds(self, backoff: float, message: str, *args) -> float:
+        """Leave the waiting connections queued until a connection ends (its descriptors are
+        free again) or the next backoff passes; returns that backoff (s, doubled from
+        ``backoff`` between :data:`BACKOFF_MIN_S` and :data:`BACKOFF_MAX_S`). ``message`` is
+        logged once per episode (at the first backoff), with ``args`` and then the number of
+        connections open."""
+        backoff = min(max(backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
         with self._busy_cv:
             n = self._connections
-            if first:
-                log.warning("only %d file descriptors free (RLIMIT_NOFILE); accepting no "
-                            "connection until more than %d are, for the %d connections open",
-                            free, self.fd_headroom, n)
+            if backoff == BACKOFF_MIN_S:
+                log.warning(message, *args, n)
             self._busy_cv.wait_for(lambda: self._connections < n or self._stopping,
-                                   timeout=wait_s)
-
-    def _out_of_fds(self, exc: OSError, first: bool, wait_s: float) -> None:
-        """Wait until a connection ends (its descriptor is free again) or ``wait_s`` passes."""
-        with self._busy_cv:
-            n = self._connections
-            if first:
-                log.warning("cannot accept a connection: %s (%d connections open); accepting "
-                            "again when one ends", os.strerror(exc.errno or 0), n)
-            self._busy_cv.wait_for(lambda: self._connections < n or self._stopping,
-                                   timeout=wait_s)
+                                   timeout=backoff)
+        return backoff
 
     def _start(self, conn: socket.socket) -> None:
         with self._busy_cv:   # counted before the thread runs: stop() waits for it
