@@ -50,17 +50,27 @@ def _ping(path: str) -> dict:
         s.close()
 
 
-def _flood(path: str, n: int) -> list[socket.socket]:
-    """Up to ``n`` connections that send nothing (those the full queue refuses are dropped)."""
+def _flood(path: str, n: int, wait_s: float | None = None) -> list[socket.socket]:
+    """Up to ``n`` idle connections (they send nothing).
+
+    :param wait_s: None: each ``connect`` is non-blocking, those the full listen queue refuses
+        are dropped and the flood goes on; else each ``connect`` waits up to ``wait_s`` (s) for
+        room in the queue, and the flood ends at the first that does not get it (the daemon
+        stopped taking connections)."""
     out = []
     for _ in range(n):
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.setblocking(False)
+        if wait_s is None:
+            c.setblocking(False)
+        else:
+            c.settimeout(wait_s)
         try:
             c.connect(path)
-        except BlockingIOError:   # the listen queue is full
+        except (socket.timeout, BlockingIOError):
             c.close()
-            continue
+            if wait_s is None:
+                continue
+            break
         out.append(c)
     return out
 
@@ -95,23 +105,6 @@ def test_the_daemon_survives_running_out_of_file_descriptors(world, tmp_path):
         assert d.stop() == 0, d.read_log()
 
 
-def _flood_until_full(path: str, n: int, wait_s: float = 1.0) -> list[socket.socket]:
-    """Up to ``n`` idle connections, each a blocking ``connect`` that the kernel holds until
-    the daemon's queue has room, at most ``wait_s``: it ends when the daemon stops taking
-    connections (queue full for ``wait_s``) or at ``n``."""
-    out = []
-    for _ in range(n):
-        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.settimeout(wait_s)
-        try:
-            c.connect(path)
-        except (socket.timeout, BlockingIOError):
-            c.close()
-            break
-        out.append(c)
-    return out
-
-
 def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -138,7 +131,7 @@ def test_a_connection_flood_leaves_descriptors_for_the_prepare_s_dbus_calls(worl
         _wait_for_log(d, "connected to systemd")
         _soft, hard = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (_open_fds(d.pid) + FD_HEADROOM + 8, hard))
-        flood = _flood_until_full(path, 3 * FD_HEADROOM)
+        flood = _flood(path, 3 * FD_HEADROOM, wait_s=1.0)
         _wait_for_log(d, "file descriptors free (RLIMIT_NOFILE); accepting no connection")
         assert d.running()
         assert _soft_limit(d.pid) - _open_fds(d.pid) >= FD_HEADROOM

@@ -35,6 +35,13 @@ def wait_held(world, nodes, command: str, timeout_s: float = 10.0) -> None:
             assert ino.wait(deadline), f"no {command} on {nodes} within {timeout_s} s"
 
 
+def audio_up(world, timeout_s: float = 10.0) -> None:
+    """Wait until PipeWire and WirePlumber both hold the audio function's nodes: the desktop
+    is up. Each open moves snd_hda_intel's refcnt, which the host snapshots compare."""
+    for server in ("pipewire", "wireplumber"):
+        wait_held(world, AUDIO, server, timeout_s)
+
+
 def seat0(world) -> list[tuple]:
     return sorted((s.user, s.cls, s.type) for s in world.logind.sessions() if s.seat == "seat0")
 
@@ -64,7 +71,7 @@ def desk(dirs):
     def make(variant: str, **kw) -> SimWorld:
         w = SimWorld(dirs, variant, **kw)
         made.append(w)
-        wait_held(w, AUDIO, "wireplumber")
+        audio_up(w)
         return w
     yield make
     for w in made:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SimWorld
 from test_daemon_hook import run_cli, run_hook, start_daemon
-from test_desktop import AUDIO, VARIANTS, seat0, seat0_becomes, wait_held
+from test_desktop import AUDIO, VARIANTS, audio_up, seat0, seat0_becomes
 from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
 from vfio_hookd.pci import current_driver
@@ -29,7 +29,7 @@ def desk(dirs, monkeypatch):
         w = SimWorld(dirs, variant, bus=True, **kw)
         made.append(w)
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", w.address)
-        wait_held(w, AUDIO, "wireplumber")
+        audio_up(w)
         return w
     yield make
     for w in made:

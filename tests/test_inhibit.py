@@ -11,7 +11,7 @@ import os
 import pytest
 
 from conftest import SimWorld, diff
-from test_desktop import AUDIO, wait_held
+from test_desktop import audio_up
 from testbed.sim import faults
 from vfio_hookd import errors, plan_view
 from vfio_hookd.errors import HookdError
@@ -26,8 +26,7 @@ STEP = BY_NAME["inhibit"]
 def desk(dirs):
     """The LightDM desktop host (logind runs), its audio servers up."""
     w = SimWorld(dirs, "desktop-x11")
-    for server in ("pipewire", "wireplumber"):   # both open the audio nodes (module refcnt)
-        wait_held(w, AUDIO, server, timeout_s=30)   # the machine may be loaded
+    audio_up(w, timeout_s=30)   # the machine may be loaded
     yield w
     w.close()
 

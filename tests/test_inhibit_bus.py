@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SimWorld
 from test_daemon_hook import run_cli, start_daemon
-from test_desktop import AUDIO, wait_held
+from test_desktop import audio_up
 from testbed.sim import faults
 from vfio_hookd import errors
 from vfio_hookd.errors import HookdError
@@ -26,8 +26,7 @@ pytestmark = pytest.mark.dbus
 def desk(dirs, monkeypatch):
     w = SimWorld(dirs, "desktop-x11", bus=True)
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", w.address)
-    for server in ("pipewire", "wireplumber"):   # both open the audio nodes (module refcnt)
-        wait_held(w, AUDIO, server, timeout_s=30)   # the machine may be loaded
+    audio_up(w, timeout_s=30)   # the machine may be loaded
     yield w
     w.close()
 
