@@ -28,6 +28,7 @@ import threading
 
 from .. import errors
 from ..errors import HookdError
+from ..pci import write_attr
 from ..profile.model import AUTO, Hugepages, size_text
 from .base import Context, Shape, Step
 
@@ -171,13 +172,14 @@ class HugepagesStep(Step):
                 add = max(0, item["pages"] - (c["free"] - c["resv"]))
                 if not add:
                     continue   # freed meanwhile: the target holds already
-                host.write(COMPACT, "1", limit)
+                write_attr(host, COMPACT, "1", limit, errors.HOST_IO, "compacting memory")
                 # the persistent target: every page now (surplus ones get promoted first,
                 # adding no free page) plus the missing ones
                 entry = {"size_kb": size, "before": c["nr"], "add": add, "added": None,
                          "promoted": c["surplus"], "freed": 0}
                 facts["done"].append(entry)
-                host.write(pool(size, "nr_hugepages"), str(c["nr"] + add), limit)
+                write_attr(host, pool(size, "nr_hugepages"), str(c["nr"] + add), limit,
+                           errors.HOST_IO, "growing the hugepage pool")
                 got = counts(host, size)["nr"] - c["nr"]
                 entry["added"] = max(0, got)
                 if got >= add:
@@ -186,7 +188,8 @@ class HugepagesStep(Step):
                                     f"needs {item['pages']}"}
                     continue
                 # give it back: the persistent pool as it was
-                host.write(pool(size, "nr_hugepages"), str(c["persistent"]), limit)
+                write_attr(host, pool(size, "nr_hugepages"), str(c["persistent"]), limit,
+                           errors.HOST_IO, "giving a short allocation back")
                 entry["added"] = max(0, counts(host, size)["nr"] - c["nr"])
                 entry["promoted"] = 0
             total = c["nr"] + add
@@ -224,7 +227,8 @@ class HugepagesStep(Step):
                 in_use = n - max(0, min(n, c["free"] - c["resv"]))
                 # the surplus pages the growing write promoted go back to surplus as well
                 target = max(0, c["persistent"] - n - item.get("promoted", 0))
-                host.write(pool(size, "nr_hugepages"), str(target), limit)
+                write_attr(host, pool(size, "nr_hugepages"), str(target), limit,
+                           errors.HOST_IO, "freeing this VM's hugepages")
                 now = counts(host, size)
                 item["freed"] = item.get("freed", 0) + min(n, max(0, c["persistent"]
                                                                    - now["persistent"]))
