@@ -58,17 +58,15 @@ class AllowedCpus:
         :raises HookdError: ``UNIT_FAILED`` naming the unit and systemd's D-Bus error,
             ``TIMEOUT``, ``SYSTEMD_UNAVAILABLE``.
         """
-        import math
+        from gi.repository import GLib
 
-        from gi.repository import Gio, GLib
+        from .gdbus import call
 
         bus, _ = self._connect()
-        args = GLib.Variant("(sba(sv))", (unit, True, [("AllowedCPUs", GLib.Variant("ay", mask))]))
         try:
-            bus.con.call_sync("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                              "org.freedesktop.systemd1.Manager", "SetUnitProperties", args,
-                              None, Gio.DBusCallFlags.NONE, max(1, math.ceil(timeout_s * 1000)),
-                              None)
+            call(bus.con, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                 "org.freedesktop.systemd1.Manager", "SetUnitProperties",
+                 (unit, True, [("AllowedCPUs", GLib.Variant("ay", mask))]), "sba(sv)", timeout_s)
         except GLib.Error as e:
             raise self._fail(e, f"setting AllowedCPUs of {unit}", unit) from None
 
