@@ -30,7 +30,7 @@ from .sim.inhibitors import Inhibitors, Refused
 
 
 class _Watch:
-    """Events of the model since the watch was opened (as :class:`vfio_hookd.gdbus.SignalWatch`:
+    """Events of the model since the watch was opened (as :class:`vfio_hookd.gdbus.SignalListener`:
     ``(member, path, args)``)."""
 
     def __init__(self, owner: "_Source"):

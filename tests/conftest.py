@@ -152,6 +152,9 @@ class SimWorld:
     def close(self) -> None:
         self.systemd.close()
         self.logind.close()
+        own = self.machine._logind   # the machine's own client (logind_factory), if it made one
+        if own is not None and own is not self.logind:
+            own.close()              # its connection and its signal subscription's thread
         if self.bus is not None:
             self.bus.stop()
         if self.fake is not None:

@@ -1,6 +1,10 @@
 """The daemon's memory stays flat (issue 9; the numbers: bench/daemon_memory.py): glibc's arenas
-are limited and trimmed when no request is in flight (vfio_hookd.memory), and D-Bus error names
-are read without PyGObject's get_remote_error, whose strings the daemon kept one per request."""
+are limited, cyclic garbage is collected and the heap trimmed when no request is in flight
+(vfio_hookd.memory); D-Bus error names are read without PyGObject's get_remote_error, whose
+strings the daemon kept one per request; logind's signals come through one subscription per
+connection (each subscription left 64 bytes behind in GObject-Introspection), and a watch's
+context is run dry after the unsubscribe; the first use of the parsers happens before READY=1
+(daemon.rehearse)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,11 @@ import sys
 
 import pytest
 
-from vfio_hookd import gdbus, memory, server
+import gc
+import select
+import weakref
+
+from vfio_hookd import daemon, gdbus, logind, memory, server
 
 pytestmark = pytest.mark.unit
 
@@ -50,3 +58,128 @@ def test_error_names_are_read_as_gdbus_reads_them(message, domain, code, name):
     quark = Gio.dbus_error_quark() if domain == "dbus" else Gio.io_error_quark()
     e = GLib.Error.new_literal(quark, message, code)
     assert gdbus.error_name(e) == name == Gio.DBusError.get_remote_error(e)
+
+
+def test_trim_collects_cyclic_garbage():
+    class Node:
+        pass
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        assert gone() is not None       # a cycle: reference counting alone keeps it
+        memory.trim()
+        assert gone() is None
+    finally:
+        if was:
+            gc.enable()
+
+
+def test_iterate_dispatches_what_is_pending_when_stopped():
+    # signal_unsubscribe queues the destroy notify as an idle source on the watch's context;
+    # a loop that only checks its stop flag would leave it there for ever
+    from gi.repository import GLib
+    ctx = GLib.MainContext.new()
+    ran = []
+    src = GLib.idle_source_new()
+    src.set_callback(lambda *_: ran.append(1) or False)
+    src.attach(ctx)
+    gdbus.iterate(ctx, lambda: True)
+    assert ran == [1]
+    assert not ctx.pending()
+
+
+class _Con:
+    """A Gio.DBusConnection stand-in that records subscriptions and fires their callbacks."""
+
+    def __init__(self):
+        self.subscribed = []
+        self.unsubscribed = []
+        self.callbacks = {}
+
+    def signal_subscribe(self, sender, iface, member, path, arg0, flags, callback):
+        sid = len(self.subscribed) + 1
+        self.subscribed.append((sender, iface, member))
+        self.callbacks[sid] = callback
+        return sid
+
+    def signal_unsubscribe(self, sid):
+        self.unsubscribed.append(sid)
+        self.callbacks.pop(sid)
+
+    def is_closed(self):
+        return False
+
+    def close_sync(self, _cancellable):
+        pass
+
+    def fire(self, member, path, args, signature):
+        from gi.repository import GLib
+        for cb in list(self.callbacks.values()):
+            cb(self, ":1.1", path, "org.freedesktop.login1.Manager", member,
+               GLib.Variant(signature, args))
+
+
+def test_listeners_share_one_subscription_and_get_only_later_signals():
+    con = _Con()
+    watch = gdbus.SignalWatch(con, "org.freedesktop.login1", None, None)
+    try:
+        first = watch.listen()
+        con.fire("SessionNew", "/s/1", ("1", "/s/1"), "(so)")
+        second = watch.listen()
+        con.fire("SessionRemoved", "/s/1", ("1", "/s/1"), "(so)")
+        assert con.subscribed == [("org.freedesktop.login1", None, None)]
+        assert [e[0] for e in first.events] == ["SessionNew", "SessionRemoved"]
+        assert list(second.events) == [("SessionRemoved", "/s/1", ("1", "/s/1"))]
+        assert first.count == 2 and second.count == 1
+        assert select.select([second.fileno()], [], [], 0)[0] == [second.fileno()]
+        second.clear()
+        assert select.select([second.fileno()], [], [], 0)[0] == []
+        second.close()
+        con.fire("SessionNew", "/s/2", ("2", "/s/2"), "(so)")
+        assert second.count == 1 and first.count == 3
+        assert first.wait(lambda: first.count == 3, 0.0)
+        first.close()
+        first.close()   # idempotent
+    finally:
+        watch.close()
+    assert con.unsubscribed == [1]
+    assert not watch._thread.is_alive()
+
+
+def test_logind_subscribes_once_per_connection(monkeypatch):
+    cons = []
+
+    def connect(_address):
+        cons.append(_Con())
+        return cons[-1]
+    monkeypatch.setattr(gdbus, "connect_bus", connect)
+    lg = logind.Logind(address="unix:path=/nonexistent")
+    try:
+        for _ in range(5):
+            with lg.watch() as w:
+                assert w is not None
+        assert len(cons) == 1 and len(cons[0].subscribed) == 1
+        assert cons[0].unsubscribed == []
+    finally:
+        lg.close()
+    assert cons[0].unsubscribed == [1]
+    with lg.watch():   # a new connection, a new subscription
+        pass
+    lg.close()
+    assert len(cons) == 2 and cons[1].unsubscribed == [1]
+
+
+def test_the_rehearsal_runs_on_input_the_product_accepts():
+    got = daemon.rehearse()
+    prof = got["profile"]
+    assert prof.devices == ("0000:01:00.0", "0000:01:00.1")
+    assert prof.stop_units == ("nvidia-persistenced.service",)
+    assert prof.inhibit == ("sleep",) and prof.host_cpus == "auto"
+    assert got["devices"] == ("0000:01:00.0",)
+    assert got["cpusets"] == {"vcpupin": ["2", "3"], "emulatorpin": "1"}
+    assert got["hugepages"] == {"memory_kib": 8388608, "page_kib": 2048}
+    assert got["record_bytes"] > 0

@@ -75,9 +75,10 @@ class Daemon(Server):
                      extra={"VM": name, "PHASE": rec.phase})
 
     def warm_up(self) -> None:
-        """Connect to systemd and logind once, in the background after ``READY=1``, so the
-        first prepare does not pay for the connections (about 10 ms), nor grow the daemon's
-        memory by them (bench/daemon_memory.py). A failure is only logged: every request
+        """Connect to systemd and logind once, and subscribe to logind's signals, in the
+        background after ``READY=1``, so the first prepare does not pay for the connections
+        (about 10 ms), nor grow the daemon's memory, threads or descriptors by them
+        (bench/daemon_memory.py). A failure is only logged: every request
         connects again if needed and reports ``SYSTEMD_UNAVAILABLE`` itself."""
         try:
             self.machine.systemd().connect()
@@ -87,8 +88,14 @@ class Daemon(Server):
         except Exception:
             log.exception("connecting to systemd failed")
         try:
-            log.info("connected to systemd-logind" if self.machine.logind().available()
-                     else "systemd-logind is not on the bus")
+            logind = self.machine.logind()
+            up = logind.available()
+            # the subscription to its signals, one for the daemon's life (gdbus.SignalWatch),
+            # also while logind is not there yet: it is on the bus connection
+            watch = logind.watch()
+            if watch is not None:
+                watch.close()
+            log.info("connected to systemd-logind" if up else "systemd-logind is not on the bus")
         except Exception as exc:   # a request says it again, with its code
             log.warning("systemd-logind not reachable yet: %s", exc)
 
@@ -208,6 +215,71 @@ def preload() -> None:
     import defusedxml.ElementTree  # noqa: F401
     import psutil  # noqa: F401
     systemd.load_bindings()
+    rehearse()
+
+
+#: :func:`rehearse`'s profile: every kind of value a profile holds (lists, a mapping, numbers,
+#: strings, ``auto``) in the YAML forms users write (flow and block lists, quoted strings).
+REHEARSAL_PROFILE = """\
+devices: ["0000:01:00.0", "0000:01:00.1"]
+stop_units:
+  - nvidia-persistenced.service
+modules: auto
+on_busy: fail
+inhibit: sleep
+hugepages: auto
+host_cpus: auto
+cpu_governor: performance
+deadlines: {unit_stop: 100, desktop_back: 30}
+"""
+
+#: :func:`rehearse`'s domain XML: a PCI ``<hostdev>``, CPU pinning and hugepages, as libvirt
+#: passes them to the hook (formatdomain.html).
+REHEARSAL_DOMAIN_XML = """\
+<domain type="kvm">
+  <name>rehearsal</name>
+  <memory unit="KiB">8388608</memory>
+  <memoryBacking><hugepages><page size="2048" unit="KiB"/></hugepages></memoryBacking>
+  <vcpu placement="static">2</vcpu>
+  <cputune><vcpupin vcpu="0" cpuset="2"/><vcpupin vcpu="1" cpuset="3"/>
+    <emulatorpin cpuset="1"/></cputune>
+  <devices>
+    <hostdev mode="subsystem" type="pci" managed="yes">
+      <source><address domain="0x0000" bus="0x01" slot="0x00" function="0x0"/></source>
+    </hostdev>
+  </devices>
+</domain>
+"""
+
+
+def rehearse() -> dict:
+    """The pure part of a prepare once, on the built-in :data:`REHEARSAL_PROFILE` and
+    :data:`REHEARSAL_DOMAIN_XML`: nothing is read from disk and nothing on the host is looked
+    at or changed. It parses the profile (libyaml) and the domain XML (expat) and encodes a
+    record as JSON, so that the first use of each (the C libraries' code pages, the caches of
+    ``re`` and ``dataclasses``) is the daemon's from the start and not a growth of the first
+    request (bench/daemon_memory.py).
+
+    :returns: ``{"profile": Profile, "devices": tuple, "cpusets": dict, "hugepages": dict,
+        "record_bytes": int}`` (what the rehearsal read, for its test).
+    :raises HookdError: only if the built-in input no longer passes the product's own checks
+        (a bug; ``tests/test_memory.py`` runs it).
+    """
+    import json
+
+    from .profile import parse_profile
+    from .profile.domain_xml import (cputune_cpusets, devices_from_domain_xml,
+                                     hugepages_from_domain_xml)
+    from .record import Record
+    prof = parse_profile(REHEARSAL_PROFILE, "<rehearsal>", "rehearsal")
+    devices = devices_from_domain_xml(REHEARSAL_DOMAIN_XML, "rehearsal domain XML")
+    cpusets = cputune_cpusets(REHEARSAL_DOMAIN_XML, "rehearsal domain XML")
+    pages = hugepages_from_domain_xml(REHEARSAL_DOMAIN_XML, "rehearsal domain XML")
+    rec = Record.new("rehearsal", devices, {a: None for a in devices},
+                     prof.deadlines.to_dict(), ["units", "bind_vfio"])
+    text = json.dumps(rec.to_json(), sort_keys=True, separators=(",", ":"))   # as saved
+    return {"profile": prof, "devices": devices, "cpusets": cpusets, "hugepages": pages,
+            "record_bytes": len(text)}
 
 
 def run(paths: Paths, host: Host | None = None, systemd_factory=None,
@@ -245,6 +317,7 @@ def run(paths: Paths, host: Host | None = None, systemd_factory=None,
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     preload()
+    memory.trim()   # the start's garbage, before the first request is measured against it
     daemon.retake_inhibitors()   # before serving: the host must not sleep under a running VM
     logmod.notify("READY=1")
     threading.Thread(target=daemon.warm_up, daemon=True, name="warm-up").start()

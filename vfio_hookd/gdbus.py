@@ -1,7 +1,7 @@
 """Small Gio helpers shared by the logind client (:mod:`vfio_hookd.logind`) and the user-instance
 client (:mod:`vfio_hookd.usermgr`): connections (a bus, or a peer-to-peer socket), method calls
-and property reads with a timeout, D-Bus error names, and a signal subscription that a waiter
-can ``poll(2)`` on.
+and property reads with a timeout, D-Bus error names, and a signal subscription per connection
+with a listener per waiter, which it can ``poll(2)`` on.
 
 Gio is imported on first use (FIELD-NOTES §4: ``import vfio_hookd.gdbus`` costs nothing).
 """
@@ -154,54 +154,54 @@ def remote_message(e) -> str:
     return msg.split(": ", 1)[1] if msg.startswith("GDBus.Error:") and ": " in msg else msg
 
 
-class SignalWatch:
-    """Signals of one connection, recorded for a waiter: one ``signal_subscribe`` on a GLib main
-    context of its own, iterated by a daemon thread that blocks in ``poll(2)`` between signals.
+def iterate(ctx, stopped) -> None:
+    """Iterate the ``GLib.MainContext`` ``ctx`` (blocking in ``poll(2)`` between events) until
+    ``stopped()`` is true after an iteration (wake it with ``ctx.wakeup()``), then dispatch
+    what is still pending on it, without blocking, and return.
 
-    :param con: the ``Gio.DBusConnection``.
-    :param sender: sender to match (None: any; it must be None on a peer-to-peer connection,
-        whose signals carry no sender).
-    :param iface: interface to match, or None. :param member: signal name, or None.
+    The last part matters: unsubscribing a signal hands the subscription's destroy notify,
+    which frees PyGObject's closure for the Python callback and GDBus's subscriber record, to
+    the subscriber's context as an idle source (``g_dbus_connection_signal_unsubscribe``:
+    the ``user_data_free_func`` runs in the thread-default main context of the subscriber).
+    Left queued on a context nobody iterates any more, the closure, the idle source and the
+    subscriber record stayed in the C heap (heaptrack, ``bench/daemon_memory.py``).
+    """
+    while not stopped():
+        ctx.iteration(True)
+    while ctx.pending():
+        ctx.iteration(False)
 
-    :meth:`wait` waits on a condition with a deadline; :meth:`fileno` (an eventfd, readable
-    after each signal) lets a caller ``poll(2)`` it beside other descriptors (inotify).
-    Each signal is kept as ``(member, object path, unpacked parameters)`` (the last 4096).
+
+class SignalListener:
+    """The signals a :class:`SignalWatch` received since :meth:`SignalWatch.listen`, for one
+    waiter.
+
+    Attributes: ``events`` (deque of ``(member, object path, unpacked parameters)``, the last
+    4096), ``count`` (int, all received). :meth:`wait` waits on a condition with a deadline;
+    :meth:`fileno` (an eventfd, readable after each signal) lets a caller ``poll(2)`` it beside
+    other descriptors (inotify). :meth:`close` (or the ``with`` block's end) stops the delivery
+    and closes the eventfd; the watch's subscription stays.
     """
 
     KEEP = 4096
 
-    def __init__(self, con, sender: str | None, iface: str | None, member: str | None):
-        from gi.repository import Gio, GLib
-
-        self._con = con
+    def __init__(self, watch: "SignalWatch"):
+        self._watch = watch
         self._cv = threading.Condition()
         self.events: collections.deque = collections.deque(maxlen=self.KEEP)
         self.count = 0
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._stopping = False
-        self._ctx = GLib.MainContext.new()
-        self._ctx.push_thread_default()
-        try:
-            self._sub = con.signal_subscribe(sender, iface, member, None, None,
-                                             Gio.DBusSignalFlags.NONE, self._on_signal)
-        finally:
-            self._ctx.pop_thread_default()
-        self._thread = threading.Thread(target=self._run, name="dbus signals", daemon=True)
-        self._thread.start()
 
-    def _on_signal(self, _con, _sender, path, _iface, member, params) -> None:
+    def push(self, event: tuple) -> None:
+        """Record ``event`` and wake the waiters (called by the watch's thread)."""
         with self._cv:
-            self.events.append((member, path, params.unpack()))
+            self.events.append(event)
             self.count += 1
             self._cv.notify_all()
         try:
             os.eventfd_write(self._efd, 1)
-        except OSError:
+        except OSError:   # closed by now
             pass
-
-    def _run(self) -> None:
-        while not self._stopping:
-            self._ctx.iteration(True)
 
     def fileno(self) -> int:
         """An eventfd readable after each signal (:meth:`clear` resets it)."""
@@ -221,7 +221,80 @@ class SignalWatch:
             return bool(self._cv.wait_for(predicate, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
-        """Unsubscribe, end the thread, close the eventfd."""
+        """Stop receiving and close the eventfd (idempotent)."""
+        self._watch._drop(self)
+        with self._cv:
+            efd, self._efd = self._efd, -1
+        if efd >= 0:
+            os.close(efd)
+
+    def __enter__(self) -> "SignalListener":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SignalWatch:
+    """Signals of one connection for its lifetime: one ``signal_subscribe`` on a GLib main
+    context of its own, iterated by a daemon thread that blocks in ``poll(2)`` between signals,
+    handed to each :class:`SignalListener` open at the time (:meth:`listen`, one per waiter).
+
+    :param con: the ``Gio.DBusConnection``.
+    :param sender: sender to match (None: any; it must be None on a peer-to-peer connection,
+        whose signals carry no sender).
+    :param iface: interface to match, or None. :param member: signal name, or None.
+
+    Why one subscription for many waiters, not one per wait: each ``signal_subscribe`` with a
+    Python callback makes PyGObject build an ffi closure, and GObject-Introspection 1.74
+    (Debian 12) keeps 8 bytes per callback argument of it after the closure is freed (64 bytes
+    for a D-Bus signal callback; heaptrack: one allocation per subscription, never freed,
+    although ``g_callable_info_free_closure`` ran for each). One per request grew the daemon
+    by that much per request (``bench/daemon_memory.py``).
+    """
+
+    def __init__(self, con, sender: str | None, iface: str | None, member: str | None):
+        from gi.repository import Gio, GLib
+
+        self._con = con
+        self._lock = threading.Lock()
+        self._listeners: list[SignalListener] = []
+        self._stopping = False
+        self._ctx = GLib.MainContext.new()
+        self._ctx.push_thread_default()
+        try:
+            self._sub = con.signal_subscribe(sender, iface, member, None, None,
+                                             Gio.DBusSignalFlags.NONE, self._on_signal)
+        finally:
+            self._ctx.pop_thread_default()
+        self._thread = threading.Thread(target=self._run, name="dbus signals", daemon=True)
+        self._thread.start()
+
+    def listen(self) -> SignalListener:
+        """A new :class:`SignalListener`, receiving every signal from now on. Open it *before*
+        reading the state it waits on."""
+        listener = SignalListener(self)
+        with self._lock:
+            self._listeners.append(listener)
+        return listener
+
+    def _drop(self, listener: SignalListener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _on_signal(self, _con, _sender, path, _iface, member, params) -> None:
+        event = (member, path, params.unpack())
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener.push(event)
+
+    def _run(self) -> None:
+        iterate(self._ctx, lambda: self._stopping)
+
+    def close(self) -> None:
+        """Unsubscribe and end the thread; the listeners still open get no more signals."""
         self._stopping = True
         try:
             self._con.signal_unsubscribe(self._sub)
@@ -229,10 +302,6 @@ class SignalWatch:
             pass
         self._ctx.wakeup()
         self._thread.join(2)
-        try:
-            os.close(self._efd)
-        except OSError:
-            pass
 
     def __enter__(self) -> "SignalWatch":
         return self

@@ -24,6 +24,7 @@ import threading
 import time
 
 from .errors import TIMEOUT, UNIT_FAILED, HookdError
+from .gdbus import iterate
 
 
 class JobWatch:
@@ -64,8 +65,7 @@ class JobWatch:
             self._cv.notify_all()
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._ctx.iteration(True)
+        iterate(self._ctx, lambda: self._stopping)
 
     def wait(self, job: str, deadline: float) -> str | None:
         """The result (``done``, ``failed``, ...) of ``job`` (object path) once its

@@ -99,6 +99,7 @@ class Logind:
         self._timeout = call_timeout_s
         self._lock = threading.Lock()
         self._con = None
+        self._signals = None   # gdbus.SignalWatch of _con, made by the first watch()
         self._unreachable = False
 
     def _connection(self):
@@ -111,6 +112,7 @@ class Logind:
         with self._lock:
             if self._con is not None and not self._con.is_closed():
                 return self._con
+            self._close_signals()
             try:
                 self._con = gdbus.connect_bus(self._address)
             except GLib.Error as e:
@@ -119,6 +121,12 @@ class Logind:
                     raise HookdError(SYSTEMD_UNAVAILABLE, f"systemd-logind: cannot connect to "
                                      f"the bus: {e.message}") from None
             return self._con
+
+    def _close_signals(self) -> None:
+        """End the signal subscription of the connection that was (under ``_lock``)."""
+        if self._signals is not None:
+            self._signals.close()
+            self._signals = None
 
     def _call(self, method: str, args=None, signature=None):
         """``Manager.method``; None when logind is absent."""
@@ -221,11 +229,18 @@ class Logind:
         return pids
 
     def watch(self):
-        """A :class:`vfio_hookd.gdbus.SignalWatch` of logind's signals (``SessionNew``,
-        ``SessionRemoved``, ``UserNew``, ``UserRemoved``, ``PropertiesChanged``), or None
-        without a bus. Open it *before* reading the state it waits on."""
+        """A :class:`vfio_hookd.gdbus.SignalListener` of logind's signals (``SessionNew``,
+        ``SessionRemoved``, ``UserNew``, ``UserRemoved``, ``PropertiesChanged``) from now on,
+        or None without a bus; the caller closes it. Open it *before* reading the state it
+        waits on. All listeners share one subscription per connection (why:
+        :class:`vfio_hookd.gdbus.SignalWatch`), made on the first call."""
         con = self._connection()
-        return None if con is None else gdbus.SignalWatch(con, LOGIND, None, None)
+        if con is None:
+            return None
+        with self._lock:
+            if self._signals is None:
+                self._signals = gdbus.SignalWatch(con, LOGIND, None, None)
+            return self._signals.listen()
 
     def terminate_sessions(self, ids: list[str], timeout_s: float) -> list[str]:
         """``TerminateSession`` each of ``ids`` (all at once), then wait for their
@@ -325,6 +340,7 @@ class Logind:
         """Close the connection (a later call reconnects)."""
         with self._lock:
             con, self._con = self._con, None
+            self._close_signals()
         if con is not None:
             try:
                 con.close_sync(None)

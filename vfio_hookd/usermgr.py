@@ -60,6 +60,7 @@ class UserManager:
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 raise LookupError(f"{path}: {e.strerror}") from None
             self._watch = gdbus.SignalWatch(self._con, None, MANAGER_IFACE, "JobRemoved")
+            self._jobs = self._watch.listen()
             try:
                 # a direct connection gets the manager's signals without it (bus_foreach_bus);
                 # asked as systemctl does, but not waited on for long: in the real-systemd
@@ -129,10 +130,10 @@ class UserManager:
                 failed.append(f"{unit}: {e}")
 
         def results() -> dict[str, str]:
-            return {str(p[1]): str(p[3]) for m, _path, p in self._watch.events
+            return {str(p[1]): str(p[3]) for m, _path, p in self._jobs.events
                     if m == "JobRemoved" and str(p[1]) in jobs}
-        self._watch.wait(lambda: len(results()) == len(jobs), deadline)
-        with self._watch._cv:
+        self._jobs.wait(lambda: len(results()) == len(jobs), deadline)
+        with self._jobs._cv:
             got = results()
         failed += [f"{jobs[j]}: job result {r}" for j, r in got.items() if r != "done"]
         pending = [jobs[j] for j in jobs if j not in got]
@@ -147,6 +148,7 @@ class UserManager:
 
     def close(self) -> None:
         """Unsubscribe and close the connection."""
+        self._jobs.close()
         self._watch.close()
         try:
             self._con.close_sync(None)

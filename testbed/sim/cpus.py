@@ -169,7 +169,7 @@ def set_allowed(root: str, state_root: str, unit: str, cpus: str) -> None:
     state[unit] = cpus
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
+        f.write(json.dumps(state, sort_keys=True))   # C encoder: no cyclic garbage in the daemon
     os.replace(path + ".tmp", path)
     if os.path.abspath(root) != "/" and os.path.isfile(os.path.join(root, ".sim", "state.json")):
         _put(root, f"/sys/fs/cgroup/{unit}/cpuset.cpus", cpus)

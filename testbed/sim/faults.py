@@ -58,7 +58,7 @@ def _locked_update(root: str, change) -> dict:
         change(data)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
+            f.write(json.dumps(data))   # C encoder: no cyclic garbage in the daemon
         os.replace(tmp, path)
         return data
 

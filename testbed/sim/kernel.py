@@ -193,7 +193,7 @@ def save_state(root: str, state: dict) -> None:
     path = os.path.join(root, ".sim", "state.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
+        f.write(json.dumps(state, sort_keys=True))   # C encoder: no cyclic garbage in the daemon
     os.replace(tmp, path)
 
 

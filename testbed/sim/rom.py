@@ -48,7 +48,7 @@ def _save(root: str, state: dict) -> None:
     os.makedirs(os.path.join(root, *_DIR), exist_ok=True)
     tmp = _state_file(root) + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(state, f)
+        f.write(json.dumps(state))
     os.replace(tmp, _state_file(root))
 
 
