@@ -300,7 +300,7 @@ def thread_switches(pid: int) -> dict[int, dict]:
                 for line in f:
                     k, _, v = line.partition(":")
                     st[k] = v.strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
         out[int(tid)] = {"name": st.get("Name", "?"),
                          "voluntary": int(st["voluntary_ctxt_switches"]),
@@ -329,7 +329,7 @@ def thread_waits(pid: int) -> dict[int, dict]:
                     syscall = f.read().split()[0]
             except OSError:
                 pass
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ProcessLookupError, ValueError):   # the thread ended
             continue
         out[int(tid)] = {"name": name, "state": state, "wchan": wchan, "syscall": syscall}
     return out

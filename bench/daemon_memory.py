@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"daemon over {opts.cycles} prepare/release cycles from cycle 0 ({data['seconds']} s)")
     print(B.table(["cycle", "VmRSS KiB", "fds", "threads"],
                   [[0, z["rss_kib"], z["fds"], z["threads"]]] + rows))
+    first = next((m for m in data["marks"] if m["cycle"] == 1), None)
+    if first is not None:   # the first request's working set: vfio_hookd.memory
+        data["growth_first_request_kib"] = first["rss_kib"] - z["rss_kib"]
+        data["growth_after_first_kib"] = a["rss_kib"] - first["rss_kib"]
+        print(f"info: the first request: {data['growth_first_request_kib']} KiB; the "
+              f"{opts.cycles - 1} cycles after it: {data['growth_after_first_kib']} KiB")
     after_n = opts.cycles - min(opts.warmup, opts.cycles)
     print(f"info: growth after a {opts.warmup}-cycle warm-up, over the {after_n} cycles after "
           f"it: {growth} KiB ({growth * 1024 / max(1, after_n):.0f} B/cycle)")
