@@ -183,3 +183,23 @@ def test_the_rehearsal_runs_on_input_the_product_accepts():
     assert got["cpusets"] == {"vcpupin": ["2", "3"], "emulatorpin": "1"}
     assert got["hugepages"] == {"memory_kib": 8388608, "page_kib": 2048}
     assert got["record_bytes"] > 0
+
+
+def test_a_closed_listener_never_writes_to_its_old_descriptor_number():
+    # the watch's thread may hand over a signal while the waiter closes its listener; the
+    # eventfd's number can belong to a new descriptor by then and must not be written to
+    watch = gdbus.SignalWatch(_Con(), None, None, None)
+    try:
+        listener = watch.listen()
+        number = listener.fileno()
+        listener.close()
+        reused = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            assert reused == number       # the lowest free number: the one just closed
+            listener.push(("SessionNew", "/s/1", ("1", "/s/1")))
+            listener.clear()
+            assert select.select([reused], [], [], 0)[0] == []
+        finally:
+            os.close(reused)
+    finally:
+        watch.close()

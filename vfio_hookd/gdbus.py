@@ -198,10 +198,8 @@ class SignalListener:
             self.events.append(event)
             self.count += 1
             self._cv.notify_all()
-        try:
-            os.eventfd_write(self._efd, 1)
-        except OSError:   # closed by now
-            pass
+            if self._efd >= 0:   # under the lock: close() cannot hand its number on meanwhile
+                os.eventfd_write(self._efd, 1)
 
     def fileno(self) -> int:
         """An eventfd readable after each signal (:meth:`clear` resets it)."""
@@ -209,10 +207,13 @@ class SignalListener:
 
     def clear(self) -> None:
         """Reset :meth:`fileno` to not readable."""
-        try:
-            os.eventfd_read(self._efd)
-        except (BlockingIOError, OSError):
-            pass
+        with self._cv:
+            if self._efd < 0:
+                return
+            try:
+                os.eventfd_read(self._efd)
+            except BlockingIOError:   # not readable: nothing to reset
+                pass
 
     def wait(self, predicate, deadline: float) -> bool:
         """Wait until ``predicate()`` (called under the lock, after each signal) is true, at
@@ -221,7 +222,8 @@ class SignalListener:
             return bool(self._cv.wait_for(predicate, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
-        """Stop receiving and close the eventfd (idempotent)."""
+        """Stop receiving and close the eventfd (idempotent); a signal being handed over at
+        the same moment is recorded but wakes no descriptor."""
         self._watch._drop(self)
         with self._cv:
             efd, self._efd = self._efd, -1
